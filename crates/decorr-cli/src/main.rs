@@ -1,0 +1,38 @@
+//! `decorr`: find and fix object omission in Stable Diffusion (see README).
+
+mod analyze;
+mod heatmap;
+mod model_args;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "decorr", version, about = "Find and fix object omission in Stable Diffusion")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a prompt's text-encoder self-attention and flag unidirectional correlations
+    /// (the paper's tables 1 and 2).
+    Analyze(analyze::AnalyzeArgs),
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp(None)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Analyze(args) => analyze::run(args),
+    }
+}

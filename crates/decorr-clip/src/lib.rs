@@ -1,0 +1,29 @@
+//! The text side of Stable Diffusion: CLIP's tokenizer ([`tokenizer`]), the text-encoder config
+//! ([`config`]) and transformer ([`text_encoder`]) with attention maps, and loading a checkpoint's
+//! `tokenizer/` and `text_encoder/` ([`load`]).
+
+pub mod config;
+pub mod load;
+pub mod text_encoder;
+pub mod tokenizer;
+
+pub use config::{Activation, ClipTextConfig};
+pub use load::{TextEncoder, load_text_encoder, load_tokenizer};
+pub use text_encoder::{ClipTextModel, ForwardOptions, TextEncoderOutput, head_average};
+pub use tokenizer::{ClipTokenizer, MAX_LEN, Tokenized, Word};
+
+/// Errors of the CLIP crate.
+#[derive(Debug, thiserror::Error)]
+pub enum ClipError {
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("text-encoder config: {0}")]
+    Config(String),
+    #[error(
+        "token id {id} is outside the text encoder's vocabulary of {vocab}: the tokenizer does not \
+         belong to this encoder (give the checkpoint's own tokenizer/ folder)"
+    )]
+    IdOutOfVocab { id: u32, vocab: usize },
+    #[error(transparent)]
+    Core(#[from] decorr_core::CoreError),
+}

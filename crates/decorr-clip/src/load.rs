@@ -1,0 +1,65 @@
+//! Loading a checkpoint's text side: `text_encoder/config.json` + safetensors weights (fp32 or
+//! fp16, keys with or without transformers' `text_model.` prefix) and `tokenizer/`.
+
+use std::path::PathBuf;
+
+use burn::tensor::Device;
+use decorr_core::weights::{KeyMap, load_safetensors, read_json};
+use decorr_core::ModelSource;
+
+use crate::{ClipError, ClipTextConfig, ClipTextModel, ClipTokenizer};
+
+/// Weight files tried in order inside `text_encoder/`.
+pub const WEIGHT_FILES: &[&str] = &["model.safetensors", "model.fp16.safetensors"];
+
+/// File keys → module paths: real SD files prefix `text_model.`, transformers 5 does not.
+const KEYS: KeyMap<'static> = KeyMap {
+    remap: &[(r"^text_model\.", "")],
+    ignore: &[r"(^|\.)position_ids$"],
+};
+
+/// A loaded text encoder and where it came from.
+#[derive(Debug)]
+pub struct TextEncoder {
+    pub config: ClipTextConfig,
+    pub model: ClipTextModel,
+    pub config_path: PathBuf,
+    pub weights_path: PathBuf,
+}
+
+/// Load `text_encoder/` of `source` onto `device`.
+pub fn load_text_encoder(source: &ModelSource, device: &Device) -> Result<TextEncoder, ClipError> {
+    let config_path = source.find("text_encoder", &["config.json"])?;
+    let config: ClipTextConfig = read_json(&config_path, "a CLIP text-encoder config")?;
+    config.validate()?;
+    let weights_path = source.find("text_encoder", WEIGHT_FILES)?;
+    let mut model = ClipTextModel::new(&config, device);
+    load_safetensors(&mut model, &weights_path, &KEYS)?;
+    Ok(TextEncoder {
+        config,
+        model,
+        config_path,
+        weights_path,
+    })
+}
+
+/// The checkpoint's own `tokenizer/` if it has one, else the embedded CLIP vocabulary (the
+/// same one every SD 1.x/2.x checkpoint ships).
+pub fn load_tokenizer(source: &ModelSource) -> Result<ClipTokenizer, ClipError> {
+    let vocab = source.find_optional("tokenizer", &["vocab.json"]);
+    let merges = source.find_optional("tokenizer", &["merges.txt"]);
+    if let (Some(v), Some(m)) = (vocab, merges) {
+        let read = |p: &PathBuf| {
+            std::fs::read_to_string(p)
+                .map_err(|e| ClipError::Tokenizer(format!("cannot read {}: {e}", p.display())))
+        };
+        return ClipTokenizer::from_vocab_merges(&read(&v)?, &read(&m)?);
+    }
+    match source.find_optional("tokenizer", &["tokenizer.json"]) {
+        Some(p) => ClipTokenizer::from_tokenizer_json(&p),
+        None => {
+            log::info!("no tokenizer/ in {}; using the embedded CLIP vocabulary", source.describe());
+            Ok(ClipTokenizer::embedded())
+        }
+    }
+}

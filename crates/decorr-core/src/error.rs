@@ -1,0 +1,38 @@
+//! The error type of `decorr-core`.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while picking a device or finding and loading weights.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error(
+        "backend `{0}` is not compiled into this build; rebuild with `--features {0}` \
+         (available here: {1})"
+    )]
+    BackendNotCompiled(String, String),
+    #[error("unknown backend `{0}`; expected one of: flex, wgpu, cuda")]
+    UnknownBackend(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid JSON for {what}: {source}")]
+    BadJson {
+        path: PathBuf,
+        what: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("{path} is not a readable safetensors file: {message}")]
+    BadSafetensors { path: PathBuf, message: String },
+    #[error("weights in {path} do not fit the model:\n{problems}")]
+    WeightMismatch { path: PathBuf, problems: String },
+    #[error("hub download of `{file}` from `{repo}` failed: {message}")]
+    Hub {
+        repo: String,
+        file: String,
+        message: String,
+    },
+}

@@ -1,0 +1,13 @@
+//! Shared plumbing of decorr: which device runs the maths ([`device`]), where a model's files
+//! come from ([`source`]: local diffusers folder or Hugging Face hub repo), and how safetensors
+//! weights get into a burn module with errors that name the tensor and the file ([`weights`]).
+
+pub mod device;
+pub mod error;
+pub mod io;
+pub mod source;
+pub mod weights;
+
+pub use device::{BackendKind, select_device};
+pub use error::CoreError;
+pub use source::{DEFAULT_MODEL, ModelSource};

@@ -1,0 +1,97 @@
+//! Loading safetensors files into burn modules with burn's store. PyTorch naming is adapted
+//! (Linear weights transposed, norm weight/bias to gamma/beta), fp16/bf16 files are cast to f32,
+//! and every missing, unexpected or mis-shaped tensor is reported by name with the file.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::store::{
+    ApplyError, FloatCastAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter,
+    SafetensorsStore,
+};
+use burn::tensor::DType;
+
+use crate::CoreError;
+
+/// How a file's keys relate to the module's parameter paths.
+#[derive(Debug, Clone, Default)]
+pub struct KeyMap<'a> {
+    /// `(regex, replacement)` pairs applied to file keys before matching.
+    pub remap: &'a [(&'a str, &'a str)],
+    /// Regexes of file keys that are known to be unused (buffers such as `position_ids`).
+    pub ignore: &'a [&'a str],
+}
+
+/// Load `path` into `module`. All parameters must be present with the right shape, and every
+/// tensor of the file must be used or listed in `keys.ignore`.
+pub fn load_safetensors<M: Module>(
+    module: &mut M,
+    path: &Path,
+    keys: &KeyMap<'_>,
+) -> Result<(), CoreError> {
+    if !path.is_file() {
+        return Err(CoreError::NotFound(format!("weights file {} does not exist", path.display())));
+    }
+    let mut store = SafetensorsStore::from_file(path)
+        .with_from_adapter(PyTorchToBurnAdapter.chain(FloatCastAdapter::to(DType::F32)))
+        .validate(false)
+        .allow_partial(true);
+    for (from, to) in keys.remap {
+        store = store.with_key_remapping(*from, *to);
+    }
+    let result = module.load_from(&mut store).map_err(|e| CoreError::BadSafetensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+
+    let ignore: Vec<regex::Regex> = keys
+        .ignore
+        .iter()
+        .map(|r| regex::Regex::new(r).expect("ignore patterns are literals of this crate"))
+        .collect();
+    let mut problems = Vec::new();
+    for e in &result.errors {
+        problems.push(match e {
+            ApplyError::ShapeMismatch { path, expected, found } => format!(
+                "  tensor `{path}` has shape {:?}, the model's config expects {:?}",
+                found.as_slice(), expected.as_slice()
+            ),
+            other => format!("  {other}"),
+        });
+    }
+    for (name, _) in &result.missing {
+        problems.push(format!("  tensor `{name}` is missing from the file"));
+    }
+    for name in &result.unused {
+        if !ignore.iter().any(|r| r.is_match(name)) {
+            problems.push(format!(
+                "  tensor `{name}` in the file is not part of the model (wrong config.json or file?)"
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        problems.sort();
+        Err(CoreError::WeightMismatch {
+            path: path.to_path_buf(),
+            problems: problems.join("\n"),
+        })
+    }
+}
+
+/// Read a JSON config file into `T`.
+pub fn read_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what: &'static str,
+) -> Result<T, CoreError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| CoreError::BadJson {
+        path: path.to_path_buf(),
+        what,
+        source,
+    })
+}

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Write the reference fixtures that decorr's Rust tests compare against.
+
+Everything here is produced by the reference libraries (transformers' CLIPTokenizer and
+CLIPTextModel) on tiny random-init models, so the Rust tests check parity with the reference,
+never with decorr's own earlier output. Re-run after changing what is recorded:
+
+    python3 -m venv /opt/pyref-venv        # once, outside the repo
+    /opt/pyref-venv/bin/pip install torch transformers safetensors open_clip_torch
+    /opt/pyref-venv/bin/python tests/pyref/make_fixtures.py            # -> tests/fixtures/
+    /opt/pyref-venv/bin/python tests/pyref/make_fixtures.py --full DIR # full-size SD 1.5 text
+                                                                       # encoder (not committed)
+
+The tokenizer is transformers' CLIPTokenizer built from `assets/clip/` (the embedded vocabulary,
+itself rebuilt from open_clip's BPE file by `cargo xtask clip-vocab`).
+"""
+import argparse, json, os, shutil, sys
+
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+import transformers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+torch.set_num_threads(2)
+
+# Prompts for tokenizer and encoder fixtures: the paper's pair, punctuation, unicode, repeated
+# words, special-token text, whitespace, empty, and one longer than 75 tokens.
+PROMPTS = [
+    "rusty tracks with an old train",
+    "an old train with rusty tracks",
+    "A photo of an astronaut riding a horse on Mars!",
+    "  Hello,   WORLD's 123 café naïve 🚂 <|endoftext|> x",
+    "don't stop-believing... 3.14 -- (red) [blue] {green}",
+    "a cat and a dog and a cat",
+    "Ünïcödé ﬁ straße 東京 タワー emoji 😀👍",
+    "",
+    "\t\n  ",
+    " ".join(["a very long prompt about trains"] * 20),
+]
+ENCODER_PROMPTS = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[-1]]
+
+TINY = {
+    # vocab 49408 so the real tokenizer feeds it; SD 1.x-like (quick_gelu); weights written in
+    # fp16 with the `text_model.` prefix of real SD 1.5 files.
+    "clip_tiny_a": dict(config=dict(vocab_size=49408, hidden_size=32, intermediate_size=37,
+                                    projection_dim=32, num_hidden_layers=3, num_attention_heads=4,
+                                    max_position_embeddings=77, hidden_act="quick_gelu",
+                                    layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
+                                    pad_token_id=1),
+                        dtype=torch.float16, prefix="text_model.", vocab_mod=None),
+    # SD 2.x-like (gelu), other width/heads/depth; fp32 keys without prefix as transformers 5
+    # `save_pretrained` writes them; ids are the real ids modulo the small vocabulary.
+    "clip_tiny_b": dict(config=dict(vocab_size=1000, hidden_size=48, intermediate_size=64,
+                                    projection_dim=48, num_hidden_layers=2, num_attention_heads=6,
+                                    max_position_embeddings=77, hidden_act="gelu",
+                                    layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
+                                    pad_token_id=1),
+                        dtype=torch.float32, prefix="", vocab_mod=1000),
+}
+FULL_SD15 = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768,
+                 num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                 hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
+                 pad_token_id=1)
+
+
+def tokenizer():
+    return CLIPTokenizer.from_pretrained(os.path.join(ROOT, "assets", "clip"))
+
+
+def tokenizer_fixture(tok, out):
+    rows = []
+    for p in PROMPTS:
+        full = tok(p, add_special_tokens=False).input_ids
+        ids = tok(p, padding="max_length", max_length=77, truncation=True).input_ids
+        rows.append({"prompt": p, "ids": ids, "content_tokens": len(full),
+                     "tokens": tok.convert_ids_to_tokens(ids[: ids.index(tok.eos_token_id) + 1])})
+    meta = {"transformers": transformers.__version__, "class": type(tok).__name__}
+    json.dump({"meta": meta, "prompts": rows}, open(out, "w", encoding="utf-8"), ensure_ascii=False, indent=1)
+
+
+def write_encoder(name, spec, folder, tok, seed=0):
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    cfg = CLIPTextConfig(**spec["config"])
+    torch.manual_seed(seed)
+    model = CLIPTextModel(cfg).eval()
+    cfg.architectures = ["CLIPTextModel"]
+    cfg.to_json_file(os.path.join(folder, "config.json"))
+    sd = {spec["prefix"] + k: v.to(spec["dtype"]).contiguous() for k, v in model.state_dict().items()}
+    fname = "model.fp16.safetensors" if spec["dtype"] == torch.float16 else "model.safetensors"
+    save_file(sd, os.path.join(folder, fname), metadata={"format": "pt"})
+    # Reference outputs come from the files as written (fp16 rounding included), reloaded in fp32.
+    ref_model = CLIPTextModel.from_pretrained(folder, attn_implementation="eager",
+                                              dtype=torch.float32,
+                                              **({"variant": "fp16"} if fname.startswith("model.fp16") else {})).eval()
+    ids = torch.tensor([tok(p, padding="max_length", max_length=77, truncation=True).input_ids
+                        for p in ENCODER_PROMPTS], dtype=torch.int64)
+    if spec["vocab_mod"]:
+        ids = ids % spec["vocab_mod"]
+    with torch.no_grad():
+        o = ref_model(ids, output_attentions=True, output_hidden_states=True)
+    ref = {"input_ids": ids, "last_hidden_state": o.last_hidden_state}
+    for i, h in enumerate(o.hidden_states):
+        ref[f"hidden_states.{i}"] = h
+    for i, a in enumerate(o.attentions):
+        ref[f"attentions.{i}"] = a
+    save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(folder, "reference.safetensors"),
+              metadata={"transformers": transformers.__version__, "torch": torch.__version__})
+    print(name, "->", folder, {f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder))})
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(ROOT, "tests", "fixtures"))
+    ap.add_argument("--full", help="write a full-size SD 1.5 text encoder (random) + references here")
+    args = ap.parse_args()
+    tok = tokenizer()
+    if args.full:
+        write_encoder("sd15_full", dict(config=FULL_SD15, dtype=torch.float32, prefix="text_model.",
+                                        vocab_mod=None), os.path.join(args.full, "text_encoder"), tok)
+        return
+    os.makedirs(args.out, exist_ok=True)
+    tokenizer_fixture(tok, os.path.join(args.out, "tokenizer_ids.json"))
+    for name, spec in TINY.items():
+        write_encoder(name, spec, os.path.join(args.out, name, "text_encoder"), tok)
+    # clip_tiny_a carries transformers' own tokenizer.json (and no vocab.json/merges.txt), so the
+    # Rust tests exercise that loading path too; clip_tiny_b has none (embedded vocabulary).
+    tdir = os.path.join(args.out, "clip_tiny_a", "tokenizer")
+    shutil.rmtree(tdir, ignore_errors=True)
+    tok.save_pretrained(tdir)
+    for f in os.listdir(tdir):
+        if f != "tokenizer.json":
+            os.remove(os.path.join(tdir, f))
+
+
+if __name__ == "__main__":
+    main()

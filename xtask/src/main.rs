@@ -1,0 +1,103 @@
+//! Developer tasks of the decorr workspace (`cargo xtask <task>`).
+//!
+//! - `clip-vocab --bpe FILE.gz [--out assets/clip]`: rebuild the embedded CLIP vocabulary
+//!   (`vocab.json`, `merges.txt`) from OpenAI's BPE merge list as shipped in open_clip's wheel
+//!   (`open_clip/bpe_simple_vocab_16e6.txt.gz`, MIT), by the same rule as CLIP's `SimpleTokenizer`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "decorr developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Rebuild assets/clip/{vocab.json,merges.txt} from open_clip's bpe_simple_vocab_16e6.txt.gz.
+    ClipVocab {
+        /// Path to bpe_simple_vocab_16e6.txt.gz (in an installed open_clip_torch package).
+        #[arg(long)]
+        bpe: PathBuf,
+        #[arg(long, default_value = "assets/clip")]
+        out: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::ClipVocab { bpe, out } => clip_vocab(&bpe, &out),
+    }
+}
+
+/// CLIP's byte-to-unicode table, in CLIP's order: printable bytes first, then the rest mapped
+/// to code points from 256 on.
+fn bytes_to_unicode() -> Vec<char> {
+    let mut bs: Vec<u32> = (u32::from('!')..=u32::from('~'))
+        .chain(u32::from('¡')..=u32::from('¬'))
+        .chain(u32::from('®')..=u32::from('ÿ'))
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    cs.into_iter().map(|c| char::from_u32(c).expect("valid code point")).collect()
+}
+
+fn clip_vocab(bpe: &Path, out: &Path) -> Result<()> {
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(bpe).with_context(|| format!("open {}", bpe.display()))?)
+        .read_to_string(&mut text)
+        .with_context(|| format!("{} is not a gzip'd text file", bpe.display()))?;
+    let lines: Vec<&str> = text.split('\n').collect();
+    // CLIP uses merges 1..=48894 of the file (49152 - 256 - 2 entries after the header).
+    let n_merges = 49152 - 256 - 2;
+    if lines.len() < n_merges + 1 {
+        bail!("{} has {} lines, expected at least {}", bpe.display(), lines.len(), n_merges + 1);
+    }
+    let merges = &lines[1..=n_merges];
+    let base = bytes_to_unicode();
+    let mut vocab: Vec<String> = base.iter().map(|c| c.to_string()).collect();
+    vocab.extend(base.iter().map(|c| format!("{c}</w>")));
+    for m in merges {
+        vocab.push(m.replace(' ', ""));
+    }
+    vocab.push("<|startoftext|>".into());
+    vocab.push("<|endoftext|>".into());
+    if vocab.len() != 49408 {
+        bail!("built {} vocabulary entries, CLIP has 49408", vocab.len());
+    }
+    let unique: std::collections::HashSet<&String> = vocab.iter().collect();
+    if unique.len() != vocab.len() {
+        bail!("the merge list yields duplicate vocabulary entries");
+    }
+    // Written in id order, as CLIP's own vocab.json.
+    let entries: Vec<String> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Ok(format!("{}: {i}", serde_json::to_string(v)?)))
+        .collect::<Result<_>>()?;
+    std::fs::create_dir_all(out)?;
+    write_atomic(&out.join("vocab.json"), format!("{{{}}}", entries.join(", ")).as_bytes())?;
+    let merges_txt = format!("#version: 0.2\n{}\n", merges.join("\n"));
+    write_atomic(&out.join("merges.txt"), merges_txt.as_bytes())?;
+    println!("wrote {} tokens and {} merges to {}", vocab.len(), merges.len(), out.display());
+    Ok(())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
