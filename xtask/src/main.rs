@@ -51,19 +51,28 @@ fn bytes_to_unicode() -> Vec<char> {
             n += 1;
         }
     }
-    cs.into_iter().map(|c| char::from_u32(c).expect("valid code point")).collect()
+    cs.into_iter()
+        .map(|c| char::from_u32(c).expect("valid code point"))
+        .collect()
 }
 
 fn clip_vocab(bpe: &Path, out: &Path) -> Result<()> {
     let mut text = String::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(bpe).with_context(|| format!("open {}", bpe.display()))?)
-        .read_to_string(&mut text)
-        .with_context(|| format!("{} is not a gzip'd text file", bpe.display()))?;
+    flate2::read::GzDecoder::new(
+        std::fs::File::open(bpe).with_context(|| format!("open {}", bpe.display()))?,
+    )
+    .read_to_string(&mut text)
+    .with_context(|| format!("{} is not a gzip'd text file", bpe.display()))?;
     let lines: Vec<&str> = text.split('\n').collect();
     // CLIP uses merges 1..=48894 of the file (49152 - 256 - 2 entries after the header).
     let n_merges = 49152 - 256 - 2;
     if lines.len() < n_merges + 1 {
-        bail!("{} has {} lines, expected at least {}", bpe.display(), lines.len(), n_merges + 1);
+        bail!(
+            "{} has {} lines, expected at least {}",
+            bpe.display(),
+            lines.len(),
+            n_merges + 1
+        );
     }
     let merges = &lines[1..=n_merges];
     let base = bytes_to_unicode();
@@ -88,10 +97,18 @@ fn clip_vocab(bpe: &Path, out: &Path) -> Result<()> {
         .map(|(i, v)| Ok(format!("{}: {i}", serde_json::to_string(v)?)))
         .collect::<Result<_>>()?;
     std::fs::create_dir_all(out)?;
-    write_atomic(&out.join("vocab.json"), format!("{{{}}}", entries.join(", ")).as_bytes())?;
+    write_atomic(
+        &out.join("vocab.json"),
+        format!("{{{}}}", entries.join(", ")).as_bytes(),
+    )?;
     let merges_txt = format!("#version: 0.2\n{}\n", merges.join("\n"));
     write_atomic(&out.join("merges.txt"), merges_txt.as_bytes())?;
-    println!("wrote {} tokens and {} merges to {}", vocab.len(), merges.len(), out.display());
+    println!(
+        "wrote {} tokens and {} merges to {}",
+        vocab.len(),
+        merges.len(),
+        out.display()
+    );
     Ok(())
 }
 

@@ -64,7 +64,10 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
     let tokenizer = decorr_clip::load_tokenizer(&source)?;
     let tok = tokenizer.encode(&args.prompt)?;
     let spec = match (&args.target, args.target_index) {
-        (Some(w), _) => Some(TargetSpec::Word { word: w.clone(), occurrence: args.occurrence }),
+        (Some(w), _) => Some(TargetSpec::Word {
+            word: w.clone(),
+            occurrence: args.occurrence,
+        }),
         (None, Some(i)) => Some(TargetSpec::Index(i)),
         (None, None) => None,
     };
@@ -104,8 +107,11 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
         println!("wrote {}", path.display());
     }
     if let Some(path) = &args.heatmap {
-        let labels: Vec<String> =
-            analysis.tokens.iter().map(|t| format!("{} {}", t.index, t.text)).collect();
+        let labels: Vec<String> = analysis
+            .tokens
+            .iter()
+            .map(|t| format!("{} {}", t.index, t.text))
+            .collect();
         let title = format!(
             "layer {} self-attention (head mean); colour scale excludes BOS column",
             analysis.layer
@@ -121,7 +127,13 @@ fn print_tokens(a: &AttentionAnalysis) {
     println!("prompt: {:?}   layer {}", a.prompt, a.layer);
     println!("{:>5}  {:>6}  {:<18} word", "index", "id", "token");
     for t in &a.tokens {
-        println!("{:>5}  {:>6}  {:<18} {}", t.index, t.id, t.text, t.word.as_deref().unwrap_or(""));
+        println!(
+            "{:>5}  {:>6}  {:<18} {}",
+            t.index,
+            t.id,
+            t.text,
+            t.word.as_deref().unwrap_or("")
+        );
     }
 }
 
@@ -129,8 +141,14 @@ fn print_row(a: &AttentionAnalysis, t: usize) {
     let row = a.row(t);
     let corr = a.corr(t);
     println!();
-    println!("row of {:?} (index {t}): attention to earlier tokens vs to itself", a.tokens[t].text);
-    println!("{:>5}  {:<18} {:>8}  {:>8}  {:>6}", "j", "token", "A[t,j]", "A[t,t]", "ratio");
+    println!(
+        "row of {:?} (index {t}): attention to earlier tokens vs to itself",
+        a.tokens[t].text
+    );
+    println!(
+        "{:>5}  {:<18} {:>8}  {:>8}  {:>6}",
+        "j", "token", "A[t,j]", "A[t,t]", "ratio"
+    );
     for e in &row {
         let mark = if Some(e.index) == corr {
             "  <- corr (max over earlier tokens)"
@@ -157,15 +175,22 @@ fn print_row(a: &AttentionAnalysis, t: usize) {
 fn print_suspects(a: &AttentionAnalysis) {
     println!();
     if a.suspects.is_empty() {
-        println!("no suspected unidirectional correlations (no token attends more to an earlier token than to itself)");
+        println!(
+            "no suspected unidirectional correlations (no token attends more to an earlier token than to itself)"
+        );
         return;
     }
     println!("suspected unidirectional correlations, strongest first:");
     for s in &a.suspects {
         println!(
             "  {:>3} {:<14} -> {:>3} {:<14} {:.4} > self {:.4}  (x{:.2})",
-            s.token, s.token_text, s.earlier, s.earlier_text, s.attention_to_earlier,
-            s.attention_to_self, s.ratio
+            s.token,
+            s.token_text,
+            s.earlier,
+            s.earlier_text,
+            s.attention_to_earlier,
+            s.attention_to_self,
+            s.ratio
         );
     }
 }

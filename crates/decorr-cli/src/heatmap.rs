@@ -35,10 +35,19 @@ pub fn render(attention: &[Vec<f32>], labels: &[String], title: &str) -> RgbImag
     let scale = PxScale::from(14.0);
     let small = PxScale::from(10.0);
     let n = attention.len() as u32;
-    let label_w = labels.iter().map(|l| text_size(scale, &font, l).0).max().unwrap_or(0) + 8;
+    let label_w = labels
+        .iter()
+        .map(|l| text_size(scale, &font, l).0)
+        .max()
+        .unwrap_or(0)
+        + 8;
     let (title_h, bar_w) = (28, 70);
     let (x0, y0) = (PAD + label_w, PAD + title_h + label_w);
-    let (w, h) = (x0 + n * CELL + PAD + bar_w, y0 + n * CELL + PAD);
+    let title_w = text_size(scale, &font, title).0 + 2 * PAD;
+    let (w, h) = (
+        (x0 + n * CELL + PAD + bar_w).max(title_w),
+        y0 + n * CELL + PAD,
+    );
     let mut img = RgbImage::from_pixel(w, h, WHITE);
 
     let vmax = attention
@@ -68,12 +77,33 @@ pub fn render(attention: &[Vec<f32>], labels: &[String], title: &str) -> RgbImag
         let k = k as u32;
         let (tw, _) = text_size(scale, &font, l);
         // Row label, right-aligned left of the grid.
-        draw_text_mut(&mut img, BLACK, (x0 - 6 - tw) as i32, (y0 + k * CELL + 6) as i32, scale, &font, l);
+        draw_text_mut(
+            &mut img,
+            BLACK,
+            (x0 - 6 - tw) as i32,
+            (y0 + k * CELL + 6) as i32,
+            scale,
+            &font,
+            l,
+        );
         // Column label: drawn horizontally on a strip, then turned to read bottom-up.
         let mut strip = RgbImage::from_pixel(label_w, CELL, WHITE);
-        draw_text_mut(&mut strip, BLACK, (label_w - 6 - tw) as i32, 6, scale, &font, l);
+        draw_text_mut(
+            &mut strip,
+            BLACK,
+            (label_w - 6 - tw) as i32,
+            6,
+            scale,
+            &font,
+            l,
+        );
         let col = imageops::rotate270(&strip);
-        imageops::overlay(&mut img, &col, (x0 + k * CELL) as i64, (PAD + title_h) as i64);
+        imageops::overlay(
+            &mut img,
+            &col,
+            (x0 + k * CELL) as i64,
+            (PAD + title_h) as i64,
+        );
     }
     // Colour bar from 0 (bottom) to vmax (top).
     let bx = x0 + n * CELL + PAD;
@@ -85,8 +115,24 @@ pub fn render(attention: &[Vec<f32>], labels: &[String], title: &str) -> RgbImag
         }
     }
     let top = format!("{vmax:.3}");
-    draw_text_mut(&mut img, BLACK, (bx + 18) as i32, y0 as i32, small, &font, &top);
-    draw_text_mut(&mut img, BLACK, (bx + 18) as i32, (y0 + bh - 10) as i32, small, &font, "0");
+    draw_text_mut(
+        &mut img,
+        BLACK,
+        (bx + 18) as i32,
+        y0 as i32,
+        small,
+        &font,
+        &top,
+    );
+    draw_text_mut(
+        &mut img,
+        BLACK,
+        (bx + 18) as i32,
+        (y0 + bh - 10) as i32,
+        small,
+        &font,
+        "0",
+    );
     img
 }
 
@@ -114,7 +160,9 @@ mod tests {
         let (gx, gy) = img
             .enumerate_pixels()
             .map(|(x, y, _)| (x, y))
-            .find(|&(x, y)| is_grey(x, y) && is_grey(x + 5, y + 5) && is_grey(x + CELL - 2, y + CELL - 2))
+            .find(|&(x, y)| {
+                is_grey(x, y) && is_grey(x + 5, y + 5) && is_grey(x + CELL - 2, y + CELL - 2)
+            })
             .expect("masked cell drawn");
         let cell_11 = *img.get_pixel(gx + 1, gy + CELL + 1);
         assert_eq!(cell_11, viridis(1.0), "A[1,1] is the largest non-BOS value");

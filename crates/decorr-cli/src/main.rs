@@ -1,6 +1,8 @@
 //! `decorr`: find and fix object omission in Stable Diffusion (see README).
 
 mod analyze;
+mod charts;
+mod finetune;
 mod heatmap;
 mod model_args;
 
@@ -8,7 +10,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "decorr", version, about = "Find and fix object omission in Stable Diffusion")]
+#[command(
+    name = "decorr",
+    version,
+    about = "Find and fix object omission in Stable Diffusion"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -19,6 +25,9 @@ enum Command {
     /// Show a prompt's text-encoder self-attention and flag unidirectional correlations
     /// (the paper's tables 1 and 2).
     Analyze(analyze::AnalyzeArgs),
+    /// Fine-tune the text encoder to lower the target's attention to its correlated token
+    /// (METHOD.md Eq. 2), selecting the best epoch (Eqs. 3 to 5).
+    Finetune(finetune::FinetuneArgs),
 }
 
 fn main() {
@@ -34,5 +43,6 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Analyze(args) => analyze::run(args),
+        Command::Finetune(args) => finetune::run(args),
     }
 }

@@ -12,13 +12,20 @@ fn decorr(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_decorr"))
         .args(args)
         .env("HF_HUB_OFFLINE", "1")
-        .env("HF_HOME", std::env::temp_dir().join("decorr-test-empty-hf-home"))
+        .env(
+            "HF_HOME",
+            std::env::temp_dir().join("decorr-test-empty-hf-home"),
+        )
         .output()
         .expect("run decorr")
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 const PROMPT: &str = "rusty tracks with an old train";
@@ -29,9 +36,19 @@ fn analyze_writes_table_json_and_heatmap() {
     let (json, png) = (dir.path().join("a.json"), dir.path().join("a.png"));
     let weights = fixtures().join("clip_tiny_a");
     let out = decorr(&[
-        "analyze", "--prompt", PROMPT, "--target", "train", "--layer", "2",
-        "--weights", weights.to_str().unwrap(),
-        "--json", json.to_str().unwrap(), "--heatmap", png.to_str().unwrap(),
+        "analyze",
+        "--prompt",
+        PROMPT,
+        "--target",
+        "train",
+        "--layer",
+        "2",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+        "--heatmap",
+        png.to_str().unwrap(),
     ]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
@@ -72,7 +89,11 @@ fn read_attention(path: &Path, layer: usize) -> Vec<Vec<f32>> {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor(&format!("attentions.{layer}")).unwrap();
     let [_, h, n, _] = t.shape().try_into().unwrap();
-    let f: Vec<f32> = t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let f: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     (0..8)
         .map(|i| {
             (0..8)
@@ -86,14 +107,23 @@ fn read_attention(path: &Path, layer: usize) -> Vec<Vec<f32>> {
 fn analyze_without_target_prints_every_row_and_suspects() {
     let weights = fixtures().join("clip_tiny_a");
     let out = decorr(&[
-        "analyze", "--prompt", "a cat and a dog", "--layer", "1", "--weights", weights.to_str().unwrap(),
+        "analyze",
+        "--prompt",
+        "a cat and a dog",
+        "--layer",
+        "1",
+        "--weights",
+        weights.to_str().unwrap(),
     ]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
     for tok in ["\"cat\"", "\"and\"", "\"dog\""] {
         assert!(t.contains(&format!("row of {tok}")), "{tok}: {t}");
     }
-    assert!(t.contains("suspected unidirectional correlations") || t.contains("no suspected"), "{t}");
+    assert!(
+        t.contains("suspected unidirectional correlations") || t.contains("no suspected"),
+        "{t}"
+    );
 }
 
 fn assert_fails(args: &[&str], needles: &[&str]) {
@@ -111,23 +141,67 @@ fn bad_input_gives_clear_errors() {
     let w = fixtures().join("clip_tiny_a");
     let w = w.to_str().unwrap();
     assert_fails(
-        &["analyze", "--prompt", PROMPT, "--target", "plane", "--weights", w],
+        &[
+            "analyze",
+            "--prompt",
+            PROMPT,
+            "--target",
+            "plane",
+            "--weights",
+            w,
+        ],
         &["plane", "rusty, tracks, with, an, old, train"],
     );
     assert_fails(
-        &["analyze", "--prompt", PROMPT, "--target", "rusty", "--weights", w],
+        &[
+            "analyze",
+            "--prompt",
+            PROMPT,
+            "--target",
+            "rusty",
+            "--weights",
+            w,
+        ],
         &["first token", "nothing"],
     );
-    assert_fails(&["analyze", "--prompt", PROMPT, "--layer", "11", "--weights", w], &["layer 11", "0..=2"]);
     assert_fails(
-        &["analyze", "--prompt", PROMPT, "--weights", "/nonexistent/sd15"],
+        &[
+            "analyze",
+            "--prompt",
+            PROMPT,
+            "--layer",
+            "11",
+            "--weights",
+            w,
+        ],
+        &["layer 11", "0..=2"],
+    );
+    assert_fails(
+        &[
+            "analyze",
+            "--prompt",
+            PROMPT,
+            "--weights",
+            "/nonexistent/sd15",
+        ],
         &["/nonexistent/sd15", "does not exist", "--weights"],
     );
-    assert_fails(&["analyze", "--prompt", PROMPT, "--backend", "tpu"], &["tpu", "flex"]);
+    assert_fails(
+        &["analyze", "--prompt", PROMPT, "--backend", "tpu"],
+        &["tpu", "flex"],
+    );
     // clip_tiny_b has a 1000-token vocabulary and no tokenizer/: CLIP's ids do not fit it.
     let b = fixtures().join("clip_tiny_b");
     assert_fails(
-        &["analyze", "--prompt", PROMPT, "--layer", "1", "--weights", b.to_str().unwrap()],
+        &[
+            "analyze",
+            "--prompt",
+            PROMPT,
+            "--layer",
+            "1",
+            "--weights",
+            b.to_str().unwrap(),
+        ],
         &["49406", "vocabulary of 1000", "tokenizer"],
     );
 }
@@ -136,7 +210,11 @@ fn bad_input_gives_clear_errors() {
 fn hub_default_without_network_or_cache_says_how_to_get_weights() {
     assert_fails(
         &["analyze", "--prompt", PROMPT, "--target", "train"],
-        &["stable-diffusion-v1-5/stable-diffusion-v1-5", "HF_HUB_OFFLINE", "--weights"],
+        &[
+            "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "HF_HUB_OFFLINE",
+            "--weights",
+        ],
     );
 }
 
@@ -147,7 +225,17 @@ fn json_to_unwritable_place_fails_cleanly() {
     let bad = dir.path().join("file/out.json");
     let w = fixtures().join("clip_tiny_a");
     assert_fails(
-        &["analyze", "--prompt", PROMPT, "--layer", "2", "--weights", w.to_str().unwrap(), "--json", bad.to_str().unwrap()],
+        &[
+            "analyze",
+            "--prompt",
+            PROMPT,
+            "--layer",
+            "2",
+            "--weights",
+            w.to_str().unwrap(),
+            "--json",
+            bad.to_str().unwrap(),
+        ],
         &["file/out.json"],
     );
 }

@@ -15,12 +15,17 @@ fn main() {
     let device = Device::flex();
     device.seed(0);
     let model = ClipTextModel::new(&ClipTextConfig::sd15(), &device);
-    let tok = ClipTokenizer::embedded().encode("rusty tracks with an old train").unwrap();
+    let tok = ClipTokenizer::embedded()
+        .encode("rusty tracks with an old train")
+        .unwrap();
     let ids: Vec<i64> = tok.ids.iter().map(|&i| i as i64).collect();
     let input = || Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [1, 77]), &device);
 
-    let mut time = |opts: &ForwardOptions| {
-        let _ = model.forward_with(input(), opts).last_hidden_state.map(|t| t.into_data());
+    let time = |opts: &ForwardOptions| {
+        let _ = model
+            .forward_with(input(), opts)
+            .last_hidden_state
+            .map(|t| t.into_data());
         let mut v: Vec<f64> = (0..runs)
             .map(|_| {
                 let t0 = Instant::now();
@@ -33,7 +38,10 @@ fn main() {
         v[v.len() / 2]
     };
     let plain = time(&ForwardOptions::default());
-    let with_attn = time(&ForwardOptions { attention_layers: (0..12).collect(), ..Default::default() });
+    let with_attn = time(&ForwardOptions {
+        attention_layers: (0..12).collect(),
+        ..Default::default()
+    });
     println!("text encoder forward 1x77 (flex, {runs} runs, median): {plain:.4} s");
     println!("  ... returning all 12 attention maps:                 {with_attn:.4} s");
 }

@@ -107,7 +107,9 @@ impl ClipTextConfig {
 
     /// Rejects configs the model cannot be built from.
     pub fn validate(&self) -> Result<(), ClipError> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(ClipError::Config(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -143,9 +145,25 @@ mod tests {
 
     #[test]
     fn presets_and_validation() {
-        assert_eq!(ClipTextConfig::preset("sd2").unwrap().hidden_act, Activation::Gelu);
-        assert!(ClipTextConfig::preset("sdxl").unwrap_err().to_string().contains("sd15, sd2"));
-        let bad = ClipTextConfig { num_attention_heads: 7, ..ClipTextConfig::sd15() };
-        assert!(bad.validate().unwrap_err().to_string().contains("divisible"));
+        assert_eq!(
+            ClipTextConfig::preset("sd2").unwrap().hidden_act,
+            Activation::Gelu
+        );
+        assert!(
+            ClipTextConfig::preset("sdxl")
+                .unwrap_err()
+                .to_string()
+                .contains("sd15, sd2")
+        );
+        let bad = ClipTextConfig {
+            num_attention_heads: 7,
+            ..ClipTextConfig::sd15()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("divisible")
+        );
     }
 }

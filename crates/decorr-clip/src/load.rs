@@ -1,11 +1,16 @@
-//! Loading a checkpoint's text side: `text_encoder/config.json` + safetensors weights (fp32 or
-//! fp16, keys with or without transformers' `text_model.` prefix) and `tokenizer/`.
+//! Loading and saving a checkpoint's text side: `text_encoder/config.json` + safetensors weights
+//! (fp32 or fp16, keys with or without transformers' `text_model.` prefix) and `tokenizer/`.
+//! Saved encoders use transformers' naming, so `CLIPTextModel.from_pretrained` and diffusers load
+//! them.
 
 use std::path::PathBuf;
 
+use std::path::Path;
+
+use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
 use burn::tensor::Device;
-use decorr_core::weights::{KeyMap, load_safetensors, read_json};
 use decorr_core::ModelSource;
+use decorr_core::weights::{KeyMap, load_safetensors, read_json};
 
 use crate::{ClipError, ClipTextConfig, ClipTextModel, ClipTokenizer};
 
@@ -58,8 +63,48 @@ pub fn load_tokenizer(source: &ModelSource) -> Result<ClipTokenizer, ClipError> 
     match source.find_optional("tokenizer", &["tokenizer.json"]) {
         Some(p) => ClipTokenizer::from_tokenizer_json(&p),
         None => {
-            log::info!("no tokenizer/ in {}; using the embedded CLIP vocabulary", source.describe());
+            log::info!(
+                "no tokenizer/ in {}; using the embedded CLIP vocabulary",
+                source.describe()
+            );
             Ok(ClipTokenizer::embedded())
         }
     }
+}
+
+/// Write `model` and `config` as a transformers `CLIPTextModel` folder (`config.json`,
+/// `model.safetensors` with SD 1.5's `text_model.` keys, fp32). Each file is written atomically.
+pub fn save_text_encoder(
+    model: &ClipTextModel,
+    config: &ClipTextConfig,
+    dir: &Path,
+) -> Result<(), ClipError> {
+    let io = |source| decorr_core::CoreError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let weights = dir.join("model.safetensors");
+    let mut store = SafetensorsStore::from_file(&weights)
+        .with_to_adapter(BurnToPyTorchAdapter)
+        .with_key_remapping("^", "text_model.")
+        .metadata("format", "pt")
+        .overwrite(true);
+    model
+        .save_into(&mut store)
+        .map_err(|e| decorr_core::CoreError::BadSafetensors {
+            path: weights.clone(),
+            message: format!("cannot write: {e}"),
+        })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::Permissions::from_mode(0o644);
+        std::fs::set_permissions(&weights, mode).map_err(io)?;
+    }
+    let mut cfg = serde_json::to_value(config).expect("configs serialize");
+    cfg["architectures"] = serde_json::json!(["CLIPTextModel"]);
+    let text = serde_json::to_string_pretty(&cfg).expect("JSON values serialize");
+    decorr_core::io::write_atomic(&dir.join("config.json"), text.as_bytes())?;
+    Ok(())
 }

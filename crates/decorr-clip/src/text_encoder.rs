@@ -66,9 +66,11 @@ pub struct ForwardOptions {
     pub hidden_states: bool,
     /// Layers (0-based) whose attention probabilities are returned.
     pub attention_layers: Vec<usize>,
-    /// Stop after this layer (0-based): later layers are not run and `last_hidden_state` is
-    /// `None`. Used by training, whose loss only reads an attention map.
-    pub stop_after_layer: Option<usize>,
+    /// Stop as soon as this layer's (0-based) attention probabilities exist: its values,
+    /// output projection and MLP and all later layers are not run, and `last_hidden_state` is
+    /// `None`. Training and analysis only read that map, and parameters that do not reach it
+    /// then get no gradient (as in PyTorch, where they are off the loss's graph).
+    pub stop_at_attention: Option<usize>,
 }
 
 impl ForwardOptions {
@@ -95,7 +97,10 @@ pub struct TextEncoderOutput {
 impl TextEncoderOutput {
     /// The attention probabilities of `layer`, if they were asked for.
     pub fn attention(&self, layer: usize) -> Option<&Tensor<4>> {
-        self.attentions.iter().find(|(l, _)| *l == layer).map(|(_, a)| a)
+        self.attentions
+            .iter()
+            .find(|(l, _)| *l == layer)
+            .map(|(_, a)| a)
     }
 }
 
@@ -108,7 +113,11 @@ impl ClipTextModel {
     /// A model of `config`'s shape with freshly initialised (random) parameters.
     pub fn new(config: &ClipTextConfig, device: &Device) -> Self {
         let h = config.hidden_size;
-        let ln = || LayerNormConfig::new(h).with_epsilon(config.layer_norm_eps).init(device);
+        let ln = || {
+            LayerNormConfig::new(h)
+                .with_epsilon(config.layer_norm_eps)
+                .init(device)
+        };
         let lin = |i, o| LinearConfig::new(i, o).init(device);
         let layers = (0..config.num_hidden_layers)
             .map(|_| ClipEncoderLayer {
@@ -169,10 +178,21 @@ impl ClipTextModel {
     /// # Panics
     /// If a requested layer is out of range or the sequence is longer than the position table;
     /// callers validate user input first ([`crate::ClipError::LayerOutOfRange`]).
-    pub fn forward_with(&self, input_ids: Tensor<2, Int>, opts: &ForwardOptions) -> TextEncoderOutput {
+    pub fn forward_with(
+        &self,
+        input_ids: Tensor<2, Int>,
+        opts: &ForwardOptions,
+    ) -> TextEncoderOutput {
         let n_layers = self.num_layers();
-        for &l in opts.attention_layers.iter().chain(opts.stop_after_layer.iter()) {
-            assert!(l < n_layers, "layer {l} out of range: the encoder has {n_layers} layers");
+        for &l in opts
+            .attention_layers
+            .iter()
+            .chain(opts.stop_at_attention.iter())
+        {
+            assert!(
+                l < n_layers,
+                "layer {l} out of range: the encoder has {n_layers} layers"
+            );
         }
         let [_, seq] = input_ids.dims();
         let device = input_ids.device();
@@ -196,12 +216,17 @@ impl ClipTextModel {
         if opts.hidden_states {
             out.hidden_states.push(x.clone());
         }
-        let last = opts.stop_after_layer.unwrap_or(n_layers - 1);
-        for (i, layer) in self.encoder.layers.iter().enumerate().take(last + 1) {
-            let want = opts.attention_layers.contains(&i);
+        for (i, layer) in self.encoder.layers.iter().enumerate() {
+            if opts.stop_at_attention == Some(i) {
+                let probs = layer
+                    .self_attn
+                    .probabilities(layer.layer_norm1.forward(x.clone()), causal);
+                out.attentions.push((i, probs));
+                break;
+            }
             let (y, probs) = layer.forward(x, causal.clone());
             x = y;
-            if want {
+            if opts.attention_layers.contains(&i) {
                 out.attentions.push((i, probs));
             }
             if opts.hidden_states {
@@ -210,7 +235,7 @@ impl ClipTextModel {
         }
         out.attentions
             .sort_by_key(|(l, _)| opts.attention_layers.iter().position(|w| w == l));
-        if last == n_layers - 1 {
+        if opts.stop_at_attention.is_none() {
             out.last_hidden_state = Some(self.final_layer_norm.forward(x));
         }
         out
@@ -219,7 +244,9 @@ impl ClipTextModel {
 
 impl ClipEncoderLayer {
     fn forward(&self, x: Tensor<3>, causal: Tensor<2, Bool>) -> (Tensor<3>, Tensor<4>) {
-        let (attn, probs) = self.self_attn.forward(self.layer_norm1.forward(x.clone()), causal);
+        let (attn, probs) = self
+            .self_attn
+            .forward(self.layer_norm1.forward(x.clone()), causal);
         let x = x + attn;
         let x = x.clone() + self.mlp.forward(self.layer_norm2.forward(x));
         (x, probs)
@@ -230,19 +257,29 @@ impl ClipAttention {
     /// Returns the attention output and the probabilities `[batch, heads, query, key]`.
     fn forward(&self, x: Tensor<3>, causal: Tensor<2, Bool>) -> (Tensor<3>, Tensor<4>) {
         let [b, n, d] = x.dims();
-        let h = self.num_heads;
-        let hd = d / h;
-        let split = |t: Tensor<3>| t.reshape([b, n, h, hd]).swap_dims(1, 2);
-        let q = split(self.q_proj.forward(x.clone()));
-        let k = split(self.k_proj.forward(x.clone()));
-        let v = split(self.v_proj.forward(x));
-        let scale = (hd as f64).powf(-0.5);
-        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-        let mask = causal.unsqueeze_dims::<4>(&[0, 1]).expand([b, h, n, n]);
-        let scores = scores.mask_fill(mask, f32::NEG_INFINITY);
-        let probs = softmax(scores, 3);
+        let probs = self.probabilities(x.clone(), causal);
+        let v = self.split_heads(self.v_proj.forward(x));
         let ctx = probs.clone().matmul(v).swap_dims(1, 2).reshape([b, n, d]);
         (self.out_proj.forward(ctx), probs)
+    }
+
+    /// `[batch, seq, hidden]` to `[batch, heads, seq, head_dim]`.
+    fn split_heads(&self, t: Tensor<3>) -> Tensor<4> {
+        let [b, n, d] = t.dims();
+        t.reshape([b, n, self.num_heads, d / self.num_heads])
+            .swap_dims(1, 2)
+    }
+
+    /// `softmax(q k^T / sqrt(head_dim))` under the causal mask: `[batch, heads, query, key]`.
+    fn probabilities(&self, x: Tensor<3>, causal: Tensor<2, Bool>) -> Tensor<4> {
+        let [b, n, d] = x.dims();
+        let h = self.num_heads;
+        let q = self.split_heads(self.q_proj.forward(x.clone()));
+        let k = self.split_heads(self.k_proj.forward(x));
+        let scale = ((d / h) as f64).powf(-0.5);
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+        let mask = causal.unsqueeze_dims::<4>(&[0, 1]).expand([b, h, n, n]);
+        softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 3)
     }
 }
 

@@ -98,7 +98,11 @@ pub struct ClipTokenizer {
 
 impl std::fmt::Debug for ClipTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ClipTokenizer(vocab {})", self.inner.get_vocab_size(true))
+        write!(
+            f,
+            "ClipTokenizer(vocab {})",
+            self.inner.get_vocab_size(true)
+        )
     }
 }
 
@@ -114,7 +118,9 @@ impl ClipTokenizer {
         let vocab: serde_json::Value = serde_json::from_str(vocab_json)
             .map_err(|e| ClipError::Tokenizer(format!("vocab.json is not valid JSON: {e}")))?;
         if !vocab.is_object() {
-            return Err(ClipError::Tokenizer("vocab.json must be an object token -> id".into()));
+            return Err(ClipError::Tokenizer(
+                "vocab.json must be an object token -> id".into(),
+            ));
         }
         let mut merges = Vec::new();
         for (n, line) in merges_txt.lines().enumerate() {
@@ -136,7 +142,9 @@ impl ClipTokenizer {
         let specials = [BOS_TOKEN, EOS_TOKEN];
         for (i, s) in specials.iter().enumerate() {
             let id = vocab.get(*s).and_then(|v| v.as_u64()).ok_or_else(|| {
-                ClipError::Tokenizer(format!("vocab.json has no id for {s}; is it a CLIP vocabulary?"))
+                ClipError::Tokenizer(format!(
+                    "vocab.json has no id for {s}; is it a CLIP vocabulary?"
+                ))
             })?;
             json["added_tokens"][i]["id"] = id.into();
         }
@@ -231,7 +239,10 @@ impl ClipTokenizer {
         ids.resize(MAX_LEN, self.eos);
         // The real tokens end at the *first* EOS (METHOD.md), which is earlier than the appended
         // one when the prompt itself spells `<|endoftext|>`.
-        let first_eos = ids.iter().position(|&i| i == self.eos).expect("EOS was appended");
+        let first_eos = ids
+            .iter()
+            .position(|&i| i == self.eos)
+            .expect("EOS was appended");
         if first_eos + 1 < tokens.len() {
             log::warn!(
                 "the prompt contains {EOS_TOKEN}: the {} token(s) after it are not real tokens for \
@@ -276,12 +287,17 @@ impl ClipTokenizer {
 /// The byte that CLIP's byte-level alphabet writes as `c` (printable bytes stand for
 /// themselves, the others were shifted to code points 256 and up, in byte order).
 fn byte_of_symbol(c: char) -> Option<u8> {
-    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let printable = |b: u32| {
+        (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b)
+    };
     let cp = u32::from(c);
     if cp < 256 {
         return printable(cp).then_some(cp as u8);
     }
-    (0u32..256).filter(|&b| !printable(b)).nth((cp - 256) as usize).map(|b| b as u8)
+    (0u32..256)
+        .filter(|&b| !printable(b))
+        .nth((cp - 256) as usize)
+        .map(|b| b as u8)
 }
 
 /// Byte ranges of the words of `text`: runs of letters and digits, with apostrophes inside.
@@ -340,7 +356,9 @@ mod tests {
     #[test]
     fn bad_vocabulary_files_are_errors() {
         assert!(ClipTokenizer::from_vocab_merges("[1]", "").is_err());
-        let e = ClipTokenizer::from_vocab_merges("{\"a\": 0}", "").unwrap_err().to_string();
+        let e = ClipTokenizer::from_vocab_merges("{\"a\": 0}", "")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("<|startoftext|>"), "{e}");
         let e = ClipTokenizer::from_vocab_merges(
             "{\"<|startoftext|>\": 0, \"<|endoftext|>\": 1}",

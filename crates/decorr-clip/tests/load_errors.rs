@@ -21,7 +21,8 @@ fn variant(
     let te = dir.path().join("text_encoder");
     std::fs::create_dir_all(&te).unwrap();
     let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture().join("config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("config.json")).unwrap())
+            .unwrap();
     edit_config(&mut cfg);
     std::fs::write(te.join("config.json"), cfg.to_string()).unwrap();
     let bytes = std::fs::read(fixture().join("model.safetensors")).unwrap();
@@ -35,7 +36,11 @@ fn variant(
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
         .map(|(k, (shape, data))| {
-            (k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap())
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                    .unwrap(),
+            )
         })
         .collect();
     safetensors::serialize_to_file(views, None, &te.join("model.safetensors")).unwrap();
@@ -43,37 +48,53 @@ fn variant(
 }
 
 fn load_err(dir: &Path) -> String {
-    load_text_encoder(&ModelSource::Local(dir.to_path_buf()), &Device::flex())
-        .err()
-        .expect("loading should fail")
-        .to_string()
+    match load_text_encoder(&ModelSource::Local(dir.to_path_buf()), &Device::flex()) {
+        Ok(_) => panic!("loading should fail"),
+        Err(e) => e.to_string(),
+    }
 }
 
 #[test]
 fn unmodified_copy_loads() {
     let dir = variant(|_| {}, |_| {});
-    load_text_encoder(&ModelSource::Local(dir.path().to_path_buf()), &Device::flex()).unwrap();
+    load_text_encoder(
+        &ModelSource::Local(dir.path().to_path_buf()),
+        &Device::flex(),
+    )
+    .unwrap();
 }
 
 #[test]
 fn missing_tensor_is_named() {
-    let dir = variant(|_| {}, |t| {
-        t.remove("encoder.layers.1.self_attn.k_proj.weight");
-    });
+    let dir = variant(
+        |_| {},
+        |t| {
+            t.remove("encoder.layers.1.self_attn.k_proj.weight");
+        },
+    );
     let e = load_err(dir.path());
-    assert!(e.contains("encoder.layers.1.self_attn.k_proj.weight") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("encoder.layers.1.self_attn.k_proj.weight") && e.contains("missing"),
+        "{e}"
+    );
     assert!(e.contains("model.safetensors"), "{e}");
 }
 
 #[test]
 fn unexpected_tensor_is_named() {
-    let dir = variant(|_| {}, |t| {
-        t.insert("text_projection.weight".into(), (vec![2], vec![0u8; 8]));
-        // Known buffers of older files are ignored, not reported.
-        t.insert("embeddings.position_ids".into(), (vec![2], vec![0u8; 8]));
-    });
+    let dir = variant(
+        |_| {},
+        |t| {
+            t.insert("text_projection.weight".into(), (vec![2], vec![0u8; 8]));
+            // Known buffers of older files are ignored, not reported.
+            t.insert("embeddings.position_ids".into(), (vec![2], vec![0u8; 8]));
+        },
+    );
     let e = load_err(dir.path());
-    assert!(e.contains("text_projection.weight") && e.contains("not part of the model"), "{e}");
+    assert!(
+        e.contains("text_projection.weight") && e.contains("not part of the model"),
+        "{e}"
+    );
     assert!(!e.contains("position_ids"), "{e}");
 }
 
@@ -101,8 +122,15 @@ fn corrupt_files_name_the_file() {
     assert!(e.contains("model.safetensors"), "{e}");
     std::fs::write(te.join("config.json"), b"{ broken").unwrap();
     let e = load_err(dir.path());
-    assert!(e.contains("config.json") && e.contains("not valid JSON"), "{e}");
-    std::fs::write(te.join("config.json"), br#"{"hidden_size": 48, "num_attention_heads": 5}"#).unwrap();
+    assert!(
+        e.contains("config.json") && e.contains("not valid JSON"),
+        "{e}"
+    );
+    std::fs::write(
+        te.join("config.json"),
+        br#"{"hidden_size": 48, "num_attention_heads": 5}"#,
+    )
+    .unwrap();
     let e = load_err(dir.path());
     assert!(e.contains("divisible"), "{e}");
 }

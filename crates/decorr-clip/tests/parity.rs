@@ -34,23 +34,38 @@ fn read_reference(path: &Path) -> HashMap<String, RefTensor> {
             let data = view.data();
             let (f32s, i64s) = match view.dtype() {
                 safetensors::Dtype::F32 => (
-                    data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+                    data.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
                     vec![],
                 ),
                 safetensors::Dtype::I64 => (
                     vec![],
-                    data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
+                    data.chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
                 ),
                 other => panic!("unexpected dtype {other:?} for {name}"),
             };
-            (name, RefTensor { shape: view.shape().to_vec(), f32s, i64s })
+            (
+                name,
+                RefTensor {
+                    shape: view.shape().to_vec(),
+                    f32s,
+                    i64s,
+                },
+            )
         })
         .collect()
 }
 
 fn max_abs_diff<const D: usize>(ours: Tensor<D>, reference: &RefTensor) -> f32 {
     assert_eq!(ours.dims().to_vec(), reference.shape, "shape");
-    let ours = ours.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+    let ours = ours
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap();
     ours.iter()
         .zip(&reference.f32s)
         .map(|(a, b)| (a - b).abs())
@@ -64,16 +79,22 @@ fn check_encoder(dir: &Path) -> (f32, f32) {
     let enc = load_text_encoder(&source, &device).unwrap();
     let reference = read_reference(&dir.join("text_encoder/reference.safetensors"));
     let ids = &reference["input_ids"];
-    let input = Tensor::<2, Int>::from_data(TensorData::new(ids.i64s.clone(), ids.shape.clone()), &device);
+    let input = Tensor::<2, Int>::from_data(
+        TensorData::new(ids.i64s.clone(), ids.shape.clone()),
+        &device,
+    );
     let n = enc.config.num_hidden_layers;
     let opts = ForwardOptions {
         hidden_states: true,
         attention_layers: (0..n).collect(),
-        stop_after_layer: None,
+        stop_at_attention: None,
     };
     let out = enc.model.forward_with(input, &opts);
     assert_eq!(out.hidden_states.len(), n + 1);
-    let mut worst_h = max_abs_diff(out.last_hidden_state.unwrap(), &reference["last_hidden_state"]);
+    let mut worst_h = max_abs_diff(
+        out.last_hidden_state.unwrap(),
+        &reference["last_hidden_state"],
+    );
     for (i, h) in out.hidden_states.into_iter().enumerate() {
         worst_h = worst_h.max(max_abs_diff(h, &reference[&format!("hidden_states.{i}")]));
     }
@@ -81,9 +102,18 @@ fn check_encoder(dir: &Path) -> (f32, f32) {
     for (i, a) in out.attentions {
         worst_a = worst_a.max(max_abs_diff(a, &reference[&format!("attentions.{i}")]));
     }
-    println!("{}: hidden max abs err {worst_h:.2e}, attention {worst_a:.2e}", dir.display());
-    assert!(worst_h <= HIDDEN_TOL, "hidden states differ by {worst_h} > {HIDDEN_TOL}");
-    assert!(worst_a <= ATTN_TOL, "attention differs by {worst_a} > {ATTN_TOL}");
+    println!(
+        "{}: hidden max abs err {worst_h:.2e}, attention {worst_a:.2e}",
+        dir.display()
+    );
+    assert!(
+        worst_h <= HIDDEN_TOL,
+        "hidden states differ by {worst_h} > {HIDDEN_TOL}"
+    );
+    assert!(
+        worst_a <= ATTN_TOL,
+        "attention differs by {worst_a} > {ATTN_TOL}"
+    );
     (worst_h, worst_a)
 }
 
@@ -101,7 +131,7 @@ fn encoder_b_gelu_unprefixed_matches_transformers() {
 
 /// Full-size SD 1.5 text encoder with random weights, written by
 /// `make_fixtures.py --full DIR` (about 500 MB, not committed):
-/// `DECORR_FULL_FIXTURE=DIR cargo test --release -p decorr-clip --test parity -- --ignored`.
+/// `DECORR_FULL_FIXTURE=DIR cargo test -p decorr-clip --test parity -- --ignored`.
 #[test]
 #[ignore = "needs DECORR_FULL_FIXTURE (full-size random SD 1.5 text encoder)"]
 fn full_size_sd15_matches_transformers() {
@@ -130,7 +160,12 @@ fn check_tokenizer(tok: &ClipTokenizer) {
         let ours = tok.encode(&r.prompt).unwrap();
         assert_eq!(ours.ids, r.ids, "ids of {:?}", r.prompt);
         assert_eq!(ours.tokens, r.tokens, "tokens of {:?}", r.prompt);
-        assert_eq!(ours.truncated, r.content_tokens.saturating_sub(75), "{:?}", r.prompt);
+        assert_eq!(
+            ours.truncated,
+            r.content_tokens.saturating_sub(75),
+            "{:?}",
+            r.prompt
+        );
     }
 }
 
@@ -152,7 +187,10 @@ fn paper_prompts_have_reference_ids() {
     let text = std::fs::read_to_string(fixtures().join("reference_ids.json")).unwrap();
     let v: HashMap<String, serde_json::Value> = serde_json::from_str(&text).unwrap();
     let tok = ClipTokenizer::embedded();
-    for prompt in ["rusty tracks with an old train", "an old train with rusty tracks"] {
+    for prompt in [
+        "rusty tracks with an old train",
+        "an old train with rusty tracks",
+    ] {
         let want: Vec<u32> = serde_json::from_value(v[prompt].clone()).unwrap();
         assert_eq!(tok.encode(prompt).unwrap().ids, want, "{prompt}");
     }

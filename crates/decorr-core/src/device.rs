@@ -60,7 +60,10 @@ impl FromStr for BackendKind {
 /// feature to build with.
 pub fn select_device(kind: BackendKind, index: usize) -> Result<Device, CoreError> {
     let not_compiled = || {
-        let avail: Vec<String> = BackendKind::compiled().iter().map(|b| b.to_string()).collect();
+        let avail: Vec<String> = BackendKind::compiled()
+            .iter()
+            .map(|b| b.to_string())
+            .collect();
         CoreError::BackendNotCompiled(kind.to_string(), avail.join(", "))
     };
     match kind {

@@ -8,7 +8,10 @@ use crate::CoreError;
 
 /// Write `bytes` to `path` atomically, creating missing parent folders.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CoreError> {
-    let io = |source| CoreError::Io { path: path.to_path_buf(), source };
+    let io = |source| CoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -17,6 +20,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CoreError> {
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
     tmp.write_all(bytes).map_err(io)?;
     tmp.as_file().sync_all().map_err(io)?;
+    // Temp files are created private (0600); outputs are ordinary files.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(io)?;
+    }
     tmp.persist(path).map_err(|e| io(e.error))?;
     Ok(())
 }
@@ -32,7 +43,10 @@ mod tests {
         write_atomic(&p, b"{}").unwrap();
         write_atomic(&p, b"[1]").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"[1]");
-        assert_eq!(std::fs::read_dir(dir.path().join("sub")).unwrap().count(), 1);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("sub")).unwrap().count(),
+            1
+        );
     }
 
     #[test]

@@ -151,8 +151,13 @@ mod tests {
         let comp = ModelSource::Local(dir.path().join("text_encoder"));
         assert_eq!(comp.find("text_encoder", &["config.json"]).unwrap(), p);
         let err = root.find("unet", &["config.json"]).unwrap_err().to_string();
-        assert!(err.contains("unet/config.json") && err.contains("--weights"), "{err}");
-        let err = ModelSource::Local(dir.path().join("nope")).find("x", &["y"]).unwrap_err();
+        assert!(
+            err.contains("unet/config.json") && err.contains("--weights"),
+            "{err}"
+        );
+        let err = ModelSource::Local(dir.path().join("nope"))
+            .find("x", &["y"])
+            .unwrap_err();
         assert!(err.to_string().contains("does not exist"), "{err}");
     }
 
@@ -172,8 +177,14 @@ mod tests {
             std::env::set_var("HF_HUB_OFFLINE", "1");
         }
         let src = ModelSource::hub("org/tiny");
-        assert_eq!(src.find("text_encoder", &["config.json"]).unwrap(), snap.join("config.json"));
+        assert_eq!(
+            src.find("text_encoder", &["config.json"]).unwrap(),
+            snap.join("config.json")
+        );
         let err = src.find("unet", &["config.json"]).unwrap_err().to_string();
-        assert!(err.contains("HF_HUB_OFFLINE") && err.contains("huggingface-cli download"), "{err}");
+        assert!(
+            err.contains("HF_HUB_OFFLINE") && err.contains("huggingface-cli download"),
+            "{err}"
+        );
     }
 }

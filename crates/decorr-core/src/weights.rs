@@ -30,7 +30,10 @@ pub fn load_safetensors<M: Module>(
     keys: &KeyMap<'_>,
 ) -> Result<(), CoreError> {
     if !path.is_file() {
-        return Err(CoreError::NotFound(format!("weights file {} does not exist", path.display())));
+        return Err(CoreError::NotFound(format!(
+            "weights file {} does not exist",
+            path.display()
+        )));
     }
     let mut store = SafetensorsStore::from_file(path)
         .with_from_adapter(PyTorchToBurnAdapter.chain(FloatCastAdapter::to(DType::F32)))
@@ -39,10 +42,12 @@ pub fn load_safetensors<M: Module>(
     for (from, to) in keys.remap {
         store = store.with_key_remapping(*from, *to);
     }
-    let result = module.load_from(&mut store).map_err(|e| CoreError::BadSafetensors {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let result = module
+        .load_from(&mut store)
+        .map_err(|e| CoreError::BadSafetensors {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
 
     let ignore: Vec<regex::Regex> = keys
         .ignore
@@ -52,9 +57,14 @@ pub fn load_safetensors<M: Module>(
     let mut problems = Vec::new();
     for e in &result.errors {
         problems.push(match e {
-            ApplyError::ShapeMismatch { path, expected, found } => format!(
+            ApplyError::ShapeMismatch {
+                path,
+                expected,
+                found,
+            } => format!(
                 "  tensor `{path}` has shape {:?}, the model's config expects {:?}",
-                found.as_slice(), expected.as_slice()
+                found.as_slice(),
+                expected.as_slice()
             ),
             other => format!("  {other}"),
         });

@@ -113,7 +113,7 @@ pub fn attention_map(
     let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, len]), device);
     let opts = ForwardOptions {
         attention_layers: vec![layer],
-        stop_after_layer: Some(layer),
+        stop_at_attention: Some(layer),
         ..Default::default()
     };
     let out = model.forward_with(input, &opts);
@@ -186,7 +186,12 @@ mod tests {
 
     fn tokens(n: usize) -> Vec<TokenInfo> {
         (0..n)
-            .map(|i| TokenInfo { index: i, id: i as u32, text: format!("t{i}"), word: None })
+            .map(|i| TokenInfo {
+                index: i,
+                id: i as u32,
+                text: format!("t{i}"),
+                word: None,
+            })
             .collect()
     }
 
@@ -196,9 +201,9 @@ mod tests {
         let a = vec![
             vec![1.0, 0.0, 0.0, 0.0, 0.0],
             vec![0.9, 0.1, 0.0, 0.0, 0.0],
-            vec![0.8, 0.15, 0.05, 0.0, 0.0],   // 2 -> 1: ratio 3
-            vec![0.7, 0.06, 0.14, 0.1, 0.0],   // 3 -> 2: ratio 1.4; 3 -> 1 no
-            vec![0.5, 0.4, 0.05, 0.04, 0.01],  // EOS row: ignored
+            vec![0.8, 0.15, 0.05, 0.0, 0.0],  // 2 -> 1: ratio 3
+            vec![0.7, 0.06, 0.14, 0.1, 0.0],  // 3 -> 2: ratio 1.4; 3 -> 1 no
+            vec![0.5, 0.4, 0.05, 0.04, 0.01], // EOS row: ignored
         ];
         let s = find_suspects(&a, &tokens(5));
         let pairs: Vec<(usize, usize)> = s.iter().map(|s| (s.token, s.earlier)).collect();

@@ -1,12 +1,19 @@
 //! The decorrelation method of METHOD.md on the CLIP text encoder: resolving the target token
 //! ([`target`]), the head-averaged attention map `A` and the paper's tables 1 and 2 with suspected
-//! unidirectional correlations ([`analysis`]). Fine-tuning (Eq. 2) and checkpoint selection
-//! (Eqs. 3 to 5) come with issue 3.
+//! unidirectional correlations ([`analysis`]), the losses and selection rule ([`losses`]) and
+//! the fine-tuning run itself ([`finetune`]).
 
 pub mod analysis;
+pub mod finetune;
+pub mod losses;
 pub mod target;
 
 pub use analysis::{AttentionAnalysis, RowEntry, Suspect, TokenInfo, analyze};
+pub use finetune::{
+    EpochMetrics, ParamPreset, PromptState, Silent, TrainConfig, TrainObserver, TrainOutcome,
+    TrainPrompt, finetune,
+};
+pub use losses::Focus;
 pub use target::{TargetSpec, resolve_target};
 
 /// Errors of the method crate; each names the problem and what to do about it.
@@ -17,13 +24,8 @@ pub enum MethodError {
     #[error(
         "target `{target}` occurs {count} time(s) in the prompt; --occurrence must be 1..={count}"
     )]
-    OccurrenceOutOfRange {
-        target: String,
-        count: usize,
-    },
-    #[error(
-        "target token index {index} is not a content token of the prompt (valid: 1..={last})"
-    )]
+    OccurrenceOutOfRange { target: String, count: usize },
+    #[error("target token index {index} is not a content token of the prompt (valid: 1..={last})")]
     IndexOutOfRange { index: usize, last: usize },
     #[error(
         "target `{0}` is the first token of the prompt (index 1): no token precedes it, so there is \
@@ -34,6 +36,28 @@ pub enum MethodError {
     LayerOutOfRange { layer: usize, last: usize },
     #[error(transparent)]
     Clip(#[from] decorr_clip::ClipError),
+    #[error("unknown parameter preset `{0}`; expected one of: all, attn, qk")]
+    UnknownPreset(String),
+    #[error("no training prompts: give at least one --prompt with its --target")]
+    NoPrompts,
+    #[error(
+        "in {prompt:?} the token that `{token}` (index {target}) attends to most is another \
+         `{token}` (index {corr}): a token cannot be decorrelated from itself; choose another \
+         target or rephrase the prompt"
+    )]
+    CorrIsTarget {
+        prompt: String,
+        token: String,
+        corr: usize,
+        target: usize,
+    },
+    #[error(
+        "non-finite {what} at step {step}: training stopped; the checkpoint already selected \
+         (if any) is kept. Try a lower --lr"
+    )]
+    NonFinite { step: usize, what: &'static str },
+    #[error("cannot write the output: {0}")]
+    Output(String),
     #[error("the prompt is empty after tokenization; give a prompt with at least two words")]
     EmptyPrompt,
 }

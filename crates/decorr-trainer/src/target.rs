@@ -12,7 +12,10 @@ use crate::MethodError;
 pub enum TargetSpec {
     /// A word (or several consecutive words) of the prompt, case-insensitive; `occurrence` is
     /// 1-based and required to disambiguate only when the word repeats (default: 1).
-    Word { word: String, occurrence: Option<usize> },
+    Word {
+        word: String,
+        occurrence: Option<usize>,
+    },
     /// A token index in the padded sequence (BOS is 0).
     Index(usize),
 }
@@ -23,6 +26,25 @@ impl TargetSpec {
             word: word.into(),
             occurrence: None,
         }
+    }
+}
+
+impl std::str::FromStr for TargetSpec {
+    type Err = std::convert::Infallible;
+    /// `train`, `train#2` (second occurrence), `@6` (raw token index).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(i) = s.strip_prefix('@').and_then(|i| i.parse().ok()) {
+            return Ok(TargetSpec::Index(i));
+        }
+        if let Some((w, n)) = s.rsplit_once('#')
+            && let Ok(n) = n.parse()
+        {
+            return Ok(TargetSpec::Word {
+                word: w.to_string(),
+                occurrence: Some(n),
+            });
+        }
+        Ok(TargetSpec::word(s))
     }
 }
 
@@ -95,23 +117,44 @@ mod tests {
     }
 
     fn word(w: &str, occurrence: Option<usize>) -> TargetSpec {
-        TargetSpec::Word { word: w.into(), occurrence }
+        TargetSpec::Word {
+            word: w.into(),
+            occurrence,
+        }
     }
 
     #[test]
     fn paper_prompts() {
         // <bos> rusty tracks with an old train <eos>
-        assert_eq!(resolve("rusty tracks with an old train", word("train", None)).unwrap(), 6);
-        assert_eq!(resolve("rusty tracks with an old train", word("Tracks", None)).unwrap(), 2);
-        assert_eq!(resolve("an old train with rusty tracks", word("tracks", None)).unwrap(), 6);
-        assert_eq!(resolve("an old train with rusty tracks", word("old train", None)).unwrap(), 3);
+        assert_eq!(
+            resolve("rusty tracks with an old train", word("train", None)).unwrap(),
+            6
+        );
+        assert_eq!(
+            resolve("rusty tracks with an old train", word("Tracks", None)).unwrap(),
+            2
+        );
+        assert_eq!(
+            resolve("an old train with rusty tracks", word("tracks", None)).unwrap(),
+            6
+        );
+        assert_eq!(
+            resolve("an old train with rusty tracks", word("old train", None)).unwrap(),
+            3
+        );
     }
 
     #[test]
     fn multi_token_word_maps_to_its_last_token() {
-        let tok = ClipTokenizer::embedded().encode("a red xylophonist plays").unwrap();
+        let tok = ClipTokenizer::embedded()
+            .encode("a red xylophonist plays")
+            .unwrap();
         let w = tok.words.iter().find(|w| w.text == "xylophonist").unwrap();
-        assert!(w.tokens.len() > 1, "needs a word that BPE splits: {:?}", tok.tokens);
+        assert!(
+            w.tokens.len() > 1,
+            "needs a word that BPE splits: {:?}",
+            tok.tokens
+        );
         let t = resolve_target(&tok, &TargetSpec::word("xylophonist")).unwrap();
         assert_eq!(t, w.tokens.end - 1);
         assert!(tok.tokens[t].ends_with("</w>"));
@@ -127,22 +170,54 @@ mod tests {
     }
 
     #[test]
+    fn spec_syntax() {
+        assert_eq!(
+            "train".parse::<TargetSpec>().unwrap(),
+            TargetSpec::word("train")
+        );
+        assert_eq!(
+            "cat#2".parse::<TargetSpec>().unwrap(),
+            TargetSpec::Word {
+                word: "cat".into(),
+                occurrence: Some(2)
+            }
+        );
+        assert_eq!("@6".parse::<TargetSpec>().unwrap(), TargetSpec::Index(6));
+        assert_eq!(
+            "c#d".parse::<TargetSpec>().unwrap(),
+            TargetSpec::word("c#d")
+        );
+    }
+
+    #[test]
     fn punctuation_does_not_hide_a_word() {
-        assert_eq!(resolve("tracks, and a train!", word("train", None)).unwrap(), 5);
+        assert_eq!(
+            resolve("tracks, and a train!", word("train", None)).unwrap(),
+            5
+        );
     }
 
     #[test]
     fn errors_name_the_problem() {
         let err = resolve("rusty tracks with an old train", word("plane", None)).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("plane") && msg.contains("rusty, tracks, with, an, old, train"), "{msg}");
+        assert!(
+            msg.contains("plane") && msg.contains("rusty, tracks, with, an, old, train"),
+            "{msg}"
+        );
         let err = resolve("rusty tracks with an old train", word("rusty", None)).unwrap_err();
         assert!(matches!(err, MethodError::NothingPrecedes(_)), "{err}");
         let err = resolve("rusty tracks", TargetSpec::Index(1)).unwrap_err();
         assert!(matches!(err, MethodError::NothingPrecedes(_)), "{err}");
         let err = resolve("rusty tracks", TargetSpec::Index(3)).unwrap_err();
         assert!(err.to_string().contains("1..=2"), "{err}");
-        assert!(matches!(resolve("", TargetSpec::Index(1)), Err(MethodError::EmptyPrompt)));
-        assert!(matches!(resolve("train", word("", None)), Err(MethodError::TargetNotInPrompt { .. })));
+        assert!(matches!(
+            resolve("", TargetSpec::Index(1)),
+            Err(MethodError::EmptyPrompt)
+        ));
+        assert!(matches!(
+            resolve("train", word("", None)),
+            Err(MethodError::TargetNotInPrompt { .. })
+        ));
     }
 }

@@ -1,0 +1,295 @@
+//! End-to-end tests of `decorr finetune` on `clip_tiny_train` (vocab 49408, so the real
+//! tokenizer feeds it): the files of OUT, the reload of the saved encoder by transformers
+//! (recorded by the fixture script) and by our loader, the round trip through `decorr analyze`,
+//! and the error paths.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use decorr_clip::load_text_encoder;
+use decorr_core::ModelSource;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn decorr(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_decorr"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run decorr")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+const PROMPT: &str = "rusty tracks with an old train";
+
+/// The run whose saved encoder `make_fixtures.py --check-saved` loaded with transformers
+/// (see the script's docstring for the exact command).
+fn train(out: &Path, epochs: &str, extra: &[&str]) -> Output {
+    let w = fixtures().join("clip_tiny_train");
+    let mut args = vec![
+        "finetune",
+        "--prompt",
+        PROMPT,
+        "--target",
+        "train",
+        "--layer",
+        "1",
+        "--epochs",
+        epochs,
+        "--steps-per-epoch",
+        "3",
+        "--lr",
+        "1e-3",
+        "--quiet",
+        "--weights",
+        w.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    decorr(&args)
+}
+
+#[test]
+fn finetune_writes_every_promised_file_and_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = train(&out, "3", &[]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("selected epoch"), "{t}");
+
+    let mut files: Vec<String> = walk(&out);
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "losses.png",
+            "report.json",
+            "text_encoder/config.json",
+            "text_encoder/model.safetensors"
+        ],
+        "no temp files or extras"
+    );
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r["epochs"].as_array().unwrap().len(), 3);
+    for k in ["l_train", "l_corr", "l_align", "l_val"] {
+        assert!(r["epochs"][0][k].is_number(), "{k}");
+    }
+    assert_eq!(r["step_losses"].as_array().unwrap().len(), 9);
+    assert_eq!(r["finished"], true);
+    let sel = r["selected_epoch"].as_u64().unwrap();
+    assert!((1..=3).contains(&sel));
+    let p = &r["prompts"][0];
+    assert_eq!(p["target"]["index"], 6);
+    assert_eq!(p["target"]["text"], "train");
+    let c = p["corr"]["index"].as_u64().unwrap() as usize;
+    assert!((1..6).contains(&c));
+    assert_eq!(p["s"].as_array().unwrap().len(), 5, "S = 1..t");
+    let before: Vec<f32> = serde_json::from_value(p["row_before"].clone()).unwrap();
+    let after: Vec<f32> = serde_json::from_value(p["row_after"].clone()).unwrap();
+    assert_eq!(before.len(), 8);
+    assert!(
+        after[c] < before[c],
+        "A[t,c] lowered: {} -> {}",
+        before[c],
+        after[c]
+    );
+    let img = image::open(out.join("losses.png")).unwrap();
+    assert!(img.width() >= 800);
+
+    // transformers loaded an encoder saved by this same run (fixture script, --check-saved):
+    // our loader must give the hidden states transformers gave.
+    let reference = read(&fixtures().join("finetune/saved_reload.safetensors"));
+    let device = Device::flex();
+    let enc = load_text_encoder(&ModelSource::Local(out.clone()), &device).unwrap();
+    let (ids, shape) = &reference["input_ids"];
+    let ids: Vec<i64> = ids.iter().map(|&v| v as i64).collect();
+    let input = Tensor::<2, Int>::from_data(TensorData::new(ids, shape.clone()), &device);
+    let hidden = enc
+        .model
+        .forward(input)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap();
+    let (want, _) = &reference["last_hidden_state"];
+    let worst = hidden
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - *b as f32).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst <= 1e-4,
+        "saved encoder differs from what transformers loaded: {worst}"
+    );
+
+    // Round trip: analyze on OUT shows the fine-tuned row.
+    let json = dir.path().join("a.json");
+    let o = decorr(&[
+        "analyze",
+        "--prompt",
+        PROMPT,
+        "--target",
+        "train",
+        "--layer",
+        "1",
+        "--weights",
+        out.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let a: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let row: Vec<f32> = serde_json::from_value(a["attention"][6].clone()).unwrap();
+    for j in 0..8 {
+        assert!(
+            (row[j] - after[j]).abs() < 1e-5,
+            "A[t,{j}] {} vs report {}",
+            row[j],
+            after[j]
+        );
+    }
+}
+
+/// Tensors as f64 with shapes, any float/int dtype of the fixture.
+fn read(path: &Path) -> std::collections::HashMap<String, (Vec<f64>, Vec<usize>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let d: Vec<f64> = match v.dtype() {
+                safetensors::Dtype::F32 => v
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                safetensors::Dtype::I64 => v
+                    .data()
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
+                other => panic!("{other:?}"),
+            };
+            (k, (d, v.shape().to_vec()))
+        })
+        .collect()
+}
+
+fn walk(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(root).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            for f in walk(&p) {
+                out.push(format!("{}/{f}", p.file_name().unwrap().to_string_lossy()));
+            }
+        } else {
+            out.push(p.file_name().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    out
+}
+
+#[test]
+fn existing_out_is_refused_unless_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    let o = train(&out, "3", &[]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--overwrite"), "{}", text(&o));
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+        "mine",
+        "nothing lost"
+    );
+    let o = train(&out, "1", &["--overwrite"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(out.join("text_encoder/model.safetensors").is_file());
+}
+
+fn assert_fails(args: &[&str], needles: &[&str]) {
+    let o = decorr(args);
+    let t = text(&o);
+    assert!(!o.status.success(), "should fail: {args:?}\n{t}");
+    for n in needles {
+        assert!(t.contains(n), "missing {n:?} in:\n{t}");
+    }
+    assert!(!t.contains("panicked"), "{t}");
+}
+
+#[test]
+fn bad_input_gives_clear_errors_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = out.to_str().unwrap();
+    let w = fixtures().join("clip_tiny_train");
+    let w = w.to_str().unwrap();
+    let base = [
+        "finetune",
+        "--weights",
+        w,
+        "--out",
+        o,
+        "--layer",
+        "1",
+        "--quiet",
+    ];
+    let with = |extra: &[&'static str]| [&base[..], extra].concat();
+    assert_fails(
+        &with(&["--prompt", PROMPT, "--target", "train", "--params", "mlp"]),
+        &["mlp", "all, attn, qk"],
+    );
+    assert_fails(
+        &with(&["--prompt", PROMPT, "--target", "rusty"]),
+        &["nothing", "rusty"],
+    );
+    assert_fails(
+        &with(&["--prompt", PROMPT, "--target", "plane"]),
+        &["plane", "rusty, tracks"],
+    );
+    assert_fails(
+        &with(&["--prompt", "cat cat", "--target", "cat#2"]),
+        &["cannot be decorrelated from itself"],
+    );
+    assert_fails(
+        &with(&[
+            "--prompt",
+            PROMPT,
+            "--prompt",
+            "a cat with a dog",
+            "--target",
+            "train",
+        ]),
+        &["2 --prompt but 1 --target"],
+    );
+    assert_fails(
+        &[
+            "finetune",
+            "--weights",
+            w,
+            "--out",
+            o,
+            "--prompt",
+            PROMPT,
+            "--target",
+            "train",
+        ],
+        &["layer 11", "0..=2"],
+    );
+    assert!(!out.exists(), "a refused run leaves no OUT behind");
+}
