@@ -13,7 +13,7 @@ use decorr_clip::{ClipTextConfig, ClipTextModel, Tokenized, save_text_encoder};
 use decorr_core::io::write_atomic;
 use decorr_trainer::{
     EpochMetrics, MethodError, ParamPreset, PromptState, TargetSpec, TrainConfig, TrainObserver,
-    TrainPrompt, finetune, resolve_target,
+    TrainPrompt, finetune_prepared, prepare, resolve_target,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -174,8 +174,8 @@ impl TrainObserver for OutWriter<'_> {
             // report describing an older epoch, never a report ahead of its weights.
             save_text_encoder(model, self.enc_config, &self.out.join("text_encoder"))?;
             self.selected = Some(m.epoch);
-            for (p, st) in self.prompts.iter_mut().zip(&self.states) {
-                p.row_after = Some(maps_row(maps, &self.states, st));
+            for ((p, st), map) in self.prompts.iter_mut().zip(&self.states).zip(maps) {
+                p.row_after = Some(map[st.focus.target].clone());
             }
         }
         self.write_report(false)
@@ -184,14 +184,6 @@ impl TrainObserver for OutWriter<'_> {
     fn should_stop(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
     }
-}
-
-fn maps_row(maps: &[Vec<Vec<f32>>], states: &[PromptState], st: &PromptState) -> Vec<f32> {
-    let k = states
-        .iter()
-        .position(|s| std::ptr::eq(s, st))
-        .expect("state of this run");
-    maps[k][st.focus.target].clone()
 }
 
 fn token_ref(tok: &Tokenized, index: usize) -> TokenRef {
@@ -241,15 +233,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         seed: args.seed,
         ..Default::default()
     };
-    if config.layer >= encoder.model.num_layers() {
-        return Err(MethodError::LayerOutOfRange {
-            layer: config.layer,
-            last: encoder.model.num_layers() - 1,
-        }
-        .into());
-    }
-    let states =
-        decorr_trainer::finetune::prepare(&encoder.model, &prompts, config.layer, &device)?;
+    let states = prepare(&encoder.model, &prompts, config.layer, &device)?;
     if args.out.exists() {
         std::fs::remove_dir_all(&args.out)
             .with_context(|| format!("removing the old {}", args.out.display()))?;
@@ -316,7 +300,15 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         bar,
         stop,
     };
-    let result = finetune(encoder.model, &prompts, &config, &device, &mut writer);
+    let states = writer.states.clone();
+    let result = finetune_prepared(
+        encoder.model,
+        &prompts,
+        states,
+        &config,
+        &device,
+        &mut writer,
+    );
     writer.bar.finish_and_clear();
     let outcome = match result {
         Ok(o) => o,

@@ -1,34 +1,10 @@
 //! End-to-end tests of `decorr analyze` on the tiny transformers-written fixtures: outputs,
 //! the exported attention map against transformers' own (head-averaged), and every error path.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn decorr(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_decorr"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env(
-            "HF_HOME",
-            std::env::temp_dir().join("decorr-test-empty-hf-home"),
-        )
-        .output()
-        .expect("run decorr")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-const PROMPT: &str = "rusty tracks with an old train";
+mod common;
+use common::{PROMPT, assert_fails, decorr, fixtures, text};
 
 #[test]
 fn analyze_writes_table_json_and_heatmap() {
@@ -124,16 +100,6 @@ fn analyze_without_target_prints_every_row_and_suspects() {
         t.contains("suspected unidirectional correlations") || t.contains("no suspected"),
         "{t}"
     );
-}
-
-fn assert_fails(args: &[&str], needles: &[&str]) {
-    let out = decorr(args);
-    let t = text(&out);
-    assert!(!out.status.success(), "should fail: {args:?}\n{t}");
-    for n in needles {
-        assert!(t.contains(n), "missing {n:?} in:\n{t}");
-    }
-    assert!(!t.contains("panicked"), "{t}");
 }
 
 #[test]

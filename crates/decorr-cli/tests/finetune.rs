@@ -3,34 +3,15 @@
 //! (recorded by the fixture script) and by our loader, the round trip through `decorr analyze`,
 //! and the error paths.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
+
+mod common;
+use common::{PROMPT, assert_fails, decorr, fixtures, text};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use decorr_clip::load_text_encoder;
 use decorr_core::ModelSource;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn decorr(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_decorr"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("run decorr")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-const PROMPT: &str = "rusty tracks with an old train";
 
 /// The run whose saved encoder `make_fixtures.py --check-saved` loaded with transformers
 /// (see the script's docstring for the exact command).
@@ -220,16 +201,6 @@ fn existing_out_is_refused_unless_overwrite() {
     let o = train(&out, "1", &["--overwrite"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(out.join("text_encoder/model.safetensors").is_file());
-}
-
-fn assert_fails(args: &[&str], needles: &[&str]) {
-    let o = decorr(args);
-    let t = text(&o);
-    assert!(!o.status.success(), "should fail: {args:?}\n{t}");
-    for n in needles {
-        assert!(t.contains(n), "missing {n:?} in:\n{t}");
-    }
-    assert!(!t.contains("panicked"), "{t}");
 }
 
 #[test]

@@ -177,9 +177,17 @@ pub fn prepare(
     if prompts.is_empty() {
         return Err(MethodError::NoPrompts);
     }
+    let n_layers = model.num_layers();
+    if layer >= n_layers {
+        return Err(MethodError::LayerOutOfRange {
+            layer,
+            last: n_layers - 1,
+        });
+    }
     prompts
         .iter()
         .map(|p| {
+            // attention_map also checks the ids against the vocabulary.
             let a_pre = attention_map(model, &p.tokenized, layer, device)?;
             let t = p.target;
             if t < 2 {
@@ -265,18 +273,23 @@ pub fn finetune(
     device: &Device,
     observer: &mut dyn TrainObserver,
 ) -> Result<TrainOutcome, MethodError> {
-    let n_layers = model.num_layers();
-    if config.layer >= n_layers {
-        return Err(MethodError::LayerOutOfRange {
-            layer: config.layer,
-            last: n_layers - 1,
-        });
-    }
-    for p in prompts {
-        model.check_ids(&p.tokenized.ids)?;
-    }
     let plain = device.clone().inner();
     let states = prepare(&model.valid(), prompts, config.layer, &plain)?;
+    finetune_prepared(model, prompts, states, config, device, observer)
+}
+
+/// [`finetune`] with the foci already computed by [`prepare`] (callers that show or check them
+/// before training need not compute `A_pre` twice).
+pub fn finetune_prepared(
+    model: ClipTextModel,
+    prompts: &[TrainPrompt],
+    states: Vec<PromptState>,
+    config: &TrainConfig,
+    device: &Device,
+    observer: &mut dyn TrainObserver,
+) -> Result<TrainOutcome, MethodError> {
+    assert_eq!(prompts.len(), states.len(), "one prompt state per prompt");
+    let plain = device.clone().inner();
     device.seed(config.seed);
     let train_device = plain.clone().autodiff();
     let mut model = model.fork(&train_device).train().map(&mut Trainable {

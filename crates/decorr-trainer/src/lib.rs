@@ -11,7 +11,7 @@ pub mod target;
 pub use analysis::{AttentionAnalysis, RowEntry, Suspect, TokenInfo, analyze};
 pub use finetune::{
     EpochMetrics, ParamPreset, PromptState, Silent, TrainConfig, TrainObserver, TrainOutcome,
-    TrainPrompt, finetune,
+    TrainPrompt, finetune, finetune_prepared, prepare,
 };
 pub use losses::Focus;
 pub use target::{TargetSpec, resolve_target};

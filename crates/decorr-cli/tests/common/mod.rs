@@ -1,0 +1,45 @@
+//! Helpers shared by the CLI's end-to-end tests: run the `decorr` binary offline and check
+//! its failures.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const PROMPT: &str = "rusty tracks with an old train";
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// Run `decorr` with no hub access (offline, empty cache).
+pub fn decorr(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_decorr"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env(
+            "HF_HOME",
+            std::env::temp_dir().join("decorr-test-empty-hf-home"),
+        )
+        .output()
+        .expect("run decorr")
+}
+
+/// stdout and stderr together.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The command fails, without a panic, and its output names every needle.
+pub fn assert_fails(args: &[&str], needles: &[&str]) {
+    let o = decorr(args);
+    let t = text(&o);
+    assert!(!o.status.success(), "should fail: {args:?}\n{t}");
+    for n in needles {
+        assert!(t.contains(n), "missing {n:?} in:\n{t}");
+    }
+    assert!(!t.contains("panicked"), "{t}");
+}
