@@ -165,10 +165,16 @@ impl TrainObserver for OutWriter<'_> {
     ) -> Result<(), MethodError> {
         self.epochs.push(*m);
         let mark = if best.is_some() { "  <- selected" } else { "" };
-        self.bar.println(format!(
+        let line = format!(
             "epoch {:>3}: L_train {:.5}  L_corr {:+.5}  L_align {:.5}  L_val {:+.5}{mark}",
             m.epoch, m.l_train, m.l_corr, m.l_align, m.l_val
-        ));
+        );
+        // A hidden bar (--quiet, or no terminal) swallows its println.
+        if self.bar.is_hidden() {
+            println!("{line}");
+        } else {
+            self.bar.println(line);
+        }
         if let Some(model) = best {
             // Model first, then the report that names it: a stop in between leaves an older
             // report describing an older epoch, never a report ahead of its weights.
