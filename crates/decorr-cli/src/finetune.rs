@@ -64,13 +64,13 @@ pub struct FinetuneArgs {
     quiet: bool,
 }
 
-#[derive(Serialize, Clone)]
+#[derive(Serialize)]
 struct TokenRef {
     index: usize,
     text: String,
 }
 
-#[derive(Serialize, Clone)]
+#[derive(Serialize)]
 struct PromptReport {
     prompt: String,
     target: TokenRef,
@@ -86,7 +86,7 @@ struct PromptReport {
 struct Report<'a> {
     model: String,
     config: &'a TrainConfig,
-    prompts: Vec<PromptReport>,
+    prompts: &'a [PromptReport],
     epochs: &'a [EpochMetrics],
     selected_epoch: Option<usize>,
     step_losses: &'a [f64],
@@ -113,7 +113,7 @@ impl OutWriter<'_> {
         let report = Report {
             model: self.source.clone(),
             config: self.config,
-            prompts: self.prompts.clone(),
+            prompts: &self.prompts,
             epochs: &self.epochs,
             selected_epoch: self.selected,
             step_losses: &self.steps,

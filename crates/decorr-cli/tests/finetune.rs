@@ -49,7 +49,10 @@ fn finetune_writes_every_promised_file_and_reloads() {
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(t.contains("selected epoch"), "{t}");
-    assert!(t.contains("epoch   3: L_train"), "per-epoch numbers are printed: {t}");
+    assert!(
+        t.contains("epoch   3: L_train"),
+        "per-epoch numbers are printed: {t}"
+    );
 
     let mut files: Vec<String> = walk(&out);
     files.sort();

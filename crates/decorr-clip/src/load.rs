@@ -96,12 +96,7 @@ pub fn save_text_encoder(
             path: weights.clone(),
             message: format!("cannot write: {e}"),
         })?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::Permissions::from_mode(0o644);
-        std::fs::set_permissions(&weights, mode).map_err(io)?;
-    }
+    decorr_core::io::make_readable(&weights)?;
     let mut cfg = serde_json::to_value(config).expect("configs serialize");
     cfg["architectures"] = serde_json::json!(["CLIPTextModel"]);
     let text = serde_json::to_string_pretty(&cfg).expect("JSON values serialize");

@@ -20,15 +20,25 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CoreError> {
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
     tmp.write_all(bytes).map_err(io)?;
     tmp.as_file().sync_all().map_err(io)?;
-    // Temp files are created private (0600); outputs are ordinary files.
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    make_readable(path)
+}
+
+/// Give an output file ordinary permissions (0644 on Unix): temp files, ours and burn's atomic
+/// saves alike, are created private (0600).
+pub fn make_readable(path: &Path) -> Result<(), CoreError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(io)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(
+            |source| CoreError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
     }
-    tmp.persist(path).map_err(|e| io(e.error))?;
+    #[cfg(not(unix))]
+    let _ = path;
     Ok(())
 }
 
@@ -43,6 +53,12 @@ mod tests {
         write_atomic(&p, b"{}").unwrap();
         write_atomic(&p, b"[1]").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"[1]");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o644);
+        }
         assert_eq!(
             std::fs::read_dir(dir.path().join("sub")).unwrap().count(),
             1
