@@ -183,6 +183,14 @@ impl ClipTextModel {
         input_ids: Tensor<2, Int>,
         opts: &ForwardOptions,
     ) -> TextEncoderOutput {
+        let tokens = self.embeddings.token_embedding.forward(input_ids);
+        self.forward_embeds(tokens, opts)
+    }
+
+    /// [`Self::forward_with`] from token embeddings `[batch, seq, hidden]` (position embeddings
+    /// are added here). The trainer feeds rows of its own small table through this, so the
+    /// 49408-row table needs no dense gradient.
+    pub fn forward_embeds(&self, tokens: Tensor<3>, opts: &ForwardOptions) -> TextEncoderOutput {
         let n_layers = self.num_layers();
         for &l in opts
             .attention_layers
@@ -194,9 +202,8 @@ impl ClipTextModel {
                 "layer {l} out of range: the encoder has {n_layers} layers"
             );
         }
-        let [_, seq] = input_ids.dims();
-        let device = input_ids.device();
-        let tokens = self.embeddings.token_embedding.forward(input_ids);
+        let [_, seq, _] = tokens.dims();
+        let device = tokens.device();
         let positions = self
             .embeddings
             .position_embedding

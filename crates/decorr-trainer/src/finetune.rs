@@ -2,8 +2,10 @@
 //! (Eqs. 3 to 5). The same code runs on any burn device with autodiff.
 //!
 //! A step runs every prompt in one batch up to the chosen layer's attention probabilities,
-//! averages `A[t, c] - min_{s in S} A[t, s]` over prompts, back-propagates and applies AdamW
-//! (burn's, whose update is torch's: decoupled decay `p *= 1 - lr*wd`, bias-corrected moments).
+//! averages `A[t, c] - min_{s in S} A[t, s]` over prompts, back-propagates and applies torch's
+//! AdamW (decoupled decay `p *= 1 - lr*wd`, bias-corrected moments): fused on the host
+//! ([`crate::adamw`]) on flex, burn's (same update) elsewhere. The token table trains only the
+//! rows the prompts use (`Tuned`).
 //! Parameters off the loss's graph (layers after the chosen one, the chosen layer's values,
 //! output projection and MLP) get no gradient and stay bit-identical, as in PyTorch.
 
@@ -16,6 +18,7 @@ use decorr_clip::{ClipTextModel, ForwardOptions, Tokenized, head_average};
 use serde::Serialize;
 
 use crate::MethodError;
+use crate::adamw::HostAdamW;
 use crate::analysis::{argmax_before, attention_map};
 use crate::losses::{Focus, l_align, l_corr, l_train, l_val, select_epoch};
 
@@ -242,6 +245,11 @@ impl ModuleMapper for Trainable {
     }
 }
 
+enum Optim {
+    Host(HostAdamW),
+    Burn(burn::optim::ModuleOptimizer),
+}
+
 /// Sums |g| of every gradient into one scalar, so a single read tells whether all are finite.
 struct GradNorm<'a> {
     grads: &'a GradientsParams,
@@ -253,6 +261,126 @@ impl ModuleVisitor for GradNorm<'_> {
         if let Some(g) = self.grads.get::<D>(param.id) {
             self.sums.push(g.abs().sum());
         }
+    }
+}
+
+/// The model under training. When the token embedding trains, only the rows the prompts use can
+/// ever get a gradient, so those rows train as a small table of their own (`rows`, ids in
+/// [`RowMap::ids`]) and the 49408-row table stays frozen until [`Tuned::merged`] writes them back.
+/// This is exact under torch's AdamW with dense gradients: a row whose gradient has always been
+/// zero has zero moments, so each step only multiplies it by `1 - lr*wd`.
+#[derive(Module, Debug)]
+struct Tuned {
+    model: ClipTextModel,
+    rows: Option<Param<Tensor<2>>>,
+}
+
+/// Which token ids the small table holds, and the batch's ids as indices into it.
+struct RowMap {
+    ids: Vec<usize>,
+    local: Tensor<1, Int>,
+}
+
+impl RowMap {
+    fn new(prompts: &[TrainPrompt], device: &Device) -> RowMap {
+        let all = || {
+            prompts
+                .iter()
+                .flat_map(|p| p.tokenized.ids.iter().map(|&i| i as usize))
+        };
+        let mut ids: Vec<usize> = all().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let local: Vec<i64> = all()
+            .map(|i| ids.binary_search(&i).expect("id listed") as i64)
+            .collect();
+        let n = local.len();
+        RowMap {
+            ids,
+            local: Tensor::from_data(TensorData::new(local, [n]), device),
+        }
+    }
+}
+
+impl Tuned {
+    /// Splits the used rows off `model`'s token table when the preset trains it.
+    fn new(model: ClipTextModel, rows: Option<&RowMap>) -> Tuned {
+        let Some(map) = rows else {
+            return Tuned { model, rows: None };
+        };
+        let mut model = model;
+        let table = model.embeddings.token_embedding.weight;
+        let ids: Vec<i64> = map.ids.iter().map(|&i| i as i64).collect();
+        let n = ids.len();
+        let index = Tensor::from_data(TensorData::new(ids, [n]), &table.val().device());
+        let small = Param::from_tensor(
+            table
+                .val()
+                .detach()
+                .set_require_grad(false)
+                .select(0, index),
+        )
+        .set_require_grad(true);
+        model.embeddings.token_embedding.weight = table.set_require_grad(false);
+        Tuned {
+            model,
+            rows: Some(small),
+        }
+    }
+
+    /// Batch forward to the chosen layer's attention.
+    fn forward(
+        &self,
+        ids: &Tensor<2, Int>,
+        rows: Option<&RowMap>,
+        opts: &ForwardOptions,
+    ) -> decorr_clip::TextEncoderOutput {
+        match (&self.rows, rows) {
+            (Some(table), Some(map)) => {
+                let [b, seq] = ids.dims();
+                let hidden = table.dims()[1];
+                let embeds = table
+                    .val()
+                    .select(0, map.local.clone())
+                    .reshape([b, seq, hidden]);
+                self.model.forward_embeds(embeds, opts)
+            }
+            _ => self.model.forward_with(ids.clone(), opts),
+        }
+    }
+}
+
+impl Tuned {
+    /// The plain encoder after `steps` optimiser steps: the trained rows written into the table,
+    /// every other row decayed as torch's AdamW would have.
+    fn merged(
+        &self,
+        rows: Option<&RowMap>,
+        steps: usize,
+        lr: f64,
+        weight_decay: f32,
+    ) -> ClipTextModel {
+        let mut model = self.model.clone();
+        let (Some(small), Some(map)) = (&self.rows, rows) else {
+            return model;
+        };
+        let small = small.val();
+        let hidden = small.dims()[1];
+        let decay = (1.0 - lr * weight_decay as f64).powi(steps as i32);
+        model.embeddings.token_embedding.weight =
+            model.embeddings.token_embedding.weight.map(|table| {
+                let mut table = if decay == 1.0 {
+                    table
+                } else {
+                    table.mul_scalar(decay)
+                };
+                for (i, &id) in map.ids.iter().enumerate() {
+                    table =
+                        table.slice_assign([id..id + 1, 0..hidden], small.clone().narrow(0, i, 1));
+                }
+                table
+            });
+        model
     }
 }
 
@@ -292,17 +420,39 @@ pub fn finetune_prepared(
     let plain = device.clone().inner();
     device.seed(config.seed);
     let train_device = plain.clone().autodiff();
-    let mut model = model.fork(&train_device).train().map(&mut Trainable {
+    let model = model.fork(&train_device).train().map(&mut Trainable {
         preset: config.params,
         layer: config.layer,
         path: Vec::new(),
     });
-    let mut optim = AdamWConfig::new()
-        .with_beta_1(config.beta1)
-        .with_beta_2(config.beta2)
-        .with_epsilon(config.eps)
-        .with_weight_decay(config.weight_decay)
-        .init();
+    let row_map = config
+        .params
+        .trains("embeddings.token_embedding.weight.")
+        .then(|| RowMap::new(prompts, &train_device));
+    let mut model = Tuned::new(model, row_map.as_ref());
+    let merged = |tuned: &Tuned, steps: usize| {
+        tuned
+            .valid()
+            .merged(row_map.as_ref(), steps, config.lr, config.weight_decay)
+    };
+    // Same update either way; the fused host pass only where tensors live in host memory.
+    let mut optim = if plain == Device::flex() {
+        Optim::Host(HostAdamW::new(
+            config.beta1,
+            config.beta2,
+            config.eps,
+            config.weight_decay,
+        ))
+    } else {
+        Optim::Burn(
+            AdamWConfig::new()
+                .with_beta_1(config.beta1)
+                .with_beta_2(config.beta2)
+                .with_epsilon(config.eps)
+                .with_weight_decay(config.weight_decay)
+                .init(),
+        )
+    };
 
     let ids = batch_ids(prompts, &train_device);
     let seq = prompts[0].tokenized.ids.len();
@@ -319,7 +469,7 @@ pub fn finetune_prepared(
         selected_epoch: None,
         best: None,
         best_maps: Vec::new(),
-        last: model.valid(),
+        last: merged(&model, 0),
         interrupted: false,
     };
     let mut step = 0;
@@ -331,7 +481,7 @@ pub fn finetune_prepared(
             }
             step += 1;
             let probs = model
-                .forward_with(ids.clone(), &opts)
+                .forward(&ids, row_map.as_ref(), &opts)
                 .attentions
                 .remove(0)
                 .1;
@@ -360,26 +510,32 @@ pub fn finetune_prepared(
                 return Err(MethodError::NonFinite { step, what: "loss" });
             }
             let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let mut norm = GradNorm {
-                grads: &grads,
-                sums: Vec::new(),
+            let non_finite = MethodError::NonFinite {
+                step,
+                what: "gradient",
             };
-            model.visit(&mut norm);
-            if !norm.sums.is_empty() {
-                let total = Tensor::cat(norm.sums, 0).sum().into_scalar::<f32>();
-                if !total.is_finite() {
-                    return Err(MethodError::NonFinite {
-                        step,
-                        what: "gradient",
-                    });
+            model = match &mut optim {
+                Optim::Host(opt) => opt.step(config.lr, model, grads).ok_or(non_finite)?,
+                Optim::Burn(opt) => {
+                    let mut norm = GradNorm {
+                        grads: &grads,
+                        sums: Vec::new(),
+                    };
+                    model.visit(&mut norm);
+                    if !norm.sums.is_empty() {
+                        let total = Tensor::cat(norm.sums, 0).sum().into_scalar::<f32>();
+                        if !total.is_finite() {
+                            return Err(non_finite);
+                        }
+                    }
+                    opt.step(config.lr, model, grads)
                 }
-            }
-            model = optim.step(config.lr, model, grads);
+            };
             out.step_losses.push(loss_value);
             observer.on_step(step, loss_value);
         }
 
-        let eval = model.valid();
+        let eval = merged(&model, step);
         let maps: Vec<Vec<Vec<f32>>> = prompts
             .iter()
             .map(|p| attention_map(&eval, &p.tokenized, config.layer, &plain))
@@ -403,7 +559,7 @@ pub fn finetune_prepared(
         out.last = eval;
     }
     if out.interrupted {
-        out.last = model.valid();
+        out.last = merged(&model, step);
     }
     Ok(out)
 }
@@ -453,4 +609,60 @@ pub fn epoch_metrics(
         m.l_val += l_val(lc, la, tau) / n;
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use decorr_clip::{ClipTextConfig, ClipTokenizer};
+
+    fn rows(t: &Tensor<2>) -> Vec<Vec<f32>> {
+        let [n, h] = t.dims();
+        let v = t.to_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+        (0..n).map(|i| v[i * h..(i + 1) * h].to_vec()).collect()
+    }
+
+    /// The split-off rows go back in place; every other row only decays, by `(1 - lr*wd)^steps`.
+    #[test]
+    fn merged_table_writes_rows_back_and_decays_the_rest() {
+        let device = Device::flex();
+        device.seed(1);
+        let config = ClipTextConfig {
+            hidden_size: 8,
+            intermediate_size: 16,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            ..ClipTextConfig::sd15()
+        };
+        let model = ClipTextModel::new(&config, &device);
+        let before = rows(&model.embeddings.token_embedding.weight.val());
+        let tokenized = ClipTokenizer::embedded().encode("a cat").unwrap();
+        let prompts = [TrainPrompt {
+            tokenized,
+            target: 2,
+        }];
+        let map = RowMap::new(&prompts, &device);
+        assert_eq!(
+            map.ids,
+            vec![320, 2368, 49406, 49407],
+            "a, cat, BOS, EOS/padding"
+        );
+        let mut tuned = Tuned::new(model, Some(&map));
+        let small = tuned.rows.take().unwrap().map(|t| t.add_scalar(1.0));
+        tuned.rows = Some(small);
+        let (lr, wd, steps) = (0.1, 0.5, 3);
+        let merged = tuned.merged(Some(&map), steps, lr, wd);
+        let after = rows(&merged.embeddings.token_embedding.weight.val());
+        let decay = (1.0f64 - lr * wd as f64).powi(steps as i32) as f32;
+        for (id, (b, a)) in before.iter().zip(&after).enumerate() {
+            for (x, y) in b.iter().zip(a) {
+                let want = if map.ids.contains(&id) {
+                    x + 1.0
+                } else {
+                    x * decay
+                };
+                assert!((want - y).abs() <= 1e-6, "row {id}: {y} vs {want}");
+            }
+        }
+    }
 }

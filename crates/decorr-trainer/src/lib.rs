@@ -3,6 +3,7 @@
 //! unidirectional correlations ([`analysis`]), the losses and selection rule ([`losses`]) and
 //! the fine-tuning run itself ([`finetune`]).
 
+pub mod adamw;
 pub mod analysis;
 pub mod finetune;
 pub mod losses;
