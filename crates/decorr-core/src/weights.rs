@@ -105,3 +105,50 @@ pub fn read_json<T: serde::de::DeserializeOwned>(
         source,
     })
 }
+
+/// Tensors by name as `(shape, f32 values)`.
+pub type HostTensors = std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Every tensor of a safetensors file as `(shape, f32 values)`, any float dtype converted.
+/// For reference data and small files (tests, fixtures); models load through [`load_safetensors`].
+pub fn read_tensors_f32(path: &Path) -> Result<HostTensors, CoreError> {
+    use safetensors::Dtype;
+    let bad = |message: String| CoreError::BadSafetensors {
+        path: path.to_path_buf(),
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|source| CoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+    let mut out = HostTensors::new();
+    for (name, view) in st.tensors() {
+        let data = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::F64 => data
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                .collect(),
+            other => {
+                return Err(bad(format!(
+                    "tensor `{name}` has dtype {other:?}, not a float"
+                )));
+            }
+        };
+        out.insert(name, (view.shape().to_vec(), values));
+    }
+    Ok(out)
+}

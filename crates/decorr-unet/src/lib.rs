@@ -1,4 +1,26 @@
-//! Stable Diffusion's UNet (`UNet2DConditionModel`) and VAE (`AutoencoderKL`) in burn.
-//!
-//! Not implemented yet: this crate is laid out so the workspace shows the architecture; the
-//! models arrive with issue 4 (verified against diffusers). It exports nothing.
+//! The image side of Stable Diffusion in burn: the denoising UNet ([`unet`]), the VAE ([`vae`]),
+//! their shared blocks ([`blocks`], [`attention`]), configs read from diffusers' `config.json`
+//! ([`config`]) and loading ([`load`]). Verified against diffusers on tiny random models and a
+//! full-size SD 1.5 configuration (README, "Verification").
+
+pub mod attention;
+pub mod blocks;
+pub mod config;
+pub mod load;
+pub mod unet;
+pub mod vae;
+
+pub use attention::{AttentionMap, AttentionOptions, Capture};
+pub use config::{PerBlock, UNetConfig, VaeConfig};
+pub use load::{Loaded, WEIGHT_FILES, load_unet, load_vae};
+pub use unet::{UNet2DConditionModel, UNetOutput};
+pub use vae::{AutoencoderKL, Posterior};
+
+/// Errors of the UNet/VAE crate.
+#[derive(Debug, thiserror::Error)]
+pub enum UNetError {
+    #[error("UNet/VAE config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Core(#[from] decorr_core::CoreError),
+}

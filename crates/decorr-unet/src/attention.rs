@@ -1,0 +1,370 @@
+//! Attention as diffusers builds it for Stable Diffusion: the `Attention` module (self- and
+//! cross-attention; the VAE's single-head spatial variant with its own group norm), the
+//! `BasicTransformerBlock` with GEGLU feed-forward, and `Transformer2DModel` (norm, projection in,
+//! blocks, projection out, residual). Probabilities can be returned head-averaged for analysis,
+//! and computed in slices over batch x heads to bound memory.
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::{Device, Tensor};
+
+use crate::blocks::{conv, group_norm};
+
+/// What a forward pass computes besides its output.
+#[derive(Debug, Clone, Default)]
+pub struct AttentionOptions {
+    /// Compute attention in slices of this many (batch x head) rows (diffusers'
+    /// `attention_slice`): peak memory falls with the slice, the result is the same.
+    pub slice_size: Option<usize>,
+    /// Which cross-attention (`attn2`) maps to return.
+    pub capture_cross: Capture,
+    /// Which self-attention (`attn1`) maps to return (large: `(h*w)^2` per image).
+    pub capture_self: Capture,
+}
+
+/// A choice of attention modules by path prefix (`down_blocks.1`, `mid_block`, `up_blocks.2.attentions.0`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Capture {
+    #[default]
+    None,
+    All,
+    Prefixes(Vec<String>),
+}
+
+impl Capture {
+    pub fn wants(&self, path: &str) -> bool {
+        match self {
+            Capture::None => false,
+            Capture::All => true,
+            Capture::Prefixes(p) => p.iter().any(|p| {
+                path.strip_prefix(p.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+            }),
+        }
+    }
+}
+
+/// One captured map: head-averaged probabilities `[batch, query = height*width, key]`.
+#[derive(Debug, Clone)]
+pub struct AttentionMap {
+    /// Module path in diffusers naming, e.g. `up_blocks.1.attentions.0.transformer_blocks.0.attn2`.
+    pub module: String,
+    pub height: usize,
+    pub width: usize,
+    pub probs: Tensor<3>,
+}
+
+/// Where a forward pass collects maps (threaded through the blocks instead of global hooks).
+pub struct Recorder<'a> {
+    pub opts: &'a AttentionOptions,
+    pub cross: Vec<AttentionMap>,
+    pub self_attn: Vec<AttentionMap>,
+}
+
+impl<'a> Recorder<'a> {
+    pub fn new(opts: &'a AttentionOptions) -> Self {
+        Recorder {
+            opts,
+            cross: Vec::new(),
+            self_attn: Vec::new(),
+        }
+    }
+}
+
+/// diffusers' `Attention` (`attn1`, `attn2`, the VAE's `attentions.0`): `to_q/to_k/to_v`,
+/// `to_out.0`; the VAE's also owns a `group_norm` and adds its input back.
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub group_norm: Option<GroupNorm>,
+    pub to_q: Linear,
+    pub to_k: Linear,
+    pub to_v: Linear,
+    pub to_out: Vec<Linear>,
+    heads: usize,
+}
+
+impl Attention {
+    /// `context_dim` is the key/value input width (the text encoder's for cross-attention).
+    pub fn new(
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        bias: bool,
+        device: &Device,
+    ) -> Self {
+        let inner = heads * head_dim;
+        let lin = |i, o, b| LinearConfig::new(i, o).with_bias(b).init(device);
+        Attention {
+            group_norm: None,
+            to_q: lin(query_dim, inner, bias),
+            to_k: lin(context_dim, inner, bias),
+            to_v: lin(context_dim, inner, bias),
+            to_out: vec![lin(inner, query_dim, true)],
+            heads,
+        }
+    }
+
+    /// `x` `[batch, n, dim]`; `context` `[batch, m, context_dim]` or `None` for self-attention.
+    /// Returns the output and, when `capture`, the head-averaged probabilities `[batch, n, m]`.
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        context: Option<&Tensor<3>>,
+        slice: Option<usize>,
+        capture: bool,
+    ) -> (Tensor<3>, Option<Tensor<3>>) {
+        let [b, n, _] = x.dims();
+        let ctx = context.cloned().unwrap_or_else(|| x.clone());
+        let m = ctx.dims()[1];
+        let h = self.heads;
+        let q = self.to_q.forward(x);
+        let inner = q.dims()[2];
+        let d = inner / h;
+        let split = |t: Tensor<3>, len: usize| {
+            t.reshape([b, len, h, d])
+                .swap_dims(1, 2)
+                .reshape([b * h, len, d])
+        };
+        let q = split(q, n).mul_scalar((d as f64).powf(-0.5));
+        let k = split(self.to_k.forward(ctx.clone()), m).swap_dims(1, 2);
+        let v = split(self.to_v.forward(ctx), m);
+
+        let rows = b * h;
+        let step = slice.unwrap_or(rows).clamp(1, rows);
+        let mut outs = Vec::new();
+        let mut probs_all = Vec::new();
+        for start in (0..rows).step_by(step) {
+            let len = step.min(rows - start);
+            let p = softmax(
+                q.clone()
+                    .narrow(0, start, len)
+                    .matmul(k.clone().narrow(0, start, len)),
+                2,
+            );
+            outs.push(p.clone().matmul(v.clone().narrow(0, start, len)));
+            if capture {
+                probs_all.push(p);
+            }
+        }
+        let out = Tensor::cat(outs, 0)
+            .reshape([b, h, n, d])
+            .swap_dims(1, 2)
+            .reshape([b, n, inner]);
+        let probs = capture.then(|| {
+            Tensor::cat(probs_all, 0)
+                .reshape([b, h, n, m])
+                .mean_dim(1)
+                .reshape([b, n, m])
+        });
+        (self.to_out[0].forward(out), probs)
+    }
+
+    /// The VAE's spatial self-attention: group norm, one head over all pixels, residual.
+    pub fn forward_spatial(&self, x: Tensor<4>, slice: Option<usize>) -> Tensor<4> {
+        let [b, c, hh, ww] = x.dims();
+        let normed = match &self.group_norm {
+            Some(g) => g.forward(x.clone()),
+            None => x.clone(),
+        };
+        let seq = normed.reshape([b, c, hh * ww]).swap_dims(1, 2);
+        let (out, _) = self.forward(seq, None, slice, false);
+        out.swap_dims(1, 2).reshape([b, c, hh, ww]) + x
+    }
+
+    /// The VAE mid-block attention (`group_norm`, biases, heads of `head_dim` channels).
+    pub fn spatial(
+        channels: usize,
+        head_dim: usize,
+        groups: usize,
+        eps: f64,
+        device: &Device,
+    ) -> Self {
+        let heads = channels / head_dim;
+        Attention {
+            group_norm: Some(group_norm(groups, channels, eps, device)),
+            ..Attention::new(channels, channels, heads, head_dim, true, device)
+        }
+    }
+}
+
+/// GEGLU projection (`ff.net.0`): `a * gelu(b)` of the two halves.
+#[derive(Module, Debug)]
+pub struct Geglu {
+    pub proj: Linear,
+}
+
+/// `FeedForward` (`ff.net.0.proj`, `ff.net.2` in files; `ff.geglu.proj`, `ff.out` here, since
+/// the two live in one heterogeneous list there).
+#[derive(Module, Debug)]
+pub struct FeedForward {
+    pub geglu: Geglu,
+    pub out: Linear,
+}
+
+impl FeedForward {
+    fn new(dim: usize, device: &Device) -> Self {
+        let inner = dim * 4;
+        FeedForward {
+            geglu: Geglu {
+                proj: LinearConfig::new(dim, inner * 2).init(device),
+            },
+            out: LinearConfig::new(inner, dim).init(device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = self.geglu.proj.forward(x);
+        let half = h.dims()[2] / 2;
+        let a = h.clone().narrow(2, 0, half);
+        let g = h.narrow(2, half, half);
+        self.out.forward(a * gelu(g))
+    }
+}
+
+/// `BasicTransformerBlock` (`transformer_blocks.N.*`): self-attention, cross-attention and
+/// feed-forward, each pre-normed (LayerNorm eps 1e-5) with a residual.
+#[derive(Module, Debug)]
+pub struct BasicTransformerBlock {
+    pub norm1: LayerNorm,
+    pub attn1: Attention,
+    pub norm2: LayerNorm,
+    pub attn2: Attention,
+    pub norm3: LayerNorm,
+    pub ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    fn new(dim: usize, heads: usize, head_dim: usize, context_dim: usize, device: &Device) -> Self {
+        let ln = || LayerNormConfig::new(dim).with_epsilon(1e-5).init(device);
+        BasicTransformerBlock {
+            norm1: ln(),
+            attn1: Attention::new(dim, dim, heads, head_dim, false, device),
+            norm2: ln(),
+            attn2: Attention::new(dim, context_dim, heads, head_dim, false, device),
+            norm3: ln(),
+            ff: FeedForward::new(dim, device),
+        }
+    }
+
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        context: &Tensor<3>,
+        path: &str,
+        hw: [usize; 2],
+        rec: &mut Recorder,
+    ) -> Tensor<3> {
+        let slice = rec.opts.slice_size;
+        let p1 = format!("{path}.attn1");
+        let want1 = rec.opts.capture_self.wants(&p1);
+        let (a, probs) = self
+            .attn1
+            .forward(self.norm1.forward(x.clone()), None, slice, want1);
+        if let Some(probs) = probs {
+            rec.self_attn.push(AttentionMap {
+                module: p1,
+                height: hw[0],
+                width: hw[1],
+                probs,
+            });
+        }
+        let x = x + a;
+        let p2 = format!("{path}.attn2");
+        let want2 = rec.opts.capture_cross.wants(&p2);
+        let (a, probs) =
+            self.attn2
+                .forward(self.norm2.forward(x.clone()), Some(context), slice, want2);
+        if let Some(probs) = probs {
+            rec.cross.push(AttentionMap {
+                module: p2,
+                height: hw[0],
+                width: hw[1],
+                probs,
+            });
+        }
+        let x = x + a;
+        x.clone() + self.ff.forward(self.norm3.forward(x))
+    }
+}
+
+/// `proj_in`/`proj_out`: 1x1 convolutions (SD 1.x) or linear maps (`use_linear_projection`,
+/// SD 2.x). In files `proj_in.weight`; here `proj_in.Conv.weight` / `proj_in.Linear.weight`
+/// (burn names enum variants), remapped on load.
+#[derive(Module, Debug)]
+pub enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// `Transformer2DModel` (`attentions.N.*`): group norm (eps 1e-6), projection in, transformer
+/// blocks over the pixels as a sequence, projection out, residual.
+#[derive(Module, Debug)]
+pub struct Transformer2DModel {
+    pub norm: GroupNorm,
+    pub proj_in: Projection,
+    pub transformer_blocks: Vec<BasicTransformerBlock>,
+    pub proj_out: Projection,
+}
+
+/// The shape of one `Transformer2DModel`.
+pub struct TransformerSpec {
+    pub channels: usize,
+    pub heads: usize,
+    pub context_dim: usize,
+    pub layers: usize,
+    pub groups: usize,
+    pub linear_projection: bool,
+}
+
+impl Transformer2DModel {
+    pub fn new(s: &TransformerSpec, device: &Device) -> Self {
+        let head_dim = s.channels / s.heads;
+        let proj = || {
+            if s.linear_projection {
+                Projection::Linear(LinearConfig::new(s.channels, s.channels).init(device))
+            } else {
+                Projection::Conv(conv(s.channels, s.channels, 1, device))
+            }
+        };
+        Transformer2DModel {
+            norm: group_norm(s.groups, s.channels, 1e-6, device),
+            proj_in: proj(),
+            transformer_blocks: (0..s.layers)
+                .map(|_| {
+                    BasicTransformerBlock::new(s.channels, s.heads, head_dim, s.context_dim, device)
+                })
+                .collect(),
+            proj_out: proj(),
+        }
+    }
+
+    pub fn forward(
+        &self,
+        x: Tensor<4>,
+        context: &Tensor<3>,
+        path: &str,
+        rec: &mut Recorder,
+    ) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let residual = x.clone();
+        let x = self.norm.forward(x);
+        let to_seq = |t: Tensor<4>| t.reshape([b, c, h * w]).swap_dims(1, 2);
+        let mut seq = match &self.proj_in {
+            Projection::Conv(p) => to_seq(p.forward(x)),
+            Projection::Linear(p) => p.forward(to_seq(x)),
+        };
+        for (i, block) in self.transformer_blocks.iter().enumerate() {
+            let p = format!("{path}.transformer_blocks.{i}");
+            seq = block.forward(seq, context, &p, [h, w], rec);
+        }
+        let from_seq = |t: Tensor<3>| t.swap_dims(1, 2).reshape([b, c, h, w]);
+        let out = match &self.proj_out {
+            Projection::Conv(p) => p.forward(from_seq(seq)),
+            Projection::Linear(p) => from_seq(p.forward(seq)),
+        };
+        out + residual
+    }
+}

@@ -1,0 +1,103 @@
+//! Loading a checkpoint's `unet/` and `vae/` folders (local diffusers layout or hub repo):
+//! `config.json` plus `diffusion_pytorch_model.safetensors` or its `.fp16` variant (cast to f32).
+
+use std::path::PathBuf;
+
+use burn::tensor::Device;
+use decorr_core::ModelSource;
+use decorr_core::weights::{KeyMap, load_safetensors, read_json};
+
+use crate::{AutoencoderKL, UNet2DConditionModel, UNetConfig, UNetError, VaeConfig};
+
+/// Weight files tried in order inside `unet/` and `vae/`.
+pub const WEIGHT_FILES: &[&str] = &[
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+];
+
+/// diffusers' feed-forward list (`ff.net.0.proj`, `ff.net.2`) to our named fields.
+const FF: [(&str, &str); 2] = [
+    (r"\.ff\.net\.0\.", ".ff.geglu."),
+    (r"\.ff\.net\.2\.", ".ff.out."),
+];
+
+const UNET_CONV: KeyMap<'static> = KeyMap {
+    remap: &[
+        FF[0],
+        FF[1],
+        (r"\.proj_(in|out)\.(weight|bias)$", ".proj_$1.Conv.$2"),
+    ],
+    ignore: &[],
+};
+
+const UNET_LINEAR: KeyMap<'static> = KeyMap {
+    remap: &[
+        FF[0],
+        FF[1],
+        (r"\.proj_(in|out)\.(weight|bias)$", ".proj_$1.Linear.$2"),
+    ],
+    ignore: &[],
+};
+
+/// Old VAE files name the mid-block attention `query/key/value/proj_attn`.
+const VAE: KeyMap<'static> = KeyMap {
+    remap: &[
+        (r"\.attentions\.0\.query\.", ".attentions.0.to_q."),
+        (r"\.attentions\.0\.key\.", ".attentions.0.to_k."),
+        (r"\.attentions\.0\.value\.", ".attentions.0.to_v."),
+        (r"\.attentions\.0\.proj_attn\.", ".attentions.0.to_out.0."),
+    ],
+    ignore: &[],
+};
+
+/// A loaded model with its config and the files it came from.
+#[derive(Debug)]
+pub struct Loaded<M, C> {
+    pub config: C,
+    pub model: M,
+    pub config_path: PathBuf,
+    pub weights_path: PathBuf,
+}
+
+/// Load `unet/` of `source` onto `device`.
+pub fn load_unet(
+    source: &ModelSource,
+    device: &Device,
+) -> Result<Loaded<UNet2DConditionModel, UNetConfig>, UNetError> {
+    let config_path = source.find("unet", &["config.json"])?;
+    let config: UNetConfig = read_json(&config_path, "a diffusers UNet2DConditionModel config")?;
+    config.validate()?;
+    let weights_path = source.find("unet", WEIGHT_FILES)?;
+    let mut model = UNet2DConditionModel::new(&config, device);
+    let keys = if config.use_linear_projection {
+        &UNET_LINEAR
+    } else {
+        &UNET_CONV
+    };
+    load_safetensors(&mut model, &weights_path, keys)?;
+    Ok(Loaded {
+        config,
+        model,
+        config_path,
+        weights_path,
+    })
+}
+
+/// Load `vae/` of `source` onto `device`.
+pub fn load_vae(
+    source: &ModelSource,
+    device: &Device,
+) -> Result<Loaded<AutoencoderKL, VaeConfig>, UNetError> {
+    let config_path = source.find("vae", &["config.json"])?;
+    let config: VaeConfig = read_json(&config_path, "a diffusers AutoencoderKL config")?;
+    config.validate()?;
+    let weights_path = source.find("vae", WEIGHT_FILES)?;
+    let mut model = AutoencoderKL::new(&config, device);
+    load_safetensors(&mut model, &weights_path, &VAE)?;
+    Ok(Loaded {
+        config,
+        model,
+        config_path,
+        weights_path,
+    })
+}

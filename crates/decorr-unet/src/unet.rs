@@ -1,0 +1,275 @@
+//! `UNet2DConditionModel` for the SD 1.x/2.x family: time embedding, down blocks (ResNets with
+//! optional cross-attention transformers and a stride-2 down-sampler), the cross-attention mid
+//! block, up blocks fed by the skip connections, and the output head. Field names are diffusers'
+//! weight names. `forward_with` returns the noise prediction and any captured attention maps.
+
+use burn::module::Module;
+use burn::nn::GroupNorm;
+use burn::nn::conv::Conv2d;
+use burn::tensor::activation::silu;
+use burn::tensor::{Device, Tensor};
+
+use crate::attention::{
+    AttentionMap, AttentionOptions, Recorder, Transformer2DModel, TransformerSpec,
+};
+use crate::blocks::{
+    Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, conv, group_norm, timestep_features,
+};
+use crate::config::UNetConfig;
+
+/// A down block (`down_blocks.N`): `CrossAttnDownBlock2D` when `attentions` is not empty, else
+/// `DownBlock2D`.
+#[derive(Module, Debug)]
+pub struct DownBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub attentions: Vec<Transformer2DModel>,
+    pub downsamplers: Vec<Downsample2D>,
+}
+
+/// `UNetMidBlock2DCrossAttn` (`mid_block`): resnet, (transformer, resnet) x layers.
+#[derive(Module, Debug)]
+pub struct MidBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub attentions: Vec<Transformer2DModel>,
+}
+
+/// An up block (`up_blocks.N`): `CrossAttnUpBlock2D` or `UpBlock2D`; each ResNet takes a skip
+/// connection concatenated on channels.
+#[derive(Module, Debug)]
+pub struct UpBlock {
+    pub resnets: Vec<ResnetBlock2D>,
+    pub attentions: Vec<Transformer2DModel>,
+    pub upsamplers: Vec<Upsample2D>,
+}
+
+/// The denoising UNet; parameter paths equal diffusers' keys (after the remaps in `load`).
+#[derive(Module, Debug)]
+pub struct UNet2DConditionModel {
+    pub conv_in: Conv2d,
+    pub time_embedding: TimestepEmbedding,
+    pub down_blocks: Vec<DownBlock>,
+    pub mid_block: Option<MidBlock>,
+    pub up_blocks: Vec<UpBlock>,
+    pub conv_norm_out: GroupNorm,
+    pub conv_out: Conv2d,
+    time_channels: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+    center_input_sample: bool,
+}
+
+/// What [`UNet2DConditionModel::forward_with`] returns.
+#[derive(Debug, Clone)]
+pub struct UNetOutput {
+    /// The prediction (noise or v) `[batch, out_channels, h, w]`.
+    pub sample: Tensor<4>,
+    /// Captured cross-attention maps, in forward order.
+    pub cross_attention: Vec<AttentionMap>,
+    /// Captured self-attention maps, in forward order.
+    pub self_attention: Vec<AttentionMap>,
+}
+
+impl UNet2DConditionModel {
+    /// A randomly initialised UNet of `config` (validate it first; loading replaces the values).
+    pub fn new(config: &UNetConfig, device: &Device) -> Self {
+        let ch = &config.block_out_channels;
+        let n = ch.len();
+        let temb = ch[0] * 4;
+        let groups = config.norm_num_groups;
+        let eps = config.norm_eps;
+        let spec = |c: usize, i: usize| TransformerSpec {
+            channels: c,
+            heads: config.heads(i),
+            context_dim: config.cross_attention_dim.get(i),
+            layers: config.transformer_layers_per_block.get(i),
+            groups,
+            linear_projection: config.use_linear_projection,
+        };
+
+        let mut down_blocks = Vec::new();
+        let mut cin = ch[0];
+        for (i, kind) in config.down_block_types.iter().enumerate() {
+            let cout = ch[i];
+            let layers = config.layers_per_block.get(i);
+            let cross = kind == "CrossAttnDownBlock2D";
+            down_blocks.push(DownBlock {
+                resnets: (0..layers)
+                    .map(|l| {
+                        let c = if l == 0 { cin } else { cout };
+                        ResnetBlock2D::new(c, cout, Some(temb), groups, eps, device)
+                    })
+                    .collect(),
+                attentions: if cross {
+                    (0..layers)
+                        .map(|_| Transformer2DModel::new(&spec(cout, i), device))
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+                downsamplers: if i + 1 < n {
+                    vec![Downsample2D::new(cout, config.downsample_padding, device)]
+                } else {
+                    Vec::new()
+                },
+            });
+            cin = cout;
+        }
+
+        let last = n - 1;
+        let mid_block = config.mid_block_type.as_ref().map(|_| {
+            let layers = config.transformer_layers_per_block.get(last);
+            let c = ch[last];
+            MidBlock {
+                resnets: (0..2)
+                    .map(|_| ResnetBlock2D::new(c, c, Some(temb), groups, eps, device))
+                    .collect(),
+                attentions: vec![Transformer2DModel::new(
+                    &TransformerSpec {
+                        layers,
+                        ..spec(c, last)
+                    },
+                    device,
+                )],
+            }
+        });
+
+        let mut up_blocks = Vec::new();
+        let mut prev = ch[last];
+        for (j, kind) in config.up_block_types.iter().enumerate() {
+            let i = last - j; // the mirrored down block
+            let cout = ch[i];
+            let skip_in = ch[i.saturating_sub(1)];
+            let layers = config.layers_per_block.get(i) + 1;
+            let cross = kind == "CrossAttnUpBlock2D";
+            up_blocks.push(UpBlock {
+                resnets: (0..layers)
+                    .map(|l| {
+                        let res_skip = if l == layers - 1 { skip_in } else { cout };
+                        let res_in = if l == 0 { prev } else { cout };
+                        ResnetBlock2D::new(res_in + res_skip, cout, Some(temb), groups, eps, device)
+                    })
+                    .collect(),
+                attentions: if cross {
+                    (0..layers)
+                        .map(|_| Transformer2DModel::new(&spec(cout, i), device))
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+                upsamplers: if j < last {
+                    vec![Upsample2D::new(cout, device)]
+                } else {
+                    Vec::new()
+                },
+            });
+            prev = cout;
+        }
+
+        UNet2DConditionModel {
+            conv_in: conv(config.in_channels, ch[0], config.conv_in_kernel, device),
+            time_embedding: TimestepEmbedding::new(ch[0], temb, device),
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: group_norm(groups, ch[0], eps, device),
+            conv_out: conv(ch[0], config.out_channels, config.conv_out_kernel, device),
+            time_channels: ch[0],
+            flip_sin_to_cos: config.flip_sin_to_cos,
+            freq_shift: config.freq_shift,
+            center_input_sample: config.center_input_sample,
+        }
+    }
+
+    /// The prediction for `sample` `[batch, in_channels, h, w]` at `timesteps` (one per batch
+    /// row) given the text encoder's `context` `[batch, tokens, cross_attention_dim]`.
+    pub fn forward(&self, sample: Tensor<4>, timesteps: &[f64], context: &Tensor<3>) -> Tensor<4> {
+        self.forward_with(sample, timesteps, context, &AttentionOptions::default())
+            .sample
+    }
+
+    /// [`Self::forward`] with attention slicing and captured maps as `opts` asks.
+    ///
+    /// # Panics
+    /// If `timesteps` does not hold one value per batch row (callers build it).
+    pub fn forward_with(
+        &self,
+        sample: Tensor<4>,
+        timesteps: &[f64],
+        context: &Tensor<3>,
+        opts: &AttentionOptions,
+    ) -> UNetOutput {
+        let [b, _, _, _] = sample.dims();
+        assert_eq!(timesteps.len(), b, "one timestep per batch row");
+        let device = sample.device();
+        let mut rec = Recorder::new(opts);
+        let t = timestep_features(
+            timesteps,
+            self.time_channels,
+            self.flip_sin_to_cos,
+            self.freq_shift,
+            &device,
+        );
+        let emb = self.time_embedding.forward(t);
+        let sample = if self.center_input_sample {
+            sample.mul_scalar(2.0).sub_scalar(1.0)
+        } else {
+            sample
+        };
+
+        let mut x = self.conv_in.forward(sample);
+        let mut skips = vec![x.clone()];
+        for (i, block) in self.down_blocks.iter().enumerate() {
+            for (l, resnet) in block.resnets.iter().enumerate() {
+                x = resnet.forward(x, Some(&emb));
+                if let Some(attn) = block.attentions.get(l) {
+                    x = attn.forward(
+                        x,
+                        context,
+                        &format!("down_blocks.{i}.attentions.{l}"),
+                        &mut rec,
+                    );
+                }
+                skips.push(x.clone());
+            }
+            for down in &block.downsamplers {
+                x = down.forward(x);
+                skips.push(x.clone());
+            }
+        }
+        if let Some(mid) = &self.mid_block {
+            x = mid.resnets[0].forward(x, Some(&emb));
+            for (l, (attn, resnet)) in mid.attentions.iter().zip(&mid.resnets[1..]).enumerate() {
+                x = attn.forward(x, context, &format!("mid_block.attentions.{l}"), &mut rec);
+                x = resnet.forward(x, Some(&emb));
+            }
+        }
+        for (j, block) in self.up_blocks.iter().enumerate() {
+            for (l, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips.pop().expect("one skip per up-block resnet");
+                x = resnet.forward(Tensor::cat(vec![x, skip], 1), Some(&emb));
+                if let Some(attn) = block.attentions.get(l) {
+                    x = attn.forward(
+                        x,
+                        context,
+                        &format!("up_blocks.{j}.attentions.{l}"),
+                        &mut rec,
+                    );
+                }
+            }
+            for up in &block.upsamplers {
+                // Up-sample to the next skip's size (odd sizes were rounded up going down).
+                let size = skips.last().map(|s| {
+                    let [_, _, h, w] = s.dims();
+                    [h, w]
+                });
+                x = up.forward(x, size);
+            }
+        }
+        let x = self.conv_out.forward(silu(self.conv_norm_out.forward(x)));
+        UNetOutput {
+            sample: x,
+            cross_attention: rec.cross,
+            self_attention: rec.self_attn,
+        }
+    }
+}
