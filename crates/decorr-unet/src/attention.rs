@@ -128,8 +128,8 @@ impl Attention {
                 .swap_dims(1, 2)
                 .reshape([b * h, len, d])
         };
-        let q = split(q, n).mul_scalar((d as f64).powf(-0.5));
-        let k = split(self.to_k.forward(ctx.clone()), m).swap_dims(1, 2);
+        let q = split(q, n);
+        let k = split(self.to_k.forward(ctx.clone()), m);
         let v = split(self.to_v.forward(ctx), m);
 
         let rows = b * h;
@@ -138,15 +138,31 @@ impl Attention {
         let mut probs_all = Vec::new();
         for start in (0..rows).step_by(step) {
             let len = step.min(rows - start);
-            let p = softmax(
-                q.clone()
-                    .narrow(0, start, len)
-                    .matmul(k.clone().narrow(0, start, len)),
-                2,
+            let (q, k, v) = (
+                q.clone().narrow(0, start, len),
+                k.clone().narrow(0, start, len),
+                v.clone().narrow(0, start, len),
             );
-            outs.push(p.clone().matmul(v.clone().narrow(0, start, len)));
             if capture {
+                let scores = q
+                    .mul_scalar((d as f64).powf(-0.5))
+                    .matmul(k.swap_dims(1, 2));
+                let p = softmax(scores, 2);
+                outs.push(p.clone().matmul(v));
                 probs_all.push(p);
+            } else {
+                // The backend's fused kernel (flex: flash attention for long sequences, no
+                // `n x m` score matrix); same softmax(q k^T / sqrt(d)) v.
+                let four = |t: Tensor<3>| t.unsqueeze_dim::<4>(0);
+                let o = burn::tensor::module::attention(
+                    four(q),
+                    four(k),
+                    four(v),
+                    None,
+                    None,
+                    Default::default(),
+                );
+                outs.push(o.squeeze_dim::<3>(0));
             }
         }
         let out = Tensor::cat(outs, 0)

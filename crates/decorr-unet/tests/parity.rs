@@ -63,6 +63,18 @@ fn check_unet(name: &str) {
         println!("{name} {c}: output max abs err {d:.2e}");
         assert!(d <= 1e-4, "{name} {c}: output differs by {d}");
 
+        // Without captures every attention takes the backend's fused kernel.
+        let plain = unet.model.forward(
+            tensor(&refs, &format!("{c}.sample"), &device),
+            &ts,
+            &tensor(&refs, &format!("{c}.context"), &device),
+        );
+        let d = max_diff(plain, &refs, &format!("{c}.out"));
+        assert!(
+            d <= 1e-4,
+            "{name} {c}: fused-attention output differs by {d}"
+        );
+
         let modules: Vec<String> = serde_json::from_value(case["cross_modules"].clone()).unwrap();
         let ours: Vec<&str> = out
             .cross_attention

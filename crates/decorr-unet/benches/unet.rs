@@ -1,0 +1,72 @@
+//! Benchmark: full-size SD 1.5 UNet forward (batch 2, 77-token context) and VAE decode with
+//! random weights on flex; median of N runs after one warm-up, and the process's peak RSS.
+//! Compare with `python ../shared/reference/pyref/bench.py unet|vae HW` on the same machine:
+//! `cargo bench -p decorr-unet --bench unet -- unet|vae HW [N]` (HW: latent size, 64 or 32).
+
+use std::time::Instant;
+
+use burn::tensor::{Device, Distribution, Tensor};
+use decorr_unet::{AutoencoderKL, UNet2DConditionModel, UNetConfig, VaeConfig};
+
+fn median(mut runs: Vec<f64>) -> f64 {
+    runs.sort_by(f64::total_cmp);
+    runs[runs.len() / 2]
+}
+
+fn peak_rss_gb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1e6)
+}
+
+fn time(n: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    median(
+        (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let mode = args.first().map_or("unet", String::as_str).to_string();
+    let hw: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(64);
+    let n: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(3);
+    let device = Device::flex();
+    device.seed(0);
+    let normal = Distribution::Normal(0.0, 1.0);
+    let t = match mode.as_str() {
+        "unet" => {
+            let unet = UNet2DConditionModel::new(&UNetConfig::sd15(), &device);
+            let x = Tensor::<4>::random([2, 4, hw, hw], normal, &device);
+            let ctx = Tensor::<3>::random([2, 77, 768], normal, &device);
+            time(n, || {
+                let y = unet.forward(x.clone(), &[981.0, 981.0], &ctx);
+                let _ = y.into_data();
+            })
+        }
+        "vae" => {
+            let vae = AutoencoderKL::new(&VaeConfig::sd15(), &device);
+            let z = Tensor::<4>::random([1, 4, hw, hw], normal, &device);
+            time(n, || {
+                let _ = vae.decode(z.clone(), None).into_data();
+            })
+        }
+        other => panic!("unknown mode {other}: unet or vae"),
+    };
+    println!(
+        "{mode} {hw}x{hw} (flex, median of {n}): {t:.3} s, peak RSS {:.2} GB",
+        peak_rss_gb()
+    );
+}
