@@ -8,7 +8,9 @@ pub mod text_encoder;
 pub mod tokenizer;
 
 pub use config::{Activation, ClipTextConfig};
-pub use load::{TextEncoder, load_text_encoder, load_tokenizer, save_text_encoder};
+pub use load::{
+    TextEncoder, load_text_encoder, load_text_encoder_dir, load_tokenizer, save_text_encoder,
+};
 pub use text_encoder::{ClipTextModel, ForwardOptions, TextEncoderOutput, head_average};
 pub use tokenizer::{ClipTokenizer, MAX_LEN, Tokenized, Word};
 

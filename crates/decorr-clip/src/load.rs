@@ -35,9 +35,36 @@ pub struct TextEncoder {
 /// Load `text_encoder/` of `source` onto `device`.
 pub fn load_text_encoder(source: &ModelSource, device: &Device) -> Result<TextEncoder, ClipError> {
     let config_path = source.find("text_encoder", &["config.json"])?;
+    let weights_path = source.find("text_encoder", WEIGHT_FILES)?;
+    load_files(config_path, weights_path, device)
+}
+
+/// Load a text encoder from a folder that holds `config.json` and the weights directly (what
+/// `decorr finetune` writes to `OUT/text_encoder`, or a transformers `save_pretrained` folder).
+pub fn load_text_encoder_dir(dir: &Path, device: &Device) -> Result<TextEncoder, ClipError> {
+    let config_path = dir.join("config.json");
+    let weights_path = WEIGHT_FILES
+        .iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file());
+    match (config_path.is_file(), weights_path) {
+        (true, Some(weights_path)) => load_files(config_path, weights_path, device),
+        _ => Err(decorr_core::CoreError::NotFound(format!(
+            "{} is not a text-encoder folder: it needs config.json and one of {}",
+            dir.display(),
+            WEIGHT_FILES.join(", ")
+        ))
+        .into()),
+    }
+}
+
+fn load_files(
+    config_path: PathBuf,
+    weights_path: PathBuf,
+    device: &Device,
+) -> Result<TextEncoder, ClipError> {
     let config: ClipTextConfig = read_json(&config_path, "a CLIP text-encoder config")?;
     config.validate()?;
-    let weights_path = source.find("text_encoder", WEIGHT_FILES)?;
     let mut model = ClipTextModel::new(&config, device);
     load_safetensors(&mut model, &weights_path, &KEYS)?;
     Ok(TextEncoder {

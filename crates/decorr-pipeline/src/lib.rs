@@ -1,8 +1,27 @@
 //! The text-to-image pipeline: prompt encoding, the scheduler loop with classifier-free or
-//! decorrelated guidance (METHOD.md Eq. 6), VAE decode, PNG output.
-//!
-//! Implemented so far: [`rng`], PyTorch's CPU generator and `torch.randn` reproduced bit for bit,
-//! so a seed gives the same initial latents (and ancestral-sampler noise) as diffusers. The rest
-//! is laid out for issue 5.
+//! decorrelated guidance (METHOD.md Eq. 6), VAE decode ([`pipeline`]); PyTorch's CPU generator
+//! and `torch.randn` reproduced bit for bit ([`rng`]), so a seed gives the same initial latents
+//! (and ancestral-sampler noise) as diffusers; PNG files with their parameters ([`png`]).
 
+pub mod pipeline;
+pub mod png;
 pub mod rng;
+
+pub use pipeline::{
+    GenerateParams, Generated, Guidance, StableDiffusion, StepAttention, TunedEncoder, to_rgb8,
+};
+
+/// Errors of the pipeline crate.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{0}")]
+    Input(String),
+    #[error(transparent)]
+    Clip(#[from] decorr_clip::ClipError),
+    #[error(transparent)]
+    UNet(#[from] decorr_unet::UNetError),
+    #[error(transparent)]
+    Scheduler(#[from] decorr_scheduler::SchedulerError),
+    #[error(transparent)]
+    Core(#[from] decorr_core::CoreError),
+}

@@ -113,6 +113,13 @@ pub enum SchedulerKind {
     DpmSolverMultistep,
 }
 
+/// Serialised as its CLI name (`ddim`, `euler-a`, ...), as manifests and reports record it.
+impl serde::Serialize for SchedulerKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
 impl SchedulerKind {
     pub const ALL: [SchedulerKind; 5] = [
         SchedulerKind::Ddim,

@@ -1,0 +1,450 @@
+//! Stable Diffusion text-to-image as diffusers' `StableDiffusionPipeline` runs it: prompt and
+//! negative prompt through the CLIP text encoder (77 tokens, `last_hidden_state`), Gaussian
+//! latents from torch's CPU generator (image k of a batch from seed N + k, i.e. diffusers with a
+//! list of generators), the scheduler loop with classifier-free guidance, VAE decode. The
+//! `decorrelated` guidance (METHOD.md, Eq. 6) takes the conditional embedding from the fine-tuned
+//! encoder and the unconditional one from the pre-trained encoder.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use decorr_clip::{
+    ClipTextConfig, ClipTextModel, ClipTokenizer, load_text_encoder, load_text_encoder_dir,
+    load_tokenizer,
+};
+use decorr_core::ModelSource;
+use decorr_scheduler::{BuildOptions, SchedulerConfig, SchedulerKind, build_with};
+use decorr_unet::{
+    AttentionOptions, AutoencoderKL, Capture, UNet2DConditionModel, UNetConfig, VaeConfig,
+    load_unet, load_vae,
+};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::PipelineError;
+use crate::rng::{TorchGenerator, randn_tensor_batch};
+
+/// How the two branches of guidance are conditioned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Guidance {
+    /// Standard classifier-free guidance: both embeddings from the pre-trained encoder.
+    #[default]
+    Cfg,
+    /// Eq. 6: conditional from the fine-tuned encoder, unconditional from the pre-trained one.
+    Decorrelated,
+}
+
+impl std::str::FromStr for Guidance {
+    type Err = PipelineError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cfg" => Ok(Guidance::Cfg),
+            "decorrelated" => Ok(Guidance::Decorrelated),
+            other => Err(PipelineError::Input(format!(
+                "unknown guidance `{other}`; expected cfg or decorrelated"
+            ))),
+        }
+    }
+}
+
+/// A fine-tuned text encoder (what `decorr finetune` writes to `OUT/text_encoder`).
+pub struct TunedEncoder {
+    pub model: ClipTextModel,
+    pub path: PathBuf,
+    /// SHA-256 of its weights file, recorded with every image so results can be traced.
+    pub sha256: String,
+}
+
+/// A loaded checkpoint, ready to generate.
+pub struct StableDiffusion {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub text_config: ClipTextConfig,
+    pub tuned: Option<TunedEncoder>,
+    pub unet: UNet2DConditionModel,
+    pub unet_config: UNetConfig,
+    pub vae: AutoencoderKL,
+    pub vae_config: VaeConfig,
+    pub scheduler_config: SchedulerConfig,
+    /// The model id or folder, as the user named it.
+    pub model_id: String,
+    pub device: Device,
+}
+
+/// One generation request (a batch of images of one prompt).
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateParams {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub width: usize,
+    pub height: usize,
+    pub scheduler: SchedulerKind,
+    pub guidance: Guidance,
+    /// Karras sigmas override (euler, dpmpp-2m).
+    pub karras: Option<bool>,
+    /// DDIM's eta.
+    pub eta: f64,
+    /// Attention computed in slices of this many (batch x head) rows.
+    #[serde(skip)]
+    pub attention_slice: Option<usize>,
+    /// Token indices whose cross-attention maps are recorded at every step (figure 3).
+    #[serde(skip)]
+    pub capture_tokens: Vec<usize>,
+}
+
+/// Cross-attention of the recorded tokens at one denoising step, for each image of the batch:
+/// `maps[image][token]` is `height x width` row-major, averaged over heads and over the UNet's
+/// attention modules at that resolution (the conditional branch).
+#[derive(Debug, Clone)]
+pub struct StepAttention {
+    pub step: usize,
+    pub timestep: f64,
+    pub height: usize,
+    pub width: usize,
+    pub maps: Vec<Vec<Vec<f32>>>,
+}
+
+/// What [`StableDiffusion::generate`] returns.
+pub struct Generated {
+    /// `[batch, 3, height, width]` in [0, 1] (diffusers' `output_type="np"` before quantising).
+    pub images: Tensor<4>,
+    /// The initial latents (before `init_noise_sigma`), as `torch.randn` drew them.
+    pub init_latents: Tensor<4>,
+    /// The latents handed to the VAE (before `1 / scaling_factor`).
+    pub latents: Tensor<4>,
+    pub attention: Vec<StepAttention>,
+    /// The scheduler's timesteps (one UNet call each).
+    pub timesteps: Vec<f64>,
+}
+
+impl StableDiffusion {
+    /// Loads tokenizer, text encoder, UNet, VAE and scheduler config of `source`, and checks that
+    /// they fit together.
+    pub fn load(source: &ModelSource, device: &Device) -> Result<Self, PipelineError> {
+        let tokenizer = load_tokenizer(source)?;
+        let enc = load_text_encoder(source, device)?;
+        let unet = load_unet(source, device)?;
+        let vae = load_vae(source, device)?;
+        let sched_path = source.find("scheduler", &["scheduler_config.json"])?;
+        let scheduler_config = SchedulerConfig::from_file(&sched_path)?;
+        check_fit(&enc.config, &enc.config_path, &unet.config)?;
+        Ok(StableDiffusion {
+            tokenizer,
+            text_encoder: enc.model,
+            text_config: enc.config,
+            tuned: None,
+            unet: unet.model,
+            unet_config: unet.config,
+            vae: vae.model,
+            vae_config: vae.config,
+            scheduler_config,
+            model_id: source.describe(),
+            device: device.clone(),
+        })
+    }
+
+    /// Adds the fine-tuned encoder at `dir` (`OUT/text_encoder` of `decorr finetune`, or `OUT`).
+    pub fn with_tuned_encoder(mut self, dir: &Path) -> Result<Self, PipelineError> {
+        let folder = if dir.join("config.json").is_file() {
+            dir.to_path_buf()
+        } else if dir.join("text_encoder").is_dir() {
+            dir.join("text_encoder")
+        } else {
+            return Err(PipelineError::Input(format!(
+                "--encoder {}: no fine-tuned text encoder there (expected config.json and \
+                 model.safetensors, as `decorr finetune --out OUT` writes to OUT/text_encoder)",
+                dir.display()
+            )));
+        };
+        let enc = load_text_encoder_dir(&folder, &self.device)?;
+        check_fit(&enc.config, &enc.config_path, &self.unet_config)?;
+        if enc.config.vocab_size != self.text_config.vocab_size {
+            return Err(PipelineError::Input(format!(
+                "the fine-tuned encoder at {} has a vocabulary of {} tokens, the checkpoint's {}: it \
+                 was not fine-tuned from this model",
+                enc.config_path.display(),
+                enc.config.vocab_size,
+                self.text_config.vocab_size
+            )));
+        }
+        let bytes =
+            std::fs::read(&enc.weights_path).map_err(|source| decorr_core::CoreError::Io {
+                path: enc.weights_path.clone(),
+                source,
+            })?;
+        let sha256 = format!("{:x}", Sha256::digest(&bytes));
+        self.tuned = Some(TunedEncoder {
+            model: enc.model,
+            path: enc.weights_path,
+            sha256,
+        });
+        Ok(self)
+    }
+
+    /// Pixels per latent pixel (8 for SD; `2^(blocks-1)` of the VAE).
+    pub fn vae_scale_factor(&self) -> usize {
+        1 << (self.vae_config.block_out_channels.len() - 1)
+    }
+
+    /// The checkpoint's own scheduler (from `_class_name`).
+    pub fn default_scheduler(&self) -> Result<SchedulerKind, PipelineError> {
+        Ok(self.scheduler_config.kind()?)
+    }
+
+    /// Checks sizes, steps and guidance before any work is done.
+    pub fn check(&self, p: &GenerateParams) -> Result<(), PipelineError> {
+        let bad = |m: String| Err(PipelineError::Input(m));
+        let s = self.vae_scale_factor();
+        for (name, v) in [("width", p.width), ("height", p.height)] {
+            if v == 0 || v % 8 != 0 || v % s != 0 {
+                return bad(format!(
+                    "--{name} {v}: must be a positive multiple of 8 (and of the VAE's factor {s}); \
+                     e.g. {}",
+                    (v.max(8) / 8) * 8
+                ));
+            }
+        }
+        if p.steps == 0 {
+            return bad("--steps must be at least 1".into());
+        }
+        if !(p.guidance_scale.is_finite() && p.guidance_scale >= 0.0) {
+            return bad(format!(
+                "--guidance-scale {}: must be a finite number >= 0",
+                p.guidance_scale
+            ));
+        }
+        if p.guidance == Guidance::Decorrelated && self.tuned.is_none() {
+            return bad(
+                "--guidance decorrelated needs the fine-tuned encoder: pass --encoder OUT/text_encoder \
+                 (from `decorr finetune`)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// `last_hidden_state` of `text` `[1, 77, hidden]`.
+    pub fn encode(&self, encoder: &ClipTextModel, text: &str) -> Result<Tensor<3>, PipelineError> {
+        let tok = self.tokenizer.encode(text)?;
+        encoder.check_ids(&tok.ids)?;
+        let ids: Vec<i64> = tok.ids.iter().map(|&i| i as i64).collect();
+        let n = ids.len();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &self.device);
+        Ok(encoder.forward(ids))
+    }
+
+    /// Generates one image per seed (image k from `torch.Generator().manual_seed(seeds[k])`).
+    /// `on_step` is called after each denoising step with (done, total).
+    pub fn generate(
+        &self,
+        p: &GenerateParams,
+        seeds: &[u64],
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Generated, PipelineError> {
+        self.check(p)?;
+        assert!(!seeds.is_empty(), "at least one seed");
+        let b = seeds.len();
+        let cond_encoder = match p.guidance {
+            Guidance::Cfg => &self.text_encoder,
+            Guidance::Decorrelated => &self.tuned.as_ref().expect("checked").model,
+        };
+        let cond = self.encode(cond_encoder, &p.prompt)?;
+        let cfg = p.guidance_scale > 1.0; // diffusers skips the unconditional branch otherwise
+        let context = if cfg {
+            let uncond = self.encode(&self.text_encoder, &p.negative_prompt)?;
+            let [_, n, h] = cond.dims();
+            Tensor::cat(vec![uncond.expand([b, n, h]), cond.expand([b, n, h])], 0)
+        } else {
+            let [_, n, h] = cond.dims();
+            cond.expand([b, n, h])
+        };
+
+        let mut scheduler = build_with(
+            p.scheduler,
+            &self.scheduler_config,
+            p.steps,
+            &BuildOptions {
+                karras: p.karras,
+                eta: p.eta,
+            },
+        )?;
+        let s = self.vae_scale_factor();
+        let shape = [b, self.unet_config.in_channels, p.height / s, p.width / s];
+        let mut gens: Vec<TorchGenerator> = seeds.iter().map(|&s| TorchGenerator::new(s)).collect();
+        let init = randn_tensor_batch(&mut gens, shape, &self.device);
+        let mut latents = init.clone().mul_scalar(scheduler.init_noise_sigma());
+
+        let opts = AttentionOptions {
+            slice_size: p.attention_slice,
+            capture_cross: if p.capture_tokens.is_empty() {
+                Capture::None
+            } else {
+                Capture::All
+            },
+            capture_self: Capture::None,
+        };
+        let timesteps = scheduler.timesteps().to_vec();
+        let total = timesteps.len();
+        let mut attention = Vec::new();
+        for i in 0..total {
+            let input = if cfg {
+                Tensor::cat(vec![latents.clone(), latents.clone()], 0)
+            } else {
+                latents.clone()
+            };
+            let input = scheduler.scale_model_input(input, i);
+            let t = scheduler.model_timestep(i);
+            let rows = input.dims()[0];
+            let out = self
+                .unet
+                .forward_with(input, &vec![t; rows], &context, &opts);
+            if !p.capture_tokens.is_empty() {
+                attention.push(step_attention(
+                    &out.cross_attention,
+                    i,
+                    t,
+                    b,
+                    cfg,
+                    shape,
+                    &p.capture_tokens,
+                ));
+            }
+            let eps = if cfg {
+                let uncond = out.sample.clone().narrow(0, 0, b);
+                let cond = out.sample.narrow(0, b, b);
+                uncond.clone() + (cond - uncond).mul_scalar(p.guidance_scale)
+            } else {
+                out.sample
+            };
+            let noise = scheduler
+                .needs_noise()
+                .then(|| randn_tensor_batch(&mut gens, shape, &self.device));
+            latents = scheduler.step(eps, i, latents, noise)?;
+            on_step(i + 1, total);
+        }
+        let decoded = self.vae.decode(
+            latents.clone().div_scalar(self.vae_config.scaling_factor),
+            p.attention_slice,
+        );
+        let images = decoded.div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0);
+        Ok(Generated {
+            images,
+            init_latents: init,
+            latents,
+            attention,
+            timesteps,
+        })
+    }
+}
+
+/// The text encoder's width must be the UNet's cross-attention width in every block.
+fn check_fit(
+    text: &ClipTextConfig,
+    text_path: &Path,
+    unet: &UNetConfig,
+) -> Result<(), PipelineError> {
+    let blocks = unet.block_out_channels.len();
+    if let Some(d) = (0..blocks)
+        .map(|i| unet.cross_attention_dim.get(i))
+        .find(|&d| d != text.hidden_size)
+    {
+        return Err(PipelineError::Input(format!(
+            "the text encoder {} outputs {}-wide embeddings but the UNet's cross-attention expects \
+             {d}: the encoder belongs to another model family (SD 1.x uses 768, SD 2.x 1024)",
+            text_path.display(),
+            text.hidden_size
+        )));
+    }
+    Ok(())
+}
+
+/// Averages the captured cross-attention maps of one step (conditional branch) at the finest
+/// resolution a quarter of the latent's (16x16 for 64x64 latents, as prompt-to-prompt does),
+/// or at the resolution with the most maps when the UNet has none there.
+fn step_attention(
+    maps: &[decorr_unet::AttentionMap],
+    step: usize,
+    timestep: f64,
+    b: usize,
+    cfg: bool,
+    shape: [usize; 4],
+    tokens: &[usize],
+) -> StepAttention {
+    let want = (shape[2].div_ceil(4), shape[3].div_ceil(4));
+    let mut sizes: Vec<(usize, usize)> = maps.iter().map(|m| (m.height, m.width)).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let (h, w) = if sizes.contains(&want) {
+        want
+    } else {
+        *sizes
+            .iter()
+            .max_by_key(|s| maps.iter().filter(|m| (m.height, m.width) == **s).count())
+            .expect("a UNet with cross-attention")
+    };
+    let chosen: Vec<Tensor<3>> = maps
+        .iter()
+        .filter(|m| (m.height, m.width) == (h, w))
+        .map(|m| m.probs.clone())
+        .collect();
+    let n = chosen.len();
+    let mean = chosen
+        .into_iter()
+        .reduce(|a, c| a + c)
+        .expect("at least one map")
+        .div_scalar(n as f64);
+    let mean = if cfg { mean.narrow(0, b, b) } else { mean };
+    let [_, hw, keys] = mean.dims();
+    let data = mean
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32");
+    let maps = (0..b)
+        .map(|img| {
+            tokens
+                .iter()
+                .map(|&t| {
+                    (0..hw)
+                        .map(|q| data[(img * hw + q) * keys + t.min(keys - 1)])
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    StepAttention {
+        step,
+        timestep,
+        height: h,
+        width: w,
+        maps,
+    }
+}
+
+/// `[batch, 3, h, w]` in [0, 1] to RGB8 images as diffusers quantises: `round(x * 255)`.
+pub fn to_rgb8(images: &Tensor<4>) -> Vec<(usize, usize, Vec<u8>)> {
+    let [b, c, h, w] = images.dims();
+    let data = images
+        .clone()
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32");
+    (0..b)
+        .map(|i| {
+            let mut px = Vec::with_capacity(h * w * 3);
+            for y in 0..h {
+                for x in 0..w {
+                    for ch in 0..3.min(c) {
+                        let v = data[((i * c + ch) * h + y) * w + x];
+                        px.push((v * 255.0).round().clamp(0.0, 255.0) as u8);
+                    }
+                }
+            }
+            (w, h, px)
+        })
+        .collect()
+}
