@@ -22,46 +22,46 @@ use crate::charts::{Series, panels};
 use crate::heatmap::png_bytes;
 use crate::model_args::ModelArgs;
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct FinetuneArgs {
     /// A training prompt; repeat for several (each needs its --target, in the same order).
     #[arg(long = "prompt", required = true)]
-    prompts: Vec<String>,
+    pub(crate) prompts: Vec<String>,
     /// The object that goes missing in the matching prompt: a word (`train`), a repeated word's
     /// occurrence (`cat#2`) or a raw token index (`@6`).
     #[arg(long = "target", required = true)]
-    targets: Vec<TargetSpec>,
+    pub(crate) targets: Vec<TargetSpec>,
     /// Encoder layer (0-based) whose self-attention is decorrelated.
     #[arg(long, default_value_t = 11)]
-    layer: usize,
+    pub(crate) layer: usize,
     #[arg(long, default_value_t = 20)]
-    epochs: usize,
+    pub(crate) epochs: usize,
     /// Optimiser steps per epoch (each over all prompts).
     #[arg(long, default_value_t = 10)]
-    steps_per_epoch: usize,
+    pub(crate) steps_per_epoch: usize,
     #[arg(long, default_value_t = 1e-5)]
-    lr: f64,
+    pub(crate) lr: f64,
     #[arg(long, default_value_t = 0.01)]
-    weight_decay: f32,
+    pub(crate) weight_decay: f32,
     /// Weight of L_align in the validation loss.
     #[arg(long, default_value_t = 5.0)]
-    tau: f64,
+    pub(crate) tau: f64,
     /// Trained parameters: all, attn (q/k/v/out), qk.
     #[arg(long, default_value = "all")]
-    params: String,
+    pub(crate) params: String,
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub(crate) seed: u64,
     #[command(flatten)]
-    model: ModelArgs,
+    pub(crate) model: ModelArgs,
     /// Output folder (text_encoder/, report.json, losses.png).
     #[arg(long)]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
     /// Replace an existing OUT.
     #[arg(long)]
-    overwrite: bool,
+    pub(crate) overwrite: bool,
     /// No progress bar.
     #[arg(long)]
-    quiet: bool,
+    pub(crate) quiet: bool,
 }
 
 #[derive(Serialize)]
@@ -73,6 +73,8 @@ struct TokenRef {
 #[derive(Serialize)]
 struct PromptReport {
     prompt: String,
+    /// The real tokens (BOS to the first EOS), as the rows below index them.
+    tokens: Vec<String>,
     target: TokenRef,
     corr: TokenRef,
     s: Vec<TokenRef>,
@@ -274,6 +276,9 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         .zip(&states)
         .map(|(p, st)| PromptReport {
             prompt: p.tokenized.prompt.clone(),
+            tokens: (0..st.focus.n_real)
+                .map(|i| p.tokenized.token_text(i))
+                .collect(),
             target: token_ref(&p.tokenized, st.focus.target),
             corr: token_ref(&p.tokenized, st.focus.corr),
             s: st.focus.s().map(|i| token_ref(&p.tokenized, i)).collect(),

@@ -13,7 +13,7 @@ const WHITE: Rgb<u8> = Rgb([255, 255, 255]);
 const BLACK: Rgb<u8> = Rgb([20, 20, 20]);
 
 /// Viridis at `v` in [0, 1] (piecewise linear through 6 stops of matplotlib's map).
-fn viridis(v: f32) -> Rgb<u8> {
+pub fn viridis(v: f32) -> Rgb<u8> {
     const STOPS: [[f32; 3]; 6] = [
         [68.0, 1.0, 84.0],
         [65.0, 68.0, 135.0],

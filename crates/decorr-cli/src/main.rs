@@ -3,6 +3,9 @@
 mod analyze;
 mod charts;
 mod finetune;
+mod fix;
+mod generate;
+mod grid;
 mod heatmap;
 mod model_args;
 
@@ -28,6 +31,11 @@ enum Command {
     /// Fine-tune the text encoder to lower the target's attention to its correlated token
     /// (METHOD.md Eq. 2), selecting the best epoch (Eqs. 3 to 5).
     Finetune(finetune::FinetuneArgs),
+    /// Generate images with classifier-free or decorrelated guidance (METHOD.md Eq. 6).
+    Generate(generate::GenerateArgs),
+    /// The main job: fine-tune for a prompt's missing object, then generate the same seeds
+    /// with the pre-trained model and with the decorrelated guidance, side by side.
+    Fix(fix::FixArgs),
 }
 
 fn main() {
@@ -44,5 +52,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Analyze(args) => analyze::run(args),
         Command::Finetune(args) => finetune::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Fix(args) => fix::run(args),
     }
 }

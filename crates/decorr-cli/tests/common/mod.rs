@@ -43,3 +43,23 @@ pub fn assert_fails(args: &[&str], needles: &[&str]) {
     }
     assert!(!t.contains("panicked"), "{t}");
 }
+
+/// The tiny SD checkpoint (text encoder, UNet, VAE, scheduler fixtures) as one diffusers folder.
+pub fn tiny_sd() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = fixtures();
+    for (part, from) in [
+        ("text_encoder", f.join("clip_tiny_train/text_encoder")),
+        ("unet", f.join("unet_tiny_a/unet")),
+        ("vae", f.join("vae_tiny/vae")),
+        ("scheduler", f.join("pipeline/scheduler")),
+    ] {
+        let to = tmp.path().join(part);
+        std::fs::create_dir_all(&to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+    tmp
+}

@@ -1,0 +1,319 @@
+//! `decorr fix`: the main job in one command. Fine-tunes the text encoder for the prompt's
+//! missing object (with checkpoint selection), then generates the same seeds with the pre-trained
+//! model (CFG) and with the decorrelated guidance, and writes a side-by-side grid and an HTML
+//! report. OUT is resumable: a finished fine-tuning and the images already written are reused.
+//!
+//! OUT/finetune/ (text_encoder/, report.json, losses.png), OUT/pretrained/ and OUT/fixed/
+//! (images + manifest.json), OUT/comparison.png, OUT/report.html, OUT/summary.json.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use decorr_core::io::write_atomic;
+use decorr_pipeline::Guidance;
+use decorr_trainer::TargetSpec;
+use serde::Serialize;
+
+use crate::finetune::FinetuneArgs;
+use crate::generate::{SampleArgs, generate_into, image_file, load, params};
+use crate::grid;
+use crate::heatmap::png_bytes;
+use crate::model_args::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct FixArgs {
+    #[arg(long)]
+    prompt: String,
+    /// The object that goes missing (word, `word#N` or `@index`).
+    #[arg(long)]
+    target: TargetSpec,
+    /// Seeds, as a range `A..B` (B excluded) or a list `1,5,9`.
+    #[arg(long, default_value = "0..8")]
+    seeds: String,
+    /// Encoder layer whose self-attention is decorrelated.
+    #[arg(long, default_value_t = 11)]
+    layer: usize,
+    #[arg(long, default_value_t = 20)]
+    epochs: usize,
+    #[arg(long, default_value_t = 10)]
+    steps_per_epoch: usize,
+    #[arg(long, default_value_t = 1e-5)]
+    lr: f64,
+    #[arg(long, default_value_t = 5.0)]
+    tau: f64,
+    /// Trained parameters: all, attn, qk.
+    #[arg(long, default_value = "all")]
+    params: String,
+    #[command(flatten)]
+    sample: SampleArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    out: PathBuf,
+    /// Print a JSON summary (paths, selected epoch, attention before/after) on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `0..8` or `1,5,9`.
+pub fn parse_seeds(s: &str) -> Result<Vec<u64>> {
+    let bad = || format!("--seeds {s:?}: expected a range like 0..8 or a list like 1,5,9");
+    let seeds: Vec<u64> = if let Some((a, b)) = s.split_once("..") {
+        let (a, b): (u64, u64) = (
+            a.trim().parse().with_context(bad)?,
+            b.trim().parse().with_context(bad)?,
+        );
+        (a..b).collect()
+    } else {
+        s.split(',')
+            .map(|x| x.trim().parse::<u64>())
+            .collect::<Result<_, _>>()
+            .with_context(bad)?
+    };
+    if seeds.is_empty() {
+        bail!("{}: no seeds in it", bad());
+    }
+    Ok(seeds)
+}
+
+#[derive(Serialize)]
+struct Summary {
+    prompt: String,
+    target: String,
+    corr: String,
+    selected_epoch: Option<u64>,
+    attention_target_to_corr_before: f64,
+    attention_target_to_corr_after: Option<f64>,
+    seeds: Vec<u64>,
+    pretrained: PathBuf,
+    fixed: PathBuf,
+    comparison: PathBuf,
+    report: PathBuf,
+}
+
+pub fn run(args: FixArgs) -> Result<()> {
+    let seeds = parse_seeds(&args.seeds)?;
+    // Load everything first: with no weights this stops at once with the how-to.
+    let sd = load(&args.model, None)?;
+    let out = &args.out;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let ft_dir = out.join("finetune");
+    let report_path = ft_dir.join("report.json");
+
+    let finished = std::fs::read_to_string(&report_path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .filter(|r| {
+            r["finished"] == true
+                && r["prompts"][0]["prompt"] == args.prompt.as_str()
+                && ft_dir.join("text_encoder/config.json").is_file()
+        });
+    if finished.is_some() {
+        eprintln!(
+            "{}: fine-tuning already finished, reusing it",
+            ft_dir.display()
+        );
+    } else {
+        crate::finetune::run(FinetuneArgs {
+            prompts: vec![args.prompt.clone()],
+            targets: vec![args.target.clone()],
+            layer: args.layer,
+            epochs: args.epochs,
+            steps_per_epoch: args.steps_per_epoch,
+            lr: args.lr,
+            weight_decay: 0.01,
+            tau: args.tau,
+            params: args.params.clone(),
+            seed: 0,
+            model: args.model.clone(),
+            out: ft_dir.clone(),
+            overwrite: true,
+            quiet: args.sample.quiet,
+        })?;
+    }
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&report_path)
+            .with_context(|| format!("reading {}", report_path.display()))?,
+    )?;
+    if report["selected_epoch"].is_null() {
+        bail!("fine-tuning selected no epoch; nothing to generate with");
+    }
+
+    let pre = params(&sd, &args.prompt, &args.sample, Guidance::Cfg)?;
+    let pre_dir = out.join("pretrained");
+    generate_into(&sd, &pre, "sd", &seeds, &args.sample, &pre_dir, None)?;
+    let sd = sd.with_tuned_encoder(&ft_dir.join("text_encoder"))?;
+    let fixed = params(&sd, &args.prompt, &args.sample, Guidance::Decorrelated)?;
+    let fixed_dir = out.join("fixed");
+    generate_into(
+        &sd,
+        &fixed,
+        "decorrelated",
+        &seeds,
+        &args.sample,
+        &fixed_dir,
+        None,
+    )?;
+
+    let read = |dir: &Path, seed: u64| -> Result<image::RgbImage> {
+        let p = dir.join(image_file(seed));
+        Ok(image::open(&p)
+            .with_context(|| format!("reading {}", p.display()))?
+            .to_rgb8())
+    };
+    let mut cells = vec![Vec::new(), Vec::new()];
+    for &seed in &seeds {
+        cells[0].push(read(&pre_dir, seed)?);
+        cells[1].push(read(&fixed_dir, seed)?);
+    }
+    let cols: Vec<String> = seeds.iter().map(|s| format!("seed {s}")).collect();
+    let rows = vec![
+        "pre-trained (CFG)".to_string(),
+        "decorrelated (ours)".to_string(),
+    ];
+    let grid_img = grid::labelled(&format!("\"{}\"", args.prompt), &rows, &cols, &cells, 128);
+    let comparison = out.join("comparison.png");
+    write_atomic(&comparison, &png_bytes(&grid_img))?;
+
+    let p0 = &report["prompts"][0];
+    let (t, c) = (
+        p0["target"]["index"].as_u64().unwrap_or(0) as usize,
+        p0["corr"]["index"].as_u64().unwrap_or(0) as usize,
+    );
+    let before = &p0["row_before"];
+    let after = &p0["row_after"];
+    let ratio = |row: &serde_json::Value| Some(row[c].as_f64()? / row[t].as_f64()?);
+    let html = report_html(&args.prompt, &report, &seeds);
+    let report_html_path = out.join("report.html");
+    write_atomic(&report_html_path, html.as_bytes())?;
+    let summary = Summary {
+        prompt: args.prompt.clone(),
+        target: p0["target"]["text"].as_str().unwrap_or("").to_string(),
+        corr: p0["corr"]["text"].as_str().unwrap_or("").to_string(),
+        selected_epoch: report["selected_epoch"].as_u64(),
+        attention_target_to_corr_before: before[c].as_f64().unwrap_or(f64::NAN),
+        attention_target_to_corr_after: after[c].as_f64(),
+        seeds: seeds.clone(),
+        pretrained: pre_dir,
+        fixed: fixed_dir,
+        comparison,
+        report: report_html_path.clone(),
+    };
+    write_atomic(
+        &out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "fixed {:?}: A[t,c]/A[t,t] {:.3} -> {:.3} (epoch {}); {} seeds each in pretrained/ and fixed/; \
+             see {}",
+            args.prompt,
+            ratio(before).unwrap_or(f64::NAN),
+            ratio(after).unwrap_or(f64::NAN),
+            summary.selected_epoch.unwrap_or(0),
+            seeds.len(),
+            report_html_path.display()
+        );
+    }
+    Ok(())
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A small self-contained report: the target's attention row before and after, the loss curves
+/// and the comparison grid (relative links, so OUT can be moved or served as is).
+fn report_html(prompt: &str, report: &serde_json::Value, seeds: &[u64]) -> String {
+    let p0 = &report["prompts"][0];
+    let tokens: Vec<String> = p0["tokens"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|t| t.as_str().unwrap_or("").to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    let row = |r: &serde_json::Value| -> Vec<String> {
+        r.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|v| format!("{:.4}", v.as_f64().unwrap_or(f64::NAN)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (before, after) = (row(&p0["row_before"]), row(&p0["row_after"]));
+    let n = before.len();
+    let header: String = (0..n)
+        .map(|i| {
+            format!(
+                "<th>{}</th>",
+                esc(tokens.get(i).map_or(&format!("{i}"), |t| t))
+            )
+        })
+        .collect();
+    let cells = |r: &[String]| {
+        r.iter()
+            .map(|v| format!("<td>{v}</td>"))
+            .collect::<String>()
+    };
+    let images: String = seeds
+        .iter()
+        .map(|s| {
+            let f = image_file(*s);
+            format!(
+                "<tr><td>seed {s}</td><td><a href=\"pretrained/{f}\">pre-trained</a></td>\
+                 <td><a href=\"fixed/{f}\">decorrelated</a></td></tr>"
+            )
+        })
+        .collect();
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>decorr fix: {title}</title>\
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 8px;text-align:right}}\
+img{{max-width:100%;image-rendering:pixelated}}</style></head><body>\
+<h1>decorr fix</h1><p>Prompt: <b>{title}</b>; target <b>{target}</b> (token {ti}), correlated \
+token <b>{corr}</b> (token {ci}); selected epoch {epoch}.</p>\
+<h2>Self-attention of the target (layer {layer}, head average)</h2>\
+<table><tr><th></th>{header}</tr><tr><th>pre-trained</th>{b}</tr><tr><th>fine-tuned</th>{a}</tr></table>\
+<h2>Images (same seeds)</h2><img src=\"comparison.png\" alt=\"comparison grid\">\
+<table>{images}</table>\
+<h2>Fine-tuning</h2><img src=\"finetune/losses.png\" alt=\"loss curves\">\
+<p>Numbers: <a href=\"finetune/report.json\">finetune/report.json</a>; images: \
+<a href=\"pretrained/manifest.json\">pretrained/manifest.json</a>, \
+<a href=\"fixed/manifest.json\">fixed/manifest.json</a>.</p></body></html>\n",
+        title = esc(prompt),
+        target = esc(p0["target"]["text"].as_str().unwrap_or("")),
+        ti = p0["target"]["index"],
+        corr = esc(p0["corr"]["text"].as_str().unwrap_or("")),
+        ci = p0["corr"]["index"],
+        epoch = report["selected_epoch"],
+        layer = report["config"]["layer"],
+        b = cells(&before),
+        a = cells(&after),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_parse_as_range_or_list() {
+        assert_eq!(parse_seeds("0..3").unwrap(), vec![0, 1, 2]);
+        assert_eq!(parse_seeds("5, 9").unwrap(), vec![5, 9]);
+        assert!(parse_seeds("3..3").is_err());
+        assert!(
+            parse_seeds("a..b")
+                .unwrap_err()
+                .to_string()
+                .contains("--seeds")
+        );
+    }
+}

@@ -1,0 +1,432 @@
+//! `decorr generate`: text-to-image with CFG or the decorrelated guidance. Each image is a PNG
+//! with its parameters inside, written atomically as `seed-NNNNNN.png`; `manifest.json` lists
+//! every image of the folder. Re-running the same command skips the images already there, so an
+//! interrupted run resumes; a folder made with other parameters is refused.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use decorr_core::io::write_atomic;
+use decorr_pipeline::png::{encode_rgb8, parameters_text};
+use decorr_pipeline::{GenerateParams, Guidance, StableDiffusion, StepAttention, to_rgb8};
+use decorr_scheduler::SchedulerKind;
+use decorr_trainer::{TargetSpec, resolve_target};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::grid;
+use crate::heatmap::png_bytes;
+use crate::model_args::ModelArgs;
+
+/// Sampling options shared by `generate` and `fix`.
+#[derive(Args, Debug, Clone)]
+pub struct SampleArgs {
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// Guidance scale s (diffusers' convention; 1 or less turns guidance off).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance_scale: f64,
+    /// Image width in pixels (multiple of 8); default the UNet's sample size x 8 (512 for SD 1.5).
+    #[arg(long)]
+    pub width: Option<usize>,
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// ddim, pndm, euler, euler-a, dpmpp-2m; default the checkpoint's own (PNDM for SD 1.5).
+    #[arg(long)]
+    pub scheduler: Option<SchedulerKind>,
+    /// Karras sigmas (euler, dpmpp-2m).
+    #[arg(long)]
+    pub karras: bool,
+    /// DDIM's eta (0: deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+    /// Images per UNet batch (memory vs speed; images do not depend on it).
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// Compute attention in slices of N (batch x head) rows to bound memory.
+    #[arg(long)]
+    pub attention_slice: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[arg(long)]
+    prompt: String,
+    /// The fine-tuned encoder (`OUT/text_encoder` of `decorr finetune`). With it the guidance
+    /// defaults to `decorrelated`; `--guidance cfg` then uses it for both branches.
+    #[arg(long)]
+    encoder: Option<PathBuf>,
+    /// cfg or decorrelated (METHOD.md Eq. 6).
+    #[arg(long)]
+    guidance: Option<Guidance>,
+    /// Seed of the first image; image k uses seed + k (torch.Generator("cpu").manual_seed).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    /// Words whose cross-attention over the denoising steps is saved as `attention-SEED.png`.
+    #[arg(long, value_delimiter = ',')]
+    attention_maps: Vec<String>,
+    /// How many steps the attention figure shows (evenly spaced, last included).
+    #[arg(long, default_value_t = 6)]
+    attention_steps: usize,
+    #[command(flatten)]
+    sample: SampleArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Output folder (created; resumable).
+    #[arg(long)]
+    out: PathBuf,
+    /// Print the manifest as JSON on stdout at the end.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One image's parameters, as the manifest and the PNG's `decorr` chunk record them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageRecord {
+    pub file: String,
+    pub seed: u64,
+    #[serde(flatten)]
+    pub run: RunRecord,
+}
+
+/// What every image of one folder shares.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunRecord {
+    /// `sd` (pre-trained, CFG), `decorrelated` (Eq. 6) or `finetuned-cfg`.
+    pub method: String,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub scheduler: String,
+    pub guidance: String,
+    pub guidance_scale: f64,
+    pub width: usize,
+    pub height: usize,
+    pub karras: bool,
+    pub eta: f64,
+    pub model: String,
+    /// SHA-256 of the fine-tuned encoder's weights, when one was used.
+    pub encoder_sha256: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub struct Manifest {
+    pub images: Vec<ImageRecord>,
+}
+
+pub fn image_file(seed: u64) -> String {
+    format!("seed-{seed:06}.png")
+}
+
+/// Reads `dir/manifest.json` if present.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join("manifest.json");
+    if !path.exists() {
+        return Ok(Manifest::default());
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a decorr manifest; use another --out",
+            path.display()
+        )
+    })
+}
+
+/// The parameters of a generation run, resolved against the checkpoint.
+pub fn params(
+    sd: &StableDiffusion,
+    prompt: &str,
+    s: &SampleArgs,
+    guidance: Guidance,
+) -> Result<GenerateParams> {
+    let default_side = sd.unet_config.sample_size * sd.vae_scale_factor();
+    Ok(GenerateParams {
+        prompt: prompt.to_string(),
+        negative_prompt: s.negative_prompt.clone(),
+        steps: s.steps,
+        guidance_scale: s.guidance_scale,
+        width: s.width.unwrap_or(default_side),
+        height: s.height.unwrap_or(default_side),
+        scheduler: match s.scheduler {
+            Some(k) => k,
+            None => sd.default_scheduler()?,
+        },
+        guidance,
+        karras: s.karras.then_some(true),
+        eta: s.eta,
+        attention_slice: s.attention_slice,
+        capture_tokens: Vec::new(),
+    })
+}
+
+/// Generates `seeds` into `out` (skipping images already there), keeping `manifest.json` in
+/// step. Returns the folder's manifest.
+pub fn generate_into(
+    sd: &StableDiffusion,
+    p: &GenerateParams,
+    method: &str,
+    seeds: &[u64],
+    s: &SampleArgs,
+    out: &Path,
+    attention: Option<(&[String], usize)>,
+) -> Result<Manifest> {
+    sd.check(p)?;
+    if s.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let run = RunRecord {
+        method: method.to_string(),
+        prompt: p.prompt.clone(),
+        negative_prompt: p.negative_prompt.clone(),
+        steps: p.steps,
+        scheduler: p.scheduler.name().to_string(),
+        guidance: serde_json::to_value(p.guidance)?
+            .as_str()
+            .unwrap_or("")
+            .to_string(),
+        guidance_scale: p.guidance_scale,
+        width: p.width,
+        height: p.height,
+        karras: p.karras == Some(true),
+        eta: p.eta,
+        model: sd.model_id.clone(),
+        encoder_sha256: match (p.guidance, &sd.tuned) {
+            (_, Some(t)) => Some(t.sha256.clone()),
+            _ => None,
+        },
+    };
+    let mut manifest = read_manifest(out)?;
+    if let Some(other) = manifest.images.first().map(|i| &i.run)
+        && *other != run
+    {
+        let (a, b) = (serde_json::to_value(other)?, serde_json::to_value(&run)?);
+        let differs: Vec<&String> = a
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+            .map(|(k, _)| k)
+            .collect();
+        bail!(
+            "{} holds images made with other parameters (differing: {}); use another --out",
+            out.display(),
+            differs
+                .iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+
+    let mut p = p.clone();
+    let tokens = match attention {
+        Some((words, _)) if !words.is_empty() => {
+            let tok = sd.tokenizer.encode(&p.prompt)?;
+            let mut idx = Vec::new();
+            for w in words {
+                let spec: TargetSpec = w.parse()?;
+                idx.push(
+                    resolve_target(&tok, &spec).with_context(|| format!("--attention-maps {w}"))?,
+                );
+            }
+            p.capture_tokens = idx;
+            words.to_vec()
+        }
+        _ => Vec::new(),
+    };
+
+    let todo: Vec<u64> = seeds
+        .iter()
+        .copied()
+        .filter(|&seed| !out.join(image_file(seed)).exists())
+        .collect();
+    let skipped = seeds.len() - todo.len();
+    if skipped > 0 {
+        eprintln!(
+            "{}: {skipped} of {} images already there, skipped",
+            out.display(),
+            seeds.len()
+        );
+    }
+    let bar = if s.quiet || todo.is_empty() {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(todo.len() as u64).with_style(
+            ProgressStyle::with_template(
+                "{prefix} {bar:30} {pos}/{len} images {elapsed_precise} eta {eta} {msg}",
+            )
+            .expect("valid template"),
+        )
+    };
+    bar.set_prefix(method.to_string());
+    let record = |seed: u64| ImageRecord {
+        file: image_file(seed),
+        seed,
+        run: run.clone(),
+    };
+    // Images present from an interrupted run get their entry back.
+    for &seed in seeds {
+        if out.join(image_file(seed)).exists() && !manifest.images.iter().any(|i| i.seed == seed) {
+            manifest.images.push(record(seed));
+        }
+    }
+    for batch in todo.chunks(s.batch_size) {
+        let g = sd.generate(&p, batch, &mut |done, total| {
+            bar.set_message(format!("step {done}/{total}"));
+        })?;
+        for (k, (w, h, rgb)) in to_rgb8(&g.images).into_iter().enumerate() {
+            let seed = batch[k];
+            let rec = record(seed);
+            let params_text = parameters_text(&p, seed, &sd.model_id);
+            let json = serde_json::to_string(&rec)?;
+            let bytes = encode_rgb8(
+                w,
+                h,
+                &rgb,
+                &[("parameters", &params_text), ("decorr", &json)],
+            )?;
+            if !tokens.is_empty() {
+                let fig = attention_figure(
+                    &g.attention,
+                    k,
+                    &tokens,
+                    attention.map_or(6, |a| a.1),
+                    &p.prompt,
+                    seed,
+                );
+                write_atomic(
+                    &out.join(format!("attention-{seed:06}.png")),
+                    &png_bytes(&fig),
+                )?;
+            }
+            write_atomic(&out.join(&rec.file), &bytes)?;
+            manifest.images.retain(|i| i.seed != seed);
+            manifest.images.push(rec);
+            bar.inc(1);
+        }
+        manifest.images.sort_by_key(|i| i.seed);
+        write_atomic(
+            &out.join("manifest.json"),
+            serde_json::to_string_pretty(&manifest)?.as_bytes(),
+        )?;
+    }
+    bar.finish_and_clear();
+    manifest.images.sort_by_key(|i| i.seed);
+    write_atomic(
+        &out.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    )?;
+    Ok(manifest)
+}
+
+/// Rows: the words; columns: `shown` evenly spaced steps (last included).
+fn attention_figure(
+    steps: &[StepAttention],
+    image: usize,
+    words: &[String],
+    shown: usize,
+    prompt: &str,
+    seed: u64,
+) -> image::RgbImage {
+    let n = steps.len();
+    let shown = shown.clamp(1, n.max(1));
+    let picks: Vec<usize> = (0..shown)
+        .map(|j| {
+            if shown == 1 {
+                n - 1
+            } else {
+                j * (n - 1) / (shown - 1)
+            }
+        })
+        .collect();
+    let cols: Vec<String> = picks
+        .iter()
+        .map(|&i| format!("step {} (t={:.0})", i + 1, steps[i].timestep))
+        .collect();
+    let cells: Vec<Vec<image::RgbImage>> = (0..words.len())
+        .map(|w| {
+            picks
+                .iter()
+                .map(|&i| grid::heat(&steps[i].maps[image][w], steps[i].height, steps[i].width))
+                .collect()
+        })
+        .collect();
+    grid::labelled(
+        &format!("cross-attention over the denoising: \"{prompt}\", seed {seed}"),
+        words,
+        &cols,
+        &cells,
+        96,
+    )
+}
+
+/// Loads the checkpoint (and the fine-tuned encoder) for `generate`/`fix`.
+pub fn load(model: &ModelArgs, encoder: Option<&Path>) -> Result<StableDiffusion> {
+    let source = model.source();
+    let device = model.device()?;
+    let sd = StableDiffusion::load(&source, &device).with_context(|| {
+        format!(
+            "loading the Stable Diffusion checkpoint {}",
+            source.describe()
+        )
+    })?;
+    Ok(match encoder {
+        Some(dir) => sd.with_tuned_encoder(dir)?,
+        None => sd,
+    })
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    if args.num_images == 0 {
+        bail!("--num-images must be at least 1");
+    }
+    let guidance = args.guidance.unwrap_or(if args.encoder.is_some() {
+        Guidance::Decorrelated
+    } else {
+        Guidance::Cfg
+    });
+    let mut sd = load(&args.model, args.encoder.as_deref())?;
+    let method = match (guidance, args.encoder.is_some()) {
+        (Guidance::Decorrelated, _) => "decorrelated",
+        (Guidance::Cfg, true) => {
+            // One encoder for both branches: the fine-tuned one.
+            let tuned = sd.tuned.as_ref().expect("loaded");
+            sd.text_encoder = tuned.model.clone();
+            "finetuned-cfg"
+        }
+        (Guidance::Cfg, false) => "sd",
+    };
+    let p = params(&sd, &args.prompt, &args.sample, guidance)?;
+    let seeds: Vec<u64> = (0..args.num_images as u64).map(|k| args.seed + k).collect();
+    let attention = (!args.attention_maps.is_empty())
+        .then_some((args.attention_maps.as_slice(), args.attention_steps));
+    let manifest = generate_into(&sd, &p, method, &seeds, &args.sample, &args.out, attention)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&manifest)?);
+    } else {
+        let by_seed: BTreeMap<u64, &ImageRecord> =
+            manifest.images.iter().map(|i| (i.seed, i)).collect();
+        println!(
+            "{} images in {} ({method}, {} steps, {}, guidance {}); manifest.json lists them",
+            by_seed.len(),
+            args.out.display(),
+            p.steps,
+            p.scheduler.name(),
+            p.guidance_scale
+        );
+    }
+    Ok(())
+}

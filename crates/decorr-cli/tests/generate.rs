@@ -1,0 +1,309 @@
+//! `decorr generate` and `decorr fix` end to end on the tiny fixtures: files, PNG parameters,
+//! manifest, resume, and the errors for bad sizes and encoders. Pixel parity with diffusers is
+//! tested in decorr-pipeline; here the CLI must reproduce the pipeline's reference image too.
+
+mod common;
+
+use common::{PROMPT, assert_fails, decorr, fixtures, text, tiny_sd};
+use decorr_pipeline::png::read_text_chunks;
+
+#[test]
+fn generate_writes_images_with_parameters_and_resumes() {
+    let model = tiny_sd();
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("run");
+    let w = model.path().to_str().unwrap();
+    let d = dir.to_str().unwrap();
+    let args = [
+        "generate",
+        "--weights",
+        w,
+        "--prompt",
+        PROMPT,
+        "--steps",
+        "4",
+        "--scheduler",
+        "ddim",
+        "--seed",
+        "0",
+        "--num-images",
+        "3",
+        "--batch-size",
+        "2",
+        "--attention-maps",
+        "tracks,train",
+        "--quiet",
+        "--out",
+        d,
+    ];
+    let o = decorr(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    for f in [
+        "seed-000000.png",
+        "seed-000001.png",
+        "seed-000002.png",
+        "attention-000001.png",
+    ] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    let chunks = read_text_chunks(&dir.join("seed-000001.png")).unwrap();
+    let params = &chunks.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(
+        params.starts_with(PROMPT)
+            && params.contains("Seed: 1")
+            && params.contains("Sampler: ddim"),
+        "{params}"
+    );
+    let ours: serde_json::Value =
+        serde_json::from_str(&chunks.iter().find(|(k, _)| k == "decorr").unwrap().1).unwrap();
+    assert_eq!(ours["seed"], 1);
+    assert_eq!(ours["method"], "sd");
+
+    // Seed 0 of this run is the pipeline fixture's `ddim_cfg` case: same pixels as diffusers.
+    let img = image::open(dir.join("seed-000000.png")).unwrap().to_rgb8();
+    let refs =
+        decorr_core::weights::read_tensors_f32(&fixtures().join("pipeline/reference.safetensors"))
+            .unwrap();
+    let (_, theirs) = &refs["ddim_cfg.image"];
+    let worst = img
+        .as_raw()
+        .iter()
+        .zip(theirs)
+        .map(|(&a, &b)| (a as f32 - (b * 255.0).round()).abs())
+        .fold(0.0, f32::max);
+    assert!(
+        worst <= 2.0,
+        "CLI image differs from diffusers by {worst}/255"
+    );
+
+    // Resume: delete one image and the manifest, run again: only that image is made, the
+    // manifest lists all three, the others are untouched.
+    let before = std::fs::metadata(dir.join("seed-000000.png"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    std::fs::remove_file(dir.join("seed-000002.png")).unwrap();
+    std::fs::remove_file(dir.join("manifest.json")).unwrap();
+    let o = decorr(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("2 of 3 images already there"),
+        "{}",
+        text(&o)
+    );
+    let after = std::fs::metadata(dir.join("seed-000000.png"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(before, after, "existing image rewritten");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let seeds: Vec<u64> = manifest["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["seed"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seeds, vec![0, 1, 2]);
+
+    // Other parameters into the same folder are refused, naming what differs.
+    assert_fails(
+        &[
+            "generate",
+            "--weights",
+            w,
+            "--prompt",
+            PROMPT,
+            "--steps",
+            "5",
+            "--scheduler",
+            "ddim",
+            "--quiet",
+            "--out",
+            d,
+        ],
+        &["other parameters", "steps"],
+    );
+}
+
+#[test]
+fn generate_errors_name_the_problem() {
+    let model = tiny_sd();
+    let out = tempfile::tempdir().unwrap();
+    let w = model.path().to_str().unwrap();
+    let d = out.path().join("x");
+    let d = d.to_str().unwrap();
+    assert_fails(
+        &[
+            "generate",
+            "--weights",
+            w,
+            "--prompt",
+            "a",
+            "--width",
+            "20",
+            "--out",
+            d,
+        ],
+        &["--width 20", "multiple of 8"],
+    );
+    assert_fails(
+        &[
+            "generate",
+            "--weights",
+            w,
+            "--prompt",
+            "a",
+            "--encoder",
+            "/nonexistent/enc",
+            "--out",
+            d,
+        ],
+        &["/nonexistent/enc", "decorr finetune"],
+    );
+    let wide = fixtures().join("clip_tiny_b/text_encoder");
+    assert_fails(
+        &[
+            "generate",
+            "--weights",
+            w,
+            "--prompt",
+            "a",
+            "--encoder",
+            wide.to_str().unwrap(),
+            "--out",
+            d,
+        ],
+        &["48-wide", "expects 16"],
+    );
+    assert_fails(
+        &[
+            "generate",
+            "--weights",
+            w,
+            "--prompt",
+            "a",
+            "--scheduler",
+            "lms",
+            "--out",
+            d,
+        ],
+        &["lms"],
+    );
+    assert_fails(
+        &[
+            "generate",
+            "--weights",
+            w,
+            "--prompt",
+            PROMPT,
+            "--attention-maps",
+            "horse",
+            "--steps",
+            "1",
+            "--out",
+            d,
+        ],
+        &["horse"],
+    );
+    assert!(!out.path().join("x").join("seed-000000.png").exists());
+}
+
+#[test]
+fn fix_runs_end_to_end_and_writes_every_promised_file() {
+    let model = tiny_sd();
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("fix");
+    let args = [
+        "fix",
+        "--weights",
+        model.path().to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+        "--target",
+        "train",
+        "--seeds",
+        "0..2",
+        "--layer",
+        "1",
+        "--epochs",
+        "2",
+        "--steps-per-epoch",
+        "2",
+        "--lr",
+        "1e-3",
+        "--steps",
+        "3",
+        "--scheduler",
+        "ddim",
+        "--quiet",
+        "--json",
+        "--out",
+        dir.to_str().unwrap(),
+    ];
+    let o = decorr(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    for f in [
+        "finetune/text_encoder/model.safetensors",
+        "finetune/report.json",
+        "finetune/losses.png",
+        "pretrained/seed-000000.png",
+        "pretrained/seed-000001.png",
+        "pretrained/manifest.json",
+        "fixed/seed-000000.png",
+        "fixed/seed-000001.png",
+        "fixed/manifest.json",
+        "comparison.png",
+        "report.html",
+        "summary.json",
+    ] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let json_start = stdout.rfind("\n{").map_or(0, |i| i + 1);
+    let summary: serde_json::Value = serde_json::from_str(&stdout[json_start..]).unwrap();
+    assert_eq!(summary["target"], "train");
+    assert_eq!(summary["corr"], "old");
+    let fixed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("fixed/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(fixed["images"][0]["method"], "decorrelated");
+    assert!(fixed["images"][0]["encoder_sha256"].as_str().unwrap().len() == 64);
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    assert!(
+        html.contains("comparison.png")
+            && html.contains("finetune/losses.png")
+            && html.contains("<b>old</b>")
+    );
+    // Same seeds, different guidance: the images differ.
+    assert_ne!(
+        std::fs::read(dir.join("pretrained/seed-000000.png")).unwrap(),
+        std::fs::read(dir.join("fixed/seed-000000.png")).unwrap()
+    );
+    // A second run reuses the fine-tuning and every image.
+    let o = decorr(&args);
+    assert!(
+        o.status.success() && text(&o).contains("reusing"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn fix_without_weights_stops_at_once_with_the_how_to() {
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("fix");
+    assert_fails(
+        &[
+            "fix",
+            "--prompt",
+            PROMPT,
+            "--target",
+            "train",
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+        &["HF_HUB_OFFLINE", "--weights"],
+    );
+    assert!(!dir.exists(), "nothing written");
+}
