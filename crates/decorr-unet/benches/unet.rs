@@ -63,7 +63,22 @@ fn main() {
                 let _ = vae.decode(z.clone(), None).into_data();
             })
         }
-        other => panic!("unknown mode {other}: unet or vae"),
+        // Where the UNet's time goes: one 3x3 convolution and one group norm + SiLU of its
+        // first level (320 channels at hw x hw, batch 2), each alone.
+        "conv" => {
+            let conv = decorr_unet::blocks::conv(320, 320, 3, &device);
+            let x = Tensor::<4>::random([2, 320, hw, hw], normal, &device);
+            let t = time(n, || {
+                let _ = conv.forward(x.clone()).into_data();
+            });
+            let norm = decorr_unet::blocks::group_norm(32, 320, 1e-5, &device);
+            let g = time(n, || {
+                let _ = burn::tensor::activation::silu(norm.forward(x.clone())).into_data();
+            });
+            println!("group norm + SiLU {hw}x{hw}: {g:.4} s");
+            t
+        }
+        other => panic!("unknown mode {other}: unet, vae or conv"),
     };
     println!(
         "{mode} {hw}x{hw} (flex, median of {n}): {t:.3} s, peak RSS {:.2} GB",

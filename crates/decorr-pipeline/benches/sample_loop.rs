@@ -1,0 +1,74 @@
+//! Benchmark: one full image (text encoding, N DDIM steps with CFG at batch 2, VAE decode) on
+//! flex with random full-size SD 1.5 weights; seconds per step, total, peak RSS. Compare with
+//! `python ../shared/reference/pyref/bench.py loop HW N` on the same machine:
+//! `cargo bench -p decorr-pipeline --bench sample_loop -- HW [N]` (HW: latent size, 32 = 256 px).
+
+use std::time::Instant;
+
+use burn::tensor::Device;
+use decorr_clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
+use decorr_pipeline::{GenerateParams, Guidance, StableDiffusion};
+use decorr_scheduler::{SchedulerConfig, SchedulerKind};
+use decorr_unet::{AutoencoderKL, UNet2DConditionModel, UNetConfig, VaeConfig};
+
+fn peak_rss_gb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1e6)
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let hw = args.first().copied().unwrap_or(32);
+    let steps = args.get(1).copied().unwrap_or(50);
+    let device = Device::flex();
+    device.seed(0);
+    let sd = StableDiffusion {
+        tokenizer: ClipTokenizer::embedded(),
+        text_encoder: ClipTextModel::new(&ClipTextConfig::sd15(), &device),
+        text_config: ClipTextConfig::sd15(),
+        tuned: None,
+        unet: UNet2DConditionModel::new(&UNetConfig::sd15(), &device),
+        unet_config: UNetConfig::sd15(),
+        vae: AutoencoderKL::new(&VaeConfig::sd15(), &device),
+        vae_config: VaeConfig::sd15(),
+        scheduler_config: SchedulerConfig::sd15(),
+        model_id: "random sd15".into(),
+        device: device.clone(),
+    };
+    let p = GenerateParams {
+        prompt: "rusty tracks with an old train".into(),
+        negative_prompt: String::new(),
+        steps,
+        guidance_scale: 7.5,
+        width: hw * 8,
+        height: hw * 8,
+        scheduler: SchedulerKind::Ddim,
+        guidance: Guidance::Cfg,
+        karras: None,
+        eta: 0.0,
+        attention_slice: None,
+        capture_tokens: Vec::new(),
+    };
+    // Materialise the lazily initialised weights before timing.
+    let _ = sd.generate(&GenerateParams { steps: 1, ..p.clone() }, &[42], &mut |_, _| {});
+    let t0 = Instant::now();
+    let mut marks = Vec::new();
+    let g = sd
+        .generate(&p, &[42], &mut |_, _| marks.push(Instant::now()))
+        .expect("generation");
+    let _ = g.images.into_data();
+    let total = t0.elapsed().as_secs_f64();
+    let mut per_step: Vec<f64> = marks.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
+    per_step.sort_by(f64::total_cmp);
+    println!(
+        "DDIM {steps} steps, {}x{} (flex): total {total:.1} s, median step {:.2} s, peak RSS {:.2} GB",
+        hw * 8,
+        hw * 8,
+        per_step.get(per_step.len() / 2).copied().unwrap_or(f64::NAN),
+        peak_rss_gb()
+    );
+}
