@@ -3,6 +3,10 @@
 //! - `clip-vocab --bpe FILE.gz [--out assets/clip]`: rebuild the embedded CLIP vocabulary
 //!   (`vocab.json`, `merges.txt`) from OpenAI's BPE merge list as shipped in open_clip's wheel
 //!   (`open_clip/bpe_simple_vocab_16e6.txt.gz`, MIT), by the same rule as CLIP's `SimpleTokenizer`.
+//! - `convert-weights --from FILE --to DIR [--dtype f32|f16|bf16] [--config sd15|sd2|auto|DIR]
+//!   [--ema]`: a single-file SD checkpoint in the original LDM naming (`.safetensors`, or a
+//!   `.ckpt` read by a restricted unpickler) to a diffusers folder;
+//!   `convert-weights --from DIR --to-single-file OUT.safetensors [--text-encoder DIR]`: back.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -27,12 +31,84 @@ enum Task {
         #[arg(long, default_value = "assets/clip")]
         out: PathBuf,
     },
+    /// Convert a single-file LDM checkpoint to a diffusers folder (--to), or a diffusers
+    /// folder to a single LDM-named safetensors file (--to-single-file).
+    ConvertWeights {
+        /// A `.safetensors`/`.ckpt` single file (with --to) or a diffusers folder (with
+        /// --to-single-file).
+        #[arg(long)]
+        from: PathBuf,
+        /// Output diffusers folder (must not exist).
+        #[arg(long, conflicts_with = "to_single_file")]
+        to: Option<PathBuf>,
+        /// Output single file in LDM naming (must not exist).
+        #[arg(long)]
+        to_single_file: Option<PathBuf>,
+        /// Cast float tensors (default: keep each tensor's dtype).
+        #[arg(long, value_parser = decorr_convert::parse_dtype)]
+        dtype: Option<decorr_convert::DType>,
+        /// Model configs: sd15, sd2 (not supported yet), auto (detect), or a diffusers folder
+        /// whose unet/, vae/, text_encoder/ hold the config.json files.
+        #[arg(long, default_value = "auto")]
+        config: String,
+        /// Take the UNet from the checkpoint's EMA weights (`model_ema.*`).
+        #[arg(long, conflicts_with = "to_single_file")]
+        ema: bool,
+        /// With --to-single-file: take the text encoder from this folder.
+        #[arg(long, requires = "to_single_file")]
+        text_encoder: Option<PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::ClipVocab { bpe, out } => clip_vocab(&bpe, &out),
+        Task::ConvertWeights {
+            from,
+            to,
+            to_single_file,
+            dtype,
+            config,
+            ema,
+            text_encoder,
+        } => convert_weights(from, to, to_single_file, dtype, &config, ema, text_encoder),
     }
+}
+
+fn convert_weights(
+    from: PathBuf,
+    to: Option<PathBuf>,
+    to_single_file: Option<PathBuf>,
+    dtype: Option<decorr_convert::DType>,
+    config: &str,
+    ema: bool,
+    text_encoder: Option<PathBuf>,
+) -> Result<()> {
+    let summary = match (to, to_single_file) {
+        (Some(to), None) => {
+            let config: decorr_convert::ConfigChoice =
+                config.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            let opts = decorr_convert::ToDiffusers { dtype, config, ema };
+            let s = decorr_convert::convert_single_file_to_diffusers(&from, &to, &opts)?;
+            println!("wrote {}", to.display());
+            s
+        }
+        (None, Some(out)) => {
+            let opts = decorr_convert::ToSingleFile {
+                dtype,
+                text_encoder,
+            };
+            let s = decorr_convert::convert_diffusers_to_single_file(&from, &out, &opts)?;
+            println!("wrote {}", out.display());
+            s
+        }
+        _ => bail!("give one of --to DIR or --to-single-file FILE"),
+    };
+    println!(
+        "  text encoder: {} tensors, unet: {}, vae: {}, ignored: {}",
+        summary.text_encoder, summary.unet, summary.vae, summary.ignored
+    );
+    Ok(())
 }
 
 /// CLIP's byte-to-unicode table, in CLIP's order: printable bytes first, then the rest mapped

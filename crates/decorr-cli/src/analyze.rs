@@ -59,9 +59,10 @@ struct Report<'a> {
 }
 
 pub fn run(args: AnalyzeArgs) -> Result<()> {
-    let source = args.model.source();
+    let opened = args.model.open()?;
+    let source = &opened.source;
     let device = args.model.device()?;
-    let tokenizer = decorr_clip::load_tokenizer(&source)?;
+    let tokenizer = decorr_clip::load_tokenizer(source)?;
     let tok = tokenizer.encode(&args.prompt)?;
     let spec = match (&args.target, args.target_index) {
         (Some(w), _) => Some(TargetSpec::Word {
@@ -73,7 +74,7 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
     };
     // Resolve the target before loading weights: a typo should not cost a model load.
     let target = spec.as_ref().map(|s| resolve_target(&tok, s)).transpose()?;
-    let encoder = decorr_clip::load_text_encoder(&source, &device)
+    let encoder = decorr_clip::load_text_encoder(source, &device)
         .with_context(|| format!("loading the text encoder of {}", source.describe()))?;
     let analysis = analyze(&encoder.model, &tok, args.layer, &device)?;
 

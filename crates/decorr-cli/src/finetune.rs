@@ -219,16 +219,17 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             args.out.display()
         );
     }
-    let source = args.model.source();
+    let opened = args.model.open()?;
+    let source = &opened.source;
     let device = args.model.device()?;
-    let tokenizer = decorr_clip::load_tokenizer(&source)?;
+    let tokenizer = decorr_clip::load_tokenizer(source)?;
     let mut prompts = Vec::new();
     for (p, t) in args.prompts.iter().zip(&args.targets) {
         let tokenized = tokenizer.encode(p)?;
         let target = resolve_target(&tokenized, t).with_context(|| format!("prompt {p:?}"))?;
         prompts.push(TrainPrompt { tokenized, target });
     }
-    let encoder = decorr_clip::load_text_encoder(&source, &device)
+    let encoder = decorr_clip::load_text_encoder(source, &device)
         .with_context(|| format!("loading the text encoder of {}", source.describe()))?;
     let config = TrainConfig {
         layer: args.layer,

@@ -375,9 +375,10 @@ fn attention_figure(
 
 /// Loads the checkpoint (and the fine-tuned encoder) for `generate`/`fix`.
 pub fn load(model: &ModelArgs, encoder: Option<&Path>) -> Result<StableDiffusion> {
-    let source = model.source();
+    let opened = model.open()?;
+    let source = &opened.source;
     let device = model.device()?;
-    let sd = StableDiffusion::load(&source, &device).with_context(|| {
+    let sd = StableDiffusion::load(source, &device).with_context(|| {
         format!(
             "loading the Stable Diffusion checkpoint {}",
             source.describe()

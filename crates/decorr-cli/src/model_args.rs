@@ -3,16 +3,22 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use burn::tensor::Device;
 use clap::Args;
 use decorr_core::{BackendKind, DEFAULT_MODEL, ModelSource, select_device};
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A local diffusers-layout folder (with text_encoder/, tokenizer/, ...) or a component folder.
+    /// A local diffusers-layout folder (with text_encoder/, tokenizer/, ...), a component folder,
+    /// or a single-file SD 1.x checkpoint (`.safetensors` or `.ckpt` in the original naming),
+    /// converted on the fly as `cargo xtask convert-weights` would.
     #[arg(long, conflicts_with = "model")]
     pub weights: Option<PathBuf>,
+    /// For a single-file --weights: which configs describe it (auto, sd15, or a diffusers folder
+    /// whose unet/, vae/, text_encoder/ hold them).
+    #[arg(long, default_value = "auto")]
+    pub checkpoint_config: String,
     /// A Hugging Face hub repo id, read through the standard HF cache
     /// (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN are honoured).
     #[arg(long, default_value = DEFAULT_MODEL)]
@@ -28,15 +34,57 @@ pub struct ModelArgs {
     pub gpu: usize,
 }
 
+/// A model source; for a single-file checkpoint, the temporary diffusers folder it was converted
+/// into lives (and is removed) with this value.
+pub struct Opened {
+    pub source: ModelSource,
+    _converted: Option<tempfile::TempDir>,
+}
+
 impl ModelArgs {
-    pub fn source(&self) -> ModelSource {
-        match &self.weights {
-            Some(dir) => ModelSource::Local(dir.clone()),
-            None => ModelSource::Hub {
-                repo: self.model.clone(),
-                revision: self.revision.clone(),
-            },
-        }
+    pub fn open(&self) -> Result<Opened> {
+        let (source, converted) = match &self.weights {
+            Some(file) if file.is_file() => {
+                let tmp = tempfile::Builder::new()
+                    .prefix("decorr-converted-")
+                    .tempdir()?;
+                let dir = tmp.path().join("model");
+                eprintln!(
+                    "converting the single-file checkpoint {} ...",
+                    file.display()
+                );
+                decorr_convert::convert_single_file_to_diffusers(
+                    file,
+                    &dir,
+                    &decorr_convert::ToDiffusers {
+                        config: self
+                            .checkpoint_config
+                            .parse()
+                            .map_err(|e: String| anyhow::anyhow!("--checkpoint-config: {e}"))?,
+                        ..Default::default()
+                    },
+                )
+                .with_context(|| {
+                    format!(
+                        "{} is a file, so it was read as a single-file SD checkpoint",
+                        file.display()
+                    )
+                })?;
+                (ModelSource::Local(dir), Some(tmp))
+            }
+            Some(dir) => (ModelSource::Local(dir.clone()), None),
+            None => (
+                ModelSource::Hub {
+                    repo: self.model.clone(),
+                    revision: self.revision.clone(),
+                },
+                None,
+            ),
+        };
+        Ok(Opened {
+            source,
+            _converted: converted,
+        })
     }
 
     pub fn device(&self) -> Result<Device> {

@@ -307,3 +307,51 @@ fn fix_without_weights_stops_at_once_with_the_how_to() {
     );
     assert!(!dir.exists(), "nothing written");
 }
+
+#[test]
+fn single_file_weights_are_converted_or_refused_clearly() {
+    let out = tempfile::tempdir().unwrap();
+    let d = out.path().join("x");
+    let bad = fixtures().join("convert/malicious.ckpt");
+    assert_fails(
+        &[
+            "generate",
+            "--weights",
+            bad.to_str().unwrap(),
+            "--prompt",
+            "a",
+            "--out",
+            d.to_str().unwrap(),
+        ],
+        &["single-file", "system"],
+    );
+    // The tiny file is not SD 1.5-shaped: `auto` says so; with its configs it converts and loads
+    // (its 200-token vocabulary then cannot encode CLIP ids, which is the next error).
+    let tiny = fixtures().join("convert/tiny.safetensors");
+    let cfg = fixtures().join("convert/diffusers");
+    assert_fails(
+        &[
+            "analyze",
+            "--weights",
+            tiny.to_str().unwrap(),
+            "--prompt",
+            "a",
+        ],
+        &["single-file", "detect"],
+    );
+    assert_fails(
+        &[
+            "analyze",
+            "--weights",
+            tiny.to_str().unwrap(),
+            "--checkpoint-config",
+            cfg.to_str().unwrap(),
+            "--prompt",
+            "a",
+            "--layer",
+            "1",
+        ],
+        &["outside the text encoder's vocabulary"],
+    );
+    assert!(!d.exists());
+}

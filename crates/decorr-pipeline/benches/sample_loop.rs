@@ -2,6 +2,7 @@
 //! flex with random full-size SD 1.5 weights; seconds per step, total, peak RSS. Compare with
 //! `python ../shared/reference/pyref/bench.py loop HW N` on the same machine:
 //! `cargo bench -p decorr-pipeline --bench sample_loop -- HW [N]` (HW: latent size, 32 = 256 px).
+//! `DECORR_BACKEND=wgpu` (built with `--features wgpu`) runs it on a GPU backend instead.
 
 use std::time::Instant;
 
@@ -21,10 +22,17 @@ fn peak_rss_gb() -> f64 {
 }
 
 fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let hw = args.first().copied().unwrap_or(32);
     let steps = args.get(1).copied().unwrap_or(50);
-    let device = Device::flex();
+    let backend: decorr_core::BackendKind = std::env::var("DECORR_BACKEND")
+        .unwrap_or_else(|_| "flex".into())
+        .parse()
+        .expect("DECORR_BACKEND: flex, wgpu or cuda");
+    let device: Device = decorr_core::select_device(backend, 0).expect("backend compiled in");
     device.seed(0);
     let sd = StableDiffusion {
         tokenizer: ClipTokenizer::embedded(),
@@ -54,7 +62,14 @@ fn main() {
         capture_tokens: Vec::new(),
     };
     // Materialise the lazily initialised weights before timing.
-    let _ = sd.generate(&GenerateParams { steps: 1, ..p.clone() }, &[42], &mut |_, _| {});
+    let _ = sd.generate(
+        &GenerateParams {
+            steps: 1,
+            ..p.clone()
+        },
+        &[42],
+        &mut |_, _| {},
+    );
     let t0 = Instant::now();
     let mut marks = Vec::new();
     let g = sd
@@ -62,13 +77,19 @@ fn main() {
         .expect("generation");
     let _ = g.images.into_data();
     let total = t0.elapsed().as_secs_f64();
-    let mut per_step: Vec<f64> = marks.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
+    let mut per_step: Vec<f64> = marks
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
     per_step.sort_by(f64::total_cmp);
     println!(
-        "DDIM {steps} steps, {}x{} (flex): total {total:.1} s, median step {:.2} s, peak RSS {:.2} GB",
+        "DDIM {steps} steps, {}x{} ({backend}): total {total:.1} s, median step {:.2} s, peak RSS {:.2} GB",
         hw * 8,
         hw * 8,
-        per_step.get(per_step.len() / 2).copied().unwrap_or(f64::NAN),
+        per_step
+            .get(per_step.len() / 2)
+            .copied()
+            .unwrap_or(f64::NAN),
         peak_rss_gb()
     );
 }

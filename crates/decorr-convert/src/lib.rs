@@ -1,0 +1,705 @@
+//! Conversion between single-file Stable Diffusion checkpoints in the original LDM naming
+//! (`model.safetensors` or a PyTorch `.ckpt`) and diffusers-layout folders.
+//!
+//! - [`convert_single_file_to_diffusers`] turns `cond_stage_model.transformer.*`,
+//!   `model.diffusion_model.*` and `first_stage_model.*` tensors into `text_encoder/`,
+//!   `unet/` and `vae/` with configs, plus `scheduler/`, `tokenizer/` and `model_index.json`.
+//!   The names follow diffusers' own converter (`single_file_utils.py`), see [`mapping`].
+//! - [`convert_diffusers_to_single_file`] does the reverse, LDM names in one safetensors file.
+//!
+//! `.ckpt` files are read by a restricted unpickler ([`ckpt`]) that refuses any global other
+//! than the few a state dict needs. Outputs are written to a temporary sibling and renamed into
+//! place, so a failed conversion leaves nothing at the target path.
+
+pub mod ckpt;
+pub mod error;
+pub mod mapping;
+pub mod tensor;
+
+use std::path::{Path, PathBuf};
+
+pub use error::ConvertError;
+use mapping::{Table, UnetShape, VaeShape};
+pub use tensor::{DType, StateDict, Tensor};
+
+pub const UNET_PREFIX: &str = "model.diffusion_model.";
+pub const VAE_PREFIX: &str = "first_stage_model.";
+pub const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
+const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+const EMA_PREFIX: &str = "model_ema.";
+/// Buffers of LDM's `LatentDiffusion` (noise schedule, logvar) and the VAE's training loss:
+/// present in many checkpoints, not part of any diffusers model.
+const IGNORED_KEYS: &[&str] = &[
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "logvar",
+];
+const IGNORED_PREFIXES: &[&str] = &["first_stage_model.loss."];
+
+mod assets {
+    pub const SD15_UNET: &str = include_str!("../assets/sd15/unet/config.json");
+    pub const SD15_VAE: &str = include_str!("../assets/sd15/vae/config.json");
+    pub const SD15_TEXT: &str = include_str!("../assets/sd15/text_encoder/config.json");
+    pub const SD15_SCHEDULER: &str = include_str!("../assets/sd15/scheduler/scheduler_config.json");
+    pub const TOKENIZER_CONFIG: &str =
+        include_str!("../assets/sd15/tokenizer/tokenizer_config.json");
+    pub const SPECIAL_TOKENS: &str =
+        include_str!("../assets/sd15/tokenizer/special_tokens_map.json");
+    pub const VOCAB: &str = include_str!("../../../assets/clip/vocab.json");
+    pub const MERGES: &str = include_str!("../../../assets/clip/merges.txt");
+    pub const MODEL_INDEX: &str = r#"{
+  "_class_name": "StableDiffusionPipeline",
+  "_diffusers_version": "0.6.0",
+  "feature_extractor": [null, null],
+  "requires_safety_checker": false,
+  "safety_checker": [null, null],
+  "scheduler": ["diffusers", "PNDMScheduler"],
+  "text_encoder": ["transformers", "CLIPTextModel"],
+  "tokenizer": ["transformers", "CLIPTokenizer"],
+  "unet": ["diffusers", "UNet2DConditionModel"],
+  "vae": ["diffusers", "AutoencoderKL"]
+}
+"#;
+}
+
+/// Which model configs describe the checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigChoice {
+    /// Detect from tensor shapes (SD 1.x: 768-wide CLIP text encoder).
+    Auto,
+    /// Stable Diffusion 1.5's configs (embedded).
+    Sd15,
+    /// Stable Diffusion 2.x (OpenCLIP text encoder): not supported yet, reported as such.
+    Sd2,
+    /// A diffusers folder whose `unet/`, `vae/`, `text_encoder/` (and optionally `scheduler/`)
+    /// hold the config.json files describing the checkpoint.
+    Dir(PathBuf),
+}
+
+impl std::str::FromStr for ConfigChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "auto" => ConfigChoice::Auto,
+            "sd15" => ConfigChoice::Sd15,
+            "sd2" => ConfigChoice::Sd2,
+            other if Path::new(other).is_dir() => ConfigChoice::Dir(other.into()),
+            other => {
+                return Err(format!(
+                    "`{other}` is not sd15, sd2, auto or an existing config folder"
+                ));
+            }
+        })
+    }
+}
+
+/// Parse `f32`, `f16` or `bf16`.
+pub fn parse_dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "f32" | "fp32" | "float32" => Ok(DType::F32),
+        "f16" | "fp16" | "float16" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        other => Err(format!("dtype `{other}` is not f32, f16 or bf16")),
+    }
+}
+
+/// Options of [`convert_single_file_to_diffusers`].
+#[derive(Debug, Clone)]
+pub struct ToDiffusers {
+    /// Cast float tensors to this dtype; `None` keeps each tensor's dtype.
+    pub dtype: Option<DType>,
+    pub config: ConfigChoice,
+    /// Take the UNet from the EMA weights (`model_ema.*`), as diffusers' `extract_ema`.
+    pub ema: bool,
+}
+
+impl Default for ToDiffusers {
+    fn default() -> Self {
+        Self {
+            dtype: None,
+            config: ConfigChoice::Auto,
+            ema: false,
+        }
+    }
+}
+
+/// Options of [`convert_diffusers_to_single_file`].
+#[derive(Debug, Clone, Default)]
+pub struct ToSingleFile {
+    pub dtype: Option<DType>,
+    /// Take the text encoder from this folder (a `text_encoder/` folder or a diffusers folder
+    /// holding one) instead of the source's.
+    pub text_encoder: Option<PathBuf>,
+}
+
+/// What a conversion wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub text_encoder: usize,
+    pub unet: usize,
+    pub vae: usize,
+    pub ignored: usize,
+}
+
+/// Read all tensors of a single-file checkpoint: safetensors or a PyTorch zip `.ckpt`,
+/// recognised by content, not by extension.
+pub fn read_state_dict(path: &Path) -> Result<StateDict, ConvertError> {
+    use std::io::Read;
+    let io = |source| ConvertError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut head = [0u8; 9];
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut n = 0;
+    while n < head.len() {
+        let r = f.read(&mut head[n..]).map_err(io)?;
+        if r == 0 {
+            break;
+        }
+        n += r;
+    }
+    let head = &head[..n];
+    if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+        return ckpt::read_ckpt(path);
+    }
+    if n == 9 && head[8] == b'{' {
+        return tensor::read_safetensors(path);
+    }
+    if head.first() == Some(&0x80) {
+        return Err(ConvertError::BadCheckpoint {
+            path: path.to_path_buf(),
+            message: "legacy (pre-1.6, non-zip) PyTorch format is not supported; re-save it with a current torch".into(),
+        });
+    }
+    Err(ConvertError::UnknownFormat {
+        path: path.to_path_buf(),
+        magic: head
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+    })
+}
+
+struct Configs {
+    unet: String,
+    vae: String,
+    text: String,
+    scheduler: String,
+    origin: PathBuf,
+}
+
+fn read_text(path: &Path) -> Result<String, ConvertError> {
+    std::fs::read_to_string(path).map_err(|source| ConvertError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn parse_json(text: &str, path: &Path) -> Result<serde_json::Value, ConvertError> {
+    serde_json::from_str(text).map_err(|e| ConvertError::BadConfig {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn sd15_configs() -> Configs {
+    Configs {
+        unet: assets::SD15_UNET.into(),
+        vae: assets::SD15_VAE.into(),
+        text: assets::SD15_TEXT.into(),
+        scheduler: assets::SD15_SCHEDULER.into(),
+        origin: PathBuf::from("<embedded sd15>"),
+    }
+}
+
+fn text_width(sd: &StateDict) -> Option<usize> {
+    [
+        "text_model.final_layer_norm.weight",
+        "final_layer_norm.weight",
+    ]
+    .iter()
+    .find_map(|k| sd.get(&format!("{CLIP_PREFIX}{k}")))
+    .and_then(|t| t.shape.first().copied())
+}
+
+fn pick_configs(choice: &ConfigChoice, sd: &StateDict) -> Result<Configs, ConvertError> {
+    let sd2 = || {
+        ConvertError::Unsupported(
+            "Stable Diffusion 2.x checkpoints (OpenCLIP text encoder, `cond_stage_model.model.*`) are not supported yet".into(),
+        )
+    };
+    match choice {
+        ConfigChoice::Sd15 => Ok(sd15_configs()),
+        ConfigChoice::Sd2 => Err(sd2()),
+        ConfigChoice::Auto => {
+            if sd.keys().any(|k| k.starts_with(OPEN_CLIP_PREFIX)) {
+                return Err(sd2());
+            }
+            match text_width(sd) {
+                Some(768) => Ok(sd15_configs()),
+                Some(1024) => Err(sd2()),
+                other => Err(ConvertError::Unsupported(format!(
+                    "cannot detect the model family (text encoder width {other:?}); pass --config DIR with unet/, vae/ and text_encoder/ config.json files"
+                ))),
+            }
+        }
+        ConfigChoice::Dir(dir) => {
+            let sched = dir.join("scheduler/scheduler_config.json");
+            Ok(Configs {
+                unet: read_text(&dir.join("unet/config.json"))?,
+                vae: read_text(&dir.join("vae/config.json"))?,
+                text: read_text(&dir.join("text_encoder/config.json"))?,
+                scheduler: if sched.is_file() {
+                    read_text(&sched)?
+                } else {
+                    assets::SD15_SCHEDULER.into()
+                },
+                origin: dir.clone(),
+            })
+        }
+    }
+}
+
+/// The three models of a checkpoint in diffusers naming, with their table shapes.
+struct Split {
+    text: StateDict,
+    unet: StateDict,
+    vae: StateDict,
+    ignored: usize,
+}
+
+fn split_ldm(mut sd: StateDict, ema: bool) -> Result<Split, ConvertError> {
+    let mut text = StateDict::new();
+    let mut unet = StateDict::new();
+    let mut vae = StateDict::new();
+    let mut emas = StateDict::new();
+    let mut unknown = Vec::new();
+    let mut ignored = 0;
+    for (k, t) in std::mem::take(&mut sd) {
+        if let Some(r) = k.strip_prefix(UNET_PREFIX) {
+            unet.insert(r.to_string(), t);
+        } else if IGNORED_PREFIXES.iter().any(|p| k.starts_with(p)) {
+            ignored += 1;
+        } else if let Some(r) = k.strip_prefix(VAE_PREFIX) {
+            vae.insert(r.to_string(), t);
+        } else if let Some(r) = k.strip_prefix(CLIP_PREFIX) {
+            text.insert(r.to_string(), t);
+        } else if k.starts_with(OPEN_CLIP_PREFIX) {
+            return Err(ConvertError::Unsupported(
+                "Stable Diffusion 2.x checkpoints (OpenCLIP text encoder, `cond_stage_model.model.*`) are not supported yet".into(),
+            ));
+        } else if k.starts_with(EMA_PREFIX) {
+            emas.insert(k, t);
+        } else if IGNORED_KEYS.contains(&k.as_str()) {
+            ignored += 1;
+        } else {
+            unknown.push(k);
+        }
+    }
+    if !unknown.is_empty() {
+        let n = unknown.len();
+        unknown.truncate(8);
+        let mut keys = unknown.join(", ");
+        if n > 8 {
+            keys.push_str(&format!(" and {} more", n - 8));
+        }
+        return Err(ConvertError::UnknownKeys { keys });
+    }
+    if ema {
+        let weights = emas
+            .keys()
+            .filter(|k| !matches!(k.as_str(), "model_ema.decay" | "model_ema.num_updates"))
+            .count();
+        if weights == 0 {
+            return Err(ConvertError::Missing(
+                "EMA weights were asked for (--ema) but the file has no `model_ema.*` tensors"
+                    .into(),
+            ));
+        }
+        for (k, t) in unet.iter_mut() {
+            // diffusers: "model_ema." + "".join(key.split(".")[1:])
+            let flat = format!("{EMA_PREFIX}diffusion_model{}", k.replace('.', ""));
+            *t = emas.remove(&flat).ok_or_else(|| {
+                ConvertError::Missing(format!("EMA tensor `{flat}` for `{UNET_PREFIX}{k}`"))
+            })?;
+        }
+    }
+    ignored += emas.len();
+    for (what, part) in [
+        ("text encoder (cond_stage_model.transformer.*)", &text),
+        ("UNet (model.diffusion_model.*)", &unet),
+        ("VAE (first_stage_model.*)", &vae),
+    ] {
+        if part.is_empty() {
+            return Err(ConvertError::Missing(format!(
+                "the file has no {what} tensors"
+            )));
+        }
+    }
+    Ok(Split {
+        text,
+        unet,
+        vae,
+        ignored,
+    })
+}
+
+fn check_shape(
+    sd: &StateDict,
+    key: &str,
+    dim: usize,
+    expect: Option<u64>,
+    cfg_path: &Path,
+    field: &str,
+) -> Result<(), ConvertError> {
+    let (Some(t), Some(e)) = (sd.get(key), expect) else {
+        return Ok(());
+    };
+    if t.shape.get(dim).map(|&d| d as u64) != Some(e) {
+        return Err(ConvertError::BadConfig {
+            path: cfg_path.to_path_buf(),
+            message: format!(
+                "`{field}` is {e} but tensor `{key}` has shape {:?}: the config does not describe this checkpoint (use --config)",
+                t.shape
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn cast_all(sd: StateDict, dtype: Option<DType>) -> StateDict {
+    match dtype {
+        None => sd,
+        Some(d) => sd.into_iter().map(|(k, t)| (k, t.cast(d))).collect(),
+    }
+}
+
+/// A temporary folder next to `target` that becomes `target` on [`TempOut::commit`] and is
+/// removed when dropped uncommitted.
+struct TempOut {
+    dir: tempfile::TempDir,
+    target: PathBuf,
+}
+
+impl TempOut {
+    fn new(target: &Path) -> Result<Self, ConvertError> {
+        if target.exists() {
+            return Err(ConvertError::OutputExists(target.to_path_buf()));
+        }
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let io = |source| ConvertError::Io {
+            path: parent.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&parent).map_err(io)?;
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!(".{name}.converting-"))
+            .tempdir_in(&parent)
+            .map_err(io)?;
+        Ok(Self {
+            dir,
+            target: target.to_path_buf(),
+        })
+    }
+    fn write(&self, rel: &str, bytes: &[u8]) -> Result<(), ConvertError> {
+        let p = self.dir.path().join(rel);
+        let io = |source| ConvertError::Io {
+            path: p.clone(),
+            source,
+        };
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        std::fs::write(&p, bytes).map_err(io)
+    }
+    /// Stream tensors to a safetensors file in the temp folder (its folder exists: configs
+    /// are written first).
+    fn write_tensors(&self, rel: &str, tensors: StateDict) -> Result<(), ConvertError> {
+        tensor::write_safetensors(&self.dir.path().join(rel), &tensors)
+    }
+    fn commit(self) -> Result<(), ConvertError> {
+        let target = self.target.clone();
+        let tmp = self.dir.keep();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755));
+        }
+        std::fs::rename(&tmp, &target).map_err(|source| {
+            let _ = std::fs::remove_dir_all(&tmp);
+            ConvertError::Io {
+                path: target.clone(),
+                source,
+            }
+        })
+    }
+}
+
+/// Convert a single-file LDM checkpoint (`from`) to a diffusers folder (`to`, which must not
+/// exist). Nothing is created at `to` unless the whole conversion succeeds.
+pub fn convert_single_file_to_diffusers(
+    from: &Path,
+    to: &Path,
+    opts: &ToDiffusers,
+) -> Result<Summary, ConvertError> {
+    if to.exists() {
+        return Err(ConvertError::OutputExists(to.to_path_buf()));
+    }
+    let sd = read_state_dict(from)?;
+    let cfgs = pick_configs(&opts.config, &sd)?;
+    let split = split_ldm(sd, opts.ema)?;
+    let unet_cfg_path = cfgs.origin.join("unet/config.json");
+    let vae_cfg_path = cfgs.origin.join("vae/config.json");
+    let text_cfg_path = cfgs.origin.join("text_encoder/config.json");
+    let unet_cfg = parse_json(&cfgs.unet, &unet_cfg_path)?;
+    let vae_cfg = parse_json(&cfgs.vae, &vae_cfg_path)?;
+    let text_cfg = parse_json(&cfgs.text, &text_cfg_path)?;
+    parse_json(
+        &cfgs.scheduler,
+        &cfgs.origin.join("scheduler/scheduler_config.json"),
+    )?;
+    let bad = |path: &Path| {
+        let path = path.to_path_buf();
+        move |message: String| ConvertError::BadConfig { path, message }
+    };
+    let unet_shape = UnetShape::from_config(&unet_cfg).map_err(bad(&unet_cfg_path))?;
+    let vae_shape = VaeShape::from_config(&vae_cfg).map_err(bad(&vae_cfg_path))?;
+
+    let not_described = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: ConvertError| match e {
+            ConvertError::UnknownKeys { keys } => ConvertError::BadConfig {
+                path,
+                message: format!(
+                    "the config does not describe these tensors of the checkpoint (wrong --config?): {keys}"
+                ),
+            },
+            other => other,
+        }
+    };
+    let unet = Table::unet(&unet_shape)
+        .to_diffusers(split.unet, UNET_PREFIX)
+        .map_err(not_described(&unet_cfg_path))?;
+    let vae = Table::vae(&vae_shape)
+        .to_diffusers(split.vae, VAE_PREFIX)
+        .map_err(not_described(&vae_cfg_path))?;
+    let text = mapping::clip_to_diffusers(split.text);
+
+    let first = |cfg: &serde_json::Value| {
+        cfg.get("block_out_channels")
+            .and_then(|v| v.get(0))
+            .and_then(|v| v.as_u64())
+    };
+    check_shape(
+        &unet,
+        "conv_in.weight",
+        0,
+        first(&unet_cfg),
+        &unet_cfg_path,
+        "block_out_channels[0]",
+    )?;
+    check_shape(
+        &unet,
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+        1,
+        unet_cfg.get("cross_attention_dim").and_then(|v| v.as_u64()),
+        &unet_cfg_path,
+        "cross_attention_dim",
+    )?;
+    check_shape(
+        &vae,
+        "encoder.conv_in.weight",
+        0,
+        first(&vae_cfg),
+        &vae_cfg_path,
+        "block_out_channels[0]",
+    )?;
+    check_shape(
+        &text,
+        "text_model.final_layer_norm.weight",
+        0,
+        text_cfg.get("hidden_size").and_then(|v| v.as_u64()),
+        &text_cfg_path,
+        "hidden_size",
+    )?;
+    check_shape(
+        &text,
+        "text_model.embeddings.token_embedding.weight",
+        0,
+        text_cfg.get("vocab_size").and_then(|v| v.as_u64()),
+        &text_cfg_path,
+        "vocab_size",
+    )?;
+
+    let summary = Summary {
+        text_encoder: text.len(),
+        unet: unet.len(),
+        vae: vae.len(),
+        ignored: split.ignored,
+    };
+    let out = TempOut::new(to)?;
+    out.write("model_index.json", assets::MODEL_INDEX.as_bytes())?;
+    out.write("scheduler/scheduler_config.json", cfgs.scheduler.as_bytes())?;
+    out.write("tokenizer/vocab.json", assets::VOCAB.as_bytes())?;
+    out.write("tokenizer/merges.txt", assets::MERGES.as_bytes())?;
+    out.write(
+        "tokenizer/tokenizer_config.json",
+        assets::TOKENIZER_CONFIG.as_bytes(),
+    )?;
+    out.write(
+        "tokenizer/special_tokens_map.json",
+        assets::SPECIAL_TOKENS.as_bytes(),
+    )?;
+    out.write("text_encoder/config.json", cfgs.text.as_bytes())?;
+    out.write("unet/config.json", cfgs.unet.as_bytes())?;
+    out.write("vae/config.json", cfgs.vae.as_bytes())?;
+    out.write_tensors("text_encoder/model.safetensors", cast_all(text, opts.dtype))?;
+    out.write_tensors(
+        "unet/diffusion_pytorch_model.safetensors",
+        cast_all(unet, opts.dtype),
+    )?;
+    out.write_tensors(
+        "vae/diffusion_pytorch_model.safetensors",
+        cast_all(vae, opts.dtype),
+    )?;
+    out.commit()?;
+    Ok(summary)
+}
+
+fn model_file(dir: &Path, names: &[&str]) -> Result<PathBuf, ConvertError> {
+    names
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+        .ok_or_else(|| ConvertError::Missing(format!("{} has none of {names:?}", dir.display())))
+}
+
+/// Convert a diffusers folder (`from`: `unet/`, `vae/`, `text_encoder/`) to one safetensors
+/// file in LDM naming (`out`, which must not exist), as SD front-ends load.
+pub fn convert_diffusers_to_single_file(
+    from: &Path,
+    out: &Path,
+    opts: &ToSingleFile,
+) -> Result<Summary, ConvertError> {
+    if out.exists() {
+        return Err(ConvertError::OutputExists(out.to_path_buf()));
+    }
+    let st = [
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+    ];
+    let unet_dir = from.join("unet");
+    let vae_dir = from.join("vae");
+    let text_dir = match &opts.text_encoder {
+        Some(d) if d.join("text_encoder").is_dir() => d.join("text_encoder"),
+        Some(d) => d.clone(),
+        None => from.join("text_encoder"),
+    };
+    let unet_cfg_path = unet_dir.join("config.json");
+    let vae_cfg_path = vae_dir.join("config.json");
+    let unet_cfg = parse_json(&read_text(&unet_cfg_path)?, &unet_cfg_path)?;
+    let vae_cfg = parse_json(&read_text(&vae_cfg_path)?, &vae_cfg_path)?;
+    let bad = |path: &Path| {
+        let path = path.to_path_buf();
+        move |message: String| ConvertError::BadConfig { path, message }
+    };
+    let unet_shape = UnetShape::from_config(&unet_cfg).map_err(bad(&unet_cfg_path))?;
+    let vae_shape = VaeShape::from_config(&vae_cfg).map_err(bad(&vae_cfg_path))?;
+
+    let unet = tensor::read_safetensors(&model_file(&unet_dir, &st)?)?;
+    let vae = tensor::read_safetensors(&model_file(&vae_dir, &st)?)?;
+    let text = tensor::read_safetensors(&model_file(
+        &text_dir,
+        &["model.safetensors", "model.fp16.safetensors"],
+    )?)?;
+    let unet = Table::unet(&unet_shape).to_ldm(unet, "unet")?;
+    let vae = Table::vae(&vae_shape).to_ldm(vae, "vae")?;
+
+    let mut all = StateDict::new();
+    let summary = Summary {
+        text_encoder: text.len(),
+        unet: unet.len(),
+        vae: vae.len(),
+        ignored: 0,
+    };
+    let mut unknown = Vec::new();
+    let mut n_pos = None;
+    for (k, t) in text {
+        if k.ends_with("embeddings.position_ids") {
+            continue;
+        }
+        if !k.starts_with("text_model.") {
+            unknown.push(format!("text_encoder: {k}"));
+            continue;
+        }
+        if k == "text_model.embeddings.position_embedding.weight" {
+            n_pos = t.shape.first().copied();
+        }
+        all.insert(format!("{CLIP_PREFIX}{k}"), t);
+    }
+    if !unknown.is_empty() {
+        return Err(ConvertError::UnknownKeys {
+            keys: unknown.join(", "),
+        });
+    }
+    // Original SD 1.x files carry CLIP's position_ids buffer; some loaders expect it.
+    if let Some(n) = n_pos {
+        all.insert(
+            format!("{CLIP_PREFIX}text_model.embeddings.position_ids"),
+            Tensor {
+                dtype: DType::I64,
+                shape: vec![1, n],
+                data: (0..n as i64).flat_map(i64::to_le_bytes).collect(),
+            },
+        );
+    }
+    all.extend(
+        unet.into_iter()
+            .map(|(k, t)| (format!("{UNET_PREFIX}{k}"), t)),
+    );
+    all.extend(
+        vae.into_iter()
+            .map(|(k, t)| (format!("{VAE_PREFIX}{k}"), t)),
+    );
+    write_file_atomic(out, &cast_all(all, opts.dtype))?;
+    Ok(summary)
+}
+
+/// Stream tensors to a temp file next to `out`, then rename it into place (as
+/// `decorr_core::io::write_atomic`, without holding the serialized bytes in memory).
+fn write_file_atomic(out: &Path, tensors: &StateDict) -> Result<(), ConvertError> {
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let io = |source| ConvertError::Io {
+        path: out.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io)?;
+    tensor::write_safetensors(tmp.path(), tensors)?;
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.persist(out).map_err(|e| io(e.error))?;
+    decorr_core::io::make_readable(out)?;
+    Ok(())
+}

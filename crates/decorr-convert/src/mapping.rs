@@ -1,0 +1,532 @@
+//! Tensor-name mapping between the original LDM single-file naming and diffusers/transformers
+//! naming, following diffusers' `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`
+//! and `convert_ldm_clip_checkpoint` (`diffusers/loaders/single_file_utils.py`).
+//!
+//! The mapping is a table of `(ldm prefix, diffusers prefix, kind)` built from the model's
+//! config; the kind says how the rest of the name (and, for the VAE attention, the shape)
+//! changes. The same table serves both directions.
+
+use crate::error::ConvertError;
+use crate::tensor::{StateDict, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// The rest of the name is unchanged.
+    Plain,
+    /// UNet ResBlock: `in_layers.0` -> `norm1`, ...
+    UnetResnet,
+    /// VAE ResnetBlock: `nin_shortcut` -> `conv_shortcut`.
+    VaeResnet,
+    /// VAE mid-block attention: `q` -> `to_q`, ..., 1x1 conv weights squeezed to linear.
+    VaeAttn,
+}
+
+const UNET_RESNET: &[(&str, &str)] = &[
+    ("in_layers.0.", "norm1."),
+    ("in_layers.2.", "conv1."),
+    ("out_layers.0.", "norm2."),
+    ("out_layers.3.", "conv2."),
+    ("emb_layers.1.", "time_emb_proj."),
+    ("skip_connection.", "conv_shortcut."),
+];
+const VAE_RESNET: &[(&str, &str)] = &[("nin_shortcut.", "conv_shortcut.")];
+const VAE_ATTN: &[(&str, &str)] = &[
+    ("norm.", "group_norm."),
+    ("q.", "to_q."),
+    ("k.", "to_k."),
+    ("v.", "to_v."),
+    ("proj_out.", "to_out.0."),
+];
+/// Older diffusers VAE attention names, accepted when converting back to LDM.
+const VAE_ATTN_OLD: &[(&str, &str)] = &[
+    ("q.", "query."),
+    ("k.", "key."),
+    ("v.", "value."),
+    ("proj_out.", "proj_attn."),
+];
+
+/// Table of one model's prefixes.
+#[derive(Debug, Clone)]
+pub struct Table {
+    rows: Vec<(String, String, Kind)>,
+}
+
+/// What the mapping needs from a UNet2DConditionModel config.json.
+#[derive(Debug, Clone)]
+pub struct UnetShape {
+    pub layers_per_block: usize,
+    pub down_attn: Vec<bool>,
+    pub up_attn: Vec<bool>,
+    pub mid_attn: bool,
+}
+
+/// What the mapping needs from an AutoencoderKL config.json.
+#[derive(Debug, Clone)]
+pub struct VaeShape {
+    pub layers_per_block: usize,
+    pub n_blocks: usize,
+    pub mid_attn: bool,
+}
+
+fn block_types(cfg: &serde_json::Value, key: &str) -> Result<Vec<bool>, String> {
+    cfg.get(key)
+        .and_then(|v| v.as_array())
+        .ok_or_else(|| format!("`{key}` missing or not a list"))?
+        .iter()
+        .map(|t| {
+            t.as_str()
+                .map(|s| s.contains("CrossAttn"))
+                .ok_or_else(|| format!("`{key}` holds a non-string"))
+        })
+        .collect()
+}
+
+fn usize_field(cfg: &serde_json::Value, key: &str) -> Result<usize, String> {
+    cfg.get(key)
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize)
+        .ok_or_else(|| format!("`{key}` missing or not an integer"))
+}
+
+impl UnetShape {
+    pub fn from_config(cfg: &serde_json::Value) -> Result<Self, String> {
+        let down_attn = block_types(cfg, "down_block_types")?;
+        let up_attn = block_types(cfg, "up_block_types")?;
+        if down_attn.len() != up_attn.len() {
+            return Err("down_block_types and up_block_types differ in length".into());
+        }
+        if cfg.get("layers_per_block").is_some_and(|v| v.is_array()) {
+            return Err("per-block `layers_per_block` lists are not supported".into());
+        }
+        let mid = cfg
+            .get("mid_block_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("UNetMidBlock2DCrossAttn");
+        Ok(Self {
+            layers_per_block: usize_field(cfg, "layers_per_block")?,
+            down_attn,
+            up_attn,
+            mid_attn: mid.contains("CrossAttn"),
+        })
+    }
+}
+
+impl VaeShape {
+    pub fn from_config(cfg: &serde_json::Value) -> Result<Self, String> {
+        let n = cfg
+            .get("down_block_types")
+            .and_then(|v| v.as_array())
+            .ok_or("`down_block_types` missing or not a list")?
+            .len();
+        Ok(Self {
+            layers_per_block: usize_field(cfg, "layers_per_block")?,
+            n_blocks: n,
+            mid_attn: cfg
+                .get("mid_block_add_attention")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(true),
+        })
+    }
+}
+
+impl Table {
+    pub fn unet(s: &UnetShape) -> Table {
+        let mut rows: Vec<(String, String, Kind)> = Vec::new();
+        let mut add = |l: String, d: String, k: Kind| rows.push((l, d, k));
+        use Kind::*;
+        add(
+            "time_embed.0".into(),
+            "time_embedding.linear_1".into(),
+            Plain,
+        );
+        add(
+            "time_embed.2".into(),
+            "time_embedding.linear_2".into(),
+            Plain,
+        );
+        add("input_blocks.0.0".into(), "conv_in".into(), Plain);
+        add("out.0".into(), "conv_norm_out".into(), Plain);
+        add("out.2".into(), "conv_out".into(), Plain);
+        let lpb = s.layers_per_block;
+        let n = s.down_attn.len();
+        for i in 0..n {
+            for j in 0..lpb {
+                let idx = 1 + i * (lpb + 1) + j;
+                add(
+                    format!("input_blocks.{idx}.0"),
+                    format!("down_blocks.{i}.resnets.{j}"),
+                    UnetResnet,
+                );
+                if s.down_attn[i] {
+                    add(
+                        format!("input_blocks.{idx}.1"),
+                        format!("down_blocks.{i}.attentions.{j}"),
+                        Plain,
+                    );
+                }
+            }
+            if i + 1 < n {
+                let idx = 1 + i * (lpb + 1) + lpb;
+                add(
+                    format!("input_blocks.{idx}.0.op"),
+                    format!("down_blocks.{i}.downsamplers.0.conv"),
+                    Plain,
+                );
+            }
+        }
+        add(
+            "middle_block.0".into(),
+            "mid_block.resnets.0".into(),
+            UnetResnet,
+        );
+        if s.mid_attn {
+            add(
+                "middle_block.1".into(),
+                "mid_block.attentions.0".into(),
+                Plain,
+            );
+            add(
+                "middle_block.2".into(),
+                "mid_block.resnets.1".into(),
+                UnetResnet,
+            );
+        } else {
+            add(
+                "middle_block.1".into(),
+                "mid_block.resnets.1".into(),
+                UnetResnet,
+            );
+        }
+        for i in 0..n {
+            for j in 0..=lpb {
+                let idx = i * (lpb + 1) + j;
+                add(
+                    format!("output_blocks.{idx}.0"),
+                    format!("up_blocks.{i}.resnets.{j}"),
+                    UnetResnet,
+                );
+                if s.up_attn[i] {
+                    add(
+                        format!("output_blocks.{idx}.1"),
+                        format!("up_blocks.{i}.attentions.{j}"),
+                        Plain,
+                    );
+                }
+                if j == lpb && i + 1 < n {
+                    let k = if s.up_attn[i] { 2 } else { 1 };
+                    add(
+                        format!("output_blocks.{idx}.{k}.conv"),
+                        format!("up_blocks.{i}.upsamplers.0.conv"),
+                        Plain,
+                    );
+                }
+            }
+        }
+        Table { rows }
+    }
+
+    pub fn vae(s: &VaeShape) -> Table {
+        use Kind::*;
+        let mut rows: Vec<(String, String, Kind)> = Vec::new();
+        let mut add = |l: String, d: String, k: Kind| rows.push((l, d, k));
+        for part in ["encoder", "decoder"] {
+            add(format!("{part}.conv_in"), format!("{part}.conv_in"), Plain);
+            add(
+                format!("{part}.conv_out"),
+                format!("{part}.conv_out"),
+                Plain,
+            );
+            add(
+                format!("{part}.norm_out"),
+                format!("{part}.conv_norm_out"),
+                Plain,
+            );
+            add(
+                format!("{part}.mid.block_1"),
+                format!("{part}.mid_block.resnets.0"),
+                VaeResnet,
+            );
+            add(
+                format!("{part}.mid.block_2"),
+                format!("{part}.mid_block.resnets.1"),
+                VaeResnet,
+            );
+            if s.mid_attn {
+                add(
+                    format!("{part}.mid.attn_1"),
+                    format!("{part}.mid_block.attentions.0"),
+                    VaeAttn,
+                );
+            }
+        }
+        add("quant_conv".into(), "quant_conv".into(), Plain);
+        add("post_quant_conv".into(), "post_quant_conv".into(), Plain);
+        let n = s.n_blocks;
+        let lpb = s.layers_per_block;
+        for i in 0..n {
+            for j in 0..lpb {
+                add(
+                    format!("encoder.down.{i}.block.{j}"),
+                    format!("encoder.down_blocks.{i}.resnets.{j}"),
+                    VaeResnet,
+                );
+            }
+            if i + 1 < n {
+                add(
+                    format!("encoder.down.{i}.downsample.conv"),
+                    format!("encoder.down_blocks.{i}.downsamplers.0.conv"),
+                    Plain,
+                );
+            }
+            let b = n - 1 - i;
+            for j in 0..=lpb {
+                add(
+                    format!("decoder.up.{b}.block.{j}"),
+                    format!("decoder.up_blocks.{i}.resnets.{j}"),
+                    VaeResnet,
+                );
+            }
+            if i + 1 < n {
+                add(
+                    format!("decoder.up.{b}.upsample.conv"),
+                    format!("decoder.up_blocks.{i}.upsamplers.0.conv"),
+                    Plain,
+                );
+            }
+        }
+        Table { rows }
+    }
+
+    /// The longest row whose prefix (on the LDM side if `ldm`, else diffusers) starts `key`
+    /// followed by a dot; returns the row and the rest of the key.
+    fn find<'k>(&self, key: &'k str, ldm: bool) -> Option<(&(String, String, Kind), &'k str)> {
+        self.rows
+            .iter()
+            .filter_map(|row| {
+                let p = if ldm { &row.0 } else { &row.1 };
+                key.strip_prefix(p.as_str())
+                    .and_then(|r| r.strip_prefix('.'))
+                    .map(|rest| (row, rest, p.len()))
+            })
+            .max_by_key(|(_, _, len)| *len)
+            .map(|(row, rest, _)| (row, rest))
+    }
+
+    /// Map LDM tensors (names without the family prefix) to diffusers names. Any name the
+    /// table does not cover is an error.
+    pub fn to_diffusers(&self, ldm: StateDict, family: &str) -> Result<StateDict, ConvertError> {
+        let mut out = StateDict::new();
+        let mut unknown = Vec::new();
+        for (key, t) in ldm {
+            let Some(((_, dprefix, kind), rest)) = self.find(&key, true) else {
+                unknown.push(format!("{family}{key}"));
+                continue;
+            };
+            let (rest, t) = match kind {
+                Kind::Plain => (rest.to_string(), t),
+                Kind::UnetResnet => (rename(rest, UNET_RESNET, false), t),
+                Kind::VaeResnet => (rename(rest, VAE_RESNET, false), t),
+                Kind::VaeAttn => {
+                    let r = rename(rest, VAE_ATTN, false);
+                    let t = if r.ends_with(".weight") && !r.starts_with("group_norm.") {
+                        squeeze(t)
+                    } else {
+                        t
+                    };
+                    (r, t)
+                }
+            };
+            out.insert(format!("{dprefix}.{rest}"), t);
+        }
+        unknown_error(unknown)?;
+        Ok(out)
+    }
+
+    /// Map diffusers tensors to LDM names (without the family prefix).
+    pub fn to_ldm(&self, diffusers: StateDict, what: &str) -> Result<StateDict, ConvertError> {
+        let mut out = StateDict::new();
+        let mut unknown = Vec::new();
+        for (key, t) in diffusers {
+            let Some(((lprefix, _, kind), rest)) = self.find(&key, false) else {
+                unknown.push(format!("{what}: {key}"));
+                continue;
+            };
+            let (rest, t) = match kind {
+                Kind::Plain => (rest.to_string(), t),
+                Kind::UnetResnet => (rename(rest, UNET_RESNET, true), t),
+                Kind::VaeResnet => (rename(rest, VAE_RESNET, true), t),
+                Kind::VaeAttn => {
+                    let mut r = rename(rest, VAE_ATTN, true);
+                    if r == rest {
+                        r = rename(rest, VAE_ATTN_OLD, true);
+                    }
+                    let t = if r.ends_with(".weight") && !r.starts_with("norm.") {
+                        unsqueeze_conv(t)
+                    } else {
+                        t
+                    };
+                    (r, t)
+                }
+            };
+            out.insert(format!("{lprefix}.{rest}"), t);
+        }
+        unknown_error(unknown)?;
+        Ok(out)
+    }
+}
+
+fn unknown_error(mut unknown: Vec<String>) -> Result<(), ConvertError> {
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let n = unknown.len();
+    unknown.truncate(8);
+    let mut keys = unknown.join(", ");
+    if n > 8 {
+        keys.push_str(&format!(" and {} more", n - 8));
+    }
+    Err(ConvertError::UnknownKeys { keys })
+}
+
+/// Rename the leading component(s) of `rest` by `pairs` (LDM -> diffusers, or back if `back`).
+fn rename(rest: &str, pairs: &[(&str, &str)], back: bool) -> String {
+    for (l, d) in pairs {
+        let (from, to) = if back { (d, l) } else { (l, d) };
+        if let Some(r) = rest.strip_prefix(from) {
+            return format!("{to}{r}");
+        }
+    }
+    rest.to_string()
+}
+
+/// `[C, C, 1, 1]` or `[C, C, 1]` -> `[C, C]` (same bytes).
+fn squeeze(mut t: Tensor) -> Tensor {
+    if t.shape.len() > 2 && t.shape[2..].iter().all(|&d| d == 1) {
+        t.shape.truncate(2);
+    }
+    t
+}
+
+/// `[C, C]` -> `[C, C, 1, 1]` (same bytes), the LDM VAE attention's 1x1 conv shape.
+fn unsqueeze_conv(mut t: Tensor) -> Tensor {
+    if t.shape.len() == 2 {
+        t.shape.extend([1, 1]);
+    }
+    t
+}
+
+/// CLIP text encoder: LDM `cond_stage_model.transformer.[text_model.]X` -> `text_model.X`.
+/// `position_ids` buffers are dropped (transformers does not store them).
+pub fn clip_to_diffusers(ldm: StateDict) -> StateDict {
+    ldm.into_iter()
+        .filter(|(k, _)| !k.ends_with("embeddings.position_ids"))
+        .map(|(k, t)| {
+            let k = if k.starts_with("text_model.") {
+                k
+            } else {
+                format!("text_model.{k}")
+            };
+            (k, t)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sd15_unet() -> UnetShape {
+        UnetShape {
+            layers_per_block: 2,
+            down_attn: vec![true, true, true, false],
+            up_attn: vec![false, true, true, true],
+            mid_attn: true,
+        }
+    }
+
+    fn map(t: &Table, k: &str) -> String {
+        let mut sd = StateDict::new();
+        sd.insert(
+            k.to_string(),
+            Tensor {
+                dtype: crate::tensor::DType::F32,
+                shape: vec![1],
+                data: vec![0; 4],
+            },
+        );
+        t.to_diffusers(sd, "").unwrap().into_keys().next().unwrap()
+    }
+
+    #[test]
+    fn sd15_unet_names_match_diffusers() {
+        let t = Table::unet(&sd15_unet());
+        for (l, d) in [
+            (
+                "input_blocks.1.0.in_layers.0.weight",
+                "down_blocks.0.resnets.0.norm1.weight",
+            ),
+            (
+                "input_blocks.3.0.op.weight",
+                "down_blocks.0.downsamplers.0.conv.weight",
+            ),
+            (
+                "input_blocks.2.1.transformer_blocks.0.attn1.to_q.weight",
+                "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q.weight",
+            ),
+            (
+                "input_blocks.11.0.skip_connection.bias",
+                "down_blocks.3.resnets.1.conv_shortcut.bias",
+            ),
+            (
+                "middle_block.2.emb_layers.1.weight",
+                "mid_block.resnets.1.time_emb_proj.weight",
+            ),
+            (
+                "output_blocks.2.1.conv.weight",
+                "up_blocks.0.upsamplers.0.conv.weight",
+            ),
+            (
+                "output_blocks.5.2.conv.bias",
+                "up_blocks.1.upsamplers.0.conv.bias",
+            ),
+            (
+                "output_blocks.5.1.proj_in.weight",
+                "up_blocks.1.attentions.2.proj_in.weight",
+            ),
+            (
+                "output_blocks.11.0.out_layers.3.weight",
+                "up_blocks.3.resnets.2.conv2.weight",
+            ),
+            ("out.2.weight", "conv_out.weight"),
+        ] {
+            assert_eq!(map(&t, l), d, "{l}");
+        }
+    }
+
+    #[test]
+    fn vae_attention_is_squeezed_and_back() {
+        let t = Table::vae(&VaeShape {
+            layers_per_block: 2,
+            n_blocks: 4,
+            mid_attn: true,
+        });
+        let mut sd = StateDict::new();
+        sd.insert(
+            "encoder.mid.attn_1.proj_out.weight".into(),
+            Tensor {
+                dtype: crate::tensor::DType::F32,
+                shape: vec![2, 2, 1, 1],
+                data: vec![0; 16],
+            },
+        );
+        let d = t.to_diffusers(sd.clone(), "").unwrap();
+        let (k, v) = d.iter().next().unwrap();
+        assert_eq!(k, "encoder.mid_block.attentions.0.to_out.0.weight");
+        assert_eq!(v.shape, vec![2, 2]);
+        assert_eq!(t.to_ldm(d, "vae").unwrap(), sd);
+        assert_eq!(
+            map(&t, "decoder.up.3.block.2.nin_shortcut.weight"),
+            "decoder.up_blocks.0.resnets.2.conv_shortcut.weight"
+        );
+    }
+}
