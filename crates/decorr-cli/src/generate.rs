@@ -203,10 +203,7 @@ pub fn generate_into(
         karras: p.karras == Some(true),
         eta: p.eta,
         model: sd.model_id.clone(),
-        encoder_sha256: match (p.guidance, &sd.tuned) {
-            (_, Some(t)) => Some(t.sha256.clone()),
-            _ => None,
-        },
+        encoder_sha256: sd.tuned.as_ref().map(|t| t.sha256.clone()),
     };
     let mut manifest = read_manifest(out)?;
     if let Some(other) = manifest.images.first().map(|i| &i.run)
