@@ -1,7 +1,7 @@
 //! PNG output with the generation parameters inside: a `parameters` text chunk in the form common
 //! SD front-ends read ("prompt / Negative prompt: ... / Steps: ..., Sampler: ..."), and a `decorr`
-//! chunk with our JSON record. Written to a temporary file and renamed, so a file that exists is
-//! complete (resumable runs rely on that).
+//! chunk with our JSON record. Callers write the bytes with `decorr_core::io::write_atomic`, so a
+//! file that exists is complete (resumable runs rely on that).
 
 use std::path::Path;
 
@@ -46,12 +46,6 @@ pub fn encode_rgb8(
         w.write_image_data(rgb).map_err(err)?;
     }
     Ok(out)
-}
-
-/// Writes `bytes` to `path` atomically.
-pub fn write_png(path: &Path, bytes: &[u8]) -> Result<(), PipelineError> {
-    decorr_core::io::write_atomic(path, bytes)?;
-    Ok(())
 }
 
 /// The text chunks of a PNG file (tEXt, zTXt and iTXt), keyword to text.

@@ -348,9 +348,7 @@ impl Tuned {
             _ => self.model.forward_with(ids.clone(), opts),
         }
     }
-}
 
-impl Tuned {
     /// The plain encoder after `steps` optimiser steps: the trained rows written into the table,
     /// every other row decayed as torch's AdamW would have.
     fn merged(
