@@ -1,3 +1,18 @@
-//! Evaluation of the paper's section 6.1: BERTScore recall of VLM captions, FID, omission rate.
-//!
-//! Not implemented yet: laid out for issue 7. It exports nothing.
+//! Evaluation of generated images (the paper's section 6.1, METHOD.md "Evaluation"):
+//! BERTScore between prompts and VLM captions ([`bert`], [`deberta`], [`bertscore`]), FID on
+//! Inception-v3 pool features as pytorch-fid computes it ([`inception`], [`fid`], [`npz`]), the
+//! captioning / yes-no client for an OpenAI-compatible endpoint ([`captioner`]), the omission rate
+//! with its Wilson interval ([`omission`]), and the table-3 style report ([`report`]).
+
+pub mod bert;
+pub mod bertscore;
+pub mod captioner;
+pub mod deberta;
+pub mod error;
+pub mod fid;
+pub mod inception;
+pub mod npz;
+pub mod omission;
+pub mod report;
+
+pub use error::EvalError;
