@@ -16,7 +16,7 @@ use decorr_trainer::TargetSpec;
 use serde::Serialize;
 
 use crate::finetune::FinetuneArgs;
-use crate::generate::{SampleArgs, generate_into, image_file, load, params};
+use crate::generate::{MANIFEST, SampleArgs, generate_into, image_file, load, params};
 use crate::grid;
 use crate::heatmap::png_bytes;
 use crate::model_args::ModelArgs;
@@ -142,7 +142,7 @@ pub fn run(args: FixArgs) -> Result<()> {
 
     let pre = params(&sd, &args.prompt, &args.sample, Guidance::Cfg)?;
     let pre_dir = out.join("pretrained");
-    generate_into(&sd, &pre, "sd", &seeds, &args.sample, &pre_dir, None)?;
+    generate_into(&sd, &pre, "sd", &seeds, &args.sample, &pre_dir, None, MANIFEST)?;
     let sd = sd.with_tuned_encoder(&ft_dir.join("text_encoder"))?;
     let fixed = params(&sd, &args.prompt, &args.sample, Guidance::Decorrelated)?;
     let fixed_dir = out.join("fixed");
@@ -154,6 +154,7 @@ pub fn run(args: FixArgs) -> Result<()> {
         &args.sample,
         &fixed_dir,
         None,
+        MANIFEST,
     )?;
 
     let read = |dir: &Path, seed: u64| -> Result<image::RgbImage> {

@@ -1,7 +1,9 @@
 //! `decorr generate`: text-to-image with CFG or the decorrelated guidance. Each image is a PNG
 //! with its parameters inside, written atomically as `seed-NNNNNN.png`; `manifest.json` lists
 //! every image of the folder. Re-running the same command skips the images already there, so an
-//! interrupted run resumes; a folder made with other parameters is refused.
+//! interrupted run resumes; a folder made with other parameters is refused. Several prompts get a
+//! folder each; `--shard K/N` generates one share of the prompts x seeds (its own
+//! `manifest.shard-K-of-N.json`) and `--merge` joins the shards' manifests once all are done.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::grid;
 use crate::heatmap::png_bytes;
 use crate::model_args::ModelArgs;
+use crate::shard::Shard;
 
 /// Sampling options shared by `generate` and `fix`.
 #[derive(Args, Debug, Clone)]
@@ -58,8 +61,12 @@ pub struct SampleArgs {
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    #[arg(long)]
-    prompt: String,
+    /// The prompt; repeat for several (each gets a folder `OUT/NNN-words-of-the-prompt`).
+    #[arg(long = "prompt", required_unless_present = "prompts_file")]
+    prompts: Vec<String>,
+    /// A text file of prompts, one per line (blank lines and lines starting with # skipped).
+    #[arg(long, conflicts_with = "prompts")]
+    prompts_file: Option<PathBuf>,
     /// The fine-tuned encoder (`OUT/text_encoder` of `decorr finetune`). With it the guidance
     /// defaults to `decorrelated`; `--guidance cfg` then uses it for both branches.
     #[arg(long)]
@@ -88,6 +95,14 @@ pub struct GenerateArgs {
     /// Print the manifest as JSON on stdout at the end.
     #[arg(long)]
     json: bool,
+    /// Generate only shard K of N (0-based K) of the prompts x seeds, for array jobs; its images
+    /// are listed in `manifest.shard-K-of-N.json` until `--merge`.
+    #[arg(long, value_name = "K/N", conflicts_with = "merge")]
+    shard: Option<Shard>,
+    /// Generate nothing: check that every shard finished and write each folder's
+    /// `manifest.json` from the shards' manifests (run once, after the array job).
+    #[arg(long)]
+    merge: bool,
 }
 
 /// One image's parameters, as the manifest and the PNG's `decorr` chunk record them.
@@ -128,14 +143,21 @@ pub fn image_file(seed: u64) -> String {
     format!("seed-{seed:06}.png")
 }
 
+/// The manifest every finished folder has.
+pub const MANIFEST: &str = "manifest.json";
+
 /// Reads `dir/manifest.json` if present.
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
-    let path = dir.join("manifest.json");
+    read_manifest_file(&dir.join(MANIFEST))
+}
+
+/// Reads a manifest file if present (an empty manifest otherwise).
+fn read_manifest_file(path: &Path) -> Result<Manifest> {
     if !path.exists() {
         return Ok(Manifest::default());
     }
     let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| {
         format!(
             "{} is not a decorr manifest; use another --out",
@@ -171,8 +193,9 @@ pub fn params(
     })
 }
 
-/// Generates `seeds` into `out` (skipping images already there), keeping `manifest.json` in
-/// step. Returns the folder's manifest.
+/// Generates `seeds` into `out` (skipping images already there), keeping the manifest
+/// `manifest_name` (`manifest.json` unless sharded) in step. Returns that manifest.
+#[allow(clippy::too_many_arguments)]
 pub fn generate_into(
     sd: &StableDiffusion,
     p: &GenerateParams,
@@ -181,6 +204,7 @@ pub fn generate_into(
     s: &SampleArgs,
     out: &Path,
     attention: Option<(&[String], usize)>,
+    manifest_name: &str,
 ) -> Result<Manifest> {
     sd.check(p)?;
     if s.batch_size == 0 {
@@ -205,27 +229,13 @@ pub fn generate_into(
         model: sd.model_id.clone(),
         encoder_sha256: sd.tuned.as_ref().map(|t| t.sha256.clone()),
     };
-    let mut manifest = read_manifest(out)?;
-    if let Some(other) = manifest.images.first().map(|i| &i.run)
-        && *other != run
-    {
-        let (a, b) = (serde_json::to_value(other)?, serde_json::to_value(&run)?);
-        let differs: Vec<&String> = a
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(k, v)| b.get(k.as_str()) != Some(v))
-            .map(|(k, _)| k)
-            .collect();
-        bail!(
-            "{} holds images made with other parameters (differing: {}); use another --out",
-            out.display(),
-            differs
-                .iter()
-                .map(|k| k.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+    let manifest_path = out.join(manifest_name);
+    let mut manifest = read_manifest_file(&manifest_path)?;
+    // A sharded run also checks against the merged manifest a finished run may have left.
+    for other in [&manifest, &read_manifest(out)?] {
+        if let Some(other) = other.images.first().map(|i| &i.run) {
+            same_run(other, &run, out)?;
+        }
     }
 
     let mut p = p.clone();
@@ -314,19 +324,154 @@ pub fn generate_into(
             manifest.images.push(rec);
             bar.inc(1);
         }
-        manifest.images.sort_by_key(|i| i.seed);
-        write_atomic(
-            &out.join("manifest.json"),
-            serde_json::to_string_pretty(&manifest)?.as_bytes(),
-        )?;
+        write_manifest(&manifest_path, &mut manifest)?;
     }
     bar.finish_and_clear();
-    manifest.images.sort_by_key(|i| i.seed);
-    write_atomic(
-        &out.join("manifest.json"),
-        serde_json::to_string_pretty(&manifest)?.as_bytes(),
-    )?;
+    write_manifest(&manifest_path, &mut manifest)?;
     Ok(manifest)
+}
+
+fn write_manifest(path: &Path, manifest: &mut Manifest) -> Result<()> {
+    manifest.images.sort_by_key(|i| i.seed);
+    write_atomic(path, serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    Ok(())
+}
+
+/// Refuses to mix images of two parameter sets in one folder, naming what differs.
+fn same_run(existing: &RunRecord, run: &RunRecord, out: &Path) -> Result<()> {
+    if existing == run {
+        return Ok(());
+    }
+    let (a, b) = (serde_json::to_value(existing)?, serde_json::to_value(run)?);
+    let differs: Vec<&str> = a
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    bail!(
+        "{} holds images made with other parameters (differing: {}); use another --out",
+        out.display(),
+        differs.join(", ")
+    );
+}
+
+/// The prompts of a `generate` command, from `--prompt` or `--prompts-file`.
+fn prompts_of(args: &GenerateArgs) -> Result<Vec<String>> {
+    let prompts: Vec<String> = match &args.prompts_file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading --prompts-file {}", path.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_string)
+            .collect(),
+        None => args.prompts.clone(),
+    };
+    if prompts.is_empty() {
+        bail!("no prompt given: pass --prompt TEXT or a --prompts-file with one prompt per line");
+    }
+    if prompts.iter().any(|p| p.trim().is_empty()) {
+        bail!("--prompt is empty; give the text to generate from");
+    }
+    Ok(prompts)
+}
+
+/// Where each prompt's images go: OUT itself for one prompt, `OUT/NNN-words` for several.
+pub fn prompt_folders(out: &Path, prompts: &[String]) -> Vec<PathBuf> {
+    if prompts.len() == 1 {
+        return vec![out.to_path_buf()];
+    }
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut slug = String::new();
+            for c in p.to_lowercase().chars() {
+                if c.is_ascii_alphanumeric() {
+                    slug.push(c);
+                } else if !slug.ends_with('-') {
+                    slug.push('-');
+                }
+            }
+            let slug: String = slug.trim_matches('-').chars().take(48).collect();
+            out.join(format!("{i:03}-{}", slug.trim_end_matches('-')))
+        })
+        .collect()
+}
+
+/// `--merge`: every folder's shard manifests joined into `manifest.json`, after checking that
+/// each expected image is there; missing ones are named with the shard that owes them.
+fn merge(folders: &[PathBuf], seeds: &[u64]) -> Result<Vec<Manifest>> {
+    let mut merged = Vec::new();
+    let mut missing: Vec<String> = Vec::new();
+    let mut counts = std::collections::BTreeSet::new();
+    for (pi, dir) in folders.iter().enumerate() {
+        let mut by_seed: BTreeMap<u64, ImageRecord> = read_manifest(dir)?
+            .images
+            .into_iter()
+            .map(|i| (i.seed, i))
+            .collect();
+        let entries = std::fs::read_dir(dir)
+            .with_context(|| format!("{} does not exist; run the shards first", dir.display()))?;
+        for entry in entries {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            let Some(tag) = name
+                .strip_prefix("manifest.shard-")
+                .and_then(|t| t.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            if let Some((_, n)) = tag.split_once("-of-") {
+                counts.insert(n.to_string());
+            }
+            for img in read_manifest_file(&dir.join(&name))?.images {
+                if let Some(first) = by_seed.values().next() {
+                    same_run(&first.run, &img.run, dir)?;
+                }
+                by_seed.insert(img.seed, img);
+            }
+        }
+        for (si, seed) in seeds.iter().enumerate() {
+            let present = by_seed.contains_key(seed) && dir.join(image_file(*seed)).exists();
+            if !present {
+                missing.push(format!(
+                    "{} seed {seed} (work item {})",
+                    dir.display(),
+                    pi * seeds.len() + si
+                ));
+            }
+        }
+        by_seed.retain(|s, _| seeds.contains(s));
+        merged.push((dir.clone(), Manifest {
+            images: by_seed.into_values().collect(),
+        }));
+    }
+    if counts.len() > 1 {
+        bail!(
+            "the folders hold manifests of different shard counts ({}); rerun with one --shard K/N count",
+            counts.into_iter().collect::<Vec<_>>().join(", ")
+        );
+    }
+    if !missing.is_empty() {
+        let hint = match counts.iter().next().and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => format!(" (work item j belongs to shard j % {n}); rerun those shards"),
+            None => "; run the shards (--shard K/N) first".to_string(),
+        };
+        bail!(
+            "{} of {} images are missing, nothing merged{hint}:\n  {}",
+            missing.len(),
+            folders.len() * seeds.len(),
+            missing.iter().take(10).cloned().collect::<Vec<_>>().join("\n  ")
+        );
+    }
+    let mut out = Vec::new();
+    for (dir, mut manifest) in merged {
+        write_manifest(&dir.join(MANIFEST), &mut manifest)?;
+        out.push(manifest);
+    }
+    Ok(out)
 }
 
 /// Rows: the words; columns: `shown` evenly spaced steps (last included).
@@ -391,6 +536,19 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.num_images == 0 {
         bail!("--num-images must be at least 1");
     }
+    let prompts = prompts_of(&args)?;
+    let folders = prompt_folders(&args.out, &prompts);
+    let seeds: Vec<u64> = (0..args.num_images as u64).map(|k| args.seed + k).collect();
+    if args.merge {
+        let manifests = merge(&folders, &seeds)?;
+        let n: usize = manifests.iter().map(|m| m.images.len()).sum();
+        println!(
+            "merged: {n} images in {} folder(s) under {}",
+            folders.len(),
+            args.out.display()
+        );
+        return Ok(());
+    }
     let guidance = args.guidance.unwrap_or(if args.encoder.is_some() {
         Guidance::Decorrelated
     } else {
@@ -407,23 +565,52 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         (Guidance::Cfg, false) => "sd",
     };
-    let p = params(&sd, &args.prompt, &args.sample, guidance)?;
-    let seeds: Vec<u64> = (0..args.num_images as u64).map(|k| args.seed + k).collect();
     let attention = (!args.attention_maps.is_empty())
         .then_some((args.attention_maps.as_slice(), args.attention_steps));
-    let manifest = generate_into(&sd, &p, method, &seeds, &args.sample, &args.out, attention)?;
+    let manifest_name = match args.shard {
+        Some(s) => format!("manifest.{}.json", s.tag()),
+        None => MANIFEST.to_string(),
+    };
+    let mut all = Vec::new();
+    for (pi, (prompt, dir)) in prompts.iter().zip(&folders).enumerate() {
+        let mine: Vec<u64> = seeds
+            .iter()
+            .enumerate()
+            .filter(|(si, _)| args.shard.is_none_or(|s| s.owns(pi * seeds.len() + si)))
+            .map(|(_, &seed)| seed)
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let p = params(&sd, prompt, &args.sample, guidance)?;
+        let manifest = generate_into(
+            &sd,
+            &p,
+            method,
+            &mine,
+            &args.sample,
+            dir,
+            attention,
+            &manifest_name,
+        )?;
+        if !args.json {
+            println!(
+                "{} images in {} ({method}, {} steps, {}, guidance {}); {manifest_name} lists them",
+                manifest.images.len(),
+                dir.display(),
+                p.steps,
+                p.scheduler.name(),
+                p.guidance_scale
+            );
+        }
+        all.extend(manifest.images);
+    }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&manifest)?);
-    } else {
-        let by_seed: BTreeMap<u64, &ImageRecord> =
-            manifest.images.iter().map(|i| (i.seed, i)).collect();
-        println!(
-            "{} images in {} ({method}, {} steps, {}, guidance {}); manifest.json lists them",
-            by_seed.len(),
-            args.out.display(),
-            p.steps,
-            p.scheduler.name(),
-            p.guidance_scale
+        println!("{}", serde_json::to_string_pretty(&Manifest { images: all })?);
+    }
+    if let Some(s) = args.shard {
+        eprintln!(
+            "shard {s} done; once every shard is, run the same command with --merge instead of --shard"
         );
     }
     Ok(())

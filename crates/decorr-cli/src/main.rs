@@ -8,6 +8,7 @@ mod generate;
 mod grid;
 mod heatmap;
 mod model_args;
+mod shard;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -355,3 +355,77 @@ fn single_file_weights_are_converted_or_refused_clearly() {
     );
     assert!(!d.exists());
 }
+
+/// Two prompts x 3 seeds split over 2 shards: each shard writes only its share and its own
+/// manifest, `--merge` refuses while a shard is missing and then joins them; the union equals an
+/// unsharded run image for image.
+#[test]
+fn sharded_generation_merges_to_the_unsharded_result() {
+    let model = tiny_sd();
+    let out = tempfile::tempdir().unwrap();
+    let w = model.path().to_str().unwrap();
+    let run = |dir: &std::path::Path, extra: &[&str]| {
+        let d = dir.to_str().unwrap();
+        let mut args = vec![
+            "generate", "--weights", w, "--prompt", PROMPT, "--prompt", "a red cube", "--steps",
+            "2", "--scheduler", "ddim", "--num-images", "3", "--quiet", "--out", d,
+        ];
+        args.extend_from_slice(extra);
+        decorr(&args)
+    };
+    let sharded = out.path().join("sharded");
+    let o = run(&sharded, &["--shard", "1/2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let folders: Vec<_> = {
+        let mut v: Vec<_> = std::fs::read_dir(&sharded)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(folders.len(), 2, "one folder per prompt: {folders:?}");
+    assert!(folders[0].ends_with("000-rusty-tracks-with-an-old-train"), "{folders:?}");
+    // Work items are (prompt, seed) in order: shard 1 of 2 owns items 1, 3, 5.
+    assert!(folders[0].join("seed-000001.png").is_file());
+    assert!(!folders[0].join("seed-000000.png").exists());
+    assert!(folders[1].join("seed-000000.png").is_file());
+    assert!(folders[1].join("manifest.shard-1-of-2.json").is_file());
+    assert!(!folders[1].join("manifest.json").exists());
+
+    let merge = run(&sharded, &["--merge"]);
+    assert!(!merge.status.success());
+    let msg = text(&merge);
+    assert!(msg.contains("3 of 6 images are missing") && msg.contains("shard j % 2"), "{msg}");
+    assert!(!folders[0].join("manifest.json").exists(), "nothing written on failure");
+
+    let o = run(&sharded, &["--shard", "0/2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(&sharded, &["--merge"]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    let whole = out.path().join("whole");
+    let o = run(&whole, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    for dir in &folders {
+        let name = dir.file_name().unwrap();
+        let merged: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap())
+                .unwrap();
+        let reference: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(whole.join(name).join("manifest.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(merged, reference);
+        for seed in 0..3 {
+            let f = format!("seed-{seed:06}.png");
+            let a = image::open(dir.join(&f)).unwrap().to_rgb8();
+            let b = image::open(whole.join(name).join(&f)).unwrap().to_rgb8();
+            assert_eq!(a, b, "{f}");
+        }
+    }
+    assert_fails(
+        &["generate", "--weights", w, "--prompt", PROMPT, "--shard", "2/2", "--out", "x"],
+        &["0-based"],
+    );
+}
