@@ -2,13 +2,14 @@
 """Write the diffusers reference fixtures for `decorr-scheduler` (tests/fixtures/scheduler/*.json).
 
 Every number here comes from diffusers itself (DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler,
-EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler), so the Rust parity tests in
+EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, LMSDiscreteScheduler), so the Rust parity tests in
 crates/decorr-scheduler/tests/parity.rs compare against the reference, never against decorr's own
 earlier output. Run from the repository root (deterministic: re-running rewrites identical files):
 
     /opt/pyref-venv/bin/python tests/pyref/make_scheduler_fixtures.py
 
-(the venv needs torch, numpy and diffusers 0.42; no network access is used).
+(the venv needs torch, numpy, scipy (LMSDiscreteScheduler's coefficients) and diffusers 0.42; no
+network access is used).
 
 Each case builds a scheduler the way `from_pretrained(..., subfolder="scheduler")` does, i.e.
 `Class.from_config(<raw json dict>)`: keys missing from the json take the defaults of the class that
@@ -26,6 +27,9 @@ the case's `prediction_type`), plus a little noise so successive outputs are not
 keeps every latent at realistic magnitudes (a few units, like SD latents), where the Rust side's
 1e-5 absolute tolerance is tens of float32 ulps.
 
+LMS steps also record diffusers' `get_lms_coefficient` values (`lms_coeffs`, scipy's `quad`), which
+the Rust side computes by exact polynomial integration.
+
 Noise for stochastic steps (DDIM with eta > 0, Euler ancestral) is drawn here and recorded: DDIM
 takes it as `variance_noise=`, Euler ancestral gets it through a patched `randn_tensor` (checked to
 be called exactly once per step with the sample's shape).
@@ -42,7 +46,7 @@ import torch
 
 import diffusers
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, PNDMScheduler)
+                       EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
 import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_a_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -71,7 +75,13 @@ CLASSES = {
     "euler": EulerDiscreteScheduler,
     "euler-a": EulerAncestralDiscreteScheduler,
     "dpmpp-2m": DPMSolverMultistepScheduler,
+    "lms": LMSDiscreteScheduler,
 }
+
+# The sigma-based schedulers: they record `sigmas`; all but DPM-Solver keep latents in sigma space
+# and scale the model input by 1 / sqrt(sigma^2 + 1).
+SIGMA_KINDS = ("euler", "euler-a", "dpmpp-2m", "lms")
+SCALING_KINDS = ("euler", "euler-a", "lms")
 
 
 def sd15(**changes):
@@ -110,7 +120,7 @@ def ideal_output(kind, s, i, t, sample, x0):
     """What a perfect denoiser predicts for clean latent `x0` from `sample` at step i (float64)."""
     sample = sample.double()
     x0 = x0.double()
-    if kind in ("euler", "euler-a", "dpmpp-2m"):
+    if kind in SIGMA_KINDS:
         sigma = float(s.sigmas[i])
         alpha = 1.0 / (sigma * sigma + 1.0) ** 0.5
         sig_t = sigma * alpha
@@ -132,7 +142,7 @@ def ideal_output(kind, s, i, t, sample, x0):
 def run_case(name, kind, config, n, shape, seed, karras=None, eta=0.0, extra_steps=(), max_steps=None):
     s = build(kind, config, n, karras)
     stochastic = kind == "euler-a" or (kind == "ddim" and eta > 0)
-    scales = kind in ("euler", "euler-a")
+    scales = kind in SCALING_KINDS
     g = torch.Generator().manual_seed(seed)
     init_sigma = float(s.init_noise_sigma)
     x0 = 0.7 * torch.randn(shape, generator=g, dtype=torch.float32)
@@ -145,7 +155,7 @@ def run_case(name, kind, config, n, shape, seed, karras=None, eta=0.0, extra_ste
         "num_inference_steps": n,
         "timesteps": exact_list(s.timesteps),
         "init_noise_sigma": init_sigma,
-        "sigmas": exact_list(s.sigmas) if kind in ("euler", "euler-a", "dpmpp-2m") else None,
+        "sigmas": exact_list(s.sigmas) if kind in SIGMA_KINDS else None,
         "shape": list(shape),
         "initial_sample": f32_list(sample),
         "steps": [],
@@ -172,6 +182,11 @@ def run_case(name, kind, config, n, shape, seed, karras=None, eta=0.0, extra_ste
             finally:
                 euler_a_module.randn_tensor = orig_randn
         else:
+            if kind == "lms":
+                # diffusers' own coefficients for this step (`step` recomputes the same ones).
+                order = min(s.step_index + 1, 4)
+                lms_coeffs = [float(s.get_lms_coefficient(order, s.step_index, j))
+                              for j in range(order)]
             out = s.step(model_output, t, sample).prev_sample
         if not scales:
             assert torch.equal(scaled, sample)
@@ -183,6 +198,8 @@ def run_case(name, kind, config, n, shape, seed, karras=None, eta=0.0, extra_ste
             "scaled": f32_list(scaled) if scales else None,
             "prev_sample": f32_list(out),
         })
+        if kind == "lms":
+            case["steps"][-1]["lms_coeffs"] = lms_coeffs
         sample = out
     if kind == "euler-a":
         assert calls == list(range(len(case["steps"]))), calls
@@ -193,7 +210,7 @@ def run_case(name, kind, config, n, shape, seed, karras=None, eta=0.0, extra_ste
             "num_inference_steps": m,
             "timesteps": exact_list(s2.timesteps),
             "init_noise_sigma": float(s2.init_noise_sigma),
-            "sigmas": exact_list(s2.sigmas) if kind in ("euler", "euler-a", "dpmpp-2m") else None,
+            "sigmas": exact_list(s2.sigmas) if kind in SIGMA_KINDS else None,
         })
     return case
 
@@ -287,6 +304,32 @@ CASES = [
                      sigma_max=10.0), n=5, shape=(1, 1, 2, 2), seed=48),
     dict(name="dpm_order3_heun", kind="dpmpp-2m",
          config=sd15(solver_order=3, solver_type="heun"), n=8, shape=(1, 1, 2, 2), seed=46),
+    # --- LMS (k-LMS) -------------------------------------------------------------------------
+    # `step(..., order=4)` (the default every pipeline uses): orders 1, 2, 3, 4, 4, ... so 6+
+    # steps reach the full fourth-order history. Coefficients come from scipy's `quad`.
+    dict(name="lms_sd15", kind="lms", config=sd15(), n=7, shape=SHAPE, seed=51,
+         extra_steps=(1, 2, 10, 50)),
+    dict(name="lms_leading", kind="lms", config=sd15(timestep_spacing="leading"), n=6, shape=SHAPE,
+         seed=52, extra_steps=(10, 50)),
+    dict(name="lms_trailing_offset0", kind="lms",
+         config=sd15(timestep_spacing="trailing", steps_offset=0), n=6, shape=SHAPE, seed=53,
+         extra_steps=(10, 61)),
+    dict(name="lms_karras", kind="lms", config=sd15(), n=7, shape=SHAPE, seed=54, karras=True,
+         extra_steps=(10, 30)),
+    dict(name="lms_vpred_leading", kind="lms",
+         config=sd15(prediction_type="v_prediction", timestep_spacing="leading"), n=6, shape=SHAPE,
+         seed=55, extra_steps=(10,)),
+    dict(name="lms_sample_pred", kind="lms", config=sd15(prediction_type="sample"), n=6,
+         shape=SMALL, seed=56),
+    # A file written by Euler with sigma bounds and keys LMS does not take (zero SNR, final sigma
+    # type): LMS ignores those, its Karras ramp ignores the bounds, exponential sigmas use them.
+    dict(name="lms_karras_file_bounds", kind="lms",
+         config=sd15(_class_name="EulerDiscreteScheduler", use_karras_sigmas=True, sigma_min=0.1,
+                     sigma_max=10.0, rescale_betas_zero_snr=True, final_sigmas_type="sigma_min"),
+         n=6, shape=SMALL, seed=57),
+    dict(name="lms_exponential_bounds", kind="lms",
+         config=sd15(use_exponential_sigmas=True, sigma_min=0.1, sigma_max=10.0), n=6,
+         shape=SMALL, seed=58, extra_steps=(20,)),
 ]
 
 SCHEDULES = [

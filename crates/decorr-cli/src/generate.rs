@@ -39,10 +39,10 @@ pub struct SampleArgs {
     pub width: Option<usize>,
     #[arg(long)]
     pub height: Option<usize>,
-    /// ddim, pndm, euler, euler-a, dpmpp-2m; default the checkpoint's own (PNDM for SD 1.5).
+    /// ddim, pndm, euler, euler-a, dpmpp-2m, lms; default the checkpoint's own (PNDM for SD 1.5).
     #[arg(long)]
     pub scheduler: Option<SchedulerKind>,
-    /// Karras sigmas (euler, dpmpp-2m).
+    /// Karras sigmas (euler, dpmpp-2m, lms).
     #[arg(long)]
     pub karras: bool,
     /// DDIM's eta (0: deterministic).

@@ -83,7 +83,7 @@ pub struct GenerateParams {
     pub height: usize,
     pub scheduler: SchedulerKind,
     pub guidance: Guidance,
-    /// Karras sigmas override (euler, dpmpp-2m).
+    /// Karras sigmas override (euler, dpmpp-2m, lms).
     pub karras: Option<bool>,
     /// DDIM's eta.
     pub eta: f64,

@@ -33,7 +33,7 @@ pub enum PredictionType {
     Epsilon,
     /// The velocity v = α ε − σ x₀: SD 2.x 768-v models.
     VPrediction,
-    /// The clean sample x₀ (DDIM, Euler and DPM-Solver only, as in diffusers).
+    /// The clean sample x₀ (DDIM, Euler, DPM-Solver and LMS only, as in diffusers).
     Sample,
 }
 
@@ -102,7 +102,7 @@ pub struct SchedulerConfig {
     pub thresholding: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rescale_betas_zero_snr: Option<bool>,
-    /// Euler, DPM-Solver: Karras et al. (2022) sigma spacing.
+    /// Euler, DPM-Solver, LMS: Karras et al. (2022) sigma spacing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_karras_sigmas: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -273,7 +273,7 @@ impl SchedulerConfig {
             Some(name) => SchedulerKind::from_class_name(name),
             None => Err(SchedulerError::Config(
                 "the scheduler config has no `_class_name`; choose a scheduler explicitly \
-                 (ddim, pndm, euler, euler-a, dpmpp-2m)"
+                 (ddim, pndm, euler, euler-a, dpmpp-2m, lms)"
                     .into(),
             )),
         }
@@ -297,7 +297,7 @@ impl SchedulerConfig {
             prediction_type: self.prediction_type.unwrap_or(PredictionType::Epsilon),
             timestep_spacing: self.timestep_spacing.unwrap_or(match kind {
                 Ddim | Pndm => TimestepSpacing::Leading,
-                Euler | EulerAncestral | DpmSolverMultistep => TimestepSpacing::Linspace,
+                Euler | EulerAncestral | DpmSolverMultistep | Lms => TimestepSpacing::Linspace,
             }),
             steps_offset: self.steps_offset.unwrap_or(0),
             set_alpha_to_one: match kind {
@@ -309,23 +309,25 @@ impl SchedulerConfig {
             clip_sample: takes(&[Ddim]) && self.clip_sample.unwrap_or(true),
             clip_sample_range: self.clip_sample_range.unwrap_or(1.0),
             thresholding: takes(&[Ddim, DpmSolverMultistep]) && self.thresholding.unwrap_or(false),
-            rescale_betas_zero_snr: kind != Pndm && self.rescale_betas_zero_snr.unwrap_or(false),
-            use_karras_sigmas: takes(&[Euler, DpmSolverMultistep])
+            rescale_betas_zero_snr: !takes(&[Pndm, Lms])
+                && self.rescale_betas_zero_snr.unwrap_or(false),
+            use_karras_sigmas: takes(&[Euler, DpmSolverMultistep, Lms])
                 && self.use_karras_sigmas.unwrap_or(false),
-            use_exponential_sigmas: takes(&[Euler, DpmSolverMultistep])
+            use_exponential_sigmas: takes(&[Euler, DpmSolverMultistep, Lms])
                 && self.use_exponential_sigmas.unwrap_or(false),
-            use_beta_sigmas: takes(&[Euler, DpmSolverMultistep])
+            use_beta_sigmas: takes(&[Euler, DpmSolverMultistep, Lms])
                 && self.use_beta_sigmas.unwrap_or(false),
             use_lu_lambdas: takes(&[DpmSolverMultistep]) && self.use_lu_lambdas.unwrap_or(false),
             use_flow_sigmas: takes(&[DpmSolverMultistep]) && self.use_flow_sigmas.unwrap_or(false),
-            // Euler takes these; DPM-Solver reads them too when the file has them (diffusers
-            // registers a file's extra keys on the config, and `_convert_to_karras` looks there).
-            sigma_min: if takes(&[Euler, DpmSolverMultistep]) {
+            // Euler takes these; DPM-Solver and LMS read them too when the file has them
+            // (diffusers registers a file's extra keys on the config, and `_convert_to_karras` /
+            // `_convert_to_exponential` look there; LMS's own Karras ramp ignores them).
+            sigma_min: if takes(&[Euler, DpmSolverMultistep, Lms]) {
                 self.sigma_min
             } else {
                 None
             },
-            sigma_max: if takes(&[Euler, DpmSolverMultistep]) {
+            sigma_max: if takes(&[Euler, DpmSolverMultistep, Lms]) {
                 self.sigma_max
             } else {
                 None

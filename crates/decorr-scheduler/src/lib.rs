@@ -12,14 +12,15 @@
 //! - `dpmpp-2m` / `DPMSolverMultistepScheduler`: `dpmsolver++`, `solver_order` 1–3, midpoint or Heun,
 //!   `lower_order_final`, `euler_at_final`, Karras or exponential sigmas, `final_sigmas_type`,
 //!   `lambda_min_clipped`.
+//! - `lms` / `LMSDiscreteScheduler`: linear multistep (k-LMS) of order 4 (`step`'s default), Karras
+//!   or exponential sigmas; coefficients integrated exactly (see [`lms`]).
 //!
 //! All of them: `beta_schedule` linear / scaled_linear / squaredcos_cap_v2 or `trained_betas`,
 //! `rescale_betas_zero_snr` (where the class has it), `timestep_spacing` leading / trailing /
 //! linspace, `steps_offset`, `prediction_type` epsilon and v_prediction (and `sample` where diffusers
 //! has it). Options diffusers has but decorr does not (dynamic thresholding, beta/λ/flow sigmas,
 //! SDE variants, `log_linear` interpolation, continuous timesteps, learned variance) are rejected
-//! with an error rather than ignored. Not implemented: `LMSDiscreteScheduler` (its reference needs
-//! scipy).
+//! with an error rather than ignored.
 //!
 //! Usage mirrors diffusers' text-to-image loop:
 //!
@@ -47,6 +48,7 @@ pub mod ddim;
 pub mod dpm_solver;
 pub mod euler;
 pub mod euler_ancestral;
+pub mod lms;
 pub mod pndm;
 pub mod schedule;
 
@@ -62,6 +64,7 @@ pub use ddim::Ddim;
 pub use dpm_solver::DpmSolverMultistep;
 pub use euler::EulerDiscrete;
 pub use euler_ancestral::EulerAncestral;
+pub use lms::LmsDiscrete;
 pub use pndm::Pndm;
 
 /// Errors of the scheduler crate.
@@ -69,12 +72,12 @@ pub use pndm::Pndm;
 pub enum SchedulerError {
     #[error("scheduler config: {0}")]
     Config(String),
-    #[error("unknown scheduler `{0}`; valid names: ddim, pndm, euler, euler-a, dpmpp-2m")]
+    #[error("unknown scheduler `{0}`; valid names: ddim, pndm, euler, euler-a, dpmpp-2m, lms")]
     UnknownName(String),
     #[error(
         "unknown scheduler class `{0}`; supported classes: DDIMScheduler, PNDMScheduler, \
-         EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler \
-         (choose one of ddim, pndm, euler, euler-a, dpmpp-2m explicitly)"
+         EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, \
+         LMSDiscreteScheduler (choose one of ddim, pndm, euler, euler-a, dpmpp-2m, lms explicitly)"
     )]
     UnknownClass(String),
     #[error("{kind} does not support {what}")]
@@ -111,6 +114,7 @@ pub enum SchedulerKind {
     Euler,
     EulerAncestral,
     DpmSolverMultistep,
+    Lms,
 }
 
 /// Serialised as its CLI name (`ddim`, `euler-a`, ...), as manifests and reports record it.
@@ -121,15 +125,16 @@ impl serde::Serialize for SchedulerKind {
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 5] = [
+    pub const ALL: [SchedulerKind; 6] = [
         SchedulerKind::Ddim,
         SchedulerKind::Pndm,
         SchedulerKind::Euler,
         SchedulerKind::EulerAncestral,
         SchedulerKind::DpmSolverMultistep,
+        SchedulerKind::Lms,
     ];
 
-    /// The CLI name: `ddim`, `pndm`, `euler`, `euler-a`, `dpmpp-2m`.
+    /// The CLI name: `ddim`, `pndm`, `euler`, `euler-a`, `dpmpp-2m`, `lms`.
     pub fn name(self) -> &'static str {
         match self {
             SchedulerKind::Ddim => "ddim",
@@ -137,6 +142,7 @@ impl SchedulerKind {
             SchedulerKind::Euler => "euler",
             SchedulerKind::EulerAncestral => "euler-a",
             SchedulerKind::DpmSolverMultistep => "dpmpp-2m",
+            SchedulerKind::Lms => "lms",
         }
     }
 
@@ -148,6 +154,7 @@ impl SchedulerKind {
             SchedulerKind::Euler => "EulerDiscreteScheduler",
             SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
             SchedulerKind::DpmSolverMultistep => "DPMSolverMultistepScheduler",
+            SchedulerKind::Lms => "LMSDiscreteScheduler",
         }
     }
 
@@ -178,6 +185,7 @@ impl FromStr for SchedulerKind {
             "euler" => SchedulerKind::Euler,
             "euler-a" | "euler-ancestral" => SchedulerKind::EulerAncestral,
             "dpmpp-2m" | "dpm++-2m" | "dpm++2m" | "dpmpp2m" => SchedulerKind::DpmSolverMultistep,
+            "lms" | "k-lms" | "klms" | "lms-discrete" => SchedulerKind::Lms,
             _ => {
                 return SchedulerKind::from_class_name(s.trim())
                     .map_err(|_| SchedulerError::UnknownName(s.to_string()));
@@ -192,8 +200,8 @@ impl FromStr for SchedulerKind {
 pub struct BuildOptions {
     /// Overrides the config's `use_karras_sigmas` (like diffusers'
     /// `from_config(config, use_karras_sigmas=...)`): `Some(true)` turns Karras sigmas on,
-    /// `Some(false)` off, `None` keeps the file's value. Only `euler` and `dpmpp-2m` have Karras
-    /// sigmas; `Some(true)` on another scheduler is an error.
+    /// `Some(false)` off, `None` keeps the file's value. Only `euler`, `dpmpp-2m` and `lms` have
+    /// Karras sigmas; `Some(true)` on another scheduler is an error.
     pub karras: Option<bool>,
     /// DDIM's η (`eta` of `DDIMScheduler.step`): 0 (default) is deterministic DDIM, 1 is DDPM-like;
     /// with η > 0 every step needs noise. Non-zero η on another scheduler is an error.
@@ -211,12 +219,12 @@ pub trait Scheduler: Send {
     fn timesteps(&self) -> &[f64];
     /// The factor the initial Gaussian latents are multiplied by.
     fn init_noise_sigma(&self) -> f64;
-    /// The UNet input at index `i` (Euler-type schedulers divide by √(σ² + 1); others return the
-    /// sample unchanged). Panics if `i >= timesteps().len()`.
+    /// The UNet input at index `i` (Euler, Euler ancestral and LMS divide by √(σ² + 1); others
+    /// return the sample unchanged). Panics if `i >= timesteps().len()`.
     fn scale_model_input(&self, sample: Tensor<4>, i: usize) -> Tensor<4>;
     /// One step at `timesteps()[i]`: the sample at the next timestep. `noise` (standard normal,
     /// the sample's shape) is required when [`Scheduler::needs_noise`] and ignored otherwise.
-    /// Multistep schedulers (PNDM, DPM-Solver) must be stepped for i = 0, 1, 2, ... in order;
+    /// Multistep schedulers (PNDM, DPM-Solver, LMS) must be stepped for i = 0, 1, 2, ... in order;
     /// `i = 0` starts a new run.
     fn step(
         &mut self,
@@ -234,7 +242,7 @@ pub trait Scheduler: Send {
         self.timesteps()[i]
     }
     /// diffusers' `scheduler.sigmas` (float32, one per timestep plus the final one) for the
-    /// sigma-based schedulers (Euler, Euler ancestral, DPM-Solver); `None` for DDIM and PNDM.
+    /// sigma-based schedulers (Euler, Euler ancestral, DPM-Solver, LMS); `None` for DDIM and PNDM.
     fn sigmas(&self) -> Option<&[f32]> {
         None
     }
@@ -263,12 +271,12 @@ pub fn build_with(
         if karras
             && !matches!(
                 kind,
-                SchedulerKind::Euler | SchedulerKind::DpmSolverMultistep
+                SchedulerKind::Euler | SchedulerKind::DpmSolverMultistep | SchedulerKind::Lms
             )
         {
             return Err(SchedulerError::Unsupported {
                 kind,
-                what: "Karras sigmas (only euler and dpmpp-2m have them)".into(),
+                what: "Karras sigmas (only euler, dpmpp-2m and lms have them)".into(),
             });
         }
         resolved.use_karras_sigmas = karras;
@@ -295,6 +303,7 @@ pub fn build_with(
         SchedulerKind::DpmSolverMultistep => {
             Box::new(DpmSolverMultistep::new(&resolved, num_inference_steps)?)
         }
+        SchedulerKind::Lms => Box::new(LmsDiscrete::new(&resolved, num_inference_steps)?),
     })
 }
 
@@ -377,12 +386,15 @@ mod tests {
         let err = "heun".parse::<SchedulerKind>().unwrap_err().to_string();
         assert!(err.contains("`heun`"), "{err}");
         assert!(
-            err.contains("ddim, pndm, euler, euler-a, dpmpp-2m"),
+            err.contains("ddim, pndm, euler, euler-a, dpmpp-2m, lms"),
             "{err}"
         );
-        let err = SchedulerKind::from_class_name("LMSDiscreteScheduler")
+        let err = SchedulerKind::from_class_name("HeunDiscreteScheduler")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("LMSDiscreteScheduler") && err.contains("DDIMScheduler"));
+        assert!(err.contains("HeunDiscreteScheduler") && err.contains("LMSDiscreteScheduler"));
+        for alias in ["LMS", "k_lms", "k-lms", "LMSDiscreteScheduler"] {
+            assert_eq!(alias.parse::<SchedulerKind>().unwrap(), SchedulerKind::Lms);
+        }
     }
 }

@@ -24,13 +24,13 @@ fn builds_from_class_name() {
         let sched = build(config.kind().unwrap(), &config, 8).unwrap();
         assert_eq!(sched.kind(), kind);
     }
-    let err = SchedulerConfig::from_json_str(r#"{"_class_name": "LMSDiscreteScheduler"}"#)
+    let err = SchedulerConfig::from_json_str(r#"{"_class_name": "HeunDiscreteScheduler"}"#)
         .unwrap()
         .kind()
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("LMSDiscreteScheduler") && err.contains("euler-a"),
+        err.contains("HeunDiscreteScheduler") && err.contains("euler-a") && err.contains("lms"),
         "{err}"
     );
     let err = SchedulerConfig::from_json_str("{}")
@@ -43,10 +43,14 @@ fn builds_from_class_name() {
 
 #[test]
 fn unknown_scheduler_name_lists_valid_ones() {
-    let err = "k_lms".parse::<SchedulerKind>().unwrap_err().to_string();
+    let err = "k_heun".parse::<SchedulerKind>().unwrap_err().to_string();
     assert!(
-        err.contains("k_lms") && err.contains("ddim, pndm, euler, euler-a, dpmpp-2m"),
+        err.contains("k_heun") && err.contains("ddim, pndm, euler, euler-a, dpmpp-2m, lms"),
         "{err}"
+    );
+    assert_eq!(
+        "k_lms".parse::<SchedulerKind>().unwrap(),
+        SchedulerKind::Lms
     );
 }
 
@@ -111,7 +115,11 @@ fn options_are_checked_against_the_scheduler() {
         karras: Some(true),
         ..Default::default()
     };
-    for kind in [SchedulerKind::Euler, SchedulerKind::DpmSolverMultistep] {
+    for kind in [
+        SchedulerKind::Euler,
+        SchedulerKind::DpmSolverMultistep,
+        SchedulerKind::Lms,
+    ] {
         let plain = build(kind, &sd15, 10).unwrap();
         let k = build_with(kind, &sd15, 10, &karras).unwrap();
         assert_ne!(
@@ -185,6 +193,11 @@ fn unsupported_config_options_are_errors() {
             "beta sigmas",
         ),
         (
+            SchedulerKind::Lms,
+            r#"{"use_beta_sigmas": true}"#,
+            "beta sigmas",
+        ),
+        (
             SchedulerKind::Pndm,
             r#"{"prediction_type": "sample"}"#,
             "sample",
@@ -225,7 +238,11 @@ fn unsupported_config_options_are_errors() {
 fn multistep_schedulers_step_in_order_and_restart_at_zero() {
     let device = Device::flex();
     let sd15 = SchedulerConfig::sd15();
-    for kind in [SchedulerKind::Pndm, SchedulerKind::DpmSolverMultistep] {
+    for kind in [
+        SchedulerKind::Pndm,
+        SchedulerKind::DpmSolverMultistep,
+        SchedulerKind::Lms,
+    ] {
         let mut sched = build(kind, &sd15, 5).unwrap();
         let run = |sched: &mut Box<dyn Scheduler>| {
             let mut x = ones(&device);
