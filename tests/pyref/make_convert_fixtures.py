@@ -17,6 +17,8 @@ UNet tests/fixtures/unet_tiny_a/unet, VAE tests/fixtures/vae_tiny/vae).
 - malicious.ckpt: a torch-zip whose pickle REDUCEs os.system("touch /tmp/decorr-pwned-marker")
   (crafted with a __reduce__ class; never loaded here).
 - truncated.ckpt: the first 4096 bytes of tiny.ckpt.
+- sd2/: a tiny SD 2.x-like single file, see `sd2()`.
+- sd2_names.json.gz: the same for full-size SD 2.x (OpenCLIP text encoder), see `sd2_names()`.
 - sd15_names.json.gz: `[ldm name, diffusers name]` for every tensor of full-size SD 1.5
   (models built on the meta device from the SD 1.5 configs in crates/decorr-convert/assets),
   checked the same way against diffusers' converter.
@@ -35,6 +37,9 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+    create_diffusers_clip_model_from_ldm,
+    infer_diffusers_model_type,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -236,12 +241,16 @@ def main():
     open(os.path.join(OUT, "truncated.ckpt"), "wb").write(data[:4096])
 
     sd15_names()
+    sd2()
+    sd2_names()
 
     total = 0
     for dirpath, _, files in os.walk(OUT):
+        if os.path.relpath(dirpath, OUT).split(os.sep)[0] == "sd2":
+            continue
         for f in files:
             total += os.path.getsize(os.path.join(dirpath, f))
-    print(f"wrote {OUT} ({total / 1e6:.2f} MB)")
+    print(f"wrote {OUT} ({total / 1e6:.2f} MB, sd2/ not counted)")
     assert total < 3e6, total
 
 
@@ -286,6 +295,189 @@ def sd15_names():
         with gzip.GzipFile(fileobj=f, mode="wb", mtime=0, filename="") as g:
             g.write(raw)
     print(f"  sd15 names: {len(lu)} unet, {len(lv)} vae, {len(lt)} text encoder")
+
+
+
+
+# ---------------------------------------------------------------------------------------------
+# SD 2.x: OpenCLIP ViT-H text encoder (`cond_stage_model.model.*`).
+
+OPEN_CLIP = "cond_stage_model.model."
+
+
+def hf_text_to_open_clip(te, n_extra_layers_from=None):
+    """transformers CLIPTextModel names (with `text_model.`) -> OpenCLIP names (no prefix):
+    q/k/v fused into `in_proj_{weight,bias}`, the inverse of convert_open_clip_checkpoint."""
+    out = {}
+    qkv = {}
+    layer_map = [("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("mlp.fc1.", "mlp.c_fc."),
+                 ("mlp.fc2.", "mlp.c_proj."), ("self_attn.out_proj.", "attn.out_proj.")]
+    for k, v in te.items():
+        if k == "text_model.embeddings.token_embedding.weight":
+            out["token_embedding.weight"] = v
+        elif k == "text_model.embeddings.position_embedding.weight":
+            out["positional_embedding"] = v
+        elif k.startswith("text_model.final_layer_norm."):
+            out["ln_final." + k[len("text_model.final_layer_norm."):]] = v
+        elif k.startswith("text_model.encoder.layers."):
+            rest = k[len("text_model.encoder.layers."):]
+            i, rest = rest.split(".", 1)
+            if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+                _, proj, kind = rest.split(".")
+                qkv.setdefault((i, kind), {})[proj[0]] = v
+                continue
+            for a, b in layer_map:
+                if rest.startswith(a):
+                    rest = b + rest[len(a):]
+                    break
+            else:
+                raise AssertionError(k)
+            out[f"transformer.resblocks.{i}.{rest}"] = v
+        else:
+            raise AssertionError(k)
+    for (i, kind), d in qkv.items():
+        out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat([d["q"], d["k"], d["v"]])
+    return out
+
+
+def randomize(sd, gen):
+    """Distinct seeded values for every tensor (layer norms included), so a swapped name shows."""
+    return {k: (torch.randn(v.shape, generator=gen) * 0.1).to(v.dtype) for k, v in sd.items()}
+
+
+def sd2():
+    """sd2/: a tiny SD 2.x-like single file and the diffusers folder diffusers makes of it.
+
+    - tiny.safetensors: OpenCLIP text encoder (width 32, 4 heads, 3 resblocks, exact GELU,
+      `text_projection` and `logit_scale` as real SD 2 files carry them), a UNet with linear
+      transformer projections and per-block head dims, a VAE, and the noise-schedule buffers,
+      all seeded random f32 values, in the original SD 2 naming.
+    - diffusers/{text_encoder,unet,vae}: configs (the text encoder keeps 2 of the 3 layers, as
+      SD 2 keeps 23 of 24) and the tensors diffusers' own single-file functions produce.
+    """
+    out2 = os.path.join(OUT, "sd2")
+    ref = os.path.join(out2, "diffusers")
+    gen = torch.Generator().manual_seed(2)
+    tcfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, projection_dim=32,
+                num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
+                hidden_act="gelu", layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    with torch.device("meta"):
+        tkeys = CLIPTextModel(CLIPTextConfig(**tcfg)).state_dict()
+    te_full = {("text_model." + k if not k.startswith("text_model.") else k): torch.empty(v.shape)
+               for k, v in tkeys.items() if not k.endswith("position_ids")}
+    te_full = randomize(dict(sorted(te_full.items())), gen)
+    ucfg = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                block_out_channels=[8, 16], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], attention_head_dim=[2, 4],
+                cross_attention_dim=32, use_linear_projection=True, norm_num_groups=4)
+    unet_model = UNet2DConditionModel(**ucfg)
+    unet = randomize(unet_model.state_dict(), gen)
+    vcfg = dict(in_channels=3, out_channels=3, block_out_channels=[8, 16], layers_per_block=1,
+                down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                latent_channels=4, norm_num_groups=4, sample_size=16)
+    vae_model = AutoencoderKL(**vcfg)
+    vae = randomize(vae_model.state_dict(), gen)
+
+    ldm = {OPEN_CLIP + k: v for k, v in hf_text_to_open_clip(te_full).items()}
+    ldm[OPEN_CLIP + "text_projection"] = torch.randn(32, 32, generator=gen) * 0.1
+    ldm[OPEN_CLIP + "logit_scale"] = torch.tensor(4.6052)
+    ldm.update(unet_to_ldm(unet, dict(unet_model.config)))
+    ldm.update(vae_to_ldm(vae, dict(vae_model.config)))
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    ldm["betas"] = betas.float()
+    ldm["alphas_cumprod"] = torch.cumprod(1 - betas, 0).float()
+    ldm = {k: v.contiguous() for k, v in sorted(ldm.items())}
+
+    # The reference folder: configs, then diffusers' own conversion of the single file.
+    for name, model in [("unet", unet_model), ("vae", vae_model)]:
+        model.save_config(os.path.join(ref, name))
+    os.makedirs(os.path.join(ref, "text_encoder"))
+    keep = dict(tcfg, num_hidden_layers=2, architectures=["CLIPTextModel"], model_type="clip_text_model")
+    json.dump(dict(sorted(keep.items())), open(os.path.join(ref, "text_encoder", "config.json"), "w"), indent=2)
+
+    ucfg_saved = json.load(open(os.path.join(ref, "unet", "config.json")))
+    vcfg_saved = json.load(open(os.path.join(ref, "vae", "config.json")))
+    d_unet = convert_ldm_unet_checkpoint(ldm, ucfg_saved)
+    d_vae = convert_ldm_vae_checkpoint(ldm, vcfg_saved)
+    check_equal("sd2 unet", d_unet, unet)
+    check_equal("sd2 vae", d_vae, vae)
+    # diffusers drops the last resblock by its literal full-size name (`resblocks.23`); for the
+    # 3-block tiny file the 2-layer model it builds simply has no slot for block 2.
+    with torch.device("meta"):
+        stub = CLIPTextModel(CLIPTextConfig(**dict(tcfg, num_hidden_layers=2)))
+    d_te = convert_open_clip_checkpoint(stub, ldm)
+    assert any(".layers.2." in k for k in d_te)
+    d_te = {k: v.contiguous() for k, v in d_te.items() if ".layers.2." not in k}
+    want_te = {k: v for k, v in te_full.items() if ".layers.2." not in k}
+    check_equal("sd2 text encoder", d_te, want_te)
+    # The whole loading path, config folder and all: the model diffusers builds holds exactly these.
+    model = create_diffusers_clip_model_from_ldm(
+        CLIPTextModel, ldm, config=ref, subfolder="text_encoder", local_files_only=True)
+    loaded = {("text_model." + k if not k.startswith("text_model.") else k): v
+              for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    check_equal("sd2 text encoder (create_diffusers_clip_model_from_ldm)", loaded, want_te)
+
+    save_file(d_te, os.path.join(ref, "text_encoder", "model.safetensors"), metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in d_unet.items()},
+              os.path.join(ref, "unet", "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in d_vae.items()},
+              os.path.join(ref, "vae", "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    save_file(ldm, os.path.join(out2, "tiny.safetensors"), metadata={"format": "pt"})
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out2) for f in fs)
+    print(f"  sd2: {len(ldm)} single-file tensors ({total / 1e6:.2f} MB)")
+    assert total < 1.5e6, total
+
+
+def sd2_names():
+    """sd2_names.json.gz: for every tensor of full-size SD 2.x (models on the meta device from
+    the SD 2 configs in crates/decorr-convert/assets/sd2), `[ldm name, diffusers name]` pairs
+    (the fused `in_proj_*` of each resblock gives three), checked against diffusers' functions,
+    and the LDM names diffusers drops (`ignored`: the 24th resblock, text_projection, logit_scale)."""
+    assets = os.path.join(ROOT, "crates", "decorr-convert", "assets", "sd2")
+    ucfg = json.load(open(os.path.join(assets, "unet", "config.json")))
+    vcfg = json.load(open(os.path.join(assets, "vae", "config.json")))
+    tcfg = json.load(open(os.path.join(assets, "text_encoder", "config.json")))
+    with torch.device("meta"):
+        ukeys = list(UNet2DConditionModel.from_config(ucfg).state_dict())
+        vkeys = list(AutoencoderKL.from_config(vcfg).state_dict())
+        full = CLIPTextModel(CLIPTextConfig(**dict(tcfg, num_hidden_layers=tcfg["num_hidden_layers"] + 1)))
+        tkeys = [k for k in full.state_dict() if not k.endswith("position_ids")]
+    tkeys = [k if k.startswith("text_model.") else "text_model." + k for k in tkeys]
+    last = f"text_model.encoder.layers.{tcfg['num_hidden_layers']}."
+
+    def tag(keys):
+        return {k: torch.full((1, 1), float(i)) for i, k in enumerate(keys)}
+    unet, vae, te_all = tag(ukeys), tag(vkeys), tag(tkeys)
+    v2_key = "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight"
+    unet[v2_key] = torch.full((1, 1024), unet[v2_key].item())
+    lu, lv = unet_to_ldm(unet, ucfg), vae_to_ldm(vae, vcfg)
+    lt = {OPEN_CLIP + k: v for k, v in hf_text_to_open_clip(te_all).items()}
+    # text_projection (1, 1): diffusers splits in_proj by its first dim, here the 1-row q/k/v.
+    lt[OPEN_CLIP + "text_projection"] = torch.full((1, 1), -1.0)
+    lt[OPEN_CLIP + "logit_scale"] = torch.tensor(-2.0)
+    ldm = {**lu, **lv, **lt}
+    assert infer_diffusers_model_type(ldm) == "v2"
+    te = {k: v for k, v in te_all.items() if not k.startswith(last)}
+    with torch.device("meta"):
+        stub = CLIPTextModel(CLIPTextConfig(**tcfg))
+    check_equal("sd2 unet names", convert_ldm_unet_checkpoint(ldm, ucfg), unet)
+    check_equal("sd2 vae names", convert_ldm_vae_checkpoint(ldm, vcfg), vae)
+    check_equal("sd2 text encoder names", convert_open_clip_checkpoint(stub, ldm), te)
+    pairs = {"unet": [], "vae": [], "text_encoder": []}
+    for part, ldm_part, orig in [("unet", lu, unet), ("vae", lv, vae), ("text_encoder", lt, te)]:
+        by_id = {float(v.flatten()[0]): k for k, v in orig.items()}
+        for lk, v in ldm_part.items():
+            for x in v.flatten().tolist() if part == "text_encoder" else [float(v.flatten()[0])]:
+                if x in by_id:
+                    pairs[part].append([lk, by_id[x]])
+    ignored = sorted({k for k in lt} - {p[0] for p in pairs["text_encoder"]})
+    assert len(ignored) == 12 + 2, ignored
+    assert len(pairs["text_encoder"]) == len(te)
+    raw = json.dumps({**pairs, "ignored": ignored}, indent=0, sort_keys=True).encode()
+    with open(os.path.join(OUT, "sd2_names.json.gz"), "wb") as f:
+        with gzip.GzipFile(fileobj=f, mode="wb", mtime=0, filename="") as g:
+            g.write(raw)
+    print(f"  sd2 names: {len(lu)} unet, {len(lv)} vae, {len(lt)} text encoder ({len(ignored)} dropped)")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 //!   (`vocab.json`, `merges.txt`) from OpenAI's BPE merge list as shipped in open_clip's wheel
 //!   (`open_clip/bpe_simple_vocab_16e6.txt.gz`, MIT), by the same rule as CLIP's `SimpleTokenizer`.
 //! - `convert-weights --from FILE --to DIR [--dtype f32|f16|bf16] [--config sd15|sd2|auto|DIR]
-//!   [--ema]`: a single-file SD checkpoint in the original LDM naming (`.safetensors`, or a
+//!   [--ema] [--prediction epsilon|v_prediction]`: a single-file SD 1.x/2.x checkpoint in the original LDM naming (`.safetensors`, or a
 //!   `.ckpt` read by a restricted unpickler) to a diffusers folder;
 //!   `convert-weights --from DIR --to-single-file OUT.safetensors [--text-encoder DIR]`: back.
 
@@ -47,10 +47,14 @@ enum Task {
         /// Cast float tensors (default: keep each tensor's dtype).
         #[arg(long, value_parser = decorr_convert::parse_dtype)]
         dtype: Option<decorr_convert::DType>,
-        /// Model configs: sd15, sd2 (not supported yet), auto (detect), or a diffusers folder
-        /// whose unet/, vae/, text_encoder/ hold the config.json files.
+        /// Model configs: sd15, sd2, auto (detect: SD 1.x CLIP or SD 2.x OpenCLIP text encoder),
+        /// or a diffusers folder whose unet/, vae/, text_encoder/ hold the config.json files.
         #[arg(long, default_value = "auto")]
         config: String,
+        /// Scheduler prediction_type: epsilon or v_prediction (default: the config's; sd2 is
+        /// v_prediction as diffusers assumes, so pass epsilon for the 512 SD 2.x base models).
+        #[arg(long, conflicts_with = "to_single_file")]
+        prediction: Option<decorr_convert::Prediction>,
         /// Take the UNet from the checkpoint's EMA weights (`model_ema.*`).
         #[arg(long, conflicts_with = "to_single_file")]
         ema: bool,
@@ -69,12 +73,23 @@ fn main() -> Result<()> {
             to_single_file,
             dtype,
             config,
+            prediction,
             ema,
             text_encoder,
-        } => convert_weights(from, to, to_single_file, dtype, &config, ema, text_encoder),
+        } => convert_weights(
+            from,
+            to,
+            to_single_file,
+            dtype,
+            &config,
+            ema,
+            prediction,
+            text_encoder,
+        ),
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn convert_weights(
     from: PathBuf,
     to: Option<PathBuf>,
@@ -82,13 +97,19 @@ fn convert_weights(
     dtype: Option<decorr_convert::DType>,
     config: &str,
     ema: bool,
+    prediction: Option<decorr_convert::Prediction>,
     text_encoder: Option<PathBuf>,
 ) -> Result<()> {
     let summary = match (to, to_single_file) {
         (Some(to), None) => {
             let config: decorr_convert::ConfigChoice =
                 config.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-            let opts = decorr_convert::ToDiffusers { dtype, config, ema };
+            let opts = decorr_convert::ToDiffusers {
+                dtype,
+                config,
+                ema,
+                prediction,
+            };
             let s = decorr_convert::convert_single_file_to_diffusers(&from, &to, &opts)?;
             println!("wrote {}", to.display());
             s

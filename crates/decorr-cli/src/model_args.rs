@@ -11,14 +11,19 @@ use decorr_core::{BackendKind, DEFAULT_MODEL, ModelSource, select_device};
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// A local diffusers-layout folder (with text_encoder/, tokenizer/, ...), a component folder,
-    /// or a single-file SD 1.x checkpoint (`.safetensors` or `.ckpt` in the original naming),
+    /// or a single-file SD 1.x/2.x checkpoint (`.safetensors` or `.ckpt` in the original naming),
     /// converted on the fly as `cargo xtask convert-weights` would.
     #[arg(long, conflicts_with = "model")]
     pub weights: Option<PathBuf>,
-    /// For a single-file --weights: which configs describe it (auto, sd15, or a diffusers folder
-    /// whose unet/, vae/, text_encoder/ hold them).
+    /// For a single-file --weights: which configs describe it (auto, sd15, sd2, or a diffusers
+    /// folder whose unet/, vae/, text_encoder/ hold them).
     #[arg(long, default_value = "auto")]
     pub checkpoint_config: String,
+    /// For a single-file --weights: the scheduler's prediction_type (epsilon or v_prediction).
+    /// Default: the config's, i.e. epsilon for SD 1.x and v_prediction for SD 2.x as diffusers
+    /// assumes; the 512 SD 2.x base models need epsilon.
+    #[arg(long)]
+    pub checkpoint_prediction: Option<decorr_convert::Prediction>,
     /// A Hugging Face hub repo id, read through the standard HF cache
     /// (HF_HOME, HF_HUB_OFFLINE, HF_TOKEN are honoured).
     #[arg(long, default_value = DEFAULT_MODEL)]
@@ -61,6 +66,7 @@ impl ModelArgs {
                             .checkpoint_config
                             .parse()
                             .map_err(|e: String| anyhow::anyhow!("--checkpoint-config: {e}"))?,
+                        prediction: self.checkpoint_prediction,
                         ..Default::default()
                     },
                 )

@@ -1,5 +1,6 @@
-//! Reading PyTorch `.ckpt`/`.pt` files (the zip format of `torch.save` since PyTorch 1.6) with a
-//! restricted unpickler.
+//! Reading PyTorch `.ckpt`/`.pt`/`.pth` files with a restricted unpickler: the zip format of
+//! `torch.save` since PyTorch 1.6 ([`read_ckpt`]) and the legacy format before it
+//! ([`read_legacy`], e.g. pytorch-fid's Inception weights).
 //!
 //! The unpickler executes nothing: it interprets the pickle opcodes a state dict needs and builds
 //! plain values. `GLOBAL`/`STACK_GLOBAL` are accepted only for the handful of callables that
@@ -47,11 +48,16 @@ enum Value {
     Float(f64),
     Str(String),
     Bytes(Vec<u8>),
+    /// An integer wider than 64 bits, little-endian two's complement (legacy magic number).
+    Long(Vec<u8>),
     Tuple(Vec<Value>),
     List(Vec<Value>),
     Dict(Vec<(Value, Value)>),
     Global(String, String),
-    Storage { dtype: DType, key: String },
+    Storage {
+        dtype: DType,
+        key: String,
+    },
     Tensor(TensorRef),
 }
 
@@ -98,24 +104,7 @@ pub fn read_ckpt(path: &Path) -> Result<StateDict, ConvertError> {
         },
         UnpickleError::Bad(m) => bad(format!("{pkl_name}: {m}")),
     })?;
-    let Value::Dict(mut items) = root else {
-        return Err(bad("the pickle's top-level object is not a dict".into()));
-    };
-    if let Some(pos) = items.iter().position(|(k, v)| {
-        matches!(k, Value::Str(s) if s == "state_dict") && matches!(v, Value::Dict(_))
-    }) {
-        let Value::Dict(inner) = items.swap_remove(pos).1 else {
-            unreachable!()
-        };
-        items = inner;
-    }
-    let tensors: Vec<(String, TensorRef)> = items
-        .into_iter()
-        .filter_map(|(k, v)| match (k, v) {
-            (Value::Str(name), Value::Tensor(t)) => Some((name, t)),
-            _ => None,
-        })
-        .collect();
+    let tensors = state_dict_tensors(root).map_err(bad)?;
     // Storages are read once and dropped after their last tensor (usually their only one),
     // which then takes the bytes without a copy when it spans the whole storage.
     let mut uses: HashMap<String, usize> = HashMap::new();
@@ -155,6 +144,144 @@ pub fn read_ckpt(path: &Path) -> Result<StateDict, ConvertError> {
                 dtype: t.dtype,
                 shape: t.shape,
                 data,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// The `(name, tensor)` entries of an unpickled state dict: the top-level dict, or its
+/// `state_dict` entry (Lightning checkpoints). Non-tensor entries are skipped.
+fn state_dict_tensors(root: Value) -> Result<Vec<(String, TensorRef)>, String> {
+    let Value::Dict(mut items) = root else {
+        return Err("the pickle's top-level object is not a dict".into());
+    };
+    if let Some(pos) = items.iter().position(|(k, v)| {
+        matches!(k, Value::Str(s) if s == "state_dict") && matches!(v, Value::Dict(_))
+    }) {
+        let Value::Dict(inner) = items.swap_remove(pos).1 else {
+            unreachable!()
+        };
+        items = inner;
+    }
+    Ok(items
+        .into_iter()
+        .filter_map(|(k, v)| match (k, v) {
+            (Value::Str(name), Value::Tensor(t)) => Some((name, t)),
+            _ => None,
+        })
+        .collect())
+}
+
+/// `torch.serialization.MAGIC_NUMBER`, the first pickle of a legacy file, little-endian.
+const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
+/// `torch.serialization.PROTOCOL_VERSION` of legacy files.
+const LEGACY_PROTOCOL: i64 = 1001;
+
+/// Read every tensor of a PyTorch file in the legacy (pre-1.6, non-zip) format, as
+/// `torch.save(..., _use_new_zipfile_serialization=False)` writes it: a pickle of the magic
+/// number, one of the protocol version, one of system info, the object pickle (storages as
+/// persistent ids `('storage', torch.XStorage, key, location, numel, view_metadata)`), a pickle
+/// of the sorted storage keys, then for each key an 8-byte little-endian element count and the
+/// raw little-endian storage bytes. The same restricted unpickler as [`read_ckpt`] is used.
+pub fn read_legacy(path: &Path) -> Result<StateDict, ConvertError> {
+    let bad = |message: String| ConvertError::BadCheckpoint {
+        path: path.to_path_buf(),
+        message,
+    };
+    let data = std::fs::read(path).map_err(|source| ConvertError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut pos = 0usize;
+    let mut storage_types: HashMap<String, DType> = HashMap::new();
+    let mut next = |what: &str| -> Result<Value, ConvertError> {
+        let mut u = Unpickler::new(&data[pos..]);
+        let v = u.run().map_err(|e| match e {
+            UnpickleError::Refused(global) => ConvertError::RefusedGlobal {
+                path: path.to_path_buf(),
+                global,
+            },
+            UnpickleError::Bad(m) => bad(format!("legacy format, {what}: {m}")),
+        })?;
+        pos += u.pos;
+        storage_types.extend(u.storages);
+        Ok(v)
+    };
+    match next("magic number")? {
+        Value::Long(b) if b == LEGACY_MAGIC => {}
+        _ => {
+            return Err(bad(
+                "starts with a pickle but not with torch's magic number: not a PyTorch file".into(),
+            ));
+        }
+    }
+    match next("protocol version")? {
+        Value::Int(LEGACY_PROTOCOL) => {}
+        other => {
+            return Err(bad(format!(
+                "legacy protocol version {other:?} is not supported (expected {LEGACY_PROTOCOL})"
+            )));
+        }
+    }
+    if let Value::Dict(info) = next("system info")? {
+        let big_endian = info.iter().any(|(k, v)| {
+            matches!(k, Value::Str(s) if s == "little_endian") && matches!(v, Value::Bool(false))
+        });
+        if big_endian {
+            return Err(bad("written on a big-endian machine: not supported".into()));
+        }
+    }
+    let root = next("object")?;
+    let Value::List(keys) = next("storage keys")? else {
+        return Err(bad(
+            "legacy format: the storage key list is not a list".into()
+        ));
+    };
+    let tensors = state_dict_tensors(root).map_err(bad)?;
+    let mut storages: HashMap<String, &[u8]> = HashMap::new();
+    for key in keys {
+        let Value::Str(key) = key else {
+            return Err(bad("legacy format: a storage key is not a string".into()));
+        };
+        let dtype = *storage_types.get(&key).ok_or_else(|| {
+            bad(format!(
+                "legacy format: storage `{key}` is not referenced by the pickle"
+            ))
+        })?;
+        let numel = data
+            .get(pos..pos + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .ok_or_else(|| bad(format!("the file ends before storage `{key}`")))?;
+        let start = pos + 8;
+        let end = usize::try_from(numel)
+            .ok()
+            .and_then(|n| n.checked_mul(dtype.size()))
+            .and_then(|n| n.checked_add(start))
+            .filter(|&e| e <= data.len())
+            .ok_or_else(|| {
+                bad(format!(
+                    "storage `{key}` claims {numel} elements, beyond the end of the file (truncated?)"
+                ))
+            })?;
+        storages.insert(key, &data[start..end]);
+        pos = end;
+    }
+    let mut out = StateDict::new();
+    for (name, t) in tensors {
+        let storage = storages.get(&t.key).ok_or_else(|| {
+            bad(format!(
+                "tensor `{name}`: storage `{}` is not in the file",
+                t.key
+            ))
+        })?;
+        let bytes = gather(storage, &t).map_err(|m| bad(format!("tensor `{name}`: {m}")))?;
+        out.insert(
+            name,
+            Tensor {
+                dtype: t.dtype,
+                shape: t.shape,
+                data: bytes,
             },
         );
     }
@@ -243,6 +370,8 @@ struct Unpickler<'a> {
     stack: Vec<Value>,
     marks: Vec<usize>,
     memo: HashMap<u32, Value>,
+    /// Storage keys and types met in persistent ids (the legacy format needs their types).
+    storages: Vec<(String, DType)>,
 }
 
 type R<T> = Result<T, UnpickleError>;
@@ -255,6 +384,7 @@ impl<'a> Unpickler<'a> {
             stack: Vec::new(),
             marks: Vec::new(),
             memo: HashMap::new(),
+            storages: Vec::new(),
         }
     }
 
@@ -346,7 +476,8 @@ impl<'a> Unpickler<'a> {
         Ok(())
     }
 
-    fn run(mut self) -> R<Value> {
+    /// Run to STOP; `self.pos` is then the length of the pickle.
+    fn run(&mut self) -> R<Value> {
         loop {
             let op = self.u8()?;
             match op {
@@ -381,7 +512,8 @@ impl<'a> Unpickler<'a> {
                     let n = self.u8()? as usize;
                     let b = self.take(n)?;
                     if n > 8 {
-                        return Err("integer too large".to_string().into());
+                        self.stack.push(Value::Long(b.to_vec()));
+                        continue;
                     }
                     let mut buf = if b.last().is_some_and(|x| x & 0x80 != 0) {
                         [0xffu8; 8]
@@ -577,6 +709,9 @@ impl<'a> Unpickler<'a> {
                     // BINPERSID: ('storage', torch.XStorage, key, location, numel)
                     let pid = self.pop()?;
                     let v = persistent_load(pid)?;
+                    if let Value::Storage { dtype, key } = &v {
+                        self.storages.push((key.clone(), *dtype));
+                    }
                     self.stack.push(v)
                 }
                 b'R' => {
@@ -716,6 +851,36 @@ mod tests {
             b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01K\x01X\x01\x00\x00\x00bq\x02]q\x03(\x88Neu.";
         let Ok(Value::Dict(d)) = run(p) else { panic!() };
         assert_eq!(d.len(), 2);
+    }
+
+    /// The same tensors saved by `torch.save` in both formats (tests/pyref/make_fid_fixtures.py).
+    #[test]
+    fn legacy_format_reads_like_zip_format() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/fid");
+        let zip = read_ckpt(&dir.join("partial.pth")).unwrap();
+        let legacy = read_legacy(&dir.join("partial_legacy.pth")).unwrap();
+        assert_eq!(zip.len(), 12);
+        assert_eq!(zip, legacy);
+        let w = &legacy["Conv2d_1a_3x3.conv.weight"];
+        assert_eq!(
+            (w.dtype, w.shape.as_slice()),
+            (DType::F32, &[32, 3, 3, 3][..])
+        );
+        assert_eq!(
+            legacy["Conv2d_1a_3x3.bn.num_batches_tracked"].dtype,
+            DType::I64
+        );
+        // Truncated storage data is an error naming the problem, not a panic.
+        let bytes = std::fs::read(dir.join("partial_legacy.pth")).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let cut = tmp.path().join("cut.pth");
+        std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+        let e = read_legacy(&cut).unwrap_err().to_string();
+        assert!(e.contains("truncated"), "{e}");
+        // A plain pickle that is not a torch file.
+        std::fs::write(&cut, b"\x80\x02K\x01.").unwrap();
+        let e = read_legacy(&cut).unwrap_err().to_string();
+        assert!(e.contains("magic number"), "{e}");
     }
 
     #[test]

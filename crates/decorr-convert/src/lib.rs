@@ -1,7 +1,8 @@
 //! Conversion between single-file Stable Diffusion checkpoints in the original LDM naming
 //! (`model.safetensors` or a PyTorch `.ckpt`) and diffusers-layout folders.
 //!
-//! - [`convert_single_file_to_diffusers`] turns `cond_stage_model.transformer.*`,
+//! - [`convert_single_file_to_diffusers`] turns `cond_stage_model.transformer.*` (SD 1.x,
+//!   OpenAI CLIP) or `cond_stage_model.model.*` (SD 2.x, OpenCLIP ViT-H),
 //!   `model.diffusion_model.*` and `first_stage_model.*` tensors into `text_encoder/`,
 //!   `unet/` and `vae/` with configs, plus `scheduler/`, `tokenizer/` and `model_index.json`.
 //!   The names follow diffusers' own converter (`single_file_utils.py`), see [`mapping`].
@@ -25,7 +26,7 @@ pub use tensor::{DType, StateDict, Tensor};
 pub const UNET_PREFIX: &str = "model.diffusion_model.";
 pub const VAE_PREFIX: &str = "first_stage_model.";
 pub const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
-const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+pub const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
 const EMA_PREFIX: &str = "model_ema.";
 /// Buffers of LDM's `LatentDiffusion` (noise schedule, logvar) and the VAE's training loss:
 /// present in many checkpoints, not part of any diffusers model.
@@ -57,6 +58,14 @@ mod assets {
         include_str!("../assets/sd15/tokenizer/special_tokens_map.json");
     pub const VOCAB: &str = include_str!("../../../assets/clip/vocab.json");
     pub const MERGES: &str = include_str!("../../../assets/clip/merges.txt");
+    pub const SD2_UNET: &str = include_str!("../assets/sd2/unet/config.json");
+    pub const SD2_VAE: &str = include_str!("../assets/sd2/vae/config.json");
+    pub const SD2_TEXT: &str = include_str!("../assets/sd2/text_encoder/config.json");
+    pub const SD2_SCHEDULER: &str = include_str!("../assets/sd2/scheduler/scheduler_config.json");
+    pub const SD2_TOKENIZER_CONFIG: &str =
+        include_str!("../assets/sd2/tokenizer/tokenizer_config.json");
+    pub const SD2_SPECIAL_TOKENS: &str =
+        include_str!("../assets/sd2/tokenizer/special_tokens_map.json");
     pub const MODEL_INDEX: &str = r#"{
   "_class_name": "StableDiffusionPipeline",
   "_diffusers_version": "0.6.0",
@@ -75,15 +84,61 @@ mod assets {
 /// Which model configs describe the checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConfigChoice {
-    /// Detect from tensor shapes (SD 1.x: 768-wide CLIP text encoder).
+    /// Detect from the text encoder: OpenAI CLIP 768 wide is SD 1.x, OpenCLIP
+    /// (`cond_stage_model.model.*`) 1024 wide is SD 2.x.
     Auto,
     /// Stable Diffusion 1.5's configs (embedded).
     Sd15,
-    /// Stable Diffusion 2.x (OpenCLIP text encoder): not supported yet, reported as such.
+    /// Stable Diffusion 2.x's configs (embedded; those of `stabilityai/stable-diffusion-2-1`,
+    /// which diffusers' single-file loader uses for every SD 2.x file).
     Sd2,
     /// A diffusers folder whose `unet/`, `vae/`, `text_encoder/` (and optionally `scheduler/`)
     /// hold the config.json files describing the checkpoint.
     Dir(PathBuf),
+}
+
+/// What the UNet predicts, written to `scheduler/scheduler_config.json` as `prediction_type`.
+///
+/// Single files do not record it. diffusers 0.42's `from_single_file` takes the scheduler of
+/// `stabilityai/stable-diffusion-2-1` for every SD 2.x file, i.e. `v_prediction` (its legacy
+/// path picks `epsilon` only for a `.ckpt` whose `global_step` is 875000, SD 2.0-base); SD 1.x is
+/// `epsilon`. Those are the defaults here; the 512 "base" SD 2.x models (and other epsilon
+/// fine-tunes) need [`Prediction::Epsilon`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prediction {
+    Epsilon,
+    VPrediction,
+}
+
+impl Prediction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Prediction::Epsilon => "epsilon",
+            Prediction::VPrediction => "v_prediction",
+        }
+    }
+}
+
+impl std::str::FromStr for Prediction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "epsilon" | "eps" => Ok(Prediction::Epsilon),
+            "v_prediction" | "v-prediction" | "v" => Ok(Prediction::VPrediction),
+            other => Err(format!(
+                "prediction type `{other}` is not epsilon or v_prediction"
+            )),
+        }
+    }
+}
+
+/// The model family, from the text encoder's naming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    /// OpenAI CLIP ViT-L text encoder, `cond_stage_model.transformer.*`.
+    Sd1,
+    /// OpenCLIP ViT-H text tower, `cond_stage_model.model.*`.
+    Sd2,
 }
 
 impl std::str::FromStr for ConfigChoice {
@@ -121,6 +176,10 @@ pub struct ToDiffusers {
     pub config: ConfigChoice,
     /// Take the UNet from the EMA weights (`model_ema.*`), as diffusers' `extract_ema`.
     pub ema: bool,
+    /// Override the scheduler's `prediction_type`; `None` keeps the config's (see
+    /// [`Prediction`] for the defaults). With the `Sd2` preset, `Epsilon` also sets the 512
+    /// base models' `sample_size` (UNet 64, VAE 512).
+    pub prediction: Option<Prediction>,
 }
 
 impl Default for ToDiffusers {
@@ -129,6 +188,7 @@ impl Default for ToDiffusers {
             dtype: None,
             config: ConfigChoice::Auto,
             ema: false,
+            prediction: None,
         }
     }
 }
@@ -177,10 +237,8 @@ pub fn read_state_dict(path: &Path) -> Result<StateDict, ConvertError> {
         return tensor::read_safetensors(path);
     }
     if head.first() == Some(&0x80) {
-        return Err(ConvertError::BadCheckpoint {
-            path: path.to_path_buf(),
-            message: "legacy (pre-1.6, non-zip) PyTorch format is not supported; re-save it with a current torch".into(),
-        });
+        // A pickle protocol opcode: torch's legacy (pre-1.6, non-zip) format.
+        return ckpt::read_legacy(path);
     }
     Err(ConvertError::UnknownFormat {
         path: path.to_path_buf(),
@@ -198,6 +256,7 @@ struct Configs {
     text: String,
     scheduler: String,
     origin: PathBuf,
+    family: Family,
 }
 
 fn read_text(path: &Path) -> Result<String, ConvertError> {
@@ -221,40 +280,88 @@ fn sd15_configs() -> Configs {
         text: assets::SD15_TEXT.into(),
         scheduler: assets::SD15_SCHEDULER.into(),
         origin: PathBuf::from("<embedded sd15>"),
+        family: Family::Sd1,
     }
 }
 
-fn text_width(sd: &StateDict) -> Option<usize> {
-    [
-        "text_model.final_layer_norm.weight",
-        "final_layer_norm.weight",
-    ]
-    .iter()
-    .find_map(|k| sd.get(&format!("{CLIP_PREFIX}{k}")))
-    .and_then(|t| t.shape.first().copied())
+fn sd2_configs(prediction: Option<Prediction>) -> Configs {
+    let mut c = Configs {
+        unet: assets::SD2_UNET.into(),
+        vae: assets::SD2_VAE.into(),
+        text: assets::SD2_TEXT.into(),
+        scheduler: assets::SD2_SCHEDULER.into(),
+        origin: PathBuf::from("<embedded sd2>"),
+        family: Family::Sd2,
+    };
+    if prediction == Some(Prediction::Epsilon) {
+        // stabilityai/stable-diffusion-2-1-base: 512 px.
+        c.unet = c.unet.replace("\"sample_size\": 96", "\"sample_size\": 64");
+        c.vae = c
+            .vae
+            .replace("\"sample_size\": 768", "\"sample_size\": 512");
+    }
+    c
 }
 
-fn pick_configs(choice: &ConfigChoice, sd: &StateDict) -> Result<Configs, ConvertError> {
-    let sd2 = || {
-        ConvertError::Unsupported(
-            "Stable Diffusion 2.x checkpoints (OpenCLIP text encoder, `cond_stage_model.model.*`) are not supported yet".into(),
-        )
+fn family_of(sd: &StateDict) -> Result<Family, ConvertError> {
+    let clip = sd.keys().any(|k| k.starts_with(CLIP_PREFIX));
+    let open_clip = sd.keys().any(|k| k.starts_with(OPEN_CLIP_PREFIX));
+    match (clip, open_clip) {
+        (true, true) => Err(ConvertError::Unsupported(format!(
+            "the file has both an OpenAI CLIP (`{CLIP_PREFIX}*`) and an OpenCLIP (`{OPEN_CLIP_PREFIX}*`) text encoder"
+        ))),
+        (false, true) => Ok(Family::Sd2),
+        _ => Ok(Family::Sd1),
+    }
+}
+
+fn text_width(sd: &StateDict, family: Family) -> Option<usize> {
+    let keys: Vec<String> = match family {
+        Family::Sd1 => [
+            "text_model.final_layer_norm.weight",
+            "final_layer_norm.weight",
+        ]
+        .iter()
+        .map(|k| format!("{CLIP_PREFIX}{k}"))
+        .collect(),
+        Family::Sd2 => vec![format!("{OPEN_CLIP_PREFIX}ln_final.weight")],
+    };
+    keys.iter()
+        .find_map(|k| sd.get(k))
+        .and_then(|t| t.shape.first().copied())
+}
+
+fn pick_configs(
+    choice: &ConfigChoice,
+    sd: &StateDict,
+    prediction: Option<Prediction>,
+) -> Result<Configs, ConvertError> {
+    let family = family_of(sd)?;
+    let preset_mismatch = |preset: &str, other: &str| {
+        ConvertError::Unsupported(format!(
+            "--config {preset} does not fit this file: its text encoder is {} (use --config {other} or auto)",
+            match family {
+                Family::Sd1 => "OpenAI CLIP (`cond_stage_model.transformer.*`, SD 1.x)",
+                Family::Sd2 => "OpenCLIP (`cond_stage_model.model.*`, SD 2.x)",
+            }
+        ))
     };
     match choice {
+        ConfigChoice::Sd15 if family == Family::Sd2 => Err(preset_mismatch("sd15", "sd2")),
         ConfigChoice::Sd15 => Ok(sd15_configs()),
-        ConfigChoice::Sd2 => Err(sd2()),
-        ConfigChoice::Auto => {
-            if sd.keys().any(|k| k.starts_with(OPEN_CLIP_PREFIX)) {
-                return Err(sd2());
-            }
-            match text_width(sd) {
-                Some(768) => Ok(sd15_configs()),
-                Some(1024) => Err(sd2()),
-                other => Err(ConvertError::Unsupported(format!(
-                    "cannot detect the model family (text encoder width {other:?}); pass --config DIR with unet/, vae/ and text_encoder/ config.json files"
-                ))),
-            }
-        }
+        ConfigChoice::Sd2 if family == Family::Sd1 => Err(preset_mismatch("sd2", "sd15")),
+        ConfigChoice::Sd2 => Ok(sd2_configs(prediction)),
+        ConfigChoice::Auto => match (family, text_width(sd, family)) {
+            (Family::Sd1, Some(768)) => Ok(sd15_configs()),
+            (Family::Sd2, Some(1024)) => Ok(sd2_configs(prediction)),
+            (f, other) => Err(ConvertError::Unsupported(format!(
+                "cannot detect the model family ({} text encoder width {other:?}); pass --config DIR with unet/, vae/ and text_encoder/ config.json files",
+                match f {
+                    Family::Sd1 => "CLIP",
+                    Family::Sd2 => "OpenCLIP",
+                }
+            ))),
+        },
         ConfigChoice::Dir(dir) => {
             let sched = dir.join("scheduler/scheduler_config.json");
             Ok(Configs {
@@ -264,9 +371,13 @@ fn pick_configs(choice: &ConfigChoice, sd: &StateDict) -> Result<Configs, Conver
                 scheduler: if sched.is_file() {
                     read_text(&sched)?
                 } else {
-                    assets::SD15_SCHEDULER.into()
+                    match family {
+                        Family::Sd1 => assets::SD15_SCHEDULER.into(),
+                        Family::Sd2 => assets::SD2_SCHEDULER.into(),
+                    }
                 },
                 origin: dir.clone(),
+                family,
             })
         }
     }
@@ -294,12 +405,12 @@ fn split_ldm(mut sd: StateDict, ema: bool) -> Result<Split, ConvertError> {
             ignored += 1;
         } else if let Some(r) = k.strip_prefix(VAE_PREFIX) {
             vae.insert(r.to_string(), t);
-        } else if let Some(r) = k.strip_prefix(CLIP_PREFIX) {
+        } else if let Some(r) = k
+            .strip_prefix(CLIP_PREFIX)
+            .or_else(|| k.strip_prefix(OPEN_CLIP_PREFIX))
+        {
+            // family_of has refused files holding both.
             text.insert(r.to_string(), t);
-        } else if k.starts_with(OPEN_CLIP_PREFIX) {
-            return Err(ConvertError::Unsupported(
-                "Stable Diffusion 2.x checkpoints (OpenCLIP text encoder, `cond_stage_model.model.*`) are not supported yet".into(),
-            ));
         } else if k.starts_with(EMA_PREFIX) {
             emas.insert(k, t);
         } else if IGNORED_KEYS.contains(&k.as_str()) {
@@ -338,7 +449,10 @@ fn split_ldm(mut sd: StateDict, ema: bool) -> Result<Split, ConvertError> {
     }
     ignored += emas.len();
     for (what, part) in [
-        ("text encoder (cond_stage_model.transformer.*)", &text),
+        (
+            "text encoder (cond_stage_model.transformer.* or cond_stage_model.model.*)",
+            &text,
+        ),
         ("UNet (model.diffusion_model.*)", &unet),
         ("VAE (first_stage_model.*)", &vae),
     ] {
@@ -465,7 +579,7 @@ pub fn convert_single_file_to_diffusers(
         return Err(ConvertError::OutputExists(to.to_path_buf()));
     }
     let sd = read_state_dict(from)?;
-    let cfgs = pick_configs(&opts.config, &sd)?;
+    let cfgs = pick_configs(&opts.config, &sd, opts.prediction)?;
     let split = split_ldm(sd, opts.ema)?;
     let unet_cfg_path = cfgs.origin.join("unet/config.json");
     let vae_cfg_path = cfgs.origin.join("vae/config.json");
@@ -473,10 +587,26 @@ pub fn convert_single_file_to_diffusers(
     let unet_cfg = parse_json(&cfgs.unet, &unet_cfg_path)?;
     let vae_cfg = parse_json(&cfgs.vae, &vae_cfg_path)?;
     let text_cfg = parse_json(&cfgs.text, &text_cfg_path)?;
-    parse_json(
-        &cfgs.scheduler,
-        &cfgs.origin.join("scheduler/scheduler_config.json"),
-    )?;
+    let sched_path = cfgs.origin.join("scheduler/scheduler_config.json");
+    let mut sched_cfg = parse_json(&cfgs.scheduler, &sched_path)?;
+    let scheduler_text = match opts.prediction {
+        None => cfgs.scheduler.clone(),
+        Some(p) => {
+            let obj = sched_cfg
+                .as_object_mut()
+                .ok_or_else(|| ConvertError::BadConfig {
+                    path: sched_path.clone(),
+                    message: "not a JSON object".into(),
+                })?;
+            obj.insert("prediction_type".into(), p.as_str().into());
+            serde_json::to_string_pretty(&sched_cfg).expect("a JSON value serializes") + "\n"
+        }
+    };
+    let scheduler_class = sched_cfg
+        .get("_class_name")
+        .and_then(|v| v.as_str())
+        .unwrap_or("PNDMScheduler")
+        .to_string();
     let bad = |path: &Path| {
         let path = path.to_path_buf();
         move |message: String| ConvertError::BadConfig { path, message }
@@ -502,7 +632,31 @@ pub fn convert_single_file_to_diffusers(
     let vae = Table::vae(&vae_shape)
         .to_diffusers(split.vae, VAE_PREFIX)
         .map_err(not_described(&vae_cfg_path))?;
-    let text = mapping::clip_to_diffusers(split.text);
+    let mut ignored = split.ignored;
+    let text = match cfgs.family {
+        Family::Sd1 => mapping::clip_to_diffusers(split.text),
+        Family::Sd2 => {
+            let layers = text_cfg
+                .get("num_hidden_layers")
+                .and_then(|v| v.as_u64())
+                .ok_or_else(|| ConvertError::BadConfig {
+                    path: text_cfg_path.clone(),
+                    message: "`num_hidden_layers` missing or not an integer".into(),
+                })? as usize;
+            let oc = mapping::open_clip_to_diffusers(split.text, layers, OPEN_CLIP_PREFIX)?;
+            if oc.resblocks < layers {
+                return Err(ConvertError::BadConfig {
+                    path: text_cfg_path.clone(),
+                    message: format!(
+                        "`num_hidden_layers` is {layers} but the checkpoint's OpenCLIP text encoder has {} resblocks: the config does not describe this checkpoint (use --config)",
+                        oc.resblocks
+                    ),
+                });
+            }
+            ignored += oc.dropped;
+            oc.tensors
+        }
+    };
 
     let first = |cfg: &serde_json::Value| {
         cfg.get("block_out_channels")
@@ -554,21 +708,28 @@ pub fn convert_single_file_to_diffusers(
         text_encoder: text.len(),
         unet: unet.len(),
         vae: vae.len(),
-        ignored: split.ignored,
+        ignored,
+    };
+    // SD 2's tokenizer is SD 1's vocabulary with "!" (id 0) as the padding token.
+    let (tok_cfg, special) = match cfgs.family {
+        Family::Sd1 => (assets::TOKENIZER_CONFIG, assets::SPECIAL_TOKENS),
+        Family::Sd2 => (assets::SD2_TOKENIZER_CONFIG, assets::SD2_SPECIAL_TOKENS),
     };
     let out = TempOut::new(to)?;
-    out.write("model_index.json", assets::MODEL_INDEX.as_bytes())?;
-    out.write("scheduler/scheduler_config.json", cfgs.scheduler.as_bytes())?;
+    out.write(
+        "model_index.json",
+        assets::MODEL_INDEX
+            .replace(
+                "\"PNDMScheduler\"",
+                &serde_json::Value::from(scheduler_class).to_string(),
+            )
+            .as_bytes(),
+    )?;
+    out.write("scheduler/scheduler_config.json", scheduler_text.as_bytes())?;
     out.write("tokenizer/vocab.json", assets::VOCAB.as_bytes())?;
     out.write("tokenizer/merges.txt", assets::MERGES.as_bytes())?;
-    out.write(
-        "tokenizer/tokenizer_config.json",
-        assets::TOKENIZER_CONFIG.as_bytes(),
-    )?;
-    out.write(
-        "tokenizer/special_tokens_map.json",
-        assets::SPECIAL_TOKENS.as_bytes(),
-    )?;
+    out.write("tokenizer/tokenizer_config.json", tok_cfg.as_bytes())?;
+    out.write("tokenizer/special_tokens_map.json", special.as_bytes())?;
     out.write("text_encoder/config.json", cfgs.text.as_bytes())?;
     out.write("unet/config.json", cfgs.unet.as_bytes())?;
     out.write("vae/config.json", cfgs.vae.as_bytes())?;
@@ -595,6 +756,13 @@ fn model_file(dir: &Path, names: &[&str]) -> Result<PathBuf, ConvertError> {
 
 /// Convert a diffusers folder (`from`: `unet/`, `vae/`, `text_encoder/`) to one safetensors
 /// file in LDM naming (`out`, which must not exist), as SD front-ends load.
+///
+/// An SD 2.x folder (text encoder config `hidden_act: gelu`, i.e. OpenCLIP; or, without a text
+/// encoder config, a UNet with `cross_attention_dim` 1024) gets OpenCLIP names
+/// (`cond_stage_model.model.*`, q/k/v fused into `in_proj_*`). The folder holds only the 23
+/// resblocks SD 2 uses, so the file has no `resblocks.23` and no `text_projection`: loaders that
+/// build the full 24-block tower must load non-strictly (those blocks never affect SD 2's
+/// penultimate-layer conditioning).
 pub fn convert_diffusers_to_single_file(
     from: &Path,
     out: &Path,
@@ -633,6 +801,13 @@ pub fn convert_diffusers_to_single_file(
     )?)?;
     let unet = Table::unet(&unet_shape).to_ldm(unet, "unet")?;
     let vae = Table::vae(&vae_shape).to_ldm(vae, "vae")?;
+    let text_cfg_path = text_dir.join("config.json");
+    let open_clip = if text_cfg_path.is_file() {
+        let cfg = parse_json(&read_text(&text_cfg_path)?, &text_cfg_path)?;
+        cfg.get("hidden_act").and_then(|v| v.as_str()) == Some("gelu")
+    } else {
+        unet_cfg.get("cross_attention_dim").and_then(|v| v.as_u64()) == Some(1024)
+    };
 
     let mut all = StateDict::new();
     let summary = Summary {
@@ -643,6 +818,16 @@ pub fn convert_diffusers_to_single_file(
     };
     let mut unknown = Vec::new();
     let mut n_pos = None;
+    let text = if open_clip {
+        all.extend(
+            mapping::diffusers_to_open_clip(text, "text_encoder")?
+                .into_iter()
+                .map(|(k, t)| (format!("{OPEN_CLIP_PREFIX}{k}"), t)),
+        );
+        StateDict::new()
+    } else {
+        text
+    };
     for (k, t) in text {
         if k.ends_with("embeddings.position_ids") {
             continue;

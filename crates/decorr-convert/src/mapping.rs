@@ -1,6 +1,7 @@
 //! Tensor-name mapping between the original LDM single-file naming and diffusers/transformers
-//! naming, following diffusers' `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`
-//! and `convert_ldm_clip_checkpoint` (`diffusers/loaders/single_file_utils.py`).
+//! naming, following diffusers' `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`,
+//! `convert_ldm_clip_checkpoint` and (SD 2.x) `convert_open_clip_checkpoint`
+//! (`diffusers/loaders/single_file_utils.py`).
 //!
 //! The mapping is a table of `(ldm prefix, diffusers prefix, kind)` built from the model's
 //! config; the kind says how the rest of the name (and, for the VAE attention, the shape)
@@ -429,6 +430,216 @@ pub fn clip_to_diffusers(ldm: StateDict) -> StateDict {
             (k, t)
         })
         .collect()
+}
+
+/// OpenCLIP text-tower names (below `cond_stage_model.model.`) that no diffusers model holds:
+/// the projection to the joint image-text space and the contrastive temperature (SD 2 uses
+/// the penultimate layer's hidden states, not the pooled projection), and the causal mask
+/// buffer some exports carry.
+pub const OPEN_CLIP_UNUSED: &[&str] = &["text_projection", "logit_scale", "attn_mask"];
+
+/// Per-resblock renames, OpenCLIP -> transformers (`DIFFUSERS_TO_LDM_MAPPING["openclip"]`).
+const OPEN_CLIP_LAYER: &[(&str, &str)] = &[
+    ("ln_1.", "layer_norm1."),
+    ("ln_2.", "layer_norm2."),
+    ("mlp.c_fc.", "mlp.fc1."),
+    ("mlp.c_proj.", "mlp.fc2."),
+    ("attn.out_proj.", "self_attn.out_proj."),
+];
+const OPEN_CLIP_TOP: &[(&str, &str)] = &[
+    (
+        "token_embedding.weight",
+        "text_model.embeddings.token_embedding.weight",
+    ),
+    (
+        "positional_embedding",
+        "text_model.embeddings.position_embedding.weight",
+    ),
+    ("ln_final.weight", "text_model.final_layer_norm.weight"),
+    ("ln_final.bias", "text_model.final_layer_norm.bias"),
+];
+
+/// Split a tensor in `n` equal parts along its first dimension (same bytes, row-major).
+fn split_rows(t: Tensor, n: usize, name: &str) -> Result<Vec<Tensor>, ConvertError> {
+    let rows = t.shape.first().copied().unwrap_or(0);
+    if rows == 0 || !rows.is_multiple_of(n) {
+        return Err(ConvertError::Unsupported(format!(
+            "`{name}` has shape {:?}: a fused q/k/v projection needs a first dimension divisible by {n}",
+            t.shape
+        )));
+    }
+    let chunk = t.data.len() / n;
+    let mut shape = t.shape.clone();
+    shape[0] = rows / n;
+    Ok(t.data
+        .chunks_exact(chunk)
+        .map(|c| Tensor {
+            dtype: t.dtype,
+            shape: shape.clone(),
+            data: c.to_vec(),
+        })
+        .collect())
+}
+
+/// The converted OpenCLIP text encoder.
+pub struct OpenClipText {
+    pub tensors: StateDict,
+    /// LDM tensors diffusers drops: resblocks at or past `num_hidden_layers`, and
+    /// [`OPEN_CLIP_UNUSED`].
+    pub dropped: usize,
+    /// Resblocks in the checkpoint.
+    pub resblocks: usize,
+}
+
+/// SD 2.x OpenCLIP text tower (names below `cond_stage_model.model.`) -> transformers
+/// `CLIPTextModel` names, as diffusers' `convert_open_clip_checkpoint`: the fused
+/// `attn.in_proj_{weight,bias}` is split in three along the first dimension into q, k, v;
+/// resblocks from `num_layers` on are dropped (SD 2 ships the 24-block tower and conditions on
+/// the penultimate block, so its text encoder config has 23 layers and diffusers drops
+/// `resblocks.23`); `text_projection`/`logit_scale` are dropped.
+pub fn open_clip_to_diffusers(
+    ldm: StateDict,
+    num_layers: usize,
+    family: &str,
+) -> Result<OpenClipText, ConvertError> {
+    let mut out = StateDict::new();
+    let mut unknown = Vec::new();
+    let mut dropped = 0;
+    let mut resblocks = 0;
+    for (key, t) in ldm {
+        if let Some((_, d)) = OPEN_CLIP_TOP.iter().find(|(l, _)| *l == key) {
+            out.insert(d.to_string(), t);
+            continue;
+        }
+        if OPEN_CLIP_UNUSED.contains(&key.as_str()) {
+            dropped += 1;
+            continue;
+        }
+        let parsed = key.strip_prefix("transformer.resblocks.").and_then(|r| {
+            let (i, rest) = r.split_once('.')?;
+            Some((i.parse::<usize>().ok()?, rest))
+        });
+        let Some((i, rest)) = parsed else {
+            unknown.push(format!("{family}{key}"));
+            continue;
+        };
+        let pre = format!("text_model.encoder.layers.{i}.");
+        let mapped: Option<Vec<(String, Tensor)>> = match rest {
+            "attn.in_proj_weight" | "attn.in_proj_bias" => {
+                let kind = if rest.ends_with("weight") {
+                    "weight"
+                } else {
+                    "bias"
+                };
+                let parts = split_rows(t, 3, &format!("{family}{key}"))?;
+                Some(
+                    ["q", "k", "v"]
+                        .iter()
+                        .zip(parts)
+                        .map(|(p, t)| (format!("{pre}self_attn.{p}_proj.{kind}"), t))
+                        .collect(),
+                )
+            }
+            _ => OPEN_CLIP_LAYER
+                .iter()
+                .find_map(|(l, d)| rest.strip_prefix(l).map(|r| format!("{pre}{d}{r}")))
+                .map(|k| vec![(k, t)]),
+        };
+        let Some(mapped) = mapped else {
+            unknown.push(format!("{family}{key}"));
+            continue;
+        };
+        resblocks = resblocks.max(i + 1);
+        if i >= num_layers {
+            dropped += 1;
+            continue;
+        }
+        out.extend(mapped);
+    }
+    unknown_error(unknown)?;
+    Ok(OpenClipText {
+        tensors: out,
+        dropped,
+        resblocks,
+    })
+}
+
+/// transformers `CLIPTextModel` names -> OpenCLIP names (below `cond_stage_model.model.`),
+/// q/k/v concatenated back into `attn.in_proj_*`. The tower gets only the layers the folder
+/// has (23 for SD 2): the dropped last block and `text_projection` cannot be restored.
+pub fn diffusers_to_open_clip(sd: StateDict, what: &str) -> Result<StateDict, ConvertError> {
+    let mut out = StateDict::new();
+    let mut unknown = Vec::new();
+    let mut qkv: std::collections::BTreeMap<(String, &'static str), [Option<Tensor>; 3]> =
+        Default::default();
+    for (key, t) in sd {
+        if key.ends_with("embeddings.position_ids") {
+            continue;
+        }
+        if let Some((l, _)) = OPEN_CLIP_TOP.iter().find(|(_, d)| *d == key) {
+            out.insert(l.to_string(), t);
+            continue;
+        }
+        let parsed = key
+            .strip_prefix("text_model.encoder.layers.")
+            .and_then(|r| {
+                let (i, rest) = r.split_once('.')?;
+                i.parse::<usize>().ok()?;
+                Some((i.to_string(), rest))
+            });
+        let Some((i, rest)) = parsed else {
+            unknown.push(format!("{what}: {key}"));
+            continue;
+        };
+        let fused = ["q", "k", "v"].iter().enumerate().find_map(|(n, p)| {
+            for kind in ["weight", "bias"] {
+                if rest == format!("self_attn.{p}_proj.{kind}") {
+                    return Some((n, kind));
+                }
+            }
+            None
+        });
+        if let Some((n, kind)) = fused {
+            qkv.entry((i, kind)).or_default()[n] = Some(t);
+            continue;
+        }
+        match OPEN_CLIP_LAYER
+            .iter()
+            .find_map(|(l, d)| rest.strip_prefix(d).map(|r| format!("{l}{r}")))
+        {
+            Some(r) => {
+                out.insert(format!("transformer.resblocks.{i}.{r}"), t);
+            }
+            None => unknown.push(format!("{what}: {key}")),
+        }
+    }
+    unknown_error(unknown)?;
+    for ((i, kind), parts) in qkv {
+        let [Some(q), Some(k), Some(v)] = parts else {
+            return Err(ConvertError::Missing(format!(
+                "{what}: layer {i} lacks one of self_attn.{{q,k,v}}_proj.{kind}"
+            )));
+        };
+        if q.dtype != k.dtype || q.dtype != v.dtype || q.shape != k.shape || q.shape != v.shape {
+            return Err(ConvertError::Unsupported(format!(
+                "{what}: layer {i}'s q/k/v {kind} differ in dtype or shape"
+            )));
+        }
+        let mut shape = q.shape.clone();
+        shape[0] *= 3;
+        let mut data = q.data;
+        data.extend(k.data);
+        data.extend(v.data);
+        out.insert(
+            format!("transformer.resblocks.{i}.attn.in_proj_{kind}"),
+            Tensor {
+                dtype: q.dtype,
+                shape,
+                data,
+            },
+        );
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -282,11 +282,12 @@ fn configs_that_do_not_fit_are_errors() {
         &ToDiffusers::default(),
         "cannot detect",
     );
+    // The sd2 preset on an SD 1.x file names the mismatch.
     let sd2 = ToDiffusers {
         config: ConfigChoice::Sd2,
         ..Default::default()
     };
-    assert_fails_cleanly(&conv().join("tiny.safetensors"), &sd2, "not supported");
+    assert_fails_cleanly(&conv().join("tiny.safetensors"), &sd2, "use --config sd15");
 }
 
 #[test]
@@ -462,4 +463,343 @@ fn converted_folder_loads_in_decorr_and_matches_the_source_model() {
     let a = ours.model.forward(x.clone(), &[500.0], &ctx).into_data();
     let b = orig.model.forward(x, &[500.0], &ctx).into_data();
     assert_eq!(a, b, "same weights, same output");
+}
+
+// ---------------------------------------------------------------------------------------------
+// SD 2.x (OpenCLIP text encoder): tests/fixtures/convert/sd2/, made and checked against
+// diffusers' own functions by tests/pyref/make_convert_fixtures.py (`sd2()`, `sd2_names()`).
+
+fn sd2_dir() -> PathBuf {
+    conv().join("sd2")
+}
+
+fn sd2_opts() -> ToDiffusers {
+    ToDiffusers {
+        config: ConfigChoice::Dir(sd2_dir().join("diffusers")),
+        ..Default::default()
+    }
+}
+
+fn sd2_reference() -> (StateDict, StateDict, StateDict) {
+    outputs(&sd2_dir().join("diffusers"))
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// The tiny SD 2-like file (3 OpenCLIP resblocks, a config keeping 2) converts to exactly the
+/// tensors diffusers' convert_open_clip_checkpoint / convert_ldm_unet_checkpoint /
+/// convert_ldm_vae_checkpoint give, with SD 2's scheduler and tokenizer files.
+#[test]
+fn sd2_safetensors_to_diffusers_is_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model");
+    let s =
+        convert_single_file_to_diffusers(&sd2_dir().join("tiny.safetensors"), &out, &sd2_opts())
+            .unwrap();
+    // 2 layers x 16 + embeddings and final norm; dropped: resblocks.2 (12), text_projection,
+    // logit_scale, betas, alphas_cumprod.
+    assert_eq!((s.text_encoder, s.ignored), (36, 16));
+    let (te, unet, vae) = outputs(&out);
+    let (rte, runet, rvae) = sd2_reference();
+    assert_same("sd2 text encoder", &te, &rte);
+    assert_same("sd2 unet", &unet, &runet);
+    assert_same("sd2 vae", &vae, &rvae);
+    // No scheduler/ in the config folder: SD 2's (diffusers' stable-diffusion-2-1 one).
+    let sched = json(&out.join("scheduler/scheduler_config.json"));
+    assert_eq!(sched["_class_name"], "DDIMScheduler");
+    assert_eq!(sched["prediction_type"], "v_prediction");
+    assert_eq!(sched["beta_schedule"], "scaled_linear");
+    assert_eq!(
+        json(&out.join("model_index.json"))["scheduler"][1],
+        "DDIMScheduler"
+    );
+    let special = json(&out.join("tokenizer/special_tokens_map.json"));
+    assert_eq!(special["pad_token"], "!");
+    assert_eq!(
+        json(&out.join("tokenizer/tokenizer_config.json"))["pad_token"],
+        "!"
+    );
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/clip");
+    for f in ["vocab.json", "merges.txt"] {
+        assert_eq!(
+            std::fs::read(out.join("tokenizer").join(f)).unwrap(),
+            std::fs::read(repo.join(f)).unwrap()
+        );
+    }
+    // The vocabulary's "!" is id 0, the padding id of SD 2's tokenizer.
+    let vocab = json(&repo.join("vocab.json"));
+    assert_eq!(vocab["!"], 0);
+
+    // --prediction epsilon (the 512 base models) overrides it.
+    let out2 = tmp.path().join("eps");
+    let opts = ToDiffusers {
+        prediction: Some(decorr_convert::Prediction::Epsilon),
+        ..sd2_opts()
+    };
+    convert_single_file_to_diffusers(&sd2_dir().join("tiny.safetensors"), &out2, &opts).unwrap();
+    let sched = json(&out2.join("scheduler/scheduler_config.json"));
+    assert_eq!(sched["prediction_type"], "epsilon");
+    assert_eq!(sched["_class_name"], "DDIMScheduler");
+}
+
+/// decorr's loaders read the converted SD 2 folder, and its UNet computes what the reference
+/// folder (diffusers' conversion) computes.
+#[test]
+fn sd2_converted_folder_loads_in_decorr() {
+    use burn::tensor::{Device, Distribution, Tensor};
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model");
+    convert_single_file_to_diffusers(&sd2_dir().join("tiny.safetensors"), &out, &sd2_opts())
+        .unwrap();
+    let device = Device::flex();
+    let te = decorr_clip::load::load_text_encoder_dir(&out.join("text_encoder"), &device).unwrap();
+    drop(te);
+    decorr_unet::load_vae(&decorr_core::ModelSource::Local(out.clone()), &device).unwrap();
+    let ours = decorr_unet::load_unet(&decorr_core::ModelSource::Local(out), &device).unwrap();
+    let reference = decorr_unet::load_unet(
+        &decorr_core::ModelSource::Local(sd2_dir().join("diffusers")),
+        &device,
+    )
+    .unwrap();
+    let x = Tensor::<4>::random([1, 4, 8, 8], Distribution::Normal(0.0, 1.0), &device);
+    let ctx = Tensor::<3>::random([1, 5, 32], Distribution::Normal(0.0, 1.0), &device);
+    let a = ours.model.forward(x.clone(), &[500.0], &ctx).into_data();
+    let b = reference.model.forward(x, &[500.0], &ctx).into_data();
+    assert_eq!(a, b, "same weights, same output");
+}
+
+/// Back to one file: OpenCLIP names with q/k/v fused again, bit-identical to the original file
+/// less what the diffusers layout cannot hold (the dropped last resblock, text_projection,
+/// logit_scale, the schedule buffers); and that file converts to the same folder again.
+#[test]
+fn sd2_diffusers_to_single_file_gives_back_the_ldm_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let folder = tmp.path().join("model");
+    convert_single_file_to_diffusers(&sd2_dir().join("tiny.safetensors"), &folder, &sd2_opts())
+        .unwrap();
+    let single = tmp.path().join("back.safetensors");
+    let s = convert_diffusers_to_single_file(&folder, &single, &ToSingleFile::default()).unwrap();
+    assert_eq!(s.text_encoder, 36);
+    let got = read_safetensors(&single).unwrap();
+    let mut want = read_safetensors(&sd2_dir().join("tiny.safetensors")).unwrap();
+    want.retain(|k, _| {
+        !k.starts_with("cond_stage_model.model.transformer.resblocks.2.")
+            && !matches!(
+                k.as_str(),
+                "betas"
+                    | "alphas_cumprod"
+                    | "cond_stage_model.model.text_projection"
+                    | "cond_stage_model.model.logit_scale"
+            )
+    });
+    assert_same("sd2 single file", &got, &want);
+    let again = tmp.path().join("again");
+    convert_single_file_to_diffusers(&single, &again, &sd2_opts()).unwrap();
+    let (te, unet, vae) = outputs(&again);
+    let (rte, runet, rvae) = sd2_reference();
+    assert_same("sd2 text encoder", &te, &rte);
+    assert_same("sd2 unet", &unet, &runet);
+    assert_same("sd2 vae", &vae, &rvae);
+}
+
+#[test]
+fn sd2_errors_are_clear() {
+    let tiny = sd2_dir().join("tiny.safetensors");
+    // Presets: sd15 on an OpenCLIP file, sd2 on a tiny one (shapes), auto (width 32).
+    let sd15 = ToDiffusers {
+        config: ConfigChoice::Sd15,
+        ..Default::default()
+    };
+    assert_fails_cleanly(&tiny, &sd15, "use --config sd2");
+    let sd2 = ToDiffusers {
+        config: ConfigChoice::Sd2,
+        ..Default::default()
+    };
+    assert_fails_cleanly(&tiny, &sd2, "does not describe");
+    assert_fails_cleanly(
+        &tiny,
+        &ToDiffusers::default(),
+        "OpenCLIP text encoder width Some(32)",
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let base = read_safetensors(&tiny).unwrap();
+    // A config wanting more layers than the file has.
+    let cfg = tmp.path().join("cfg");
+    for part in ["unet", "vae", "text_encoder"] {
+        std::fs::create_dir_all(cfg.join(part)).unwrap();
+        std::fs::copy(
+            sd2_dir().join("diffusers").join(part).join("config.json"),
+            cfg.join(part).join("config.json"),
+        )
+        .unwrap();
+    }
+    let mut tcfg = json(&cfg.join("text_encoder/config.json"));
+    tcfg["num_hidden_layers"] = 5.into();
+    std::fs::write(
+        cfg.join("text_encoder/config.json"),
+        serde_json::to_vec(&tcfg).unwrap(),
+    )
+    .unwrap();
+    let opts = ToDiffusers {
+        config: ConfigChoice::Dir(cfg),
+        ..Default::default()
+    };
+    assert_fails_cleanly(&tiny, &opts, "has 3 resblocks");
+    // Unknown OpenCLIP names (the image tower) are named.
+    let mut sd = base.clone();
+    sd.insert(
+        "cond_stage_model.model.visual.proj".into(),
+        base["cond_stage_model.model.text_projection"].clone(),
+    );
+    let p = tmp.path().join("visual.safetensors");
+    write_safetensors(&p, &sd).unwrap();
+    assert_fails_cleanly(&p, &sd2_opts(), "cond_stage_model.model.visual.proj");
+    // A fused q/k/v that cannot be split in three.
+    let mut sd = base.clone();
+    let key = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_bias";
+    let t = sd.get_mut(key).unwrap();
+    t.shape[0] -= 1;
+    t.data.truncate(t.data.len() - 4);
+    let p = tmp.path().join("qkv.safetensors");
+    write_safetensors(&p, &sd).unwrap();
+    assert_fails_cleanly(&p, &sd2_opts(), key);
+    // Both text encoder kinds in one file.
+    let mut sd = base.clone();
+    sd.insert(
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight".into(),
+        base["cond_stage_model.model.ln_final.weight"].clone(),
+    );
+    let p = tmp.path().join("both.safetensors");
+    write_safetensors(&p, &sd).unwrap();
+    assert_fails_cleanly(&p, &sd2_opts(), "both");
+}
+
+/// Every tensor name of full-size SD 2.x (from the fixture script, checked there against
+/// diffusers' functions) maps to diffusers' name with the embedded SD 2 configs, picked by
+/// `auto` from the OpenCLIP text encoder's width; and back.
+#[test]
+fn sd2_names_map_like_diffusers_with_auto_config() {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(conv().join("sd2_names.json.gz")).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    let names: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let pairs = |part: &str| -> Vec<(String, String)> {
+        names[part]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p[0].as_str().unwrap().to_string(),
+                    p[1].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let ignored: Vec<String> = names["ignored"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ignored.len(), 14);
+    let f32s = |shape: Vec<usize>| {
+        let n: usize = shape.iter().product();
+        decorr_convert::Tensor {
+            dtype: DType::F32,
+            shape,
+            data: vec![0; n * 4],
+        }
+    };
+    let shape_of = |l: &str| match l {
+        "model.diffusion_model.input_blocks.0.0.weight" => vec![320, 1, 1, 1],
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" => {
+            vec![1, 1024]
+        }
+        "first_stage_model.encoder.conv_in.weight" => vec![128, 1, 1, 1],
+        "cond_stage_model.model.ln_final.weight" => vec![1024],
+        "cond_stage_model.model.token_embedding.weight" => vec![49408, 1],
+        k if k.ends_with("attn.in_proj_weight") => vec![3, 1],
+        k if k.ends_with("attn.in_proj_bias") => vec![3],
+        k if k.contains("mid.attn_1.") && k.ends_with("weight") && !k.contains("norm") => {
+            vec![1, 1, 1, 1]
+        }
+        _ => vec![1],
+    };
+    let mut sd = StateDict::new();
+    for part in ["unet", "vae", "text_encoder"] {
+        for (l, _) in pairs(part) {
+            let shape = shape_of(&l);
+            sd.insert(l, f32s(shape));
+        }
+    }
+    for l in &ignored {
+        sd.insert(l.clone(), f32s(shape_of(l)));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("sd2.safetensors");
+    write_safetensors(&file, &sd).unwrap();
+    let out = tmp.path().join("model");
+    let s = convert_single_file_to_diffusers(&file, &out, &ToDiffusers::default()).unwrap();
+    assert_eq!(s.ignored, 14);
+    let (te, unet, vae) = outputs(&out);
+    for (part, got) in [("unet", &unet), ("vae", &vae), ("text_encoder", &te)] {
+        let mut want: Vec<String> = pairs(part).into_iter().map(|(_, d)| d).collect();
+        want.sort();
+        want.dedup();
+        let got: Vec<String> = got.keys().cloned().collect();
+        assert_eq!(got, want, "{part}");
+    }
+    assert_eq!(
+        te["text_model.encoder.layers.22.self_attn.v_proj.weight"].shape,
+        vec![1, 1]
+    );
+    let unet_cfg = json(&out.join("unet/config.json"));
+    assert_eq!(unet_cfg["cross_attention_dim"], 1024);
+    assert_eq!(unet_cfg["use_linear_projection"], true);
+    assert_eq!(
+        unet_cfg["attention_head_dim"],
+        serde_json::json!([5, 10, 20, 20])
+    );
+    assert_eq!(unet_cfg["sample_size"], 96);
+    let text_cfg = json(&out.join("text_encoder/config.json"));
+    assert_eq!(text_cfg["num_hidden_layers"], 23);
+    assert_eq!(text_cfg["hidden_act"], "gelu");
+    assert_eq!(
+        json(&out.join("scheduler/scheduler_config.json"))["prediction_type"],
+        "v_prediction"
+    );
+    // The embedded configs are ones decorr's own loaders accept as SD 2.
+    let c: decorr_clip::ClipTextConfig = serde_json::from_value(text_cfg).unwrap();
+    assert_eq!(c, {
+        let mut p = decorr_clip::ClipTextConfig::sd2();
+        p.extra = c.extra.clone();
+        p
+    });
+
+    // And back: the same LDM names, less those diffusers drops.
+    let single = tmp.path().join("back.safetensors");
+    convert_diffusers_to_single_file(&out, &single, &ToSingleFile::default()).unwrap();
+    let back = read_safetensors(&single).unwrap();
+    let want: Vec<&String> = sd.keys().filter(|k| !ignored.contains(k)).collect();
+    assert_eq!(back.keys().collect::<Vec<_>>(), want);
+
+    // auto + epsilon: the 512 base models' sizes.
+    let eps = tmp.path().join("eps");
+    let opts = ToDiffusers {
+        prediction: Some(decorr_convert::Prediction::Epsilon),
+        ..Default::default()
+    };
+    convert_single_file_to_diffusers(&file, &eps, &opts).unwrap();
+    assert_eq!(json(&eps.join("unet/config.json"))["sample_size"], 64);
+    assert_eq!(json(&eps.join("vae/config.json"))["sample_size"], 512);
+    assert_eq!(
+        json(&eps.join("scheduler/scheduler_config.json"))["prediction_type"],
+        "epsilon"
+    );
 }
