@@ -1,5 +1,6 @@
-//! Line charts as PNG: the training curves of `losses.png` (the paper's figure 8), one panel
-//! per quantity, epoch on x, the selected epoch marked.
+//! Charts as PNG: the training curves of `losses.png` (the paper's figure 8), one panel per
+//! quantity, epoch on x, the selected epoch marked; and the bar panels of `decorr eval`'s
+//! `report.png` (one bar per method, interval whiskers where known).
 
 use ab_glyph::{FontRef, PxScale};
 use image::{Rgb, RgbImage};
@@ -136,6 +137,102 @@ fn panel(
     }
 }
 
+/// One bar panel: a value per method, with an optional interval per bar.
+pub struct Bars<'a> {
+    pub name: &'a str,
+    pub labels: Vec<String>,
+    pub values: Vec<f64>,
+    pub intervals: Vec<Option<(f64, f64)>>,
+}
+
+const PALETTE: [Rgb<u8>; 4] = [
+    Rgb([127, 127, 127]),
+    Rgb([31, 119, 180]),
+    Rgb([44, 160, 44]),
+    Rgb([255, 127, 14]),
+];
+
+/// Bar panels side by side; non-finite values are left out (labelled n/a).
+pub fn bars(title: &str, panels: &[Bars<'_>]) -> RgbImage {
+    let font = FontRef::try_from_slice(dejavu::sans::regular()).expect("DejaVu Sans parses");
+    let (pw, ph, top) = (340u32, 300u32, 36u32);
+    let mut img = RgbImage::from_pixel(pw * panels.len().max(1) as u32, top + ph, WHITE);
+    draw_text_mut(&mut img, INK, 12, 10, PxScale::from(16.0), &font, title);
+    let small = PxScale::from(11.0);
+    for (k, p) in panels.iter().enumerate() {
+        let ox = k as f32 * pw as f32;
+        let (l, r, t, b) = (
+            ox + 56.0,
+            ox + pw as f32 - 16.0,
+            top as f32 + 30.0,
+            (top + ph) as f32 - 40.0,
+        );
+        draw_text_mut(
+            &mut img,
+            INK,
+            l as i32,
+            top as i32 + 4,
+            PxScale::from(14.0),
+            &font,
+            p.name,
+        );
+        let hi = p
+            .values
+            .iter()
+            .chain(p.intervals.iter().flatten().map(|(_, h)| h))
+            .copied()
+            .filter(|v| v.is_finite())
+            .fold(0.0f64, f64::max);
+        let hi = if hi <= 0.0 { 1.0 } else { hi * 1.1 };
+        let y = |v: f64| b - (b - t) * (v / hi) as f32;
+        for g in 0..=4 {
+            let v = hi * g as f64 / 4.0;
+            draw_line_segment_mut(&mut img, (l, y(v)), (r, y(v)), GRID);
+            draw_text_mut(
+                &mut img,
+                INK,
+                ox as i32 + 4,
+                y(v) as i32 - 6,
+                small,
+                &font,
+                &format!("{v:.3}"),
+            );
+        }
+        draw_line_segment_mut(&mut img, (l, t), (l, b), INK);
+        draw_line_segment_mut(&mut img, (l, b), (r, b), INK);
+        let n = p.values.len().max(1) as f32;
+        let slot = (r - l) / n;
+        for (i, (label, &v)) in p.labels.iter().zip(&p.values).enumerate() {
+            let x0 = l + slot * i as f32 + slot * 0.2;
+            let x1 = l + slot * (i as f32 + 1.0) - slot * 0.2;
+            if v.is_finite() && v > 0.0 {
+                let rect = imageproc::rect::Rect::at(x0 as i32, y(v) as i32)
+                    .of_size((x1 - x0).max(1.0) as u32, (b - y(v)).max(1.0) as u32);
+                imageproc::drawing::draw_filled_rect_mut(
+                    &mut img,
+                    rect,
+                    PALETTE[i % PALETTE.len()],
+                );
+            }
+            if let Some(Some((lo, up))) = p.intervals.get(i) {
+                let xm = (x0 + x1) / 2.0;
+                draw_line_segment_mut(&mut img, (xm, y(*lo)), (xm, y(*up)), INK);
+                for v in [lo, up] {
+                    draw_line_segment_mut(&mut img, (xm - 5.0, y(*v)), (xm + 5.0, y(*v)), INK);
+                }
+            }
+            let text = if v.is_finite() {
+                format!("{v:.3}")
+            } else {
+                "n/a".into()
+            };
+            draw_text_mut(&mut img, INK, x0 as i32, b as i32 + 4, small, &font, label);
+            draw_text_mut(&mut img, INK, x0 as i32, b as i32 + 18, small, &font, &text);
+        }
+    }
+    img
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +248,19 @@ mod tests {
         assert!(img.pixels().any(|p| *p == LINE));
         let none = panels("t", "epoch", &s, None);
         assert!(!none.pixels().any(|p| *p == MARK));
+    }
+
+    #[test]
+    fn bars_draw_one_colour_per_method_and_skip_missing_values() {
+        let p = [Bars {
+            name: "omission rate",
+            labels: vec!["sd".into(), "decorrelated".into(), "x".into()],
+            values: vec![0.8, 0.2, f64::NAN],
+            intervals: vec![Some((0.6, 0.9)), None, None],
+        }];
+        let img = bars("t", &p);
+        assert!(img.pixels().any(|c| *c == PALETTE[0]));
+        assert!(img.pixels().any(|c| *c == PALETTE[1]));
+        assert!(!img.pixels().any(|c| *c == PALETTE[2]), "NaN bar drawn");
     }
 }

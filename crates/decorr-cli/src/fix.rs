@@ -142,7 +142,16 @@ pub fn run(args: FixArgs) -> Result<()> {
 
     let pre = params(&sd, &args.prompt, &args.sample, Guidance::Cfg)?;
     let pre_dir = out.join("pretrained");
-    generate_into(&sd, &pre, "sd", &seeds, &args.sample, &pre_dir, None, MANIFEST)?;
+    generate_into(
+        &sd,
+        &pre,
+        "sd",
+        &seeds,
+        &args.sample,
+        &pre_dir,
+        None,
+        MANIFEST,
+    )?;
     let sd = sd.with_tuned_encoder(&ft_dir.join("text_encoder"))?;
     let fixed = params(&sd, &args.prompt, &args.sample, Guidance::Decorrelated)?;
     let fixed_dir = out.join("fixed");

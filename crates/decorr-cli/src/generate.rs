@@ -444,9 +444,12 @@ fn merge(folders: &[PathBuf], seeds: &[u64]) -> Result<Vec<Manifest>> {
             }
         }
         by_seed.retain(|s, _| seeds.contains(s));
-        merged.push((dir.clone(), Manifest {
-            images: by_seed.into_values().collect(),
-        }));
+        merged.push((
+            dir.clone(),
+            Manifest {
+                images: by_seed.into_values().collect(),
+            },
+        ));
     }
     if counts.len() > 1 {
         bail!(
@@ -463,7 +466,12 @@ fn merge(folders: &[PathBuf], seeds: &[u64]) -> Result<Vec<Manifest>> {
             "{} of {} images are missing, nothing merged{hint}:\n  {}",
             missing.len(),
             folders.len() * seeds.len(),
-            missing.iter().take(10).cloned().collect::<Vec<_>>().join("\n  ")
+            missing
+                .iter()
+                .take(10)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n  ")
         );
     }
     let mut out = Vec::new();
@@ -606,7 +614,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         all.extend(manifest.images);
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&Manifest { images: all })?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&Manifest { images: all })?
+        );
     }
     if let Some(s) = args.shard {
         eprintln!(

@@ -2,6 +2,7 @@
 
 mod analyze;
 mod charts;
+mod eval;
 mod finetune;
 mod fix;
 mod generate;
@@ -37,6 +38,8 @@ enum Command {
     /// The main job: fine-tune for a prompt's missing object, then generate the same seeds
     /// with the pre-trained model and with the decorrelated guidance, side by side.
     Fix(fix::FixArgs),
+    /// Evaluate: BERTScore of VLM captions, FID, omission rate, and the paper's table 3.
+    Eval(eval::EvalArgs),
 }
 
 fn main() {
@@ -55,5 +58,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Finetune(args) => finetune::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Fix(args) => fix::run(args),
+        Command::Eval(args) => eval::run(args),
     }
 }

@@ -367,8 +367,22 @@ fn sharded_generation_merges_to_the_unsharded_result() {
     let run = |dir: &std::path::Path, extra: &[&str]| {
         let d = dir.to_str().unwrap();
         let mut args = vec![
-            "generate", "--weights", w, "--prompt", PROMPT, "--prompt", "a red cube", "--steps",
-            "2", "--scheduler", "ddim", "--num-images", "3", "--quiet", "--out", d,
+            "generate",
+            "--weights",
+            w,
+            "--prompt",
+            PROMPT,
+            "--prompt",
+            "a red cube",
+            "--steps",
+            "2",
+            "--scheduler",
+            "ddim",
+            "--num-images",
+            "3",
+            "--quiet",
+            "--out",
+            d,
         ];
         args.extend_from_slice(extra);
         decorr(&args)
@@ -385,7 +399,10 @@ fn sharded_generation_merges_to_the_unsharded_result() {
         v
     };
     assert_eq!(folders.len(), 2, "one folder per prompt: {folders:?}");
-    assert!(folders[0].ends_with("000-rusty-tracks-with-an-old-train"), "{folders:?}");
+    assert!(
+        folders[0].ends_with("000-rusty-tracks-with-an-old-train"),
+        "{folders:?}"
+    );
     // Work items are (prompt, seed) in order: shard 1 of 2 owns items 1, 3, 5.
     assert!(folders[0].join("seed-000001.png").is_file());
     assert!(!folders[0].join("seed-000000.png").exists());
@@ -396,8 +413,14 @@ fn sharded_generation_merges_to_the_unsharded_result() {
     let merge = run(&sharded, &["--merge"]);
     assert!(!merge.status.success());
     let msg = text(&merge);
-    assert!(msg.contains("3 of 6 images are missing") && msg.contains("shard j % 2"), "{msg}");
-    assert!(!folders[0].join("manifest.json").exists(), "nothing written on failure");
+    assert!(
+        msg.contains("3 of 6 images are missing") && msg.contains("shard j % 2"),
+        "{msg}"
+    );
+    assert!(
+        !folders[0].join("manifest.json").exists(),
+        "nothing written on failure"
+    );
 
     let o = run(&sharded, &["--shard", "0/2"]);
     assert!(o.status.success(), "{}", text(&o));
@@ -425,7 +448,17 @@ fn sharded_generation_merges_to_the_unsharded_result() {
         }
     }
     assert_fails(
-        &["generate", "--weights", w, "--prompt", PROMPT, "--shard", "2/2", "--out", "x"],
+        &[
+            "generate",
+            "--weights",
+            w,
+            "--prompt",
+            PROMPT,
+            "--shard",
+            "2/2",
+            "--out",
+            "x",
+        ],
         &["0-based"],
     );
 }

@@ -94,8 +94,16 @@ fn find_hub(
     let cache = Cache::from_env();
     let hub_repo = Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string());
     let cached = cache.repo(hub_repo.clone());
+    // An empty component names files at the repo's root (a scoring model's repo, say).
+    let in_repo = |c: &str| {
+        if component.is_empty() {
+            c.to_string()
+        } else {
+            format!("{component}/{c}")
+        }
+    };
     for c in candidates {
-        if let Some(p) = cached.get(&format!("{component}/{c}")) {
+        if let Some(p) = cached.get(&in_repo(c)) {
             return Ok(p);
         }
     }
@@ -123,7 +131,7 @@ fn find_hub(
     let api_repo = api.repo(hub_repo);
     let mut last = String::new();
     for c in candidates {
-        let file = format!("{component}/{c}");
+        let file = in_repo(c);
         match api_repo.get(&file) {
             Ok(p) => return Ok(p),
             Err(e) => last = format!("{file}: {e}"),

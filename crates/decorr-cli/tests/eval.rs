@@ -1,0 +1,600 @@
+//! `decorr eval` end to end on a small synthetic evaluation: two tiny-SD runs (pre-trained CFG
+//! and the decorrelated guidance), a scripted VLM server on loopback, the tiny BERT of the
+//! BERTScore fixtures. Checks the report's numbers against what the scripted answers imply,
+//! resume through the VLM cache (by counting requests), and that shards merge to the same report.
+//! Metric parity with bert_score / pytorch-fid is tested in decorr-eval.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use common::{PROMPT, assert_fails, decorr, fixtures, text, tiny_sd};
+
+/// Generates `method` images (seeds 0..3) into `dir`.
+fn generate(model: &Path, dir: &Path, decorrelated: bool) {
+    let enc = fixtures().join("pipeline/tuned_text_encoder");
+    let mut args = vec![
+        "generate",
+        "--weights",
+        model.to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+        "--steps",
+        "2",
+        "--scheduler",
+        "ddim",
+        "--num-images",
+        "3",
+        "--quiet",
+        "--out",
+        dir.to_str().unwrap(),
+    ];
+    if decorrelated {
+        args.extend(["--encoder", enc.to_str().unwrap()]);
+    }
+    let o = decorr(&args);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+/// A chat-completions server that answers from the image it is sent: images of the `sd` run get
+/// a caption without the train and "No" to the train question; `decorrelated` ones get the prompt
+/// itself as caption and "Yes". Counts requests.
+struct Vlm {
+    url: String,
+    requests: Arc<AtomicUsize>,
+}
+
+fn start_vlm(images: HashMap<String, &'static str>) -> Vlm {
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", server.server_addr().to_ip().unwrap());
+    let requests = Arc::new(AtomicUsize::new(0));
+    let count = requests.clone();
+    let images = Arc::new(Mutex::new(images));
+    std::thread::spawn(move || {
+        for mut req in server.incoming_requests() {
+            count.fetch_add(1, Ordering::SeqCst);
+            let mut body = String::new();
+            req.as_reader().read_to_string(&mut body).unwrap();
+            let method = images
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(b64, _)| body.contains(b64.as_str()))
+                .map(|(_, m)| *m);
+            let answer = match method {
+                None => "unknown image".to_string(),
+                Some(m) if body.contains("Is there") => {
+                    if body.contains("a train") && m == "sd" {
+                        "No.".into()
+                    } else {
+                        "Yes, there is.".into()
+                    }
+                }
+                Some("sd") => "rusty tracks in a field".into(),
+                Some(_) => PROMPT.to_string(),
+            };
+            let reply = serde_json::json!({
+                "choices": [{"message": {"role": "assistant", "content": answer}}]
+            });
+            let _ = req.respond(
+                tiny_http::Response::from_string(reply.to_string()).with_header(
+                    "Content-Type: application/json"
+                        .parse::<tiny_http::Header>()
+                        .unwrap(),
+                ),
+            );
+        }
+    });
+    Vlm { url, requests }
+}
+
+fn b64_of_images(dir: &Path, method: &'static str, into: &mut HashMap<String, &'static str>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "png") {
+            let b = std::fs::read(&p).unwrap();
+            into.insert(base64::engine::general_purpose::STANDARD.encode(b), method);
+        }
+    }
+}
+
+fn csv_rows(path: &Path) -> Vec<HashMap<String, String>> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let head: Vec<String> = lines.next().unwrap().split(',').map(String::from).collect();
+    lines
+        .map(|l| {
+            head.iter()
+                .cloned()
+                .zip(l.split(',').map(|c| c.trim_matches('"').to_string()))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn eval_run_reports_table_3_resumes_and_merges_shards() {
+    let model = tiny_sd();
+    let work = tempfile::tempdir().unwrap();
+    let (sd, dec) = (work.path().join("sd"), work.path().join("dec"));
+    generate(model.path(), &sd, false);
+    generate(model.path(), &dec, true);
+    let mut images = HashMap::new();
+    b64_of_images(&sd, "sd", &mut images);
+    b64_of_images(&dec, "decorrelated", &mut images);
+    let vlm = start_vlm(images);
+    let bert = fixtures().join("bertscore/bert_tiny");
+    let out = work.path().join("eval");
+    let run = |out: &PathBuf, extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "run",
+            "--runs",
+            sd.to_str().unwrap(),
+            dec.to_str().unwrap(),
+            "--captioner",
+            &vlm.url,
+            "--captioner-model",
+            "test-vlm",
+            "--objects",
+            "tracks,train",
+            "--bertscore-model",
+            bert.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        decorr(&args)
+    };
+    let o = run(&out, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    // 6 captions + 6 x 2 questions.
+    assert_eq!(vlm.requests.load(Ordering::SeqCst), 18);
+    for f in ["report.md", "report.csv", "report.json", "report.png"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let rows = csv_rows(&out.join("report.csv"));
+    let row = |m: &str| {
+        rows.iter()
+            .find(|r| r["method"] == m && r["table"] == "overall")
+            .unwrap()
+    };
+    let (s, d) = (row("sd"), row("decorrelated"));
+    assert_eq!(s["images"], "3");
+    // The scripted VLM never sees the train in SD's images and always in ours.
+    assert_eq!(
+        (s["omission_rate"].as_str(), s["omission_missing"].as_str()),
+        ("1", "3")
+    );
+    assert_eq!(
+        (
+            d["omission_rate"].as_str(),
+            d["omission_clear_answers"].as_str()
+        ),
+        ("0", "3")
+    );
+    assert_eq!(d["both_present"], "1");
+    // A caption equal to the prompt has recall 1; the train-less caption less.
+    let rd: f64 = d["bertscore_recall_mean"].parse().unwrap();
+    let rs: f64 = s["bertscore_recall_mean"].parse().unwrap();
+    assert!((rd - 1.0).abs() < 1e-5, "{rd}");
+    assert!(rs < 0.99, "{rs}");
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("| sd | 3 |") && md.contains("100.0% (3/3;"),
+        "{md}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json["images"].as_array().unwrap().len(), 6);
+    assert_eq!(json["images"][0]["caption"], "rusty tracks in a field");
+
+    // Resume: the same command again asks nothing.
+    let o = run(&out, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        vlm.requests.load(Ordering::SeqCst),
+        18,
+        "answers come from the cache"
+    );
+
+    // Shards: merge refuses until both are there, then gives the same table.
+    let sharded = work.path().join("sharded");
+    let o = run(&sharded, &["--shard", "1/2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(&sharded, &["--merge"]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("run shard(s) 0 of 2 first"),
+        "{}",
+        text(&o)
+    );
+    let o = run(&sharded, &["--shard", "0/2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(&sharded, &["--merge"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let a = csv_rows(&out.join("report.csv"));
+    let b = csv_rows(&sharded.join("report.csv"));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        for (k, v) in x {
+            match (v.parse::<f64>(), y[k].parse::<f64>()) {
+                (Ok(p), Ok(q)) => {
+                    assert!((p - q).abs() <= 1e-6 * p.abs().max(1.0), "{k}: {p} vs {q}")
+                }
+                _ => assert_eq!(v, &y[k], "{k}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn eval_errors_name_the_problem() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let empty = w.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert_fails(
+        &[
+            "eval",
+            "run",
+            "--runs",
+            empty.to_str().unwrap(),
+            "--out",
+            w.join("o").to_str().unwrap(),
+        ],
+        &["no manifest.json", "decorr generate"],
+    );
+    // Unreachable endpoint: a port nobody listens on.
+    let model = tiny_sd();
+    let run = w.join("run");
+    generate(model.path(), &run, false);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/v1");
+    let bert = fixtures().join("bertscore/bert_tiny");
+    assert_fails(
+        &[
+            "eval",
+            "run",
+            "--runs",
+            run.to_str().unwrap(),
+            "--captioner",
+            &url,
+            "--bertscore-model",
+            bert.to_str().unwrap(),
+            "--timeout",
+            "2",
+            "--out",
+            w.join("o2").to_str().unwrap(),
+        ],
+        &[&url, "server running"],
+    );
+    assert_fails(
+        &[
+            "eval",
+            "run",
+            "--runs",
+            run.to_str().unwrap(),
+            "--objects",
+            "train",
+            "--out",
+            w.join("o3").to_str().unwrap(),
+        ],
+        &["--objects takes two objects"],
+    );
+    // FID: missing reference folder.
+    assert_fails(
+        &[
+            "eval",
+            "fid",
+            "--inception",
+            "nope.pth",
+            "--real",
+            w.join("missing").to_str().unwrap(),
+            "--fake",
+            run.to_str().unwrap(),
+            "--json",
+            w.join("f.json").to_str().unwrap(),
+        ],
+        &["missing", "neither a folder of images nor an .npz"],
+    );
+    // bertscore: malformed pairs file.
+    let pairs = w.join("pairs.jsonl");
+    std::fs::write(&pairs, "{\"candidate\": \"a\"}\n").unwrap();
+    assert_fails(
+        &[
+            "eval",
+            "bertscore",
+            "--model",
+            bert.to_str().unwrap(),
+            "--pairs",
+            pairs.to_str().unwrap(),
+            "--json",
+            w.join("b.json").to_str().unwrap(),
+        ],
+        &["line 1", "candidate"],
+    );
+    assert!(!w.join("b.json").exists());
+}
+
+/// `eval bertscore` on the tiny BERT gives bert_score's numbers (fixture from
+/// tests/pyref/make_bertscore_fixtures.py), with idf on and a baseline too.
+#[test]
+fn eval_bertscore_matches_bert_score() {
+    let f = fixtures().join("bertscore");
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.join("tiny_scores.json")).unwrap())
+            .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let pairs = work.path().join("pairs.jsonl");
+    let mut lines = String::new();
+    for (c, r) in fx["cands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(fx["refs"].as_array().unwrap())
+    {
+        lines += &serde_json::json!({"candidate": c, "reference": r}).to_string();
+        lines.push('\n');
+    }
+    std::fs::write(&pairs, lines).unwrap();
+    let layer = fx["layer"].to_string();
+    let model = f.join("bert_tiny");
+    for (case, extra) in [
+        ("idf_off", vec![]),
+        ("idf_on", vec!["--idf".to_string()]),
+        (
+            "rescaled",
+            vec![
+                "--baseline".to_string(),
+                f.join("tiny_baseline.tsv").display().to_string(),
+            ],
+        ),
+    ] {
+        let json = work.path().join(format!("{case}.json"));
+        let mut args = vec![
+            "eval",
+            "bertscore",
+            "--model",
+            model.to_str().unwrap(),
+            "--layer",
+            &layer,
+            "--pairs",
+            pairs.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        args.extend(extra.iter().map(String::as_str));
+        let o = decorr(&args);
+        assert!(o.status.success(), "{case}: {}", text(&o));
+        let ours: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        for (key, col) in [("precision", "P"), ("recall", "R"), ("f1", "F")] {
+            for (k, want) in fx[case][col].as_array().unwrap().iter().enumerate() {
+                let got = ours["pairs"][k][key].as_f64().unwrap();
+                let want = want.as_f64().unwrap();
+                assert!(
+                    (got - want).abs() <= 1e-5,
+                    "{case} pair {k} {key}: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+/// `eval bertscore` with the tiny DeBERTa (xlarge-mnli's switches) gives bert_score's numbers
+/// (fixture from tests/pyref/make_deberta_fixtures.py): the model type is read from config.json.
+#[test]
+fn eval_bertscore_runs_deberta_like_bert_score() {
+    let f = fixtures().join("deberta");
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.join("reference.json")).unwrap()).unwrap();
+    let b = &fx["bertscore"];
+    let work = tempfile::tempdir().unwrap();
+    let pairs = work.path().join("pairs.jsonl");
+    let mut lines = String::new();
+    for (c, r) in b["cands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(b["refs"].as_array().unwrap())
+    {
+        lines += &serde_json::json!({"candidate": c, "reference": r}).to_string();
+        lines.push('\n');
+    }
+    std::fs::write(&pairs, lines).unwrap();
+    let json = work.path().join("out.json");
+    let model = f.join("tiny");
+    let layer = b["num_layers"].to_string();
+    let mut args = vec![
+        "eval",
+        "bertscore",
+        "--model",
+        model.to_str().unwrap(),
+        "--layer",
+        &layer,
+        "--pairs",
+        pairs.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    if b["idf"].as_bool().unwrap() {
+        args.push("--idf");
+    }
+    let o = decorr(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    let ours: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for (key, col) in [("precision", "P"), ("recall", "R"), ("f1", "F")] {
+        for (k, want) in b[col].as_array().unwrap().iter().enumerate() {
+            let got = ours["pairs"][k][key].as_f64().unwrap();
+            let want = want.as_f64().unwrap();
+            assert!(
+                (got - want).abs() <= 1e-5,
+                "pair {k} {key}: {got} vs {want}"
+            );
+        }
+    }
+}
+
+/// `eval fid` on pytorch-fid-written statistics gives pytorch-fid's distance (fixture from
+/// tests/pyref/make_fid_fixtures.py), and `--save-real-stats` writes a file that reads back equal.
+#[test]
+fn eval_fid_on_saved_statistics_matches_pytorch_fid() {
+    let f = fixtures().join("fid");
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.join("reference.json")).unwrap()).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    for (tag, key) in [("a", "fid_a"), ("b", "fid_b")] {
+        let json = work.path().join(format!("{tag}.json"));
+        let saved = work.path().join(format!("{tag}-saved.npz"));
+        let real = f.join(format!("{tag}1.npz"));
+        let fake = f.join(format!("{tag}2.npz"));
+        let o = decorr(&[
+            "eval",
+            "fid",
+            "--real",
+            real.to_str().unwrap(),
+            "--fake",
+            fake.to_str().unwrap(),
+            "--save-real-stats",
+            saved.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        let ours: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let (got, want) = (ours["fid"].as_f64().unwrap(), fx[key].as_f64().unwrap());
+        assert!(
+            (got - want).abs() <= 1e-5 * want.abs(),
+            "{tag}: {got} vs {want}"
+        );
+        let a = decorr_eval_stats(&saved);
+        let b = decorr_eval_stats(&real);
+        assert_eq!(a, b, "saved statistics differ from the input");
+    }
+}
+
+fn decorr_eval_stats(p: &Path) -> (Vec<f64>, Vec<f64>) {
+    let s = decorr_eval::npz::read_stats(p).unwrap();
+    (s.mu, s.sigma)
+}
+
+/// Writes the FID network with its deterministic stand-in weights as safetensors (the real
+/// pytorch-fid file cannot be committed).
+fn synthetic_inception(path: &Path) {
+    use decorr_eval::inception::{synthetic_weight, weight_shapes};
+    let shapes = weight_shapes();
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = shapes
+        .iter()
+        .enumerate()
+        .map(|(k, (name, shape))| {
+            let v = synthetic_weight(k, name, shape);
+            (
+                name.clone(),
+                shape.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+        .iter()
+        .map(|(n, s, b)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// `eval run --reference-images`: FID per method against a reference folder. The reference is
+/// a copy of the SD run's images, so SD's FID is ~0 and the decorrelated run's is larger; the
+/// distance equals what `eval fid` gives for the same two folders.
+#[test]
+fn eval_run_computes_fid_per_method() {
+    let model = tiny_sd();
+    let work = tempfile::tempdir().unwrap();
+    let (sd, dec, reference) = (
+        work.path().join("sd"),
+        work.path().join("dec"),
+        work.path().join("reference"),
+    );
+    generate(model.path(), &sd, false);
+    generate(model.path(), &dec, true);
+    std::fs::create_dir_all(&reference).unwrap();
+    for e in std::fs::read_dir(&sd).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "png") {
+            std::fs::copy(&p, reference.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let weights = work.path().join("inception.safetensors");
+    synthetic_inception(&weights);
+    let out = work.path().join("eval");
+    let o = decorr(&[
+        "eval",
+        "run",
+        "--runs",
+        sd.to_str().unwrap(),
+        dec.to_str().unwrap(),
+        "--reference-images",
+        reference.to_str().unwrap(),
+        "--inception",
+        weights.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let rows = csv_rows(&out.join("report.csv"));
+    let fid = |m: &str| -> f64 {
+        rows.iter()
+            .find(|r| r["method"] == m && r["table"] == "overall")
+            .unwrap()["fid"]
+            .parse()
+            .unwrap()
+    };
+    let (f_sd, f_dec) = (fid("sd"), fid("decorrelated"));
+    assert!(
+        f_sd.abs() < 1e-3 * f_dec,
+        "SD against its own images: {f_sd} (ours {f_dec})"
+    );
+    assert!(f_dec > 0.0);
+    assert!(
+        out.join("reference-stats.npz").is_file(),
+        "reference statistics are kept"
+    );
+    // No captions asked for: BERTScore and omission are n/a, not zero.
+    assert_eq!(rows[0]["bertscore_recall_mean"], "");
+    let json = work.path().join("fid.json");
+    // `eval fid` on the run folder (no --attention-maps figures in it: every PNG is a sample).
+    let o = decorr(&[
+        "eval",
+        "fid",
+        "--inception",
+        weights.to_str().unwrap(),
+        "--real",
+        out.join("reference-stats.npz").to_str().unwrap(),
+        "--fake",
+        dec.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let direct = v["fid"].as_f64().unwrap();
+    assert!(
+        (direct - f_dec).abs() <= 1e-4 * f_dec,
+        "{direct} vs {f_dec}"
+    );
+}
