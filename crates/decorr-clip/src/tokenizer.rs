@@ -55,7 +55,7 @@ pub struct Word {
 #[derive(Debug, Clone)]
 pub struct Tokenized {
     pub prompt: String,
-    /// Always [`MAX_LEN`] ids: BOS, content, EOS, EOS padding.
+    /// Always [`MAX_LEN`] ids: BOS, content, EOS, padding (EOS, or the checkpoint's pad token).
     pub ids: Vec<u32>,
     /// BPE token strings of the real tokens (BOS .. first EOS inclusive, as METHOD.md counts).
     pub tokens: Vec<String>,
@@ -94,6 +94,9 @@ pub struct ClipTokenizer {
     inner: Tokenizer,
     bos: u32,
     eos: u32,
+    /// Fills the sequence after EOS: EOS itself for SD 1.x, `!` (id 0) for SD 2.x, whose
+    /// tokenizer names that pad token. The UNet sees all 77 positions, so it matters.
+    pad: u32,
 }
 
 impl std::fmt::Debug for ClipTokenizer {
@@ -197,7 +200,26 @@ impl ClipTokenizer {
                 .ok_or_else(|| ClipError::Tokenizer(format!("tokenizer has no {s} token")))
         };
         let (bos, eos) = (id(BOS_TOKEN)?, id(EOS_TOKEN)?);
-        Ok(ClipTokenizer { inner, bos, eos })
+        Ok(ClipTokenizer {
+            inner,
+            bos,
+            eos,
+            pad: eos,
+        })
+    }
+
+    /// Pads with `token` instead of EOS (a checkpoint's `pad_token`, e.g. SD 2's `!`).
+    pub fn with_pad_token(mut self, token: &str) -> Result<Self, ClipError> {
+        self.pad = self.inner.token_to_id(token).ok_or_else(|| {
+            ClipError::Tokenizer(format!(
+                "the pad token {token:?} of the tokenizer config is not in its vocabulary"
+            ))
+        })?;
+        Ok(self)
+    }
+
+    pub fn pad_id(&self) -> u32 {
+        self.pad
     }
 
     pub fn bos_id(&self) -> u32 {
@@ -236,7 +258,7 @@ impl ClipTokenizer {
         let mut tokens = vec![BOS_TOKEN.to_string()];
         tokens.extend(enc.get_tokens()[..keep].iter().cloned());
         tokens.push(EOS_TOKEN.to_string());
-        ids.resize(MAX_LEN, self.eos);
+        ids.resize(MAX_LEN, self.pad);
         // The real tokens end at the *first* EOS (METHOD.md), which is earlier than the appended
         // one when the prompt itself spells `<|endoftext|>`.
         let first_eos = ids
@@ -351,6 +373,21 @@ mod tests {
         assert_eq!(tok.truncated, 5);
         assert_eq!(tok.ids[76], ClipTokenizer::embedded().eos_id());
         assert_eq!(tok.words.len(), 75, "only kept tokens belong to words");
+    }
+
+    #[test]
+    fn sd2_pad_token_fills_after_eos() {
+        // SD 2.x's tokenizer pads with "!", id 0 of the CLIP vocabulary, as transformers'
+        // CLIPTokenizer(pad_token="!") does with padding="max_length".
+        let tok = ClipTokenizer::embedded().with_pad_token("!").unwrap();
+        assert_eq!(tok.pad_id(), 0);
+        let t = tok.encode("a red cube").unwrap();
+        let eos = t.eos_index();
+        assert_eq!(t.ids[eos], tok.eos_id());
+        assert!(t.ids[eos + 1..].iter().all(|&i| i == 0), "{:?}", t.ids);
+        let plain = ClipTokenizer::embedded().encode("a red cube").unwrap();
+        assert_eq!(plain.ids[..=eos], t.ids[..=eos]);
+        assert!(ClipTokenizer::embedded().with_pad_token("<nope>").is_err());
     }
 
     #[test]
