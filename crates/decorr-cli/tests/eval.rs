@@ -12,31 +12,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
-use common::{PROMPT, assert_fails, decorr, fixtures, text, tiny_sd};
+use common::{PROMPT, assert_fails, decorr, fixtures, quick_generate, text, tiny_sd};
 
 /// Generates `method` images (seeds 0..3) into `dir`.
 fn generate(model: &Path, dir: &Path, decorrelated: bool) {
     let enc = fixtures().join("pipeline/tuned_text_encoder");
-    let mut args = vec![
-        "generate",
-        "--weights",
-        model.to_str().unwrap(),
-        "--prompt",
-        PROMPT,
-        "--steps",
-        "2",
-        "--scheduler",
-        "ddim",
-        "--num-images",
-        "3",
-        "--quiet",
-        "--out",
-        dir.to_str().unwrap(),
-    ];
-    if decorrelated {
-        args.extend(["--encoder", enc.to_str().unwrap()]);
-    }
-    let o = decorr(&args);
+    let extra = if decorrelated {
+        vec!["--encoder", enc.to_str().unwrap()]
+    } else {
+        vec![]
+    };
+    let o = quick_generate(model, dir, &extra);
     assert!(o.status.success(), "{}", text(&o));
 }
 
@@ -325,14 +311,15 @@ fn eval_errors_name_the_problem() {
     assert!(!w.join("b.json").exists());
 }
 
-/// `eval bertscore` on the tiny BERT gives bert_score's numbers (fixture from
-/// tests/pyref/make_bertscore_fixtures.py), with idf on and a baseline too.
-#[test]
-fn eval_bertscore_matches_bert_score() {
-    let f = fixtures().join("bertscore");
-    let fx: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(f.join("tiny_scores.json")).unwrap())
-            .unwrap();
+/// Runs `decorr eval bertscore` on the fixture's sentence pairs (`cands`/`refs` of `fx`) and
+/// checks every pair's P/R/F against bert_score's (`expected`, columns P, R, F) within 1e-5.
+fn check_bertscore(
+    model: &Path,
+    fx: &serde_json::Value,
+    layer: &str,
+    extra: &[&str],
+    expected: &serde_json::Value,
+) {
     let work = tempfile::tempdir().unwrap();
     let pairs = work.path().join("pairs.jsonl");
     let mut lines = String::new();
@@ -346,48 +333,55 @@ fn eval_bertscore_matches_bert_score() {
         lines.push('\n');
     }
     std::fs::write(&pairs, lines).unwrap();
-    let layer = fx["layer"].to_string();
-    let model = f.join("bert_tiny");
-    for (case, extra) in [
-        ("idf_off", vec![]),
-        ("idf_on", vec!["--idf".to_string()]),
-        (
-            "rescaled",
-            vec![
-                "--baseline".to_string(),
-                f.join("tiny_baseline.tsv").display().to_string(),
-            ],
-        ),
-    ] {
-        let json = work.path().join(format!("{case}.json"));
-        let mut args = vec![
-            "eval",
-            "bertscore",
-            "--model",
-            model.to_str().unwrap(),
-            "--layer",
-            &layer,
-            "--pairs",
-            pairs.to_str().unwrap(),
-            "--json",
-            json.to_str().unwrap(),
-        ];
-        args.extend(extra.iter().map(String::as_str));
-        let o = decorr(&args);
-        assert!(o.status.success(), "{case}: {}", text(&o));
-        let ours: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-        for (key, col) in [("precision", "P"), ("recall", "R"), ("f1", "F")] {
-            for (k, want) in fx[case][col].as_array().unwrap().iter().enumerate() {
-                let got = ours["pairs"][k][key].as_f64().unwrap();
-                let want = want.as_f64().unwrap();
-                assert!(
-                    (got - want).abs() <= 1e-5,
-                    "{case} pair {k} {key}: {got} vs {want}"
-                );
-            }
+    let json = work.path().join("out.json");
+    let mut args = vec![
+        "eval",
+        "bertscore",
+        "--model",
+        model.to_str().unwrap(),
+        "--layer",
+        layer,
+        "--pairs",
+        pairs.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = decorr(&args);
+    assert!(o.status.success(), "{extra:?}: {}", text(&o));
+    let ours: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for (key, col) in [("precision", "P"), ("recall", "R"), ("f1", "F")] {
+        for (k, want) in expected[col].as_array().unwrap().iter().enumerate() {
+            let got = ours["pairs"][k][key].as_f64().unwrap();
+            let want = want.as_f64().unwrap();
+            assert!(
+                (got - want).abs() <= 1e-5,
+                "{extra:?} pair {k} {key}: {got} vs {want}"
+            );
         }
     }
+}
+
+/// `eval bertscore` on the tiny BERT gives bert_score's numbers (fixture from
+/// tests/pyref/make_bertscore_fixtures.py), with idf on and a baseline too.
+#[test]
+fn eval_bertscore_matches_bert_score() {
+    let f = fixtures().join("bertscore");
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.join("tiny_scores.json")).unwrap())
+            .unwrap();
+    let (model, layer) = (f.join("bert_tiny"), fx["layer"].to_string());
+    let baseline = f.join("tiny_baseline.tsv");
+    check_bertscore(&model, &fx, &layer, &[], &fx["idf_off"]);
+    check_bertscore(&model, &fx, &layer, &["--idf"], &fx["idf_on"]);
+    check_bertscore(
+        &model,
+        &fx,
+        &layer,
+        &["--baseline", baseline.to_str().unwrap()],
+        &fx["rescaled"],
+    );
 }
 
 /// `eval bertscore` with the tiny DeBERTa (xlarge-mnli's switches) gives bert_score's numbers
@@ -398,51 +392,11 @@ fn eval_bertscore_runs_deberta_like_bert_score() {
     let fx: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(f.join("reference.json")).unwrap()).unwrap();
     let b = &fx["bertscore"];
-    let work = tempfile::tempdir().unwrap();
-    let pairs = work.path().join("pairs.jsonl");
-    let mut lines = String::new();
-    for (c, r) in b["cands"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(b["refs"].as_array().unwrap())
-    {
-        lines += &serde_json::json!({"candidate": c, "reference": r}).to_string();
-        lines.push('\n');
-    }
-    std::fs::write(&pairs, lines).unwrap();
-    let json = work.path().join("out.json");
-    let model = f.join("tiny");
-    let layer = b["num_layers"].to_string();
-    let mut args = vec![
-        "eval",
-        "bertscore",
-        "--model",
-        model.to_str().unwrap(),
-        "--layer",
-        &layer,
-        "--pairs",
-        pairs.to_str().unwrap(),
-        "--json",
-        json.to_str().unwrap(),
-    ];
-    if b["idf"].as_bool().unwrap() {
-        args.push("--idf");
-    }
-    let o = decorr(&args);
-    assert!(o.status.success(), "{}", text(&o));
-    let ours: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    for (key, col) in [("precision", "P"), ("recall", "R"), ("f1", "F")] {
-        for (k, want) in b[col].as_array().unwrap().iter().enumerate() {
-            let got = ours["pairs"][k][key].as_f64().unwrap();
-            let want = want.as_f64().unwrap();
-            assert!(
-                (got - want).abs() <= 1e-5,
-                "pair {k} {key}: {got} vs {want}"
-            );
-        }
-    }
+    assert!(
+        !b["idf"].as_bool().unwrap(),
+        "the fixture is recorded without idf"
+    );
+    check_bertscore(&f.join("tiny"), b, &b["num_layers"].to_string(), &[], b);
 }
 
 /// `eval fid` on pytorch-fid-written statistics gives pytorch-fid's distance (fixture from

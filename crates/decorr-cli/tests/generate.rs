@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{PROMPT, assert_fails, decorr, fixtures, text, tiny_sd};
+use common::{PROMPT, assert_fails, decorr, fixtures, quick_generate, text, tiny_sd};
 use decorr_pipeline::png::read_text_chunks;
 
 #[test]
@@ -184,11 +184,11 @@ fn generate_errors_name_the_problem() {
             "--prompt",
             "a",
             "--scheduler",
-            "lms",
+            "heun",
             "--out",
             d,
         ],
-        &["lms"],
+        &["heun", "lms"],
     );
     assert_fails(
         &[
@@ -356,6 +356,54 @@ fn single_file_weights_are_converted_or_refused_clearly() {
     assert!(!d.exists());
 }
 
+/// `--weights FILE` converts the single file in memory: no temp dir is needed (TMPDIR names a
+/// folder that does not exist, where a temporary folder could not be made), and the images are
+/// the diffusers folder's, pixel for pixel.
+#[test]
+fn single_file_weights_load_in_memory_like_the_folder() {
+    let model = tiny_sd();
+    let work = tempfile::tempdir().unwrap();
+    let single = work.path().join("tiny-sd.safetensors");
+    decorr_convert::convert_diffusers_to_single_file(model.path(), &single, &Default::default())
+        .unwrap();
+    let tmp = work.path().join("no-such-tmp");
+    let run = |out: &std::path::Path, weights: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_decorr"))
+            .arg("generate")
+            .args(weights)
+            .args(["--prompt", PROMPT, "--steps", "2", "--scheduler", "ddim"])
+            .args(["--quiet", "--out", out.to_str().unwrap()])
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_HOME", work.path().join("hf-home"))
+            .env("TMPDIR", &tmp)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        image::open(out.join("seed-000000.png")).unwrap().to_rgb8()
+    };
+    let from_folder = run(
+        &work.path().join("folder"),
+        &["--weights", model.path().to_str().unwrap()],
+    );
+    let from_file = run(
+        &work.path().join("file"),
+        &[
+            "--weights",
+            single.to_str().unwrap(),
+            "--checkpoint-config",
+            model.path().to_str().unwrap(),
+        ],
+    );
+    assert!(from_folder == from_file, "the images differ");
+    assert!(!tmp.exists(), "something was written to TMPDIR");
+    let chunks = read_text_chunks(&work.path().join("file/seed-000000.png")).unwrap();
+    let params = &chunks.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(
+        params.contains("tiny-sd.safetensors (converted)"),
+        "{params}"
+    );
+}
+
 /// Two prompts x 3 seeds split over 2 shards: each shard writes only its share and its own
 /// manifest, `--merge` refuses while a shard is missing and then joins them; the union equals an
 /// unsharded run image for image.
@@ -365,27 +413,9 @@ fn sharded_generation_merges_to_the_unsharded_result() {
     let out = tempfile::tempdir().unwrap();
     let w = model.path().to_str().unwrap();
     let run = |dir: &std::path::Path, extra: &[&str]| {
-        let d = dir.to_str().unwrap();
-        let mut args = vec![
-            "generate",
-            "--weights",
-            w,
-            "--prompt",
-            PROMPT,
-            "--prompt",
-            "a red cube",
-            "--steps",
-            "2",
-            "--scheduler",
-            "ddim",
-            "--num-images",
-            "3",
-            "--quiet",
-            "--out",
-            d,
-        ];
+        let mut args = vec!["--prompt", "a red cube"];
         args.extend_from_slice(extra);
-        decorr(&args)
+        quick_generate(model.path(), dir, &args)
     };
     let sharded = out.path().join("sharded");
     let o = run(&sharded, &["--shard", "1/2"]);

@@ -63,3 +63,26 @@ pub fn tiny_sd() -> tempfile::TempDir {
     }
     tmp
 }
+
+/// `decorr generate` of 3 seeds with 2 DDIM steps on the tiny checkpoint `model` into `out`,
+/// plus `extra` arguments (more prompts, an encoder, a shard).
+pub fn quick_generate(model: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "generate",
+        "--weights",
+        model.to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+        "--steps",
+        "2",
+        "--scheduler",
+        "ddim",
+        "--num-images",
+        "3",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    decorr(&args)
+}
