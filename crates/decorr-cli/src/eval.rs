@@ -205,6 +205,7 @@ fn model_dir(spec: &str) -> Result<PathBuf> {
         "merges.txt",
         "vocab.txt",
         "tokenizer_config.json",
+        "special_tokens_map.json",
     ] {
         let _ = hub.find_optional("", &[f]);
     }
@@ -542,6 +543,11 @@ fn eval_run(a: RunArgs) -> Result<()> {
         _ => {}
     }
 
+    if captioner.is_some() && pairs.is_empty() {
+        eprintln!(
+            "no --objects / --objects-file: captions only, the omission rate is not computed"
+        );
+    }
     // Yes/no answers for both objects of the pair.
     let mut answers: Vec<BTreeMap<String, Answer>> = vec![BTreeMap::new(); mine.len()];
     if let Some(c) = &captioner {
