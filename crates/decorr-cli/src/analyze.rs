@@ -59,8 +59,7 @@ struct Report<'a> {
 }
 
 pub fn run(args: AnalyzeArgs) -> Result<()> {
-    let opened = args.model.open()?;
-    let source = &opened.source;
+    let source = &args.model.open()?;
     let device = args.model.device()?;
     let tokenizer = decorr_clip::load_tokenizer(source)?;
     let tok = tokenizer.encode(&args.prompt)?;

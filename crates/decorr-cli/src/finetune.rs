@@ -219,8 +219,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             args.out.display()
         );
     }
-    let opened = args.model.open()?;
-    let source = &opened.source;
+    let source = &args.model.open()?;
     let device = args.model.device()?;
     let tokenizer = decorr_clip::load_tokenizer(source)?;
     let mut prompts = Vec::new();

@@ -525,8 +525,7 @@ fn attention_figure(
 
 /// Loads the checkpoint (and the fine-tuned encoder) for `generate`/`fix`.
 pub fn load(model: &ModelArgs, encoder: Option<&Path>) -> Result<StableDiffusion> {
-    let opened = model.open()?;
-    let source = &opened.source;
+    let source = &model.open()?;
     let device = model.device()?;
     let sd = StableDiffusion::load(source, &device).with_context(|| {
         format!(

@@ -2,6 +2,7 @@
 //! are and which backend runs them.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use burn::tensor::Device;
@@ -12,7 +13,7 @@ use decorr_core::{BackendKind, DEFAULT_MODEL, ModelSource, select_device};
 pub struct ModelArgs {
     /// A local diffusers-layout folder (with text_encoder/, tokenizer/, ...), a component folder,
     /// or a single-file SD 1.x/2.x checkpoint (`.safetensors` or `.ckpt` in the original naming),
-    /// converted on the fly as `cargo xtask convert-weights` would.
+    /// converted in memory as `cargo xtask convert-weights` would convert it to a folder.
     #[arg(long, conflicts_with = "model")]
     pub weights: Option<PathBuf>,
     /// For a single-file --weights: which configs describe it (auto, sd15, sd2, or a diffusers
@@ -39,28 +40,19 @@ pub struct ModelArgs {
     pub gpu: usize,
 }
 
-/// A model source; for a single-file checkpoint, the temporary diffusers folder it was converted
-/// into lives (and is removed) with this value.
-pub struct Opened {
-    pub source: ModelSource,
-    _converted: Option<tempfile::TempDir>,
-}
-
 impl ModelArgs {
-    pub fn open(&self) -> Result<Opened> {
-        let (source, converted) = match &self.weights {
+    /// Where the model comes from. A single-file checkpoint is converted in memory (as
+    /// `cargo xtask convert-weights` converts it to a folder, with the same code) and nothing is
+    /// written to disk; the converted files are freed with the returned source.
+    pub fn open(&self) -> Result<ModelSource> {
+        Ok(match &self.weights {
             Some(file) if file.is_file() => {
-                let tmp = tempfile::Builder::new()
-                    .prefix("decorr-converted-")
-                    .tempdir()?;
-                let dir = tmp.path().join("model");
                 eprintln!(
-                    "converting the single-file checkpoint {} ...",
+                    "converting the single-file checkpoint {} (in memory) ...",
                     file.display()
                 );
-                decorr_convert::convert_single_file_to_diffusers(
+                let (model, _) = decorr_convert::convert_single_file(
                     file,
-                    &dir,
                     &decorr_convert::ToDiffusers {
                         config: self
                             .checkpoint_config
@@ -76,20 +68,13 @@ impl ModelArgs {
                         file.display()
                     )
                 })?;
-                (ModelSource::Local(dir), Some(tmp))
+                ModelSource::Memory(Arc::new(model))
             }
-            Some(dir) => (ModelSource::Local(dir.clone()), None),
-            None => (
-                ModelSource::Hub {
-                    repo: self.model.clone(),
-                    revision: self.revision.clone(),
-                },
-                None,
-            ),
-        };
-        Ok(Opened {
-            source,
-            _converted: converted,
+            Some(dir) => ModelSource::Local(dir.clone()),
+            None => ModelSource::Hub {
+                repo: self.model.clone(),
+                revision: self.revision.clone(),
+            },
         })
     }
 

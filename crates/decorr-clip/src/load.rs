@@ -3,14 +3,12 @@
 //! Saved encoders use transformers' naming, so `CLIPTextModel.from_pretrained` and diffusers load
 //! them.
 
-use std::path::PathBuf;
-
 use std::path::Path;
 
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, SafetensorsStore};
 use burn::tensor::Device;
-use decorr_core::ModelSource;
 use decorr_core::weights::{KeyMap, load_safetensors, read_json};
+use decorr_core::{ModelFile, ModelSource};
 
 use crate::{ClipError, ClipTextConfig, ClipTextModel, ClipTokenizer};
 
@@ -28,14 +26,15 @@ const KEYS: KeyMap<'static> = KeyMap {
 pub struct TextEncoder {
     pub config: ClipTextConfig,
     pub model: ClipTextModel,
-    pub config_path: PathBuf,
-    pub weights_path: PathBuf,
+    /// Where the config and the weights were read (on disk, or in memory).
+    pub config_path: ModelFile,
+    pub weights_path: ModelFile,
 }
 
 /// Load `text_encoder/` of `source` onto `device`.
 pub fn load_text_encoder(source: &ModelSource, device: &Device) -> Result<TextEncoder, ClipError> {
-    let config_path = source.find("text_encoder", &["config.json"])?;
-    let weights_path = source.find("text_encoder", WEIGHT_FILES)?;
+    let config_path = source.find_file("text_encoder", &["config.json"])?;
+    let weights_path = source.find_file("text_encoder", WEIGHT_FILES)?;
     load_files(config_path, weights_path, device)
 }
 
@@ -48,7 +47,11 @@ pub fn load_text_encoder_dir(dir: &Path, device: &Device) -> Result<TextEncoder,
         .map(|f| dir.join(f))
         .find(|p| p.is_file());
     match (config_path.is_file(), weights_path) {
-        (true, Some(weights_path)) => load_files(config_path, weights_path, device),
+        (true, Some(weights_path)) => load_files(
+            ModelFile::Path(config_path),
+            ModelFile::Path(weights_path),
+            device,
+        ),
         _ => Err(decorr_core::CoreError::NotFound(format!(
             "{} is not a text-encoder folder: it needs config.json and one of {}",
             dir.display(),
@@ -59,8 +62,8 @@ pub fn load_text_encoder_dir(dir: &Path, device: &Device) -> Result<TextEncoder,
 }
 
 fn load_files(
-    config_path: PathBuf,
-    weights_path: PathBuf,
+    config_path: ModelFile,
+    weights_path: ModelFile,
     device: &Device,
 ) -> Result<TextEncoder, ClipError> {
     let config: ClipTextConfig = read_json(&config_path, "a CLIP text-encoder config")?;
@@ -76,19 +79,58 @@ fn load_files(
 }
 
 /// The checkpoint's own `tokenizer/` if it has one, else the embedded CLIP vocabulary (the
-/// same one every SD 1.x/2.x checkpoint ships).
+/// same one every SD 1.x/2.x checkpoint ships), padding with the pad token its config names.
 pub fn load_tokenizer(source: &ModelSource) -> Result<ClipTokenizer, ClipError> {
-    let vocab = source.find_optional("tokenizer", &["vocab.json"]);
-    let merges = source.find_optional("tokenizer", &["merges.txt"]);
-    if let (Some(v), Some(m)) = (vocab, merges) {
-        let read = |p: &PathBuf| {
-            std::fs::read_to_string(p)
-                .map_err(|e| ClipError::Tokenizer(format!("cannot read {}: {e}", p.display())))
+    let tok = load_vocabulary(source)?;
+    match pad_token(source)? {
+        Some(pad) => tok.with_pad_token(&pad),
+        None => Ok(tok),
+    }
+}
+
+/// The `pad_token` of `tokenizer/special_tokens_map.json` or `tokenizer_config.json` (SD 2's
+/// `!`; SD 1.x names EOS), as a string or as transformers' `{"content": ...}` form.
+fn pad_token(source: &ModelSource) -> Result<Option<String>, ClipError> {
+    for name in ["special_tokens_map.json", "tokenizer_config.json"] {
+        let Some(f) = source.find_file_optional("tokenizer", &[name]) else {
+            continue;
         };
+        let text = f
+            .read_to_string()
+            .map_err(|e| ClipError::Tokenizer(e.to_string()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ClipError::Tokenizer(format!("{f} is not valid JSON: {e}")))?;
+        let pad = match &v["pad_token"] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Object(o) => {
+                o.get("content").and_then(|c| c.as_str()).map(String::from)
+            }
+            _ => None,
+        };
+        if pad.is_some() {
+            return Ok(pad);
+        }
+    }
+    Ok(None)
+}
+
+/// The vocabulary: `vocab.json` + `merges.txt`, `tokenizer.json`, or the embedded one.
+fn load_vocabulary(source: &ModelSource) -> Result<ClipTokenizer, ClipError> {
+    let vocab = source.find_file_optional("tokenizer", &["vocab.json"]);
+    let merges = source.find_file_optional("tokenizer", &["merges.txt"]);
+    let read = |f: &ModelFile| match f {
+        ModelFile::Path(p) => std::fs::read_to_string(p)
+            .map_err(|e| ClipError::Tokenizer(format!("cannot read {}: {e}", p.display()))),
+        _ => f
+            .read_to_string()
+            .map_err(|e| ClipError::Tokenizer(e.to_string())),
+    };
+    if let (Some(v), Some(m)) = (vocab, merges) {
         return ClipTokenizer::from_vocab_merges(&read(&v)?, &read(&m)?);
     }
-    match source.find_optional("tokenizer", &["tokenizer.json"]) {
-        Some(p) => ClipTokenizer::from_tokenizer_json(&p),
+    match source.find_file_optional("tokenizer", &["tokenizer.json"]) {
+        Some(ModelFile::Path(p)) => ClipTokenizer::from_tokenizer_json(&p),
+        Some(f) => ClipTokenizer::from_tokenizer_json_str(&read(&f)?, &f.to_string()),
         None => {
             log::info!(
                 "no tokenizer/ in {}; using the embedded CLIP vocabulary",

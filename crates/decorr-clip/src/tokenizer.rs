@@ -166,6 +166,13 @@ impl ClipTokenizer {
         Self::wrap(inner)
     }
 
+    /// From the text of a `tokenizer.json`; `name` says where it came from, for messages.
+    pub fn from_tokenizer_json_str(json: &str, name: &str) -> Result<Self, ClipError> {
+        let inner = Tokenizer::from_str(json)
+            .map_err(|e| ClipError::Tokenizer(format!("cannot read tokenizer {name}: {e}")))?;
+        Self::wrap(inner)
+    }
+
     /// From a tokenizer folder: `vocab.json` + `merges.txt` (what SD repos ship), else
     /// `tokenizer.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, ClipError> {

@@ -19,6 +19,7 @@ pub mod tensor;
 
 use std::path::{Path, PathBuf};
 
+use decorr_core::MemoryModel;
 pub use error::ConvertError;
 use mapping::{Table, UnetShape, VaeShape};
 pub use tensor::{DType, StateDict, Tensor};
@@ -545,11 +546,6 @@ impl TempOut {
         }
         std::fs::write(&p, bytes).map_err(io)
     }
-    /// Stream tensors to a safetensors file in the temp folder (its folder exists: configs
-    /// are written first).
-    fn write_tensors(&self, rel: &str, tensors: StateDict) -> Result<(), ConvertError> {
-        tensor::write_safetensors(&self.dir.path().join(rel), &tensors)
-    }
     fn commit(self) -> Result<(), ConvertError> {
         let target = self.target.clone();
         let tmp = self.dir.keep();
@@ -569,7 +565,8 @@ impl TempOut {
 }
 
 /// Convert a single-file LDM checkpoint (`from`) to a diffusers folder (`to`, which must not
-/// exist). Nothing is created at `to` unless the whole conversion succeeds.
+/// exist): [`convert_single_file`], then [`write_diffusers_folder`]. Nothing is created at `to`
+/// unless the whole conversion succeeds.
 pub fn convert_single_file_to_diffusers(
     from: &Path,
     to: &Path,
@@ -578,6 +575,32 @@ pub fn convert_single_file_to_diffusers(
     if to.exists() {
         return Err(ConvertError::OutputExists(to.to_path_buf()));
     }
+    let (model, summary) = convert_single_file(from, opts)?;
+    write_diffusers_folder(&model, to)?;
+    Ok(summary)
+}
+
+/// Write the files of `model` as a folder at `to` (which must not exist): into a temporary
+/// sibling that is renamed into place, so nothing is left at `to` if writing fails.
+pub fn write_diffusers_folder(model: &MemoryModel, to: &Path) -> Result<(), ConvertError> {
+    let out = TempOut::new(to)?;
+    for (rel, bytes) in model.files() {
+        out.write(rel, bytes)?;
+    }
+    out.commit()
+}
+
+/// Convert a single-file LDM checkpoint (`from`) to the files of a diffusers folder, held in
+/// memory (`unet/config.json`, `unet/diffusion_pytorch_model.safetensors`, `tokenizer/vocab.json`,
+/// ..., and `model_index.json`), named `FROM (converted)` in messages. Loaders read it as
+/// [`decorr_core::ModelSource::Memory`]; [`write_diffusers_folder`] writes it to disk.
+///
+/// The state dict is read once; each model is serialized and then dropped, so about one copy
+/// of the weights plus one serialized model is held at the peak, and one copy at the end.
+pub fn convert_single_file(
+    from: &Path,
+    opts: &ToDiffusers,
+) -> Result<(MemoryModel, Summary), ConvertError> {
     let sd = read_state_dict(from)?;
     let cfgs = pick_configs(&opts.config, &sd, opts.prediction)?;
     let split = split_ldm(sd, opts.ema)?;
@@ -715,35 +738,43 @@ pub fn convert_single_file_to_diffusers(
         Family::Sd1 => (assets::TOKENIZER_CONFIG, assets::SPECIAL_TOKENS),
         Family::Sd2 => (assets::SD2_TOKENIZER_CONFIG, assets::SD2_SPECIAL_TOKENS),
     };
-    let out = TempOut::new(to)?;
-    out.write(
+    let mut out = MemoryModel::new(format!("{} (converted)", from.display()));
+    out.insert(
         "model_index.json",
         assets::MODEL_INDEX
             .replace(
                 "\"PNDMScheduler\"",
                 &serde_json::Value::from(scheduler_class).to_string(),
             )
-            .as_bytes(),
-    )?;
-    out.write("scheduler/scheduler_config.json", scheduler_text.as_bytes())?;
-    out.write("tokenizer/vocab.json", assets::VOCAB.as_bytes())?;
-    out.write("tokenizer/merges.txt", assets::MERGES.as_bytes())?;
-    out.write("tokenizer/tokenizer_config.json", tok_cfg.as_bytes())?;
-    out.write("tokenizer/special_tokens_map.json", special.as_bytes())?;
-    out.write("text_encoder/config.json", cfgs.text.as_bytes())?;
-    out.write("unet/config.json", cfgs.unet.as_bytes())?;
-    out.write("vae/config.json", cfgs.vae.as_bytes())?;
-    out.write_tensors("text_encoder/model.safetensors", cast_all(text, opts.dtype))?;
-    out.write_tensors(
-        "unet/diffusion_pytorch_model.safetensors",
-        cast_all(unet, opts.dtype),
-    )?;
-    out.write_tensors(
-        "vae/diffusion_pytorch_model.safetensors",
-        cast_all(vae, opts.dtype),
-    )?;
-    out.commit()?;
-    Ok(summary)
+            .into_bytes(),
+    );
+    out.insert(
+        "scheduler/scheduler_config.json",
+        scheduler_text.into_bytes(),
+    );
+    out.insert("tokenizer/vocab.json", assets::VOCAB.as_bytes().to_vec());
+    out.insert("tokenizer/merges.txt", assets::MERGES.as_bytes().to_vec());
+    out.insert(
+        "tokenizer/tokenizer_config.json",
+        tok_cfg.as_bytes().to_vec(),
+    );
+    out.insert(
+        "tokenizer/special_tokens_map.json",
+        special.as_bytes().to_vec(),
+    );
+    out.insert("text_encoder/config.json", cfgs.text.into_bytes());
+    out.insert("unet/config.json", cfgs.unet.into_bytes());
+    out.insert("vae/config.json", cfgs.vae.into_bytes());
+    // One model at a time: each state dict is dropped once serialized.
+    for (rel, tensors) in [
+        ("text_encoder/model.safetensors", text),
+        ("unet/diffusion_pytorch_model.safetensors", unet),
+        ("vae/diffusion_pytorch_model.safetensors", vae),
+    ] {
+        let bytes = tensor::to_safetensors_bytes(&cast_all(tensors, opts.dtype))?;
+        out.insert(rel, bytes);
+    }
+    Ok((out, summary))
 }
 
 fn model_file(dir: &Path, names: &[&str]) -> Result<PathBuf, ConvertError> {

@@ -556,6 +556,10 @@ fn sd2_converted_folder_loads_in_decorr() {
     let device = Device::flex();
     let te = decorr_clip::load::load_text_encoder_dir(&out.join("text_encoder"), &device).unwrap();
     drop(te);
+    // SD 2's tokenizer pads with "!" (id 0) after EOS, as diffusers' CLIPTokenizer does.
+    let tok = decorr_clip::load_tokenizer(&decorr_core::ModelSource::Local(out.clone())).unwrap();
+    let ids = tok.encode("a red cube").unwrap();
+    assert_eq!(&ids.ids[ids.eos_index() + 1..], &[0u32; 72][..]);
     decorr_unet::load_vae(&decorr_core::ModelSource::Local(out.clone()), &device).unwrap();
     let ours = decorr_unet::load_unet(&decorr_core::ModelSource::Local(out), &device).unwrap();
     let reference = decorr_unet::load_unet(
@@ -801,5 +805,114 @@ fn sd2_names_map_like_diffusers_with_auto_config() {
     assert_eq!(
         json(&eps.join("scheduler/scheduler_config.json"))["prediction_type"],
         "epsilon"
+    );
+}
+
+/// `--weights FILE`'s route: the same conversion held in memory. Its files are byte for byte the
+/// folder's, and decorr's loaders read the same weights from it (same outputs, bit for bit).
+#[test]
+fn in_memory_conversion_loads_like_the_folder() {
+    use burn::tensor::{Device, Distribution, Int, Tensor};
+    use decorr_core::{MemoryModel, ModelSource};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model");
+    let file = conv().join("tiny.safetensors");
+    let s = convert_single_file_to_diffusers(&file, &out, &tiny_opts()).unwrap();
+    let (model, s2) = decorr_convert::convert_single_file(&file, &tiny_opts()).unwrap();
+    assert_eq!(s, s2);
+    // The same files with the same bytes, and nothing else in the folder.
+    let mut on_disk = Vec::new();
+    let mut stack = vec![out.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                on_disk.push(p.strip_prefix(&out).unwrap().to_str().unwrap().to_string());
+            }
+        }
+    }
+    on_disk.sort();
+    let in_memory: Vec<String> = model.files().map(|(rel, _)| rel.to_string()).collect();
+    assert_eq!(in_memory, on_disk);
+    for (rel, bytes) in model.files() {
+        assert!(std::fs::read(out.join(rel)).unwrap() == bytes, "{rel}");
+    }
+    assert_eq!(
+        model.description(),
+        format!("{} (converted)", file.display())
+    );
+
+    let device = Device::flex();
+    let disk = ModelSource::Local(out);
+    let mem = ModelSource::Memory(Arc::new(model.clone()));
+    let x = Tensor::<4>::random([1, 4, 8, 8], Distribution::Normal(0.0, 1.0), &device);
+    let ctx = Tensor::<3>::random([1, 5, 16], Distribution::Normal(0.0, 1.0), &device);
+    let a = decorr_unet::load_unet(&mem, &device).unwrap();
+    let b = decorr_unet::load_unet(&disk, &device).unwrap();
+    assert_eq!(
+        a.weights_path.to_string(),
+        format!(
+            "{} (converted) unet/diffusion_pytorch_model.safetensors",
+            file.display()
+        )
+    );
+    assert_eq!(a.config, b.config);
+    assert_eq!(
+        a.model.forward(x.clone(), &[500.0], &ctx).into_data(),
+        b.model.forward(x, &[500.0], &ctx).into_data()
+    );
+    let img = Tensor::<4>::random([1, 3, 16, 16], Distribution::Normal(0.0, 1.0), &device);
+    let a = decorr_unet::load_vae(&mem, &device).unwrap();
+    let b = decorr_unet::load_vae(&disk, &device).unwrap();
+    assert_eq!(
+        a.model.encode(img.clone(), None).mean.into_data(),
+        b.model.encode(img, None).mean.into_data()
+    );
+    let lat = Tensor::<4>::random([1, 4, 8, 8], Distribution::Normal(0.0, 1.0), &device);
+    assert_eq!(
+        a.model.decode(lat.clone(), None).into_data(),
+        b.model.decode(lat, None).into_data()
+    );
+    let a = decorr_clip::load_text_encoder(&mem, &device).unwrap();
+    let b = decorr_clip::load_text_encoder(&disk, &device).unwrap();
+    let vocab = a.config.vocab_size as i64;
+    let ids = Tensor::<2, Int>::from_data(
+        burn::tensor::TensorData::new((0..7).map(|i| i % vocab).collect::<Vec<i64>>(), [1, 7]),
+        &device,
+    );
+    assert_eq!(
+        a.model.forward(ids.clone()).into_data(),
+        b.model.forward(ids).into_data()
+    );
+    let ta = decorr_clip::load_tokenizer(&mem).unwrap();
+    let tb = decorr_clip::load_tokenizer(&disk).unwrap();
+    assert_eq!(
+        ta.encode("a photo of rusty tracks").unwrap().ids,
+        tb.encode("a photo of rusty tracks").unwrap().ids
+    );
+
+    // A file that does not fit is named by its in-memory name.
+    let mut wrong = MemoryModel::new(model.description());
+    for (rel, bytes) in model.files() {
+        let bytes = match rel {
+            "vae/diffusion_pytorch_model.safetensors" => model
+                .file("unet/diffusion_pytorch_model.safetensors")
+                .unwrap()
+                .read_bytes()
+                .unwrap()
+                .into_owned(),
+            _ => bytes.to_vec(),
+        };
+        wrong.insert(rel, bytes);
+    }
+    let err = decorr_unet::load_vae(&ModelSource::Memory(Arc::new(wrong)), &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tiny.safetensors (converted) vae/diffusion_pytorch_model.safetensors"),
+        "{err}"
     );
 }

@@ -1,5 +1,5 @@
 //! Shared plumbing of decorr: which device runs the maths ([`device`]), where a model's files
-//! come from ([`source`]: local diffusers folder or Hugging Face hub repo), and how safetensors
+//! come from ([`source`]: local diffusers folder, Hugging Face hub repo, or files in memory), and how safetensors
 //! weights get into a burn module with errors that name the tensor and the file ([`weights`]).
 
 pub mod device;
@@ -10,4 +10,4 @@ pub mod weights;
 
 pub use device::{BackendKind, select_device};
 pub use error::CoreError;
-pub use source::{DEFAULT_MODEL, ModelSource};
+pub use source::{AsModelFile, DEFAULT_MODEL, MemoryModel, ModelFile, ModelSource};

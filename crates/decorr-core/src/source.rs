@@ -1,7 +1,12 @@
-//! Where a model's files come from: a local diffusers folder, or a Hugging Face hub repo read
-//! through `hf-hub`'s standard cache (`HF_HOME`, `HF_HUB_OFFLINE`, `HF_TOKEN`, `HF_ENDPOINT`).
+//! Where a model's files come from: a local diffusers folder, a Hugging Face hub repo read
+//! through `hf-hub`'s standard cache (`HF_HOME`, `HF_HUB_OFFLINE`, `HF_TOKEN`, `HF_ENDPOINT`),
+//! or diffusers-layout files held in memory (a single-file checkpoint converted on loading).
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use hf_hub::{Cache, Repo, RepoType};
 
@@ -17,6 +22,206 @@ pub enum ModelSource {
     Local(PathBuf),
     /// A hub repo id with a revision (branch, tag or commit).
     Hub { repo: String, revision: String },
+    /// Files in diffusers layout held in memory (what `decorr-convert` makes of a single-file
+    /// checkpoint).
+    Memory(Arc<MemoryModel>),
+}
+
+/// A model's files by path relative to the pipeline root (`unet/config.json`,
+/// `unet/diffusion_pytorch_model.safetensors`, `tokenizer/vocab.json`, ...), held in memory.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MemoryModel {
+    description: String,
+    files: BTreeMap<String, Arc<Vec<u8>>>,
+}
+
+impl MemoryModel {
+    /// An empty model; `description` names it in messages (say `FILE (converted)`), and each
+    /// file is shown as `DESCRIPTION RELATIVE/PATH`.
+    pub fn new(description: impl Into<String>) -> Self {
+        Self {
+            description: description.into(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// Add (or replace) the file at `rel` (`/`-separated, relative to the pipeline root).
+    pub fn insert(&mut self, rel: impl Into<String>, bytes: Vec<u8>) {
+        self.files.insert(rel.into(), Arc::new(bytes));
+    }
+
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// Every file as `(relative path, bytes)`, in path order.
+    pub fn files(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.files.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
+    }
+
+    /// The file at `rel`, if there is one.
+    pub fn file(&self, rel: &str) -> Option<ModelFile> {
+        self.files.get(rel).map(|bytes| ModelFile::Memory {
+            name: format!("{} {rel}", self.description),
+            bytes: bytes.clone(),
+        })
+    }
+
+    /// Total size of the files in bytes.
+    pub fn size(&self) -> usize {
+        self.files.values().map(|v| v.len()).sum()
+    }
+
+    fn find(&self, component: &str, candidates: &[&str]) -> Result<ModelFile, CoreError> {
+        let mut looked = Vec::new();
+        for dir in [component, ""] {
+            for c in candidates {
+                let rel = if dir.is_empty() {
+                    c.to_string()
+                } else {
+                    format!("{dir}/{c}")
+                };
+                if let Some(f) = self.file(&rel) {
+                    return Ok(f);
+                }
+                looked.push(rel);
+            }
+            if component.is_empty() {
+                break;
+            }
+        }
+        Err(CoreError::NotFound(format!(
+            "no {component} file in {}; looked for:\n  {}",
+            self.description,
+            looked.join("\n  ")
+        )))
+    }
+}
+
+impl fmt::Debug for MemoryModel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryModel")
+            .field("description", &self.description)
+            .field(
+                "files",
+                &self
+                    .files
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.len()))
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// One file of a model: on disk, or held in memory by a [`MemoryModel`].
+#[derive(Clone, PartialEq, Eq)]
+pub enum ModelFile {
+    Path(PathBuf),
+    /// `name` is what messages show (`FILE (converted) unet/config.json`).
+    Memory {
+        name: String,
+        bytes: Arc<Vec<u8>>,
+    },
+}
+
+impl ModelFile {
+    /// The path on disk, `None` for a file held in memory.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            ModelFile::Path(p) => Some(p),
+            ModelFile::Memory { .. } => None,
+        }
+    }
+
+    /// The file's path, or for a file in memory its name, as the `path` of an error.
+    pub fn error_path(&self) -> PathBuf {
+        match self {
+            ModelFile::Path(p) => p.clone(),
+            ModelFile::Memory { name, .. } => PathBuf::from(name),
+        }
+    }
+
+    /// For messages: the path, or the in-memory file's name.
+    pub fn display(&self) -> impl fmt::Display + '_ {
+        self
+    }
+
+    /// The file's bytes (read from disk, or borrowed from memory).
+    pub fn read_bytes(&self) -> Result<Cow<'_, [u8]>, CoreError> {
+        match self {
+            ModelFile::Path(p) => {
+                std::fs::read(p)
+                    .map(Cow::Owned)
+                    .map_err(|source| CoreError::Io {
+                        path: p.clone(),
+                        source,
+                    })
+            }
+            ModelFile::Memory { bytes, .. } => Ok(Cow::Borrowed(bytes.as_slice())),
+        }
+    }
+
+    /// The file as UTF-8 text.
+    pub fn read_to_string(&self) -> Result<String, CoreError> {
+        match self {
+            ModelFile::Path(p) => std::fs::read_to_string(p).map_err(|source| CoreError::Io {
+                path: p.clone(),
+                source,
+            }),
+            ModelFile::Memory { bytes, .. } => {
+                String::from_utf8(bytes.to_vec()).map_err(|e| CoreError::Io {
+                    path: self.error_path(),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                })
+            }
+        }
+    }
+}
+
+impl fmt::Display for ModelFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ModelFile::Path(p) => p.display().fmt(f),
+            ModelFile::Memory { name, .. } => f.write_str(name),
+        }
+    }
+}
+
+impl fmt::Debug for ModelFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ModelFile::Path(p) => f.debug_tuple("Path").field(p).finish(),
+            ModelFile::Memory { name, bytes } => f
+                .debug_struct("Memory")
+                .field("name", name)
+                .field("len", &bytes.len())
+                .finish(),
+        }
+    }
+}
+
+/// What the weight and config readers accept: a path, or a [`ModelFile`].
+pub trait AsModelFile {
+    fn to_model_file(&self) -> ModelFile;
+}
+
+impl AsModelFile for Path {
+    fn to_model_file(&self) -> ModelFile {
+        ModelFile::Path(self.to_path_buf())
+    }
+}
+
+impl AsModelFile for PathBuf {
+    fn to_model_file(&self) -> ModelFile {
+        ModelFile::Path(self.clone())
+    }
+}
+
+impl AsModelFile for ModelFile {
+    fn to_model_file(&self) -> ModelFile {
+        self.clone()
+    }
 }
 
 impl ModelSource {
@@ -33,15 +238,23 @@ impl ModelSource {
             ModelSource::Local(p) => p.display().to_string(),
             ModelSource::Hub { repo, revision } if revision == "main" => repo.clone(),
             ModelSource::Hub { repo, revision } => format!("{repo}@{revision}"),
+            ModelSource::Memory(m) => m.description.clone(),
         }
     }
 
     /// The first of `candidates` (paths relative to `component/`) that exists, downloading it
     /// from the hub if needed. A local folder that *is* the component folder is accepted too.
+    /// Files held in memory have no path: use [`find_file`](Self::find_file) for those.
     pub fn find(&self, component: &str, candidates: &[&str]) -> Result<PathBuf, CoreError> {
         match self {
             ModelSource::Local(root) => find_local(root, component, candidates),
             ModelSource::Hub { repo, revision } => find_hub(repo, revision, component, candidates),
+            ModelSource::Memory(m) => {
+                let f = m.find(component, candidates)?;
+                Err(CoreError::NotFound(format!(
+                    "{f} is held in memory and has no path on disk"
+                )))
+            }
         }
     }
 
@@ -49,6 +262,19 @@ impl ModelSource {
     /// checkpoint's own tokenizer).
     pub fn find_optional(&self, component: &str, candidates: &[&str]) -> Option<PathBuf> {
         self.find(component, candidates).ok()
+    }
+
+    /// Like [`find`](Self::find), for any source: the file on disk or in memory.
+    pub fn find_file(&self, component: &str, candidates: &[&str]) -> Result<ModelFile, CoreError> {
+        match self {
+            ModelSource::Memory(m) => m.find(component, candidates),
+            _ => self.find(component, candidates).map(ModelFile::Path),
+        }
+    }
+
+    /// Like [`find_file`](Self::find_file) but `None` when no candidate exists.
+    pub fn find_file_optional(&self, component: &str, candidates: &[&str]) -> Option<ModelFile> {
+        self.find_file(component, candidates).ok()
     }
 }
 
@@ -167,6 +393,47 @@ mod tests {
             .find("x", &["y"])
             .unwrap_err();
         assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn memory_files_by_component_or_root() {
+        let mut m = MemoryModel::new("x.safetensors (converted)");
+        m.insert("unet/config.json", b"{}".to_vec());
+        m.insert("model_index.json", b"{\"a\": 1}".to_vec());
+        let src = ModelSource::Memory(Arc::new(m));
+        assert_eq!(src.describe(), "x.safetensors (converted)");
+        let f = src
+            .find_file("unet", &["missing.json", "config.json"])
+            .unwrap();
+        assert_eq!(f.to_string(), "x.safetensors (converted) unet/config.json");
+        assert_eq!(f.path(), None);
+        assert_eq!(&*f.read_bytes().unwrap(), b"{}");
+        assert_eq!(f.read_to_string().unwrap(), "{}");
+        let root = src.find_file("unet", &["model_index.json"]).unwrap();
+        assert_eq!(
+            root.to_string(),
+            "x.safetensors (converted) model_index.json"
+        );
+        let err = src
+            .find_file("vae", &["config.json"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("vae/config.json") && err.contains("x.safetensors (converted)"),
+            "{err}"
+        );
+        assert!(src.find_file_optional("vae", &["config.json"]).is_none());
+        // A file in memory has no path to hand out.
+        let err = src.find("unet", &["config.json"]).unwrap_err().to_string();
+        assert!(err.contains("in memory"), "{err}");
+        // Local folders give paths through find_file too.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        let local = ModelSource::Local(dir.path().to_path_buf());
+        assert_eq!(
+            local.find_file("unet", &["config.json"]).unwrap(),
+            ModelFile::Path(dir.path().join("config.json"))
+        );
     }
 
     /// The offline path reads hf-hub's cache layout: refs/<rev> holds a commit, snapshots/<commit>/ the files.

@@ -1,6 +1,7 @@
 //! Loading safetensors files into burn modules with burn's store. PyTorch naming is adapted
 //! (Linear weights transposed, norm weight/bias to gamma/beta), fp16/bf16 files are cast to f32,
 //! and every missing, unexpected or mis-shaped tensor is reported by name with the file.
+//! Files come from disk or from memory ([`ModelFile`]).
 
 use std::path::Path;
 
@@ -12,6 +13,7 @@ use burn::store::{
 use burn::tensor::DType;
 
 use crate::CoreError;
+use crate::source::{AsModelFile, ModelFile};
 
 /// How a file's keys relate to the module's parameter paths.
 #[derive(Debug, Clone, Default)]
@@ -22,20 +24,31 @@ pub struct KeyMap<'a> {
     pub ignore: &'a [&'a str],
 }
 
-/// Load `path` into `module`. All parameters must be present with the right shape, and every
-/// tensor of the file must be used or listed in `keys.ignore`.
+/// Load `file` (a path, or a [`ModelFile`] on disk or in memory) into `module`. All parameters
+/// must be present with the right shape, and every tensor of the file must be used or listed in
+/// `keys.ignore`.
 pub fn load_safetensors<M: Module>(
     module: &mut M,
-    path: &Path,
+    file: &(impl AsModelFile + ?Sized),
     keys: &KeyMap<'_>,
 ) -> Result<(), CoreError> {
-    if !path.is_file() {
-        return Err(CoreError::NotFound(format!(
-            "weights file {} does not exist",
-            path.display()
-        )));
-    }
-    let mut store = SafetensorsStore::from_file(path)
+    let file = file.to_model_file();
+    let store = match &file {
+        ModelFile::Path(path) => {
+            if !path.is_file() {
+                return Err(CoreError::NotFound(format!(
+                    "weights file {} does not exist",
+                    path.display()
+                )));
+            }
+            SafetensorsStore::from_file(path)
+        }
+        // burn's store owns its buffer: the copy lives while this component loads.
+        ModelFile::Memory { bytes, .. } => SafetensorsStore::from_bytes(Some(bytes.to_vec())),
+    };
+    let path = file.error_path();
+    let path = path.as_path();
+    let mut store = store
         .with_from_adapter(PyTorchToBurnAdapter.chain(FloatCastAdapter::to(DType::F32)))
         .validate(false)
         .allow_partial(true);
@@ -90,17 +103,15 @@ pub fn load_safetensors<M: Module>(
     }
 }
 
-/// Read a JSON config file into `T`.
+/// Read a JSON config file (a path, or a [`ModelFile`] on disk or in memory) into `T`.
 pub fn read_json<T: serde::de::DeserializeOwned>(
-    path: &Path,
+    file: &(impl AsModelFile + ?Sized),
     what: &'static str,
 ) -> Result<T, CoreError> {
-    let text = std::fs::read_to_string(path).map_err(|source| CoreError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let file = file.to_model_file();
+    let text = file.read_to_string()?;
     serde_json::from_str(&text).map_err(|source| CoreError::BadJson {
-        path: path.to_path_buf(),
+        path: file.error_path(),
         what,
         source,
     })

@@ -12,8 +12,8 @@ use decorr_clip::{
     ClipTextConfig, ClipTextModel, ClipTokenizer, load_text_encoder, load_text_encoder_dir,
     load_tokenizer,
 };
-use decorr_core::ModelSource;
-use decorr_scheduler::{BuildOptions, SchedulerConfig, SchedulerKind, build_with};
+use decorr_core::{ModelFile, ModelSource};
+use decorr_scheduler::{BuildOptions, SchedulerConfig, SchedulerError, SchedulerKind, build_with};
 use decorr_unet::{
     AttentionOptions, AutoencoderKL, Capture, UNet2DConditionModel, UNetConfig, VaeConfig,
     load_unet, load_vae,
@@ -128,8 +128,20 @@ impl StableDiffusion {
         let enc = load_text_encoder(source, device)?;
         let unet = load_unet(source, device)?;
         let vae = load_vae(source, device)?;
-        let sched_path = source.find("scheduler", &["scheduler_config.json"])?;
-        let scheduler_config = SchedulerConfig::from_file(&sched_path)?;
+        let sched_file = source.find_file("scheduler", &["scheduler_config.json"])?;
+        let scheduler_config = match sched_file.path() {
+            Some(p) => SchedulerConfig::from_file(p)?,
+            None => {
+                SchedulerConfig::from_json_str(&sched_file.read_to_string()?).map_err(
+                    |e| match e {
+                        SchedulerError::Config(m) => {
+                            SchedulerError::Config(format!("{sched_file}: {m}"))
+                        }
+                        other => other,
+                    },
+                )?
+            }
+        };
         check_fit(&enc.config, &enc.config_path, &unet.config)?;
         Ok(StableDiffusion {
             tokenizer,
@@ -170,15 +182,11 @@ impl StableDiffusion {
                 self.text_config.vocab_size
             )));
         }
-        let bytes =
-            std::fs::read(&enc.weights_path).map_err(|source| decorr_core::CoreError::Io {
-                path: enc.weights_path.clone(),
-                source,
-            })?;
+        let bytes = enc.weights_path.read_bytes()?;
         let sha256 = format!("{:x}", Sha256::digest(&bytes));
         self.tuned = Some(TunedEncoder {
             model: enc.model,
-            path: enc.weights_path,
+            path: enc.weights_path.error_path(),
             sha256,
         });
         Ok(self)
@@ -343,7 +351,7 @@ impl StableDiffusion {
 /// The text encoder's width must be the UNet's cross-attention width in every block.
 fn check_fit(
     text: &ClipTextConfig,
-    text_path: &Path,
+    text_path: &ModelFile,
     unet: &UNetConfig,
 ) -> Result<(), PipelineError> {
     let blocks = unet.block_out_channels.len();

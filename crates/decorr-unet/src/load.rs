@@ -1,11 +1,9 @@
 //! Loading a checkpoint's `unet/` and `vae/` folders (local diffusers layout or hub repo):
 //! `config.json` plus `diffusion_pytorch_model.safetensors` or its `.fp16` variant (cast to f32).
 
-use std::path::PathBuf;
-
 use burn::tensor::Device;
-use decorr_core::ModelSource;
 use decorr_core::weights::{KeyMap, load_safetensors, read_json};
+use decorr_core::{ModelFile, ModelSource};
 
 use crate::{AutoencoderKL, UNet2DConditionModel, UNetConfig, UNetError, VaeConfig};
 
@@ -55,8 +53,9 @@ const VAE: KeyMap<'static> = KeyMap {
 pub struct Loaded<M, C> {
     pub config: C,
     pub model: M,
-    pub config_path: PathBuf,
-    pub weights_path: PathBuf,
+    /// Where the config and the weights were read (on disk, or in memory).
+    pub config_path: ModelFile,
+    pub weights_path: ModelFile,
 }
 
 /// Load `unet/` of `source` onto `device`.
@@ -64,10 +63,10 @@ pub fn load_unet(
     source: &ModelSource,
     device: &Device,
 ) -> Result<Loaded<UNet2DConditionModel, UNetConfig>, UNetError> {
-    let config_path = source.find("unet", &["config.json"])?;
+    let config_path = source.find_file("unet", &["config.json"])?;
     let config: UNetConfig = read_json(&config_path, "a diffusers UNet2DConditionModel config")?;
     config.validate()?;
-    let weights_path = source.find("unet", WEIGHT_FILES)?;
+    let weights_path = source.find_file("unet", WEIGHT_FILES)?;
     let mut model = UNet2DConditionModel::new(&config, device);
     let keys = if config.use_linear_projection {
         &UNET_LINEAR
@@ -88,10 +87,10 @@ pub fn load_vae(
     source: &ModelSource,
     device: &Device,
 ) -> Result<Loaded<AutoencoderKL, VaeConfig>, UNetError> {
-    let config_path = source.find("vae", &["config.json"])?;
+    let config_path = source.find_file("vae", &["config.json"])?;
     let config: VaeConfig = read_json(&config_path, "a diffusers AutoencoderKL config")?;
     config.validate()?;
-    let weights_path = source.find("vae", WEIGHT_FILES)?;
+    let weights_path = source.find_file("vae", WEIGHT_FILES)?;
     let mut model = AutoencoderKL::new(&config, device);
     load_safetensors(&mut model, &weights_path, &VAE)?;
     Ok(Loaded {
