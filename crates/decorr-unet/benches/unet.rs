@@ -1,7 +1,9 @@
 //! Benchmark: full-size SD 1.5 UNet forward (batch 2, 77-token context) and VAE decode with
 //! random weights on flex; median of N runs after one warm-up, and the process's peak RSS.
 //! Compare with `python ../shared/reference/pyref/bench.py unet|vae HW` on the same machine:
-//! `cargo bench -p decorr-unet --bench unet -- unet|vae HW [N]` (HW: latent size, 64 or 32).
+//! `cargo bench -p decorr-unet --bench unet -- unet|vae HW [N]` (HW: latent size, 64 or 32);
+//! `conv HW N [C]` times one 3x3 convolution and one group norm + SiLU (C channels, default 320).
+//! `DECORR_HOST_KERNELS=0` runs burn's own flex kernels instead of decorr's host fast paths.
 
 use std::time::Instant;
 
@@ -22,9 +24,27 @@ fn peak_rss_gb() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1e6)
 }
 
+/// CPU seconds (user + system) this process has used: on a shared machine a steadier measure
+/// of the work done than wall time.
+fn cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => f64::NAN,
+    }
+}
+
 fn time(n: usize, mut f: impl FnMut()) -> f64 {
     f();
-    median(
+    let cpu = cpu_s();
+    let t = median(
         (0..n)
             .map(|_| {
                 let t = Instant::now();
@@ -32,7 +52,9 @@ fn time(n: usize, mut f: impl FnMut()) -> f64 {
                 t.elapsed().as_secs_f64()
             })
             .collect(),
-    )
+    );
+    println!("  ({:.3} CPU s per run)", (cpu_s() - cpu) / n as f64);
+    t
 }
 
 fn main() {
@@ -63,17 +85,18 @@ fn main() {
                 let _ = vae.decode(z.clone(), None).into_data();
             })
         }
-        // Where the UNet's time goes: one 3x3 convolution and one group norm + SiLU of its
-        // first level (320 channels at hw x hw, batch 2), each alone.
+        // Where the UNet's time goes: one 3x3 convolution and one group norm + SiLU of a level
+        // (320 channels at hw x hw, batch 2, unless asked), each alone.
         "conv" => {
-            let conv = decorr_unet::blocks::conv(320, 320, 3, &device);
-            let x = Tensor::<4>::random([2, 320, hw, hw], normal, &device);
+            let c: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(320);
+            let conv = decorr_unet::blocks::conv(c, c, 3, &device);
+            let x = Tensor::<4>::random([2, c, hw, hw], normal, &device);
             let t = time(n, || {
-                let _ = conv.forward(x.clone()).into_data();
+                let _ = decorr_unet::host::conv2d(&conv, x.clone()).into_data();
             });
-            let norm = decorr_unet::blocks::group_norm(32, 320, 1e-5, &device);
+            let norm = decorr_unet::blocks::group_norm(32, c, 1e-5, &device);
             let g = time(n, || {
-                let _ = burn::tensor::activation::silu(norm.forward(x.clone())).into_data();
+                let _ = decorr_unet::host::group_norm(&norm, x.clone(), true).into_data();
             });
             println!("group norm + SiLU {hw}x{hw}: {g:.4} s");
             t

@@ -11,6 +11,7 @@ use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{Device, Tensor};
 
 use crate::blocks::{conv, group_norm};
+use crate::host;
 
 /// What a forward pass computes besides its output.
 #[derive(Debug, Clone, Default)]
@@ -182,7 +183,7 @@ impl Attention {
     pub fn forward_spatial(&self, x: Tensor<4>, slice: Option<usize>) -> Tensor<4> {
         let [b, c, hh, ww] = x.dims();
         let normed = match &self.group_norm {
-            Some(g) => g.forward(x.clone()),
+            Some(g) => host::group_norm(g, x.clone(), false),
             None => x.clone(),
         };
         let seq = normed.reshape([b, c, hh * ww]).swap_dims(1, 2);
@@ -366,7 +367,7 @@ impl Transformer2DModel {
     ) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let residual = x.clone();
-        let x = self.norm.forward(x);
+        let x = host::group_norm(&self.norm, x, false);
         let to_seq = |t: Tensor<4>| t.reshape([b, c, h * w]).swap_dims(1, 2);
         let mut seq = match &self.proj_in {
             Projection::Conv(p) => to_seq(p.forward(x)),

@@ -8,6 +8,8 @@ use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d
 use burn::tensor::activation::silu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use crate::host;
+
 /// A `k x k` convolution with "same" padding, as diffusers builds them.
 pub fn conv(cin: usize, cout: usize, k: usize, device: &Device) -> Conv2d {
     Conv2dConfig::new([cin, cout], [k, k])
@@ -55,12 +57,12 @@ impl ResnetBlock2D {
 
     /// `temb` is the time embedding `[batch, temb_channels]` (before its SiLU).
     pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
-        let mut h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let mut h = host::conv2d(&self.conv1, host::group_norm(&self.norm1, x.clone(), true));
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(silu(t.clone()));
             h = h + t.unsqueeze_dims::<4>(&[2, 3]);
         }
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = host::conv2d(&self.conv2, host::group_norm(&self.norm2, h, true));
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x),
             None => x,
@@ -117,7 +119,7 @@ impl Upsample2D {
     pub fn forward(&self, x: Tensor<4>, size: Option<[usize; 2]>) -> Tensor<4> {
         let [_, _, h, w] = x.dims();
         let [oh, ow] = size.unwrap_or([2 * h, 2 * w]);
-        self.conv.forward(nearest(x, oh, ow))
+        host::conv2d(&self.conv, nearest(x, oh, ow))
     }
 }
 

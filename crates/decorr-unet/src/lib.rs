@@ -6,6 +6,7 @@
 pub mod attention;
 pub mod blocks;
 pub mod config;
+pub mod host;
 pub mod load;
 pub mod unet;
 pub mod vae;

@@ -6,7 +6,6 @@
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 
 use crate::attention::{
@@ -16,6 +15,7 @@ use crate::blocks::{
     Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, conv, group_norm, timestep_features,
 };
 use crate::config::UNetConfig;
+use crate::host;
 
 /// A down block (`down_blocks.N`): `CrossAttnDownBlock2D` when `attentions` is not empty, else
 /// `DownBlock2D`.
@@ -216,7 +216,7 @@ impl UNet2DConditionModel {
             sample
         };
 
-        let mut x = self.conv_in.forward(sample);
+        let mut x = host::conv2d(&self.conv_in, sample);
         let mut skips = vec![x.clone()];
         for (i, block) in self.down_blocks.iter().enumerate() {
             for (l, resnet) in block.resnets.iter().enumerate() {
@@ -265,7 +265,10 @@ impl UNet2DConditionModel {
                 x = up.forward(x, size);
             }
         }
-        let x = self.conv_out.forward(silu(self.conv_norm_out.forward(x)));
+        let x = host::conv2d(
+            &self.conv_out,
+            host::group_norm(&self.conv_norm_out, x, true),
+        );
         UNetOutput {
             sample: x,
             cross_attention: rec.cross,

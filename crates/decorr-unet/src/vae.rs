@@ -5,12 +5,12 @@
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
-use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor};
 
 use crate::attention::Attention;
 use crate::blocks::{Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm};
 use crate::config::VaeConfig;
+use crate::host;
 
 const EPS: f64 = 1e-6;
 
@@ -181,7 +181,7 @@ impl AutoencoderKL {
     /// Image `[batch, 3, H, W]` in [-1, 1] to the latent posterior (unscaled).
     pub fn encode(&self, image: Tensor<4>, slice: Option<usize>) -> Posterior {
         let e = &self.encoder;
-        let mut x = e.conv_in.forward(image);
+        let mut x = host::conv2d(&e.conv_in, image);
         for block in &e.down_blocks {
             for r in &block.resnets {
                 x = r.forward(x, None);
@@ -191,7 +191,7 @@ impl AutoencoderKL {
             }
         }
         x = e.mid_block.forward(x, slice);
-        x = e.conv_out.forward(silu(e.conv_norm_out.forward(x)));
+        x = host::conv2d(&e.conv_out, host::group_norm(&e.conv_norm_out, x, true));
         if let Some(q) = &self.quant_conv {
             x = q.forward(x);
         }
@@ -209,7 +209,7 @@ impl AutoencoderKL {
             Some(p) => p.forward(latent),
             None => latent,
         };
-        x = d.conv_in.forward(x);
+        x = host::conv2d(&d.conv_in, x);
         x = d.mid_block.forward(x, slice);
         for block in &d.up_blocks {
             for r in &block.resnets {
@@ -219,6 +219,6 @@ impl AutoencoderKL {
                 x = u.forward(x, None);
             }
         }
-        d.conv_out.forward(silu(d.conv_norm_out.forward(x)))
+        host::conv2d(&d.conv_out, host::group_norm(&d.conv_norm_out, x, true))
     }
 }

@@ -1,0 +1,470 @@
+//! Host-side fast paths for the CPU backend `flex`, whose tensors live in host memory: the
+//! UNet's and VAE's 3x3 convolutions and their group norms (+ SiLU) computed directly on the
+//! f32 buffers (read in place through burn's `extension` API). flex runs a convolution as a
+//! single-threaded NHWC conversion and weight reshuffle, then tiled im2col + GEMM, on every
+//! call, and a group norm as about ten element-wise passes. Here a convolution is one parallel
+//! copy of the input into zero-padded channels-last rows, the weight split per kernel tap, and,
+//! per tile of output rows, nine accumulating GEMMs that read the padded input in place (no
+//! im2col), tiles in parallel, bias fused into the store; a group norm (+ SiLU) is one
+//! statistics pass and one fused, in-place apply pass. Same arithmetic as torch up to summation
+//! order (group-norm statistics in f64).
+//!
+//! Anything else (other backends, autodiff, other dtypes, other convolution shapes: 1x1,
+//! stride 2) takes burn's path. `DECORR_HOST_KERNELS=0` turns the fast paths off, for
+//! comparisons.
+
+use std::sync::{Mutex, OnceLock};
+
+use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, PaddingConfig2d};
+use burn::tensor::activation::silu;
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn_flex::{Flex, FlexTensor};
+use rayon::prelude::*;
+
+/// Whether the fast paths are on (`DECORR_HOST_KERNELS` unset or not `0`).
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DECORR_HOST_KERNELS").map_or(true, |v| v != "0"))
+}
+
+/// An f32 tensor in flex's host memory, outside any autodiff graph.
+fn on_host<const D: usize>(t: &Tensor<D>) -> bool {
+    t.dtype() == DType::F32 && !t.is_autodiff() && t.device() == Device::flex()
+}
+
+/// The flex tensor behind `t` (sharing its buffer) when `t` is [`on_host`], contiguous and
+/// starts at its buffer's start, so that `storage()[..numel]` are its elements in order.
+fn flex_f32<const D: usize>(t: &Tensor<D>) -> Option<FlexTensor> {
+    if !on_host(t) {
+        return None;
+    }
+    let p = t.clone().try_into_primitive::<Flex>().ok()?;
+    (p.dtype() == DType::F32 && p.is_contiguous() && p.layout().start_offset() == 0).then_some(p)
+}
+
+/// Reusable scratch buffers (padded input, re-laid-out weight), so that each convolution does
+/// not map and fault in fresh pages for them. Buffers of more than [`SCRATCH_KEEP`] elements
+/// (128 MiB) are not kept.
+static SCRATCH: [Mutex<Vec<f32>>; 2] = [const { Mutex::new(Vec::new()) }; 2];
+const SCRATCH_KEEP: usize = 1 << 25;
+
+/// Runs `f` on `len` elements of scratch buffer `i` (or a fresh one if it is busy or too large);
+/// the contents are whatever the last user left.
+fn with_scratch<R>(i: usize, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    if len <= SCRATCH_KEEP
+        && let Ok(mut v) = SCRATCH[i].try_lock()
+    {
+        if v.len() < len {
+            *v = vec![0.0; len];
+        }
+        return f(&mut v[..len]);
+    }
+    f(&mut vec![0.0; len])
+}
+
+/// `conv.forward(x)`; 3x3, stride 1, padding 1 convolutions on flex take the host path.
+pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let shape_fits = enabled()
+        && conv.kernel_size == [3, 3]
+        && conv.stride == [1, 1]
+        && conv.dilation == [1, 1]
+        && conv.groups == 1
+        && matches!(conv.padding, PaddingConfig2d::Explicit(1, 1, 1, 1));
+    if !shape_fits {
+        return conv.forward(x);
+    }
+    let bias = match &conv.bias {
+        Some(b) => match flex_f32(&b.val()) {
+            Some(t) => Some(t),
+            None => return conv.forward(x),
+        },
+        None => None,
+    };
+    let (Some(xf), Some(wf)) = (flex_f32(&x), flex_f32(&conv.weight.val())) else {
+        return conv.forward(x);
+    };
+    let device = x.device();
+    let [b, ci, h, wd] = x.dims();
+    let co = conv.weight.dims()[0];
+    drop(x);
+    let out = conv3x3(
+        &xf.storage::<f32>()[..b * ci * h * wd],
+        &wf.storage::<f32>()[..co * ci * 9],
+        bias.as_ref().map(|t| &t.storage::<f32>()[..co]),
+        [b, ci, h, wd],
+        co,
+    );
+    Tensor::from_data(TensorData::new(out, [b, co, h, wd]), &device)
+}
+
+/// Output columns per tile (whole rows of the padded width): enough for an efficient GEMM, few
+/// enough that the tile's result stays in cache across the nine accumulating GEMMs.
+const TILE_COLS: usize = 512;
+
+/// Raw output pointer shared by the tile jobs, each of which writes its own rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer `i` elements on. (A method, so closures capture the whole `Sync` wrapper.)
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// A 3x3 convolution with zero padding 1, stride 1, of `x` `[b, ci, h, w]` with `weight`
+/// `[co, ci, 3, 3]` (torch layout) plus `bias`; returns `[b, co, h, w]`.
+///
+/// The input is copied once into zero-padded channels-last images of width `w + 2`. Computed in
+/// that padded width, the input of kernel tap `(ky, kx)` for a run of output pixels is the run of
+/// input pixels `ky * (w + 2) + kx` further on: a `[ci, cols]` matrix read in place (column-major,
+/// which the GEMM takes without packing). So each tile of output rows is nine accumulating GEMMs
+/// `weight[:, :, ky, kx] [co, ci] x input [ci, cols]`, with no im2col, and the two padding
+/// columns of each row are dropped when the tile is stored.
+pub fn conv3x3(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    [b, ci, h, w]: [usize; 4],
+    co: usize,
+) -> Vec<f32> {
+    assert_eq!(x.len(), b * ci * h * w, "conv3x3: input size");
+    assert_eq!(weight.len(), co * ci * 9, "conv3x3: weight size");
+    assert!(bias.is_none_or(|b| b.len() == co), "conv3x3: bias size");
+    let mut out = vec![0f32; b * co * h * w];
+    if out.is_empty() {
+        return out;
+    }
+    // Padded rows per image: the top and bottom padding, plus one spare row that the last
+    // tile's padding columns read into.
+    let padded = b * (h + 3) * (w + 2) * ci;
+    with_scratch(0, padded, |xp| {
+        with_scratch(1, 9 * co * ci, |wk| {
+            conv3x3_in(x, weight, bias, [b, ci, h, w], co, xp, wk, &mut out)
+        })
+    });
+    out
+}
+
+/// [`conv3x3`] with scratch space for the padded input `xp` and the weight per tap `wk`.
+#[allow(clippy::too_many_arguments)]
+fn conv3x3_in(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    [b, ci, h, w]: [usize; 4],
+    co: usize,
+    xp: &mut [f32],
+    wk: &mut [f32],
+    out: &mut [f32],
+) {
+    let pw = w + 2;
+    let prows = h + 3;
+    // Channels-last, zero-padded: `[b][h + 3][w + 2][ci]`, the image at rows 1..=h, cols 1..=w.
+    xp.par_chunks_mut(pw * ci).enumerate().for_each(|(r, dst)| {
+        let (n, y) = (r / prows, r % prows);
+        if y == 0 || y > h {
+            dst.fill(0.0);
+            return;
+        }
+        dst[..ci].fill(0.0);
+        dst[(pw - 1) * ci..].fill(0.0);
+        for c in 0..ci {
+            let at = ((n * ci + c) * h + y - 1) * w;
+            for (xx, &v) in x[at..at + w].iter().enumerate() {
+                dst[(xx + 1) * ci + c] = v;
+            }
+        }
+    });
+    // The weight per tap, `[9][co][ci]`.
+    wk.par_chunks_mut(ci).enumerate().for_each(|(row, dst)| {
+        let (tap, o) = (row / co, row % co);
+        let src = &weight[o * ci * 9..(o + 1) * ci * 9];
+        for (c, d) in dst.iter_mut().enumerate() {
+            *d = src[c * 9 + tap];
+        }
+    });
+    let (xp, wk) = (&*xp, &*wk);
+
+    let rows = (TILE_COLS / pw).clamp(1, h);
+    let tiles = h.div_ceil(rows);
+    let jobs = b * tiles;
+    // With fewer tiles than threads, let the GEMMs use the threads instead.
+    let parallelism = if jobs < rayon::current_num_threads() {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    (0..jobs).into_par_iter().for_each_init(
+        || vec![0f32; co * rows * pw],
+        |acc, job| {
+            let (n, t) = (job / tiles, job % tiles);
+            let y0 = t * rows;
+            let nr = rows.min(h - y0);
+            let cols = nr * pw;
+            let image = &xp[n * prows * pw * ci..(n + 1) * prows * pw * ci];
+            for tap in 0..9 {
+                let first = (y0 + tap / 3) * pw + tap % 3;
+                let input = &image[first * ci..];
+                assert!(input.len() >= cols * ci);
+                // SAFETY: `acc` holds `co x cols` row-major, the tap's weight `co x ci`
+                // row-major, and `input` `cols` pixels of `ci` channels (checked above).
+                unsafe {
+                    gemm::gemm(
+                        co,
+                        cols,
+                        ci,
+                        acc.as_mut_ptr(),
+                        1,
+                        cols as isize,
+                        tap > 0,
+                        wk.as_ptr().add(tap * co * ci),
+                        1,
+                        ci as isize,
+                        input.as_ptr(),
+                        ci as isize,
+                        1,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        parallelism,
+                    );
+                }
+            }
+            for o in 0..co {
+                let bo = bias.map_or(0.0, |b| b[o]);
+                for r in 0..nr {
+                    let src = &acc[o * cols + r * pw..o * cols + r * pw + w];
+                    let at = ((n * co + o) * h + y0 + r) * w;
+                    // SAFETY: `at..at + w` lies in `out`, and only this job writes rows
+                    // `y0..y0 + nr` of image `n`.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.at(at), w) };
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        *d = s + bo;
+                    }
+                }
+            }
+        },
+    );
+}
+
+/// `norm.forward(x)`, followed by SiLU when `then_silu`; on flex one fused host pass.
+pub fn group_norm(norm: &GroupNorm, x: Tensor<4>, then_silu: bool) -> Tensor<4> {
+    let gamma = norm.gamma.as_ref().map(|g| g.val());
+    let beta = norm.beta.as_ref().map(|b| b.val());
+    let fits = enabled()
+        && norm.affine
+        && on_host(&x)
+        && gamma.as_ref().is_some_and(on_host)
+        && beta.as_ref().is_some_and(on_host);
+    let (Some(gamma), Some(beta), true) = (gamma, beta, fits) else {
+        let y = norm.forward(x);
+        return if then_silu { silu(y) } else { y };
+    };
+    let device = x.device();
+    let [b, c, h, w] = x.dims();
+    let mut data = x.into_data();
+    let gamma = gamma.into_data();
+    let beta = beta.into_data();
+    group_norm_in_place(
+        data.as_mut_slice::<f32>().expect("f32 input"),
+        gamma.as_slice::<f32>().expect("f32 gamma"),
+        beta.as_slice::<f32>().expect("f32 beta"),
+        [b, c, h * w],
+        norm.num_groups,
+        norm.epsilon,
+        then_silu,
+    );
+    Tensor::from_data(data, &device)
+}
+
+/// Group norm of `x` `[b, c, hw]` in place (torch's: biased variance, `eps` inside the square
+/// root, then `x * (rstd * gamma) + (beta - mean * rstd * gamma)`), SiLU after when asked.
+pub fn group_norm_in_place(
+    x: &mut [f32],
+    gamma: &[f32],
+    beta: &[f32],
+    [b, c, hw]: [usize; 3],
+    groups: usize,
+    eps: f64,
+    then_silu: bool,
+) {
+    assert_eq!(x.len(), b * c * hw, "group_norm: input size");
+    assert!(gamma.len() == c && beta.len() == c && c % groups == 0);
+    let cg = c / groups;
+    let len = cg * hw;
+    if len == 0 {
+        return;
+    }
+    x.par_chunks_mut(len).enumerate().for_each(|(i, group)| {
+        // Two passes in f64: the mean, then the mean squared deviation.
+        let mean = group.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
+        let var = group
+            .iter()
+            .map(|&v| {
+                let d = v as f64 - mean;
+                d * d
+            })
+            .sum::<f64>()
+            / len as f64;
+        let rstd = 1.0 / (var + eps).sqrt();
+        let c0 = (i % groups) * cg;
+        for (j, chan) in group.chunks_exact_mut(hw).enumerate() {
+            let scale = (rstd * gamma[c0 + j] as f64) as f32;
+            let shift = (beta[c0 + j] as f64 - mean * rstd * gamma[c0 + j] as f64) as f32;
+            affine_silu(chan, scale, shift, then_silu);
+        }
+    });
+}
+
+/// `v = v * scale + shift`, then `v = v / (1 + exp(-v))` when `then_silu`.
+fn affine_silu(v: &mut [f32], scale: f32, shift: f32, then_silu: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { affine_silu_avx2(v, scale, shift, then_silu) };
+    }
+    affine_silu_portable(v, scale, shift, then_silu);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn affine_silu_avx2(v: &mut [f32], scale: f32, shift: f32, then_silu: bool) {
+    affine_silu_portable(v, scale, shift, then_silu);
+}
+
+#[inline(always)]
+fn affine_silu_portable(v: &mut [f32], scale: f32, shift: f32, then_silu: bool) {
+    if then_silu {
+        for e in v.iter_mut() {
+            let y = *e * scale + shift;
+            *e = y / (1.0 + exp(-y));
+        }
+    } else {
+        for e in v.iter_mut() {
+            *e = *e * scale + shift;
+        }
+    }
+}
+
+/// `e^x` in f32 without branches or calls, so loops over it vectorise (Cephes' `expf`:
+/// `2^n e^r` with `|r| <= ln2 / 2`, a degree-6 polynomial; within 2 ulp of the true value).
+/// Saturates to 0 below -87.3 and to `f32::MAX`-ish above 88.3, where SiLU no longer cares.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.3);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::conv::Conv2dConfig;
+    use burn::nn::{GroupNormConfig, PaddingConfig2d};
+
+    fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        let a = a.into_data().convert::<f32>();
+        let b = b.into_data().convert::<f32>();
+        let (a, b) = (a.as_slice::<f32>().unwrap(), b.as_slice::<f32>().unwrap());
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn exp_is_close() {
+        for i in -8700..=8800 {
+            let x = i as f32 / 100.0;
+            let (ours, std) = (exp(x), x.exp());
+            assert!(((ours - std) / std).abs() < 4e-7, "{x}: {ours} vs {std}");
+        }
+        assert_eq!(exp(-1000.0) * 1e30, exp(-87.3) * 1e30);
+    }
+
+    #[test]
+    fn conv_matches_burn() {
+        let device = Device::flex();
+        for (b, ci, co, h, w, bias) in [
+            (2, 5, 7, 9, 11, true),
+            (1, 4, 3, 1, 1, false),
+            (3, 16, 8, 40, 3, true),
+            (1, 2, 2, 2, 600, true),
+        ] {
+            let conv = Conv2dConfig::new([ci, co], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .with_bias(bias)
+                .init(&device);
+            let x = values([b, ci, h, w], 4, 0.0, &device);
+            assert!(on_host(&x) && on_host(&conv.weight.val()));
+            let ours = conv2d(&conv, x.clone());
+            let theirs = conv.forward(x);
+            let d = max_diff(ours, theirs);
+            assert!(d < 1e-5, "{b}x{ci}->{co} {h}x{w}: {d}");
+        }
+    }
+
+    /// Deterministic, well-spread test values (tests run in parallel on one global RNG).
+    fn values<const D: usize>(
+        shape: [usize; D],
+        seed: u32,
+        mean: f32,
+        device: &Device,
+    ) -> Tensor<D> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| mean + ((i as f32 * 0.618_034 + seed as f32 * 0.414_213).fract() - 0.5) * 4.0)
+            .collect();
+        Tensor::from_data(TensorData::new(v, shape), device)
+    }
+
+    #[test]
+    fn group_norm_matches_burn() {
+        let device = Device::flex();
+        for (b, c, g, h, w, eps) in [(2, 32, 8, 5, 7, 1e-5), (1, 6, 3, 2, 3, 1e-6)] {
+            let mut norm = GroupNormConfig::new(g, c).with_epsilon(eps).init(&device);
+            norm.gamma = Some(burn::module::Param::from_tensor(values(
+                [c],
+                1,
+                0.0,
+                &device,
+            )));
+            norm.beta = Some(burn::module::Param::from_tensor(values(
+                [c],
+                2,
+                0.0,
+                &device,
+            )));
+            let x = values([b, c, h, w], 3, 3.0, &device);
+            assert!(on_host(&x));
+            for then_silu in [false, true] {
+                let ours = group_norm(&norm, x.clone(), then_silu);
+                let theirs = norm.forward(x.clone());
+                let theirs = if then_silu { silu(theirs) } else { theirs };
+                let d = max_diff(ours, theirs);
+                assert!(d < 1e-5, "{b}x{c}/{g} {h}x{w} silu {then_silu}: {d}");
+            }
+        }
+    }
+}
