@@ -22,7 +22,8 @@ Writes under tests/fixtures/deberta/:
 - tiny_abs/: the other switches: position_biased_input true, type_vocab_size 2, pos_att_type
   ["c2p"] only, max_relative_positions 8, embedding_size 16 (embed_proj), relu. Hidden states only.
 - reference.json: token ids as bert_score's `sent_encode` makes them, the padded batches, and
-  BERTScore P/R/F of `bert_score.score(cands, refs, model_type=tiny/, num_layers=2)`.
+  BERTScore P/R/F of `bert_score.score(cands, refs, model_type=tiny/, num_layers=2)`; also with
+  the leading space bert_score added under transformers < 4.24 (`bertscore_prefix_space`).
 - hidden_<folder>.safetensors: `<batch>.hidden.<l>` for every layer l of transformers'
   `hidden_states` tuple (0 = embeddings), for each padded batch.
 """
@@ -198,6 +199,17 @@ def main():
     P, R, F = bert_score.score(CANDS, REFS, model_type=tiny, num_layers=2, batch_size=2)
     ref["bertscore"] = {"model": "tiny", "num_layers": 2, "idf": False, "cands": CANDS,
                         "refs": REFS, "P": P.tolist(), "R": R.tolist(), "F": F.tolist()}
+    # Under transformers < 4.24 DebertaTokenizer subclassed GPT2Tokenizer, so bert_score took its
+    # GPT-2 branch: encode(sent, add_prefix_space=True), i.e. a leading space. Reproduce that
+    # branch (transformers 5 ignores the keyword, so the space is prepended by hand).
+    import bert_score.utils as bsu
+    plain = bsu.sent_encode
+    bsu.sent_encode = lambda tok, sent: (plain(tok, sent) if sent.strip() == "" else tok.encode(
+        " " + sent.strip(), add_special_tokens=True, max_length=tok.model_max_length,
+        truncation=True))
+    P, R, F = bert_score.score(CANDS, REFS, model_type=tiny, num_layers=2, batch_size=2)
+    bsu.sent_encode = plain
+    ref["bertscore_prefix_space"] = {"P": P.tolist(), "R": R.tolist(), "F": F.tolist()}
     json.dump(ref, open(os.path.join(OUT, "reference.json"), "w", encoding="utf-8"),
               ensure_ascii=False, indent=1)
     print("tokens:", tokens)

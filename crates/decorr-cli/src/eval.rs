@@ -80,6 +80,10 @@ struct BertscoreArgs {
     /// A bert_score baseline file (`LAYER,P,R,F` rows) to rescale with.
     #[arg(long)]
     baseline: Option<PathBuf>,
+    /// DeBERTa only: encode sentences with a leading space, as bert_score did under
+    /// transformers < 4.24 (scores differ noticeably; say which one you report).
+    #[arg(long)]
+    prefix_space: bool,
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
     /// JSONL, one `{"candidate": ..., "reference": ...}` per line.
@@ -160,6 +164,9 @@ struct RunArgs {
     /// BERTScore with idf weights (over the prompts).
     #[arg(long)]
     idf: bool,
+    /// BERTScore with DeBERTa: a leading space, as bert_score under transformers < 4.24.
+    #[arg(long)]
+    bertscore_prefix_space: bool,
     /// Evaluate only shard K of N (0-based) of the images; `--merge` makes the report.
     #[arg(long, value_name = "K/N", conflicts_with = "merge")]
     shard: Option<Shard>,
@@ -212,9 +219,14 @@ fn model_dir(spec: &str) -> Result<PathBuf> {
     Ok(config.parent().expect("a file has a folder").to_path_buf())
 }
 
-fn load_scorer(spec: &str, layer: Option<usize>, device: &Device) -> Result<Scorer> {
+fn load_scorer(
+    spec: &str,
+    layer: Option<usize>,
+    prefix_space: bool,
+    device: &Device,
+) -> Result<Scorer> {
     let dir = model_dir(spec)?;
-    decorr_eval::bertscore::load_scorer(&dir, layer, device)
+    decorr_eval::bertscore::load_scorer(&dir, layer, prefix_space, device)
         .with_context(|| format!("loading the BERTScore model {spec}"))
 }
 
@@ -293,7 +305,7 @@ fn bertscore(a: BertscoreArgs) -> Result<()> {
         bail!("{} holds no pairs", a.pairs.display());
     }
     let device = a.device.device()?;
-    let scorer = load_scorer(&a.model, a.layer, &device)?;
+    let scorer = load_scorer(&a.model, a.layer, a.prefix_space, &device)?;
     let opts = ScoreOptions {
         idf: a.idf,
         baseline: a
@@ -313,6 +325,7 @@ fn bertscore(a: BertscoreArgs) -> Result<()> {
         "model": a.model,
         "layer": scorer.layer(),
         "idf": a.idf,
+        "prefix_space": a.prefix_space,
         "baseline": a.baseline,
         "mean": {
             "precision": mean(|s| s.precision),
@@ -573,7 +586,12 @@ fn eval_run(a: RunArgs) -> Result<()> {
     let mut scores: Vec<Option<Prf>> = vec![None; mine.len()];
     let scored: Vec<usize> = (0..mine.len()).filter(|&k| captions[k].is_some()).collect();
     if !scored.is_empty() {
-        let scorer = load_scorer(&a.bertscore_model, a.bertscore_layer, &device)?;
+        let scorer = load_scorer(
+            &a.bertscore_model,
+            a.bertscore_layer,
+            a.bertscore_prefix_space,
+            &device,
+        )?;
         let cands: Vec<String> = scored
             .iter()
             .map(|&k| captions[k].clone().unwrap_or_default())
@@ -785,6 +803,7 @@ fn merge(a: &RunArgs, items: &[Item]) -> Result<()> {
             "bertscore_model": a.bertscore_model,
             "bertscore_layer": a.bertscore_layer,
             "idf": a.idf,
+            "prefix_space": a.bertscore_prefix_space,
             "captioner": a.captioner,
             "captioner_model": a.captioner_model,
             "reference_images": a.reference_images,

@@ -57,6 +57,7 @@ pub struct SpecialTokens {
 /// set to `max_length` tokens, specials included (`truncation=True, max_length=model_max_length`).
 pub struct HfSentenceEncoder {
     tokenizer: Tokenizer,
+    prefix_space: bool,
 }
 
 impl HfSentenceEncoder {
@@ -68,7 +69,18 @@ impl HfSentenceEncoder {
                 ..Default::default()
             }))
             .map_err(|e| EvalError::Tokenizer(format!("cannot truncate to {max_length}: {e}")))?;
-        Ok(HfSentenceEncoder { tokenizer })
+        Ok(HfSentenceEncoder {
+            tokenizer,
+            prefix_space: false,
+        })
+    }
+
+    /// Encode with a leading space, as bert_score's GPT-2/RoBERTa branch does
+    /// (`add_prefix_space=True`). It took that branch for DeBERTa under transformers < 4.24,
+    /// whose `DebertaTokenizer` subclassed `GPT2Tokenizer`; from 4.24 on it does not.
+    pub fn with_prefix_space(mut self, on: bool) -> Self {
+        self.prefix_space = on;
+        self
     }
 }
 
@@ -76,9 +88,15 @@ impl SentenceEncoder for HfSentenceEncoder {
     fn encode(&self, sentence: &str) -> Result<Vec<u32>, EvalError> {
         // An empty (stripped) sentence is `build_inputs_with_special_tokens([])`: the specials
         // alone, which is what the post-processor makes of "".
+        let stripped = python_strip(sentence);
+        let text = if self.prefix_space && !stripped.is_empty() {
+            std::borrow::Cow::Owned(format!(" {stripped}"))
+        } else {
+            std::borrow::Cow::Borrowed(stripped)
+        };
         let enc = self
             .tokenizer
-            .encode(python_strip(sentence), true)
+            .encode(text.as_ref(), true)
             .map_err(|e| EvalError::Tokenizer(format!("cannot tokenize {sentence:?}: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
@@ -563,7 +581,15 @@ pub fn greedy_cos_idf(
 /// ([`load_bert_scorer`]) or DeBERTa v1 ([`crate::deberta::load_deberta_scorer`]). Without a
 /// `layer`, DeBERTa-xlarge (48 layers of width 1024, i.e. `microsoft/deberta-xlarge-mnli`) reads
 /// layer 40 as bert_score does for it; other models their last layer.
-pub fn load_scorer(dir: &Path, layer: Option<usize>, device: &Device) -> Result<Scorer, EvalError> {
+/// `prefix_space` encodes DeBERTa sentences with a leading space, as bert_score did under
+/// transformers < 4.24 ([`HfSentenceEncoder::with_prefix_space`]); BERT's WordPiece has no such
+/// variant, so it is refused there.
+pub fn load_scorer(
+    dir: &Path,
+    layer: Option<usize>,
+    prefix_space: bool,
+    device: &Device,
+) -> Result<Scorer, EvalError> {
     #[derive(serde::Deserialize)]
     struct Kind {
         model_type: Option<String>,
@@ -573,11 +599,16 @@ pub fn load_scorer(dir: &Path, layer: Option<usize>, device: &Device) -> Result<
     let kind: Kind =
         decorr_core::weights::read_json(&dir.join("config.json"), "a BERTScore model config")?;
     match kind.model_type.as_deref() {
+        Some("bert") if prefix_space => Err(EvalError::Input(format!(
+            "{}: the leading-space encoding is for DeBERTa's byte-level BPE; a BERT (WordPiece) \
+             model has none: drop the prefix-space option",
+            dir.display()
+        ))),
         Some("bert") => load_bert_scorer(dir, layer, device),
         Some("deberta") => {
             let xlarge = kind.num_hidden_layers == Some(48) && kind.hidden_size == Some(1024);
             let layer = layer.or(xlarge.then_some(crate::deberta::XLARGE_MNLI_LAYER));
-            crate::deberta::load_deberta_scorer(dir, layer, device)
+            crate::deberta::load_deberta_scorer(dir, layer, prefix_space, device)
         }
         other => Err(EvalError::Input(format!(
             "{}: model_type {} is not a BERTScore model decorr runs; use a BERT-family model \

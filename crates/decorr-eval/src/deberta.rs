@@ -846,9 +846,11 @@ pub const XLARGE_MNLI_LAYER: usize = 40;
 /// name to look bert_score's default up by. Sentences are truncated to `model_max_length` of
 /// `tokenizer_config.json`, else to `max_position_embeddings` (what transformers 4 did for the
 /// hub's DeBERTa tokenizers, 512; transformers 5 has no such default and bert_score then fails).
+/// `prefix_space`: see [`HfSentenceEncoder::with_prefix_space`](crate::bertscore::HfSentenceEncoder::with_prefix_space).
 pub fn load_deberta_scorer(
     dir: &Path,
     layer: Option<usize>,
+    prefix_space: bool,
     device: &Device,
 ) -> Result<crate::bertscore::Scorer, EvalError> {
     use crate::bertscore::{HfSentenceEncoder, Scorer, SpecialTokens};
@@ -883,7 +885,7 @@ pub fn load_deberta_scorer(
         .unwrap_or(config.max_position_embeddings);
     let max_length = model.max_len().map_or(max_length, |m| max_length.min(m));
     let layer = layer.unwrap_or(model.num_layers());
-    let encoder = HfSentenceEncoder::new(tokenizer, max_length)?;
+    let encoder = HfSentenceEncoder::new(tokenizer, max_length)?.with_prefix_space(prefix_space);
     Scorer::new(
         Box::new(model),
         Box::new(encoder),

@@ -438,7 +438,8 @@ fn scorer_matches_bert_score() {
     let reference = reference();
     let bs = &reference["bertscore"];
     let layer = bs["num_layers"].as_u64().unwrap() as usize;
-    let scorer = load_deberta_scorer(&fixtures().join("tiny"), Some(layer), &device()).unwrap();
+    let scorer =
+        load_deberta_scorer(&fixtures().join("tiny"), Some(layer), false, &device()).unwrap();
     let strings = |k: &str| -> Vec<String> { serde_json::from_value(bs[k].clone()).unwrap() };
     let opts = ScoreOptions {
         batch_size: 2,
@@ -461,4 +462,23 @@ fn scorer_matches_bert_score() {
     for (s, w) in sentences.iter().zip(&want) {
         assert_eq!(&scorer.encode(s).unwrap(), w, "{s:?}");
     }
+
+    // With the leading space bert_score added under transformers < 4.24.
+    let old = &reference["bertscore_prefix_space"];
+    let scorer =
+        load_deberta_scorer(&fixtures().join("tiny"), Some(layer), true, &device()).unwrap();
+    let scores = scorer
+        .score(&strings("cands"), &strings("refs"), &opts)
+        .unwrap();
+    let mut worst = 0.0f64;
+    for (i, s) in scores.iter().enumerate() {
+        for (got, k) in [(s.precision, "P"), (s.recall, "R"), (s.f1, "F")] {
+            worst = worst.max((got - old[k][i].as_f64().unwrap()).abs());
+        }
+    }
+    assert!(worst <= SCORE_TOL, "prefix-space P/R/F differ by {worst}");
+    assert!(
+        (old["R"][0].as_f64().unwrap() - bs["R"][0].as_f64().unwrap()).abs() > 1e-3,
+        "the two encodings must give different scores for this test to mean anything"
+    );
 }
