@@ -389,26 +389,15 @@ pub fn load_bert(dir: &Path, device: &Device) -> Result<LoadedBert, EvalError> {
     if weights_path.extension().is_some_and(|e| e == "safetensors") {
         load_safetensors(&mut model, &weights_path, &KEYS)?;
     } else {
-        // A torch zip pickle: read it with decorr-convert's restricted unpickler and load it
-        // through a temporary safetensors copy, so one loader checks every name and shape.
+        // A torch pickle: read it with decorr-convert's restricted unpickler and load it as
+        // safetensors bytes in memory, so one loader checks every name and shape.
         let tensors = decorr_convert::read_state_dict(&weights_path)?;
-        let tmp = tempfile::Builder::new()
-            .suffix(".safetensors")
-            .tempfile()
-            .map_err(|source| EvalError::Io {
-                path: std::env::temp_dir(),
-                source,
-            })?;
-        decorr_convert::tensor::write_safetensors(tmp.path(), &tensors)?;
-        load_safetensors(&mut model, tmp.path(), &KEYS).map_err(|e| match e {
-            decorr_core::CoreError::WeightMismatch { problems, .. } => {
-                decorr_core::CoreError::WeightMismatch {
-                    path: weights_path.clone(),
-                    problems,
-                }
-            }
-            other => other,
-        })?;
+        let file = decorr_core::source::ModelFile::Memory {
+            name: weights_path.display().to_string(),
+            bytes: std::sync::Arc::new(decorr_convert::tensor::to_safetensors_bytes(&tensors)?),
+        };
+        drop(tensors);
+        load_safetensors(&mut model, &file, &KEYS)?;
     }
     Ok(LoadedBert {
         config,

@@ -445,15 +445,20 @@ fn scorer_matches_bert_score() {
         batch_size: 2,
         ..Default::default()
     };
-    let scores = scorer
-        .score(&strings("cands"), &strings("refs"), &opts)
-        .unwrap();
-    let mut worst = 0.0f64;
-    for (i, s) in scores.iter().enumerate() {
-        for (got, k) in [(s.precision, "P"), (s.recall, "R"), (s.f1, "F")] {
-            worst = worst.max((got - bs[k][i].as_f64().unwrap()).abs());
+    // Largest P/R/F difference between `scorer` and the recorded scores `expected`.
+    let worst_diff = |scorer: &decorr_eval::bertscore::Scorer, expected: &serde_json::Value| {
+        let scores = scorer
+            .score(&strings("cands"), &strings("refs"), &opts)
+            .unwrap();
+        let mut worst = 0.0f64;
+        for (i, s) in scores.iter().enumerate() {
+            for (got, k) in [(s.precision, "P"), (s.recall, "R"), (s.f1, "F")] {
+                worst = worst.max((got - expected[k][i].as_f64().unwrap()).abs());
+            }
         }
-    }
+        worst
+    };
+    let worst = worst_diff(&scorer, bs);
     println!("Scorer vs bert_score: max abs P/R/F error {worst:.2e}");
     assert!(worst <= SCORE_TOL, "P/R/F differ by {worst}");
     // The scorer tokenizes as bert_score does.
@@ -467,15 +472,7 @@ fn scorer_matches_bert_score() {
     let old = &reference["bertscore_prefix_space"];
     let scorer =
         load_deberta_scorer(&fixtures().join("tiny"), Some(layer), true, &device()).unwrap();
-    let scores = scorer
-        .score(&strings("cands"), &strings("refs"), &opts)
-        .unwrap();
-    let mut worst = 0.0f64;
-    for (i, s) in scores.iter().enumerate() {
-        for (got, k) in [(s.precision, "P"), (s.recall, "R"), (s.f1, "F")] {
-            worst = worst.max((got - old[k][i].as_f64().unwrap()).abs());
-        }
-    }
+    let worst = worst_diff(&scorer, old);
     assert!(worst <= SCORE_TOL, "prefix-space P/R/F differ by {worst}");
     assert!(
         (old["R"][0].as_f64().unwrap() - bs["R"][0].as_f64().unwrap()).abs() > 1e-3,
