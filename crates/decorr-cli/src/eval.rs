@@ -15,7 +15,7 @@ use decorr_core::io::write_atomic;
 use decorr_core::{BackendKind, ModelSource, select_device};
 use decorr_eval::bertscore::{Baseline, ScoreOptions, Scorer};
 use decorr_eval::captioner::{Answer, Captioner, CaptionerConfig, ImageInput, read_captions_file};
-use decorr_eval::fid::{ActivationStats, frechet_distance};
+use decorr_eval::fid::{ActivationStats, frechet_distance, stats_of_path};
 use decorr_eval::inception::{FidInception, load_inception};
 use decorr_eval::npz::{NpyArray, read_npz, write_npz};
 use decorr_eval::report::{ImageResult, Prf, Report};
@@ -247,26 +247,6 @@ fn inception_path(given: Option<&Path>) -> Result<PathBuf> {
     }
 }
 
-/// Statistics of a folder of images, or read from an `.npz`.
-fn stats_of(
-    path: &Path,
-    net: &dyn Fn() -> Result<FidInception>,
-    batch: usize,
-    device: &Device,
-) -> Result<ActivationStats> {
-    if path.extension().is_some_and(|e| e == "npz") {
-        return Ok(decorr_eval::npz::read_stats(path)?);
-    }
-    if !path.is_dir() {
-        bail!(
-            "{} is neither a folder of images nor an .npz of statistics",
-            path.display()
-        );
-    }
-    let net = net()?;
-    Ok(decorr_eval::fid::folder_stats(&net, path, batch, device)?)
-}
-
 // ---------------------------------------------------------------- bertscore
 
 #[derive(Deserialize)]
@@ -357,21 +337,20 @@ fn bertscore(a: BertscoreArgs) -> Result<()> {
 
 fn fid(a: FidArgs) -> Result<()> {
     let device = a.device.device()?;
-    let weights = a.inception.clone();
-    let loaded = std::cell::OnceCell::new();
-    let net = || -> Result<FidInception> {
-        if let Some(n) = loaded.get() {
-            return Ok(Clone::clone(n));
+    // Loaded at most once, and only if one side is a folder of images.
+    let mut net: Option<FidInception> = None;
+    let mut load = || -> Result<FidInception> {
+        if net.is_none() {
+            let path = inception_path(a.inception.as_deref())?;
+            net = Some(load_inception(&path, &device)?);
         }
-        let path = inception_path(weights.as_deref())?;
-        let n = load_inception(&path, &device)?;
-        Ok(loaded.get_or_init(|| n).clone())
+        Ok(net.clone().expect("loaded above"))
     };
-    let real = stats_of(&a.real, &net, a.batch_size, &device)?;
+    let real = stats_of_path(&a.real, &mut load, a.batch_size, &device)?;
     if let Some(p) = &a.save_real_stats {
         decorr_eval::npz::write_stats(p, &real)?;
     }
-    let fake = stats_of(&a.fake, &net, a.batch_size, &device)?;
+    let fake = stats_of_path(&a.fake, &mut load, a.batch_size, &device)?;
     let d = frechet_distance(&real, &fake)?;
     let out = serde_json::json!({
         "fid": d,
@@ -758,14 +737,13 @@ fn merge(a: &RunArgs, items: &[Item]) -> Result<()> {
         let reference_stats = if cached.is_file() && reference.is_dir() {
             decorr_eval::npz::read_stats(&cached)?
         } else {
-            let weights = a.inception.clone();
             let net = || -> Result<FidInception> {
                 Ok(load_inception(
-                    &inception_path(weights.as_deref())?,
+                    &inception_path(a.inception.as_deref())?,
                     &device,
                 )?)
             };
-            let s = stats_of(reference, &net, a.batch_size, &device)?;
+            let s = stats_of_path(reference, net, a.batch_size, &device)?;
             if reference.is_dir() {
                 decorr_eval::npz::write_stats(&cached, &s)?;
             }

@@ -319,7 +319,17 @@ pub fn folder_stats(
     batch_size: usize,
     device: &Device,
 ) -> Result<ActivationStats, EvalError> {
-    let files = list_images(dir)?;
+    stats_of_files(model, dir, &list_images(dir)?, batch_size, device)
+}
+
+/// [`folder_stats`] of `files`, the images listed in `dir`.
+fn stats_of_files(
+    model: &FidInception,
+    dir: &Path,
+    files: &[PathBuf],
+    batch_size: usize,
+    device: &Device,
+) -> Result<ActivationStats, EvalError> {
     if files.len() < 2 {
         return Err(EvalError::Input(format!(
             "{} holds only {} image; FID statistics need at least 2 (the covariance of one \
@@ -328,7 +338,7 @@ pub fn folder_stats(
             files.len()
         )));
     }
-    let feats = features_of_files(model, &files, batch_size, device)?;
+    let feats = features_of_files(model, files, batch_size, device)?;
     ActivationStats::from_features(&feats, FEATURE_DIM)
 }
 
@@ -338,30 +348,26 @@ pub fn is_stats_file(path: &Path) -> bool {
     path.to_string_lossy().ends_with(".npz")
 }
 
-/// pytorch-fid's `compute_statistics_of_path`: an `.npz` statistics file is read, a folder's
-/// images are run through `model`.
-pub fn stats_of_path(
+/// Statistics of `path` as pytorch-fid takes either: a `.npz` of saved statistics is read; a
+/// folder's images are listed first and only then run through the network `model` gives, so a
+/// bad path is reported, and saved statistics compared, without loading any weights.
+pub fn stats_of_path<E: From<EvalError>>(
     path: &Path,
-    model: &FidInception,
+    model: impl FnOnce() -> Result<FidInception, E>,
     batch_size: usize,
     device: &Device,
-) -> Result<ActivationStats, EvalError> {
+) -> Result<ActivationStats, E> {
     if is_stats_file(path) {
-        crate::npz::read_stats(path)
-    } else {
-        folder_stats(model, path, batch_size, device)
+        return Ok(crate::npz::read_stats(path)?);
     }
-}
-
-/// pytorch-fid's `calculate_fid_given_paths` for two folders or `.npz` files.
-pub fn fid_of_paths(
-    a: &Path,
-    b: &Path,
-    model: &FidInception,
-    batch_size: usize,
-    device: &Device,
-) -> Result<f64, EvalError> {
-    let sa = stats_of_path(a, model, batch_size, device)?;
-    let sb = stats_of_path(b, model, batch_size, device)?;
-    frechet_distance(&sa, &sb)
+    if !path.is_dir() {
+        return Err(EvalError::Input(format!(
+            "{} is neither a folder of images nor an .npz of statistics",
+            path.display()
+        ))
+        .into());
+    }
+    let files = list_images(path)?;
+    let model = model()?;
+    Ok(stats_of_files(&model, path, &files, batch_size, device)?)
 }
