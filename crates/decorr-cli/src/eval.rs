@@ -642,6 +642,28 @@ fn eval_run(a: RunArgs) -> Result<()> {
     merge(&a, &items)
 }
 
+/// What a reference folder's statistics depend on: the folder, each image's name, size and
+/// modification time, and the Inception weights named.
+fn reference_key(reference: &Path, weights: Option<&Path>) -> Result<String> {
+    let mut key = format!(
+        "folder {}\nweights {}\n",
+        reference.display(),
+        weights.map_or("(pytorch-fid's cached file)".into(), |w| w
+            .display()
+            .to_string())
+    );
+    for f in decorr_eval::fid::list_images(reference)? {
+        let m = std::fs::metadata(&f).with_context(|| format!("reading {}", f.display()))?;
+        let modified = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        key += &format!("{} {} {modified}\n", f.display(), m.len());
+    }
+    Ok(key)
+}
+
 /// Joins the partial results of every shard (or the one unsharded pass), computes FID per
 /// method and writes the report.
 fn merge(a: &RunArgs, items: &[Item]) -> Result<()> {
@@ -733,8 +755,17 @@ fn merge(a: &RunArgs, items: &[Item]) -> Result<()> {
     let mut fid = BTreeMap::new();
     if let Some(reference) = &a.reference_images {
         let device = a.device.device()?;
+        // A folder's statistics are kept in OUT and reused while the folder and the weights
+        // are unchanged (reference-stats.key says what they were computed from).
         let cached = a.out.join("reference-stats.npz");
-        let reference_stats = if cached.is_file() && reference.is_dir() {
+        let key_file = a.out.join("reference-stats.key");
+        let key = reference
+            .is_dir()
+            .then(|| reference_key(reference, a.inception.as_deref()))
+            .transpose()?;
+        let fresh =
+            key.is_some() && cached.is_file() && std::fs::read_to_string(&key_file).ok() == key;
+        let reference_stats = if fresh {
             decorr_eval::npz::read_stats(&cached)?
         } else {
             let net = || -> Result<FidInception> {
@@ -744,8 +775,9 @@ fn merge(a: &RunArgs, items: &[Item]) -> Result<()> {
                 )?)
             };
             let s = stats_of_path(reference, net, a.batch_size, &device)?;
-            if reference.is_dir() {
+            if let Some(key) = &key {
                 decorr_eval::npz::write_stats(&cached, &s)?;
+                write_atomic(&key_file, key.as_bytes())?;
             }
             s
         };
@@ -833,4 +865,30 @@ fn merge(a: &RunArgs, items: &[Item]) -> Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cached reference statistics are reused only for the same images and weights.
+    #[test]
+    fn reference_key_follows_the_folder_and_the_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let png = |name: &str, v: u8| {
+            image::RgbImage::from_pixel(4, 4, image::Rgb([v, v, v]))
+                .save(dir.path().join(name))
+                .unwrap()
+        };
+        png("a.png", 1);
+        png("b.png", 2);
+        let key = reference_key(dir.path(), None).unwrap();
+        assert_eq!(key, reference_key(dir.path(), None).unwrap());
+        assert_ne!(key, reference_key(dir.path(), Some(Path::new("w.pth"))).unwrap());
+        png("c.png", 3);
+        let more = reference_key(dir.path(), None).unwrap();
+        assert_ne!(key, more, "an added image");
+        std::fs::write(dir.path().join("c.png"), b"not the same bytes").unwrap();
+        assert_ne!(more, reference_key(dir.path(), None).unwrap(), "a changed image");
+    }
 }
