@@ -884,11 +884,18 @@ mod tests {
         png("b.png", 2);
         let key = reference_key(dir.path(), None).unwrap();
         assert_eq!(key, reference_key(dir.path(), None).unwrap());
-        assert_ne!(key, reference_key(dir.path(), Some(Path::new("w.pth"))).unwrap());
+        assert_ne!(
+            key,
+            reference_key(dir.path(), Some(Path::new("w.pth"))).unwrap()
+        );
         png("c.png", 3);
         let more = reference_key(dir.path(), None).unwrap();
         assert_ne!(key, more, "an added image");
         std::fs::write(dir.path().join("c.png"), b"not the same bytes").unwrap();
-        assert_ne!(more, reference_key(dir.path(), None).unwrap(), "a changed image");
+        assert_ne!(
+            more,
+            reference_key(dir.path(), None).unwrap(),
+            "a changed image"
+        );
     }
 }

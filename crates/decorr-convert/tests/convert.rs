@@ -343,38 +343,48 @@ fn diffusers_to_single_file_gives_back_the_ldm_file() {
     assert_eq!(got2.len(), want.len());
 }
 
+/// A fixture's table of full-size tensor names (gzipped JSON from the fixture script).
+fn name_table(file: &str) -> serde_json::Value {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(conv().join(file)).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The `(LDM name, diffusers name)` pairs of one model of a [`name_table`].
+fn name_pairs(names: &serde_json::Value, part: &str) -> Vec<(String, String)> {
+    names[part]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p[0].as_str().unwrap().to_string(),
+                p[1].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// An all-zero f32 tensor: name tables only need shapes where detection reads them.
+fn zeros(shape: Vec<usize>) -> decorr_convert::Tensor {
+    let n: usize = shape.iter().product();
+    decorr_convert::Tensor {
+        dtype: DType::F32,
+        shape,
+        data: vec![0; n * 4],
+    }
+}
+
 /// Every tensor name of full-size SD 1.5 (from the fixture script, checked there against
 /// diffusers' converter) maps to diffusers' name with the embedded SD 1.5 configs, picked by
 /// `auto` from the text encoder width; and back.
 #[test]
 fn sd15_names_map_like_diffusers_with_auto_config() {
-    use std::io::Read;
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(conv().join("sd15_names.json.gz")).unwrap())
-        .read_to_string(&mut text)
-        .unwrap();
-    let names: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let pairs = |part: &str| -> Vec<(String, String)> {
-        names[part]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| {
-                (
-                    p[0].as_str().unwrap().to_string(),
-                    p[1].as_str().unwrap().to_string(),
-                )
-            })
-            .collect()
-    };
-    let f32s = |shape: Vec<usize>| {
-        let n: usize = shape.iter().product();
-        decorr_convert::Tensor {
-            dtype: DType::F32,
-            shape,
-            data: vec![0; n * 4],
-        }
-    };
+    let names = name_table("sd15_names.json.gz");
+    let pairs = |part: &str| name_pairs(&names, part);
     let mut sd = StateDict::new();
     for part in ["unet", "vae", "text_encoder"] {
         for (l, _) in pairs(part) {
@@ -393,7 +403,7 @@ fn sd15_names_map_like_diffusers_with_auto_config() {
                 }
                 _ => vec![1],
             };
-            sd.insert(l, f32s(shape));
+            sd.insert(l, zeros(shape));
         }
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -686,25 +696,8 @@ fn sd2_errors_are_clear() {
 /// `auto` from the OpenCLIP text encoder's width; and back.
 #[test]
 fn sd2_names_map_like_diffusers_with_auto_config() {
-    use std::io::Read;
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(conv().join("sd2_names.json.gz")).unwrap())
-        .read_to_string(&mut text)
-        .unwrap();
-    let names: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let pairs = |part: &str| -> Vec<(String, String)> {
-        names[part]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| {
-                (
-                    p[0].as_str().unwrap().to_string(),
-                    p[1].as_str().unwrap().to_string(),
-                )
-            })
-            .collect()
-    };
+    let names = name_table("sd2_names.json.gz");
+    let pairs = |part: &str| name_pairs(&names, part);
     let ignored: Vec<String> = names["ignored"]
         .as_array()
         .unwrap()
@@ -712,14 +705,6 @@ fn sd2_names_map_like_diffusers_with_auto_config() {
         .map(|v| v.as_str().unwrap().to_string())
         .collect();
     assert_eq!(ignored.len(), 14);
-    let f32s = |shape: Vec<usize>| {
-        let n: usize = shape.iter().product();
-        decorr_convert::Tensor {
-            dtype: DType::F32,
-            shape,
-            data: vec![0; n * 4],
-        }
-    };
     let shape_of = |l: &str| match l {
         "model.diffusion_model.input_blocks.0.0.weight" => vec![320, 1, 1, 1],
         "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" => {
@@ -739,11 +724,11 @@ fn sd2_names_map_like_diffusers_with_auto_config() {
     for part in ["unet", "vae", "text_encoder"] {
         for (l, _) in pairs(part) {
             let shape = shape_of(&l);
-            sd.insert(l, f32s(shape));
+            sd.insert(l, zeros(shape));
         }
     }
     for l in &ignored {
-        sd.insert(l.clone(), f32s(shape_of(l)));
+        sd.insert(l.clone(), zeros(shape_of(l)));
     }
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("sd2.safetensors");
