@@ -95,9 +95,7 @@ fn pad_token(source: &ModelSource) -> Result<Option<String>, ClipError> {
         let Some(f) = source.find_file_optional("tokenizer", &[name]) else {
             continue;
         };
-        let text = f
-            .read_to_string()
-            .map_err(|e| ClipError::Tokenizer(e.to_string()))?;
+        let text = read_text(&f)?;
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| ClipError::Tokenizer(format!("{f} is not valid JSON: {e}")))?;
         let pad = match &v["pad_token"] {
@@ -114,23 +112,22 @@ fn pad_token(source: &ModelSource) -> Result<Option<String>, ClipError> {
     Ok(None)
 }
 
+/// A tokenizer file's text (CoreError says "cannot read {file}: {reason}", on disk or in memory).
+fn read_text(f: &ModelFile) -> Result<String, ClipError> {
+    f.read_to_string()
+        .map_err(|e| ClipError::Tokenizer(e.to_string()))
+}
+
 /// The vocabulary: `vocab.json` + `merges.txt`, `tokenizer.json`, or the embedded one.
 fn load_vocabulary(source: &ModelSource) -> Result<ClipTokenizer, ClipError> {
     let vocab = source.find_file_optional("tokenizer", &["vocab.json"]);
     let merges = source.find_file_optional("tokenizer", &["merges.txt"]);
-    let read = |f: &ModelFile| match f {
-        ModelFile::Path(p) => std::fs::read_to_string(p)
-            .map_err(|e| ClipError::Tokenizer(format!("cannot read {}: {e}", p.display()))),
-        _ => f
-            .read_to_string()
-            .map_err(|e| ClipError::Tokenizer(e.to_string())),
-    };
     if let (Some(v), Some(m)) = (vocab, merges) {
-        return ClipTokenizer::from_vocab_merges(&read(&v)?, &read(&m)?);
+        return ClipTokenizer::from_vocab_merges(&read_text(&v)?, &read_text(&m)?);
     }
     match source.find_file_optional("tokenizer", &["tokenizer.json"]) {
         Some(ModelFile::Path(p)) => ClipTokenizer::from_tokenizer_json(&p),
-        Some(f) => ClipTokenizer::from_tokenizer_json_str(&read(&f)?, &f.to_string()),
+        Some(f) => ClipTokenizer::from_tokenizer_json_str(&read_text(&f)?, &f.to_string()),
         None => {
             log::info!(
                 "no tokenizer/ in {}; using the embedded CLIP vocabulary",
