@@ -126,7 +126,6 @@ fn load_vocabulary(source: &ModelSource) -> Result<ClipTokenizer, ClipError> {
         return ClipTokenizer::from_vocab_merges(&read_text(&v)?, &read_text(&m)?);
     }
     match source.find_file_optional("tokenizer", &["tokenizer.json"]) {
-        Some(ModelFile::Path(p)) => ClipTokenizer::from_tokenizer_json(&p),
         Some(f) => ClipTokenizer::from_tokenizer_json_str(&read_text(&f)?, &f.to_string()),
         None => {
             log::info!(
