@@ -829,10 +829,7 @@ fn read_tokenizer_config(
 /// `strip` is Python's: Unicode whitespace plus U+001C..U+001F.
 pub fn sent_encode(tokenizer: &tokenizers::Tokenizer, sent: &str) -> Result<Vec<u32>, EvalError> {
     let enc = tokenizer
-        .encode(
-            sent.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)),
-            true,
-        )
+        .encode(crate::bertscore::python_strip(sent), true)
         .map_err(|e| EvalError::Tokenizer(format!("cannot encode {sent:?}: {e}")))?;
     Ok(enc.get_ids().to_vec())
 }
