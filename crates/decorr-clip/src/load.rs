@@ -19,6 +19,7 @@ pub const WEIGHT_FILES: &[&str] = &["model.safetensors", "model.fp16.safetensors
 const KEYS: KeyMap<'static> = KeyMap {
     remap: &[(r"^text_model\.", "")],
     ignore: &[r"(^|\.)position_ids$"],
+    file_names: &[],
 };
 
 /// A loaded text encoder and where it came from.

@@ -22,6 +22,9 @@ pub struct KeyMap<'a> {
     pub remap: &'a [(&'a str, &'a str)],
     /// Regexes of file keys that are known to be unused (buffers such as `position_ids`).
     pub ignore: &'a [&'a str],
+    /// `(module, file)` literal fragments that turn a module path back into the file's naming
+    /// in messages, where `remap` renamed a key the module cannot spell (`.self_.` for `.self.`).
+    pub file_names: &'a [(&'a str, &'a str)],
 }
 
 /// Load `file` (a path, or a [`ModelFile`] on disk or in memory) into `module`. All parameters
@@ -67,6 +70,12 @@ pub fn load_safetensors<M: Module>(
         .iter()
         .map(|r| regex::Regex::new(r).expect("ignore patterns are literals of this crate"))
         .collect();
+    // Module paths back to the file's naming, for messages.
+    let named = |p: &str| {
+        keys.file_names
+            .iter()
+            .fold(p.to_string(), |n, (module, file)| n.replace(module, file))
+    };
     let mut problems = Vec::new();
     for e in &result.errors {
         problems.push(match e {
@@ -75,20 +84,25 @@ pub fn load_safetensors<M: Module>(
                 expected,
                 found,
             } => format!(
-                "  tensor `{path}` has shape {:?}, the model's config expects {:?}",
+                "  tensor `{}` has shape {:?}, the model's config expects {:?}",
+                named(path),
                 found.as_slice(),
                 expected.as_slice()
             ),
-            other => format!("  {other}"),
+            other => format!("  {}", named(&other.to_string())),
         });
     }
     for (name, _) in &result.missing {
-        problems.push(format!("  tensor `{name}` is missing from the file"));
+        problems.push(format!(
+            "  tensor `{}` is missing from the file",
+            named(name)
+        ));
     }
     for name in &result.unused {
         if !ignore.iter().any(|r| r.is_match(name)) {
             problems.push(format!(
-                "  tensor `{name}` in the file is not part of the model (wrong config.json or file?)"
+                "  tensor `{}` in the file is not part of the model (wrong config.json or file?)",
+                named(name)
             ));
         }
     }

@@ -352,6 +352,7 @@ const KEYS: KeyMap<'static> = KeyMap {
         r"^classifier\.",
         r"^qa_outputs\.",
     ],
+    file_names: &[(".self_.", ".self.")],
 };
 
 /// A loaded BERT and the files it came from.

@@ -27,13 +27,12 @@ use std::path::{Path, PathBuf};
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::store::{
-    ApplyError, FloatCastAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter,
-    SafetensorsStore,
-};
 use burn::tensor::activation::{gelu, relu, softmax};
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Deserializer, Serialize};
+
+use decorr_core::ModelFile;
+use decorr_core::weights::{KeyMap, load_safetensors};
 
 use crate::EvalError;
 use crate::bertscore::LayerEncoder;
@@ -624,93 +623,36 @@ pub fn load_deberta(
             ),
         });
     };
-    let store = if weights.extension().is_some_and(|e| e == "safetensors") {
-        SafetensorsStore::from_file(&weights)
+    let file = if weights.extension().is_some_and(|e| e == "safetensors") {
+        ModelFile::Path(weights)
     } else {
+        // A torch pickle (restricted unpickler), loaded as safetensors bytes in memory.
         let state = decorr_convert::read_state_dict(&weights)?;
         let bytes = decorr_convert::tensor::to_safetensors_bytes(&state)?;
-        drop(state);
-        SafetensorsStore::from_bytes(Some(bytes))
+        ModelFile::Memory {
+            name: weights.display().to_string(),
+            bytes: std::sync::Arc::new(bytes),
+        }
     };
-    load_store(&mut model, store, &weights, &config)?;
+    // Heads of DebertaFor* checkpoints and buffers the encoder does not use; the absolute
+    // position table too when the config does not add it to the input.
+    let mut ignore = vec![
+        r"^(deberta\.)?(pooler|classifier|lm_predictions|cls|mask_predictions)\.",
+        r"position_ids$",
+    ];
+    if !config.position_biased_input {
+        ignore.push(r"^(deberta\.)?embeddings\.position_embeddings\.weight$");
+    }
+    let keys = KeyMap {
+        remap: &[
+            (r"^deberta\.", ""),
+            (r"\.attention\.self\.", ".attention.self_."),
+        ],
+        ignore: &ignore,
+        file_names: &[(".self_.", ".self.")],
+    };
+    load_safetensors(&mut model, &file, &keys)?;
     Ok((model, config))
-}
-
-/// Apply `store` to `model` and report every missing, unexpected or mis-shaped tensor by its
-/// file name (as `decorr_core::weights::load_safetensors`, for in-memory stores too).
-fn load_store(
-    model: &mut DebertaModel,
-    store: SafetensorsStore,
-    path: &Path,
-    config: &DebertaConfig,
-) -> Result<(), EvalError> {
-    let mut store = store
-        .with_from_adapter(PyTorchToBurnAdapter.chain(FloatCastAdapter::to(DType::F32)))
-        .validate(false)
-        .allow_partial(true)
-        .with_key_remapping(r"^deberta\.", "")
-        .with_key_remapping(r"\.attention\.self\.", ".attention.self_.");
-    let result = model
-        .load_from(&mut store)
-        .map_err(|e| EvalError::BadFile {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-    // Module paths back to the checkpoint's names.
-    let file_name = |p: &str| p.replace(".self_.", ".self.");
-    let ignored = |name: &str| {
-        let name = name.strip_prefix("deberta.").unwrap_or(name);
-        [
-            "pooler.",
-            "classifier.",
-            "lm_predictions.",
-            "cls.",
-            "mask_predictions.",
-        ]
-        .iter()
-        .any(|p| name.starts_with(p))
-            || name.ends_with("position_ids")
-            || (!config.position_biased_input && name == "embeddings.position_embeddings.weight")
-    };
-    let mut problems = Vec::new();
-    for e in &result.errors {
-        problems.push(match e {
-            ApplyError::ShapeMismatch {
-                path,
-                expected,
-                found,
-            } => format!(
-                "  tensor `{}` has shape {:?}, config.json implies {:?}",
-                file_name(path),
-                found.as_slice(),
-                expected.as_slice()
-            ),
-            other => format!("  {}", file_name(&other.to_string())),
-        });
-    }
-    for (name, _) in &result.missing {
-        problems.push(format!(
-            "  tensor `{}` is missing from the file",
-            file_name(name)
-        ));
-    }
-    for name in result.unused.iter().filter(|n| !ignored(n)) {
-        problems.push(format!(
-            "  tensor `{}` in the file is not part of the model (wrong config.json or file?)",
-            file_name(name)
-        ));
-    }
-    if problems.is_empty() {
-        return Ok(());
-    }
-    problems.sort();
-    Err(EvalError::BadFile {
-        path: path.to_path_buf(),
-        message: format!(
-            "weights do not match the DeBERTa config:\n{}",
-            problems.join("\n")
-        ),
-    })
 }
 
 /// The tokenizer of a DeBERTa folder, set up as transformers 5.24's `DebertaTokenizer` is

@@ -26,6 +26,7 @@ const UNET_CONV: KeyMap<'static> = KeyMap {
         (r"\.proj_(in|out)\.(weight|bias)$", ".proj_$1.Conv.$2"),
     ],
     ignore: &[],
+    file_names: &[],
 };
 
 const UNET_LINEAR: KeyMap<'static> = KeyMap {
@@ -35,6 +36,7 @@ const UNET_LINEAR: KeyMap<'static> = KeyMap {
         (r"\.proj_(in|out)\.(weight|bias)$", ".proj_$1.Linear.$2"),
     ],
     ignore: &[],
+    file_names: &[],
 };
 
 /// Old VAE files name the mid-block attention `query/key/value/proj_attn`.
@@ -46,6 +48,7 @@ const VAE: KeyMap<'static> = KeyMap {
         (r"\.attentions\.0\.proj_attn\.", ".attentions.0.to_out.0."),
     ],
     ignore: &[],
+    file_names: &[],
 };
 
 /// A loaded model with its config and the files it came from.
