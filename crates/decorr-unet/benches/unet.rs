@@ -2,7 +2,8 @@
 //! random weights on flex; median of N runs after one warm-up, and the process's peak RSS.
 //! Compare with `python ../shared/reference/pyref/bench.py unet|vae HW` on the same machine:
 //! `cargo bench -p decorr-unet --bench unet -- unet|vae HW [N]` (HW: latent size, 64 or 32);
-//! `conv HW N [C]` times one 3x3 convolution and one group norm + SiLU (C channels, default 320).
+//! `conv HW N [C]` times one 3x3 convolution and one group norm + SiLU (C channels, default 320),
+//! `attn HW N [C]` one self- and one cross-attention.
 //! `DECORR_HOST_KERNELS=0` runs burn's own flex kernels instead of decorr's host fast paths.
 
 use std::time::Instant;
@@ -101,7 +102,27 @@ fn main() {
             println!("group norm + SiLU {hw}x{hw}: {g:.4} s");
             t
         }
-        other => panic!("unknown mode {other}: unet, vae or conv"),
+        // The attention of a level alone (batch 2, hw x hw query pixels, C channels in 8
+        // heads, default 320): self-attention, then cross-attention to 77 tokens.
+        "attn" => {
+            let c: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(320);
+            let attn = decorr_unet::attention::Attention::new(c, c, 8, c / 8, false, &device);
+            let cross = decorr_unet::attention::Attention::new(c, 768, 8, c / 8, false, &device);
+            let x = Tensor::<3>::random([2, hw * hw, c], normal, &device);
+            let ctx = Tensor::<3>::random([2, 77, 768], normal, &device);
+            let t = time(n, || {
+                let _ = attn.forward(x.clone(), None, None, false).0.into_data();
+            });
+            let t2 = time(n, || {
+                let _ = cross
+                    .forward(x.clone(), Some(&ctx), None, false)
+                    .0
+                    .into_data();
+            });
+            println!("cross-attention {hw}x{hw}: {t2:.4} s");
+            t
+        }
+        other => panic!("unknown mode {other}: unet, vae, conv or attn"),
     };
     println!(
         "{mode} {hw}x{hw} (flex, median of {n}): {t:.3} s, peak RSS {:.2} GB",

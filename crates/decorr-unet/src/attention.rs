@@ -17,7 +17,8 @@ use crate::host;
 #[derive(Debug, Clone, Default)]
 pub struct AttentionOptions {
     /// Compute attention in slices of this many (batch x head) rows (diffusers'
-    /// `attention_slice`): peak memory falls with the slice, the result is the same.
+    /// `attention_slice`): peak memory falls with the slice, the result is the same. (flex's
+    /// host path already works in blocks of query rows and ignores it.)
     pub slice_size: Option<usize>,
     /// Which cross-attention (`attn2`) maps to return.
     pub capture_cross: Capture,
@@ -122,6 +123,11 @@ impl Attention {
         let m = ctx.dims()[1];
         let h = self.heads;
         let q = self.to_q.forward(x);
+        let k = self.to_k.forward(ctx.clone());
+        let v = self.to_v.forward(ctx);
+        if !capture && let Some(out) = host::attention(&q, &k, &v, h) {
+            return (self.to_out[0].forward(out), None);
+        }
         let inner = q.dims()[2];
         let d = inner / h;
         let split = |t: Tensor<3>, len: usize| {
@@ -129,9 +135,7 @@ impl Attention {
                 .swap_dims(1, 2)
                 .reshape([b * h, len, d])
         };
-        let q = split(q, n);
-        let k = split(self.to_k.forward(ctx.clone()), m);
-        let v = split(self.to_v.forward(ctx), m);
+        let (q, k, v) = (split(q, n), split(k, m), split(v, m));
 
         let rows = b * h;
         let step = slice.unwrap_or(rows).clamp(1, rows);
