@@ -122,7 +122,23 @@ fn main() {
             println!("cross-attention {hw}x{hw}: {t2:.4} s");
             t
         }
-        other => panic!("unknown mode {other}: unet, vae, conv or attn"),
+        // The feed-forward's linear maps of a level alone (C to 8C, 4C to C).
+        "linear" => {
+            let c: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(320);
+            let up = burn::nn::LinearConfig::new(c, 8 * c).init(&device);
+            let down = burn::nn::LinearConfig::new(4 * c, c).init(&device);
+            let x = Tensor::<3>::random([2, hw * hw, c], normal, &device);
+            let h = Tensor::<3>::random([2, hw * hw, 4 * c], normal, &device);
+            let t = time(n, || {
+                let _ = decorr_unet::host::linear(&up, x.clone()).into_data();
+            });
+            let t2 = time(n, || {
+                let _ = decorr_unet::host::linear(&down, h.clone()).into_data();
+            });
+            println!("linear {}->{c}: {t2:.4} s", 4 * c);
+            t
+        }
+        other => panic!("unknown mode {other}: unet, vae, conv, attn or linear"),
     };
     println!(
         "{mode} {hw}x{hw} (flex, median of {n}): {t:.3} s, peak RSS {:.2} GB",

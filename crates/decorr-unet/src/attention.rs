@@ -122,11 +122,11 @@ impl Attention {
         let ctx = context.cloned().unwrap_or_else(|| x.clone());
         let m = ctx.dims()[1];
         let h = self.heads;
-        let q = self.to_q.forward(x);
-        let k = self.to_k.forward(ctx.clone());
-        let v = self.to_v.forward(ctx);
+        let q = host::linear(&self.to_q, x);
+        let k = host::linear(&self.to_k, ctx.clone());
+        let v = host::linear(&self.to_v, ctx);
         if !capture && let Some(out) = host::attention(&q, &k, &v, h) {
-            return (self.to_out[0].forward(out), None);
+            return (host::linear(&self.to_out[0], out), None);
         }
         let inner = q.dims()[2];
         let d = inner / h;
@@ -180,7 +180,7 @@ impl Attention {
                 .mean_dim(1)
                 .reshape([b, n, m])
         });
-        (self.to_out[0].forward(out), probs)
+        (host::linear(&self.to_out[0], out), probs)
     }
 
     /// The VAE's spatial self-attention: group norm, one head over all pixels, residual.
@@ -237,7 +237,10 @@ impl FeedForward {
     }
 
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.geglu.proj.forward(x);
+        let h = host::linear(&self.geglu.proj, x);
+        if let Some(gated) = host::geglu(&h) {
+            return host::linear(&self.out, gated);
+        }
         let half = h.dims()[2] / 2;
         let a = h.clone().narrow(2, 0, half);
         let g = h.narrow(2, half, half);
@@ -375,7 +378,7 @@ impl Transformer2DModel {
         let to_seq = |t: Tensor<4>| t.reshape([b, c, h * w]).swap_dims(1, 2);
         let mut seq = match &self.proj_in {
             Projection::Conv(p) => to_seq(p.forward(x)),
-            Projection::Linear(p) => p.forward(to_seq(x)),
+            Projection::Linear(p) => host::linear(p, to_seq(x)),
         };
         for (i, block) in self.transformer_blocks.iter().enumerate() {
             let p = format!("{path}.transformer_blocks.{i}");
@@ -384,7 +387,7 @@ impl Transformer2DModel {
         let from_seq = |t: Tensor<3>| t.swap_dims(1, 2).reshape([b, c, h, w]);
         let out = match &self.proj_out {
             Projection::Conv(p) => p.forward(from_seq(seq)),
-            Projection::Linear(p) => from_seq(p.forward(seq)),
+            Projection::Linear(p) => from_seq(host::linear(p, seq)),
         };
         out + residual
     }
