@@ -119,6 +119,11 @@ impl Upsample2D {
     pub fn forward(&self, x: Tensor<4>, size: Option<[usize; 2]>) -> Tensor<4> {
         let [_, _, h, w] = x.dims();
         let [oh, ow] = size.unwrap_or([2 * h, 2 * w]);
+        if [oh, ow] == [2 * h, 2 * w]
+            && let Some(y) = host::conv2d_upsampled(&self.conv, &x)
+        {
+            return y;
+        }
         host::conv2d(&self.conv, nearest(x, oh, ow))
     }
 }

@@ -65,6 +65,18 @@ fn with_scratch<R>(i: usize, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 
 /// `conv.forward(x)`; 3x3, stride 1, padding 1 convolutions on flex take the host path.
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    conv3x3_host(conv, &x, 1).unwrap_or_else(|| conv.forward(x))
+}
+
+/// `conv` applied to `x` resized 2x by nearest neighbour (diffusers' `Upsample2D`), with the
+/// resize folded into the convolution's padded copy: the 4x larger resized tensor is never
+/// written. `None` where [`conv2d`] would not take the host path.
+pub fn conv2d_upsampled(conv: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>> {
+    conv3x3_host(conv, x, 2)
+}
+
+/// The host path of a 3x3 convolution of `x` enlarged `up` times (nearest neighbour).
+fn conv3x3_host(conv: &Conv2d, x: &Tensor<4>, up: usize) -> Option<Tensor<4>> {
     let shape_fits = enabled()
         && conv.kernel_size == [3, 3]
         && conv.stride == [1, 1]
@@ -72,30 +84,27 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         && conv.groups == 1
         && matches!(conv.padding, PaddingConfig2d::Explicit(1, 1, 1, 1));
     if !shape_fits {
-        return conv.forward(x);
+        return None;
     }
     let bias = match &conv.bias {
-        Some(b) => match flex_f32(&b.val()) {
-            Some(t) => Some(t),
-            None => return conv.forward(x),
-        },
+        Some(b) => Some(flex_f32(&b.val())?),
         None => None,
     };
-    let (Some(xf), Some(wf)) = (flex_f32(&x), flex_f32(&conv.weight.val())) else {
-        return conv.forward(x);
-    };
-    let device = x.device();
+    let (xf, wf) = (flex_f32(x)?, flex_f32(&conv.weight.val())?);
     let [b, ci, h, wd] = x.dims();
     let co = conv.weight.dims()[0];
-    drop(x);
     let out = conv3x3(
         &xf.storage::<f32>()[..b * ci * h * wd],
         &wf.storage::<f32>()[..co * ci * 9],
         bias.as_ref().map(|t| &t.storage::<f32>()[..co]),
         [b, ci, h, wd],
         co,
+        up,
     );
-    Tensor::from_data(TensorData::new(out, [b, co, h, wd]), &device)
+    Some(Tensor::from_data(
+        TensorData::new(out, [b, co, h * up, wd * up]),
+        &x.device(),
+    ))
 }
 
 /// Output columns per tile (whole rows of the padded width): enough for an efficient GEMM, few
@@ -115,8 +124,9 @@ impl OutPtr {
     }
 }
 
-/// A 3x3 convolution with zero padding 1, stride 1, of `x` `[b, ci, h, w]` with `weight`
-/// `[co, ci, 3, 3]` (torch layout) plus `bias`; returns `[b, co, h, w]`.
+/// A 3x3 convolution with zero padding 1, stride 1, of `x` `[b, ci, h, w]` enlarged `up` times
+/// by nearest neighbour (`up` 1: as it is), with `weight` `[co, ci, 3, 3]` (torch layout) plus
+/// `bias`; returns `[b, co, h * up, w * up]`.
 ///
 /// The input is copied once into zero-padded channels-last images of width `w + 2`. Computed in
 /// that padded width, the input of kernel tap `(ky, kx)` for a run of output pixels is the run of
@@ -135,12 +145,15 @@ pub fn conv3x3(
     x: &[f32],
     weight: &[f32],
     bias: Option<&[f32]>,
-    [b, ci, h, w]: [usize; 4],
+    [b, ci, sh, sw]: [usize; 4],
     co: usize,
+    up: usize,
 ) -> Vec<f32> {
-    assert_eq!(x.len(), b * ci * h * w, "conv3x3: input size");
+    assert_eq!(x.len(), b * ci * sh * sw, "conv3x3: input size");
     assert_eq!(weight.len(), co * ci * 9, "conv3x3: weight size");
     assert!(bias.is_none_or(|b| b.len() == co), "conv3x3: bias size");
+    assert!(up >= 1, "conv3x3: enlargement");
+    let (h, w) = (sh * up, sw * up);
     let mut out = vec![0f32; b * co * h * w];
     if out.is_empty() {
         return out;
@@ -150,13 +163,14 @@ pub fn conv3x3(
     let padded = b * (h + 3) * (w + 2) * ci;
     with_scratch(0, padded, |xp| {
         with_scratch(1, 9 * co * ci, |wk| {
-            conv3x3_in(x, weight, bias, [b, ci, h, w], co, xp, wk, &mut out)
+            conv3x3_in(x, weight, bias, [b, ci, h, w], co, up, xp, wk, &mut out)
         })
     });
     out
 }
 
-/// [`conv3x3`] with scratch space for the padded input `xp` and the weight per tap `wk`.
+/// [`conv3x3`] with scratch space for the padded input `xp` and the weight per tap `wk`;
+/// `h`, `w` are the output's (the enlarged input's) size.
 #[allow(clippy::too_many_arguments)]
 fn conv3x3_in(
     x: &[f32],
@@ -164,6 +178,7 @@ fn conv3x3_in(
     bias: Option<&[f32]>,
     [b, ci, h, w]: [usize; 4],
     co: usize,
+    up: usize,
     xp: &mut [f32],
     wk: &mut [f32],
     out: &mut [f32],
@@ -179,10 +194,18 @@ fn conv3x3_in(
         }
         dst[..ci].fill(0.0);
         dst[(pw - 1) * ci..].fill(0.0);
+        let (sh, sw) = (h / up, w / up);
         for c in 0..ci {
-            let at = ((n * ci + c) * h + y - 1) * w;
-            for (xx, &v) in x[at..at + w].iter().enumerate() {
-                dst[(xx + 1) * ci + c] = v;
+            let at = ((n * ci + c) * sh + (y - 1) / up) * sw;
+            let src = &x[at..at + sw];
+            if up == 1 {
+                for (xx, &v) in src.iter().enumerate() {
+                    dst[(xx + 1) * ci + c] = v;
+                }
+            } else {
+                for xx in 0..w {
+                    dst[(xx + 1) * ci + c] = src[xx / up];
+                }
             }
         }
     });
@@ -871,9 +894,13 @@ mod tests {
             let x = values([b, ci, h, w], 4, 0.0, &device);
             assert!(on_host(&x) && on_host(&conv.weight.val()));
             let ours = conv2d(&conv, x.clone());
-            let theirs = conv.forward(x);
+            let theirs = conv.forward(x.clone());
             let d = max_diff(ours, theirs);
             assert!(d < 1e-5, "{b}x{ci}->{co} {h}x{w}: {d}");
+            let ours = conv2d_upsampled(&conv, &x).expect("host tensors");
+            let theirs = conv.forward(crate::blocks::nearest(x, 2 * h, 2 * w));
+            let d = max_diff(ours, theirs);
+            assert!(d < 1e-5, "{b}x{ci}->{co} {h}x{w} enlarged: {d}");
         }
     }
 
