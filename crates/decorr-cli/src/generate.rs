@@ -51,7 +51,8 @@ pub struct SampleArgs {
     /// Images per UNet batch (memory vs speed; images do not depend on it).
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
-    /// Compute attention in slices of N (batch x head) rows to bound memory.
+    /// Compute attention in slices of N (batch x head) rows to bound memory (GPU backends;
+    /// on the CPU, attention already runs in blocks of query rows and ignores it).
     #[arg(long)]
     pub attention_slice: Option<usize>,
     /// No progress bar.

@@ -248,6 +248,9 @@ impl FeedForward {
     }
 }
 
+/// The transformer blocks' layer-norm epsilon (diffusers' default).
+const LN_EPS: f64 = 1e-5;
+
 /// `BasicTransformerBlock` (`transformer_blocks.N.*`): self-attention, cross-attention and
 /// feed-forward, each pre-normed (LayerNorm eps 1e-5) with a residual.
 #[derive(Module, Debug)]
@@ -262,7 +265,7 @@ pub struct BasicTransformerBlock {
 
 impl BasicTransformerBlock {
     fn new(dim: usize, heads: usize, head_dim: usize, context_dim: usize, device: &Device) -> Self {
-        let ln = || LayerNormConfig::new(dim).with_epsilon(1e-5).init(device);
+        let ln = || LayerNormConfig::new(dim).with_epsilon(LN_EPS).init(device);
         BasicTransformerBlock {
             norm1: ln(),
             attn1: Attention::new(dim, dim, heads, head_dim, false, device),
@@ -284,9 +287,12 @@ impl BasicTransformerBlock {
         let slice = rec.opts.slice_size;
         let p1 = format!("{path}.attn1");
         let want1 = rec.opts.capture_self.wants(&p1);
-        let (a, probs) = self
-            .attn1
-            .forward(self.norm1.forward(x.clone()), None, slice, want1);
+        let (a, probs) = self.attn1.forward(
+            host::layer_norm(&self.norm1, x.clone(), LN_EPS),
+            None,
+            slice,
+            want1,
+        );
         if let Some(probs) = probs {
             rec.self_attn.push(AttentionMap {
                 module: p1,
@@ -298,9 +304,12 @@ impl BasicTransformerBlock {
         let x = x + a;
         let p2 = format!("{path}.attn2");
         let want2 = rec.opts.capture_cross.wants(&p2);
-        let (a, probs) =
-            self.attn2
-                .forward(self.norm2.forward(x.clone()), Some(context), slice, want2);
+        let (a, probs) = self.attn2.forward(
+            host::layer_norm(&self.norm2, x.clone(), LN_EPS),
+            Some(context),
+            slice,
+            want2,
+        );
         if let Some(probs) = probs {
             rec.cross.push(AttentionMap {
                 module: p2,
@@ -310,7 +319,7 @@ impl BasicTransformerBlock {
             });
         }
         let x = x + a;
-        x.clone() + self.ff.forward(self.norm3.forward(x))
+        x.clone() + self.ff.forward(host::layer_norm(&self.norm3, x, LN_EPS))
     }
 }
 

@@ -16,7 +16,7 @@
 use std::sync::{Mutex, OnceLock};
 
 use burn::nn::conv::Conv2d;
-use burn::nn::{GroupNorm, Linear, PaddingConfig2d};
+use burn::nn::{GroupNorm, LayerNorm, Linear, PaddingConfig2d};
 use burn::tensor::activation::silu;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use burn_flex::{Flex, FlexTensor};
@@ -717,6 +717,67 @@ fn affine_silu_portable(v: &mut [f32], scale: f32, shift: f32, then_silu: bool) 
     }
 }
 
+/// `norm.forward(x)` for `x` `[b, n, d]`, `eps` being the one `norm` was built with (burn keeps
+/// it private); on flex one statistics pass and one apply pass per row, rows in parallel
+/// (burn's is about six element-wise passes over the whole tensor).
+pub fn layer_norm(norm: &LayerNorm, x: Tensor<3>, eps: f64) -> Tensor<3> {
+    let gamma = norm.gamma.val();
+    let beta = norm.beta.as_ref().map(|b| b.val());
+    let fits = enabled() && on_host(&x) && on_host(&gamma) && beta.as_ref().is_none_or(on_host);
+    if !fits {
+        return norm.forward(x);
+    }
+    let device = x.device();
+    let [b, n, d] = x.dims();
+    let mut data = x.into_data();
+    let gamma = gamma.into_data();
+    let beta = beta.map(|b| b.into_data());
+    layer_norm_in_place(
+        data.as_mut_slice::<f32>().expect("f32 input"),
+        gamma.as_slice::<f32>().expect("f32 gamma"),
+        beta.as_ref()
+            .map(|b| b.as_slice::<f32>().expect("f32 beta")),
+        d,
+        eps,
+    );
+    Tensor::from_data(
+        TensorData::new(data.into_vec::<f32>().expect("f32"), [b, n, d]),
+        &device,
+    )
+}
+
+/// Layer norm over rows of `d` elements of `x`, in place (torch's: biased variance, `eps` inside
+/// the square root; statistics in f64).
+pub fn layer_norm_in_place(x: &mut [f32], gamma: &[f32], beta: Option<&[f32]>, d: usize, eps: f64) {
+    assert!(d > 0 && x.len() % d == 0, "layer_norm: rows of d");
+    assert!(gamma.len() == d && beta.is_none_or(|b| b.len() == d));
+    x.par_chunks_mut(d).for_each(|row| {
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+        let var = row
+            .iter()
+            .map(|&v| {
+                let e = v as f64 - mean;
+                e * e
+            })
+            .sum::<f64>()
+            / d as f64;
+        let rstd = (1.0 / (var + eps).sqrt()) as f32;
+        let mean = mean as f32;
+        match beta {
+            Some(beta) => {
+                for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+                    *v = (*v - mean) * rstd * g + b;
+                }
+            }
+            None => {
+                for (v, g) in row.iter_mut().zip(gamma) {
+                    *v = (*v - mean) * rstd * g;
+                }
+            }
+        }
+    });
+}
+
 /// GEGLU's gate on flex: `h` `[b, n, 2i]` becomes `a * gelu(g)` `[b, n, i]` for the halves `a`,
 /// `g` of the last dimension, in one pass (burn's path copies both halves out, then runs gelu
 /// and the product as separate passes). `None` when `h` is not a plain f32 host tensor.
@@ -832,6 +893,29 @@ mod tests {
             assert!(((ours - std) / std).abs() < 4e-7, "{x}: {ours} vs {std}");
         }
         assert_eq!(exp(-1000.0) * 1e30, exp(-87.3) * 1e30);
+    }
+
+    #[test]
+    fn layer_norm_matches_burn() {
+        let device = Device::flex();
+        for (bias, d) in [(true, 7), (false, 40)] {
+            let mut norm = burn::nn::LayerNormConfig::new(d)
+                .with_epsilon(1e-5)
+                .with_bias(bias)
+                .init(&device);
+            norm.gamma = burn::module::Param::from_tensor(values([d], 1, 1.0, &device));
+            if bias {
+                norm.beta = Some(burn::module::Param::from_tensor(values(
+                    [d],
+                    2,
+                    0.0,
+                    &device,
+                )));
+            }
+            let x = values([2, 5, d], 3, 2.0, &device);
+            let diff = max_diff(layer_norm(&norm, x.clone(), 1e-5), norm.forward(x));
+            assert!(diff < 1e-5, "bias {bias} d {d}: {diff}");
+        }
     }
 
     #[test]
