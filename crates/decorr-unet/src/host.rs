@@ -728,7 +728,7 @@ pub fn layer_norm(norm: &LayerNorm, x: Tensor<3>, eps: f64) -> Tensor<3> {
         return norm.forward(x);
     }
     let device = x.device();
-    let [b, n, d] = x.dims();
+    let d = x.dims()[2];
     let mut data = x.into_data();
     let gamma = gamma.into_data();
     let beta = beta.map(|b| b.into_data());
@@ -740,16 +740,13 @@ pub fn layer_norm(norm: &LayerNorm, x: Tensor<3>, eps: f64) -> Tensor<3> {
         d,
         eps,
     );
-    Tensor::from_data(
-        TensorData::new(data.into_vec::<f32>().expect("f32"), [b, n, d]),
-        &device,
-    )
+    Tensor::from_data(data, &device)
 }
 
 /// Layer norm over rows of `d` elements of `x`, in place (torch's: biased variance, `eps` inside
 /// the square root; statistics in f64).
 pub fn layer_norm_in_place(x: &mut [f32], gamma: &[f32], beta: Option<&[f32]>, d: usize, eps: f64) {
-    assert!(d > 0 && x.len() % d == 0, "layer_norm: rows of d");
+    assert!(d > 0 && x.len().is_multiple_of(d), "layer_norm: rows of d");
     assert!(gamma.len() == d && beta.is_none_or(|b| b.len() == d));
     x.par_chunks_mut(d).for_each(|row| {
         let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
