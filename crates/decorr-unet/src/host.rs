@@ -9,6 +9,10 @@
 //! statistics pass and one fused, in-place apply pass. Same arithmetic as torch up to summation
 //! order (group-norm statistics in f64).
 //!
+//! The transformer blocks' work takes the same route: attention as blocked GEMMs with an exact
+//! softmax per row ([`attention`]), linear maps in row tiles with the bias fused ([`linear`]),
+//! GEGLU's gate ([`geglu`], torch's vectorised erf) and layer norm ([`layer_norm`]) in one pass.
+//!
 //! Anything else (other backends, autodiff, other dtypes, other convolution shapes: 1x1,
 //! stride 2) takes burn's path. `DECORR_HOST_KERNELS=0` turns the fast paths off, for
 //! comparisons.
