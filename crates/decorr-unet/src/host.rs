@@ -311,13 +311,11 @@ pub fn linear(lin: &Linear, x: Tensor<3>) -> Tensor<3> {
         },
         None => None,
     };
-    let fits = enabled() && on_host(&w);
-    let (Some(xf), Some(wf), true) = (
-        flex_f32(&x),
-        fits.then(|| w.clone().try_into_primitive::<Flex>().ok())
-            .flatten(),
-        fits,
-    ) else {
+    if !enabled() || !on_host(&w) {
+        return lin.forward(x);
+    }
+    // The weight may be a transposed view (burn's column layout): read through its strides.
+    let (Some(xf), Ok(wf)) = (flex_f32(&x), w.clone().try_into_primitive::<Flex>()) else {
         return lin.forward(x);
     };
     let [b, n, k] = x.dims();
