@@ -9,7 +9,7 @@ never with decorr's own earlier output. Re-run after changing what is recorded:
     /opt/pyref-venv/bin/pip install torch transformers safetensors open_clip_torch
     /opt/pyref-venv/bin/python tests/pyref/make_fixtures.py            # -> tests/fixtures/
     /opt/pyref-venv/bin/python tests/pyref/make_fixtures.py --full DIR # full-size SD 1.5 text
-                                                                       # encoder (not committed)
+                                  # encoder and a short `all` fine-tuning run on it (not committed)
 
 The saved-encoder check (transformers loads what `decorr finetune` wrote) needs the Rust tool:
 
@@ -77,6 +77,9 @@ TINY_TRAIN = dict(config=dict(vocab_size=49408, hidden_size=16, intermediate_siz
 TRAIN = dict(layer=1, epochs=4, steps_per_epoch=5, lr=5e-5, betas=(0.9, 0.999), eps=1e-8,
              weight_decay=1e-2, tau=0.5,
              prompts=[("rusty tracks with an old train", "train"), ("a photo of a cat with a dog", "dog")])
+# Full-size trajectory (`--full DIR`, not committed): the paper's layer 11 and tau, lr 1e-4 so that
+# six steps move weights well past the 1e-4 weight tolerance.
+FULL_TRAIN = dict(TRAIN, layer=11, epochs=2, steps_per_epoch=3, lr=1e-4, tau=5.0)
 FULL_SD15 = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768,
                  num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
                  hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
@@ -156,9 +159,8 @@ def head_avg(model, ids, layer):
     return model(ids, output_attentions=True).attentions[layer].mean(1)
 
 
-def train_reference(folder, tok, preset, out):
-    """Run METHOD.md's fine-tuning in PyTorch and record its trajectory."""
-    T = TRAIN
+def train_reference(folder, tok, preset, out, T=TRAIN):
+    """Run METHOD.md's fine-tuning in PyTorch (full 77-token passes) and record its trajectory."""
     model = CLIPTextModel.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32)
     model.train()  # CLIP has no dropout; train() changes nothing but is what a trainer does
     tm = model  # transformers 5: parameters are named without `text_model.`
@@ -236,8 +238,10 @@ def main():
                     os.path.join(args.out, "finetune", "saved_reload.safetensors"))
         return
     if args.full:
+        enc = os.path.join(args.full, "text_encoder")
         write_encoder("sd15_full", dict(config=FULL_SD15, dtype=torch.float32, prefix="text_model.",
-                                        vocab_mod=None), os.path.join(args.full, "text_encoder"), tok)
+                                        vocab_mod=None), enc, tok)
+        train_reference(enc, tok, "all", os.path.join(args.full, "finetune_all"), FULL_TRAIN)
         return
     os.makedirs(args.out, exist_ok=True)
     tokenizer_fixture(tok, os.path.join(args.out, "tokenizer_ids.json"))

@@ -94,6 +94,8 @@ pub fn argmax_before(row: &[f32], t: usize) -> Option<usize> {
 }
 
 /// Run the encoder up to `layer` and return its head-averaged attention over the real tokens.
+/// Only the real tokens are fed: under causal attention the padding after them cannot change
+/// their rows, so the map equals the 77-token pass's corner.
 pub fn attention_map(
     model: &ClipTextModel,
     tok: &Tokenized,
@@ -108,9 +110,9 @@ pub fn attention_map(
         });
     }
     model.check_ids(&tok.ids)?;
-    let ids: Vec<i64> = tok.ids.iter().map(|&i| i as i64).collect();
-    let len = ids.len();
-    let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, len]), device);
+    let n = tok.eos_index() + 1;
+    let ids: Vec<i64> = tok.ids[..n].iter().map(|&i| i as i64).collect();
+    let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), device);
     let opts = ForwardOptions {
         attention_layers: vec![layer],
         stop_at_attention: Some(layer),
@@ -118,9 +120,7 @@ pub fn attention_map(
     };
     let out = model.forward_with(input, &opts);
     let probs = out.attention(layer).expect("requested layer").clone();
-    let n = tok.eos_index() + 1;
-    let a = head_average(probs).narrow(1, 0, n).narrow(2, 0, n);
-    let flat = a
+    let flat = head_average(probs)
         .into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()

@@ -6,6 +6,10 @@
 //! AdamW (decoupled decay `p *= 1 - lr*wd`, bias-corrected moments): fused on the host
 //! ([`crate::adamw`]) on flex, burn's (same update) elsewhere. The token table trains only the
 //! rows the prompts use (`Tuned`).
+//! The loss reads only row `t` of the map, and under causal attention that row depends on tokens
+//! `0..=t` alone, so a step runs on the prefix `0..=max t` of the batch ([`causal_prefix`]):
+//! the same loss and gradients as the 77-token pass (every later position gets an exact zero
+//! gradient there), for a tenth of the work on a short prompt.
 //! Parameters off the loss's graph (layers after the chosen one, the chosen layer's values,
 //! output projection and MLP) get no gradient and stay bit-identical, as in PyTorch.
 
@@ -282,11 +286,12 @@ struct RowMap {
 }
 
 impl RowMap {
-    fn new(prompts: &[TrainPrompt], device: &Device) -> RowMap {
+    /// The rows of the batch's first `seq` positions.
+    fn new(prompts: &[TrainPrompt], seq: usize, device: &Device) -> RowMap {
         let all = || {
             prompts
                 .iter()
-                .flat_map(|p| p.tokenized.ids.iter().map(|&i| i as usize))
+                .flat_map(|p| p.tokenized.ids[..seq].iter().map(|&i| i as usize))
         };
         let mut ids: Vec<usize> = all().collect();
         ids.sort_unstable();
@@ -382,13 +387,20 @@ impl Tuned {
     }
 }
 
-fn batch_ids(prompts: &[TrainPrompt], device: &Device) -> Tensor<2, Int> {
-    let len = prompts[0].tokenized.ids.len();
+/// How many leading positions a step needs: `0..=t` for the latest target. Positions after a
+/// prompt's own target (its later tokens, padding) cannot reach its row `t` through the causal
+/// mask; they only fill the batch to one length.
+pub fn causal_prefix(prompts: &[TrainPrompt]) -> usize {
+    prompts.iter().map(|p| p.target + 1).max().unwrap_or(0)
+}
+
+/// The batch's first `seq` ids, `[prompts, seq]`.
+fn batch_ids(prompts: &[TrainPrompt], seq: usize, device: &Device) -> Tensor<2, Int> {
     let ids: Vec<i64> = prompts
         .iter()
-        .flat_map(|p| p.tokenized.ids.iter().map(|&i| i as i64))
+        .flat_map(|p| p.tokenized.ids[..seq].iter().map(|&i| i as i64))
         .collect();
-    Tensor::from_data(TensorData::new(ids, [prompts.len(), len]), device)
+    Tensor::from_data(TensorData::new(ids, [prompts.len(), seq]), device)
 }
 
 /// Fine-tune `model` (loaded on any device; trained on its autodiff form) on `prompts`.
@@ -423,10 +435,11 @@ pub fn finetune_prepared(
         layer: config.layer,
         path: Vec::new(),
     });
+    let seq = causal_prefix(prompts);
     let row_map = config
         .params
         .trains("embeddings.token_embedding.weight.")
-        .then(|| RowMap::new(prompts, &train_device));
+        .then(|| RowMap::new(prompts, seq, &train_device));
     let mut model = Tuned::new(model, row_map.as_ref());
     let merged = |tuned: &Tuned, steps: usize| {
         tuned
@@ -452,8 +465,7 @@ pub fn finetune_prepared(
         )
     };
 
-    let ids = batch_ids(prompts, &train_device);
-    let seq = prompts[0].tokenized.ids.len();
+    let ids = batch_ids(prompts, seq, &train_device);
     let opts = ForwardOptions {
         attention_layers: vec![config.layer],
         stop_at_attention: Some(config.layer),
@@ -486,12 +498,12 @@ pub fn finetune_prepared(
             let a = head_average(probs); // [P, seq, seq]
             // min over S is taken at the forward values' argmin; its gradient flows to that
             // entry, as torch's min does (ties have measure zero).
-            let maps = maps_of(&a, &out.prompts);
+            let rows = target_rows(&a, &out.prompts);
             let mut picks = Vec::new();
             for (p, st) in out.prompts.iter().enumerate() {
                 let base = (p * seq + st.focus.target) * seq;
                 picks.push((base + st.focus.corr) as i64);
-                picks.push((base + st.focus.argmin_s(&maps[p])) as i64);
+                picks.push((base + st.focus.argmin_s(&rows[p])) as i64);
             }
             let n = picks.len();
             let picked = a
@@ -562,8 +574,8 @@ pub fn finetune_prepared(
     Ok(out)
 }
 
-/// Per-prompt maps (real tokens only) from the batch's head-averaged attention.
-fn maps_of(a: &Tensor<3>, prompts: &[PromptState]) -> Vec<Vec<Vec<f32>>> {
+/// Each prompt's target row `A[t, 0..=t]` from the batch's head-averaged attention.
+fn target_rows(a: &Tensor<3>, prompts: &[PromptState]) -> Vec<Vec<f32>> {
     let [_, seq, _] = a.dims();
     let data = a
         .to_data()
@@ -574,12 +586,8 @@ fn maps_of(a: &Tensor<3>, prompts: &[PromptState]) -> Vec<Vec<Vec<f32>>> {
         .iter()
         .enumerate()
         .map(|(p, st)| {
-            (0..st.focus.n_real)
-                .map(|i| {
-                    let row = (p * seq + i) * seq;
-                    data[row..row + st.focus.n_real].to_vec()
-                })
-                .collect()
+            let row = (p * seq + st.focus.target) * seq;
+            data[row..=row + st.focus.target].to_vec()
         })
         .collect()
 }
@@ -639,11 +647,11 @@ mod tests {
             tokenized,
             target: 2,
         }];
-        let map = RowMap::new(&prompts, &device);
+        let map = RowMap::new(&prompts, causal_prefix(&prompts), &device);
         assert_eq!(
             map.ids,
-            vec![320, 2368, 49406, 49407],
-            "a, cat, BOS, EOS/padding"
+            vec![320, 2368, 49406],
+            "a, cat, BOS: EOS and padding come after the target"
         );
         let mut tuned = Tuned::new(model, Some(&map));
         let small = tuned.rows.take().unwrap().map(|t| t.add_scalar(1.0));

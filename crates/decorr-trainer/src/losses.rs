@@ -21,9 +21,8 @@ impl Focus {
         1..self.target
     }
 
-    /// The index in `S` of the smallest entry of row `t` of `a` (earliest on ties).
-    pub fn argmin_s(&self, a: &[Vec<f32>]) -> usize {
-        let row = &a[self.target];
+    /// The index in `S` of the smallest entry of `row`, the target's row (earliest on ties).
+    pub fn argmin_s(&self, row: &[f32]) -> usize {
         self.s()
             .fold(None, |best: Option<usize>, s| match best {
                 Some(b) if row[b] <= row[s] => Some(b),
@@ -42,7 +41,7 @@ impl Focus {
 /// Eq. 2: `A[t, c] - min_{s in S} A[t, s]`.
 pub fn l_train(a: &[Vec<f32>], f: &Focus) -> f64 {
     let row = &a[f.target];
-    row[f.corr] as f64 - row[f.argmin_s(a)] as f64
+    row[f.corr] as f64 - row[f.argmin_s(row)] as f64
 }
 
 /// Eq. 3, our reading: `ln(A_ft[t, c] / A_ft[t, t])` on the fine-tuned map.
@@ -107,7 +106,7 @@ mod tests {
     #[test]
     fn train_loss_is_corr_minus_min_over_s() {
         assert!((l_train(&map(), &focus()) - (0.25 - 0.05)).abs() < 1e-7);
-        assert_eq!(focus().argmin_s(&map()), 1);
+        assert_eq!(focus().argmin_s(&map()[focus().target]), 1);
     }
 
     #[test]
