@@ -43,6 +43,7 @@ enum Command {
 }
 
 fn main() {
+    decorr_core::memory::retain_freed_memory();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)
         .init();

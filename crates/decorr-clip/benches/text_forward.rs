@@ -8,6 +8,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use decorr_clip::{ClipTextConfig, ClipTextModel, ClipTokenizer, ForwardOptions};
 
 fn main() {
+    // The CLI's heap settings, so timings are the CLI's.
+    decorr_core::memory::retain_freed_memory();
     let runs: usize = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())

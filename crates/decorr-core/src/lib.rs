@@ -1,10 +1,12 @@
 //! Shared plumbing of decorr: which device runs the maths ([`device`]), where a model's files
 //! come from ([`source`]: local diffusers folder, Hugging Face hub repo, or files in memory), and how safetensors
-//! weights get into a burn module with errors that name the tensor and the file ([`weights`]).
+//! weights get into a burn module with errors that name the tensor and the file ([`weights`]);
+//! the binaries' heap settings ([`memory`]).
 
 pub mod device;
 pub mod error;
 pub mod io;
+pub mod memory;
 pub mod source;
 pub mod weights;
 

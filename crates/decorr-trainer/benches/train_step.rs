@@ -1,7 +1,8 @@
 //! Benchmark: one decorrelation fine-tuning step (forward to layer 11's attention, backward,
 //! AdamW) on the full-size SD 1.5 text encoder with random weights, on flex, per parameter
 //! preset; median over N steps. Compare with `python ../shared/reference/pyref/bench.py
-//! text_train` on the same machine: `cargo bench -p decorr-trainer --bench train_step [-- N]`.
+//! text_train` on the same machine: `cargo bench -p decorr-trainer --bench train_step [-- N]
+//! [all|attn|qk ...]` (every preset unless some are named).
 
 use std::time::Instant;
 
@@ -21,10 +22,14 @@ impl TrainObserver for Clock {
 }
 
 fn main() {
-    let runs: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(5);
+    // The CLI's heap settings, so timings are the CLI's.
+    decorr_core::memory::retain_freed_memory();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runs: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(5);
+    let mut presets: Vec<ParamPreset> = args.iter().filter_map(|a| a.parse().ok()).collect();
+    if presets.is_empty() {
+        presets = vec![ParamPreset::All, ParamPreset::Attn, ParamPreset::Qk];
+    }
     let device = Device::flex();
     device.seed(0);
     let tokenized = ClipTokenizer::embedded()
@@ -32,7 +37,7 @@ fn main() {
         .unwrap();
     let target = resolve_target(&tokenized, &TargetSpec::word("train")).unwrap();
     let prompts = [TrainPrompt { tokenized, target }];
-    for preset in [ParamPreset::All, ParamPreset::Attn, ParamPreset::Qk] {
+    for preset in presets {
         let model = ClipTextModel::new(&ClipTextConfig::sd15(), &device);
         let config = TrainConfig {
             epochs: 1,
