@@ -82,8 +82,7 @@ fn check_run(name: &str, preset: ParamPreset, model_dir: &Path, record: &Path) {
     assert_eq!(serde_json::json!(targets), s["targets"], "target tokens");
 
     let device = Device::flex();
-    let dir = model_dir.to_path_buf();
-    let enc = load_text_encoder(&ModelSource::Local(dir.clone()), &device).unwrap();
+    let enc = load_text_encoder(&ModelSource::Local(model_dir.to_path_buf()), &device).unwrap();
     let out = finetune(enc.model, &prompts, &config, &device, &mut Silent).unwrap();
 
     let corrs: Vec<u64> = out.prompts.iter().map(|p| p.focus.corr as u64).collect();
@@ -133,7 +132,7 @@ fn check_run(name: &str, preset: ParamPreset, model_dir: &Path, record: &Path) {
     save_text_encoder(&out.last, &enc.config, tmp.path()).unwrap();
     let ours = read_f32(&tmp.path().join("model.safetensors"));
     let trained = read_f32(&record.with_extension("safetensors"));
-    let initial = read_f32(&dir.join("text_encoder/model.safetensors"));
+    let initial = read_f32(&model_dir.join("text_encoder/model.safetensors"));
     assert_eq!(ours.len(), initial.len(), "same tensors as the input file");
     let mut worst = 0.0f32;
     for (key, init) in &initial {
