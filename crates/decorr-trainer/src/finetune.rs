@@ -288,11 +288,7 @@ struct RowMap {
 impl RowMap {
     /// The rows of the batch's first `seq` positions.
     fn new(prompts: &[TrainPrompt], seq: usize, device: &Device) -> RowMap {
-        let all = || {
-            prompts
-                .iter()
-                .flat_map(|p| p.tokenized.ids[..seq].iter().map(|&i| i as usize))
-        };
+        let all = || prefix_ids(prompts, seq).map(|i| i as usize);
         let mut ids: Vec<usize> = all().collect();
         ids.sort_unstable();
         ids.dedup();
@@ -394,12 +390,16 @@ pub fn causal_prefix(prompts: &[TrainPrompt]) -> usize {
     prompts.iter().map(|p| p.target + 1).max().unwrap_or(0)
 }
 
+/// Every prompt's first `seq` ids, prompt after prompt: the batch's order.
+fn prefix_ids(prompts: &[TrainPrompt], seq: usize) -> impl Iterator<Item = u32> + '_ {
+    prompts
+        .iter()
+        .flat_map(move |p| p.tokenized.ids[..seq].iter().copied())
+}
+
 /// The batch's first `seq` ids, `[prompts, seq]`.
 fn batch_ids(prompts: &[TrainPrompt], seq: usize, device: &Device) -> Tensor<2, Int> {
-    let ids: Vec<i64> = prompts
-        .iter()
-        .flat_map(|p| p.tokenized.ids[..seq].iter().map(|&i| i as i64))
-        .collect();
+    let ids: Vec<i64> = prefix_ids(prompts, seq).map(i64::from).collect();
     Tensor::from_data(TensorData::new(ids, [prompts.len(), seq]), device)
 }
 
