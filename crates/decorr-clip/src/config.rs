@@ -105,23 +105,80 @@ impl ClipTextConfig {
         self.hidden_size / self.num_attention_heads
     }
 
-    /// Rejects configs the model cannot be built from.
+    /// Rejects configs the model cannot be built from: sizes outside [`bounds`] (named with the
+    /// allowed range), heads that do not divide the width, a layer-norm epsilon that is not a
+    /// small positive number.
     pub fn validate(&self) -> Result<(), ClipError> {
-        if self.num_attention_heads == 0
-            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
-        {
+        let range = |key: &str, v: usize, lo: usize, hi: usize| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(ClipError::Config(format!(
+                    "`{key}` = {v} is out of range: allowed {lo}..={hi}"
+                )))
+            }
+        };
+        range("vocab_size", self.vocab_size, 1, bounds::VOCAB)?;
+        range("hidden_size", self.hidden_size, 1, bounds::WIDTH)?;
+        range(
+            "intermediate_size",
+            self.intermediate_size,
+            1,
+            4 * bounds::WIDTH,
+        )?;
+        range(
+            "num_hidden_layers",
+            self.num_hidden_layers,
+            1,
+            bounds::LAYERS,
+        )?;
+        range(
+            "max_position_embeddings",
+            self.max_position_embeddings,
+            1,
+            bounds::POSITIONS,
+        )?;
+        range(
+            "num_attention_heads",
+            self.num_attention_heads,
+            1,
+            self.hidden_size.min(bounds::HEADS),
+        )?;
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(ClipError::Config(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             )));
         }
-        if self.num_hidden_layers == 0 || self.max_position_embeddings == 0 {
-            return Err(ClipError::Config(
-                "num_hidden_layers and max_position_embeddings must be positive".into(),
-            ));
+        let eps = self.layer_norm_eps;
+        if !(eps.is_finite() && eps > 0.0 && eps <= 1.0) {
+            return Err(ClipError::Config(format!(
+                "`layer_norm_eps` = {eps} is out of range: it must be a finite number > 0 and <= 1 \
+                 (CLIP uses 1e-5)"
+            )));
         }
         Ok(())
     }
+
+    /// The number of parameters (f32 values) of the encoder built from this config; for a
+    /// memory estimate before anything is allocated.
+    pub fn num_params(&self) -> u128 {
+        let (h, i) = (self.hidden_size as u128, self.intermediate_size as u128);
+        let linear = |a: u128, b: u128| a * b + b;
+        let layer = 4 * linear(h, h) + linear(h, i) + linear(i, h) + 2 * 2 * h;
+        (self.vocab_size as u128 + self.max_position_embeddings as u128) * h
+            + self.num_hidden_layers as u128 * layer
+            + 2 * h
+    }
+}
+
+/// Largest accepted values, far above SD 1.x/2.x (width 768/1024, 12/23 layers, 77 positions).
+pub mod bounds {
+    pub const VOCAB: usize = 1 << 20;
+    pub const WIDTH: usize = 16384;
+    pub const LAYERS: usize = 256;
+    pub const HEADS: usize = 1024;
+    pub const POSITIONS: usize = 16384;
 }
 
 #[cfg(test)]
@@ -165,5 +222,67 @@ mod tests {
                 .to_string()
                 .contains("divisible")
         );
+    }
+
+    /// Degenerate or absurd numbers are refused by key with the allowed range, before a model
+    /// (or a million-line error list) is made of them.
+    #[test]
+    fn bad_numbers_name_the_key_and_range() {
+        let text =
+            |extra: &str| format!(r#"{{"hidden_size": 32, "num_attention_heads": 4{extra}}}"#);
+        for (extra, want) in [
+            (
+                r#", "num_hidden_layers": 1000000000"#,
+                "`num_hidden_layers` = 1000000000",
+            ),
+            (r#", "num_hidden_layers": 100000"#, "allowed 1..=256"),
+            (r#", "num_hidden_layers": 0"#, "`num_hidden_layers` = 0"),
+            (
+                r#", "layer_norm_eps": -1e-5"#,
+                "`layer_norm_eps` = -0.00001",
+            ),
+            (r#", "layer_norm_eps": 0"#, "`layer_norm_eps` = 0"),
+            (r#", "vocab_size": 0"#, "`vocab_size` = 0"),
+            (
+                r#", "max_position_embeddings": 0"#,
+                "`max_position_embeddings`",
+            ),
+            (
+                r#", "intermediate_size": 100000000000"#,
+                "`intermediate_size`",
+            ),
+        ] {
+            let c: ClipTextConfig = serde_json::from_str(&text(extra)).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+        let c = ClipTextConfig {
+            num_attention_heads: 0,
+            ..ClipTextConfig::sd15()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("`num_attention_heads` = 0")
+        );
+        ClipTextConfig::sd15().validate().unwrap();
+        ClipTextConfig::sd2().validate().unwrap();
+    }
+
+    #[test]
+    fn parameter_estimate_is_exact() {
+        use burn::module::Module;
+        assert_eq!(ClipTextConfig::sd15().num_params(), 123_060_480);
+        let c = ClipTextConfig {
+            vocab_size: 100,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            ..ClipTextConfig::sd15()
+        };
+        let model = crate::ClipTextModel::new(&c, &burn::tensor::Device::flex());
+        assert_eq!(c.num_params(), model.num_params() as u128);
     }
 }

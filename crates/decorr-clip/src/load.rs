@@ -68,7 +68,16 @@ fn load_files(
     device: &Device,
 ) -> Result<TextEncoder, ClipError> {
     let config: ClipTextConfig = read_json(&config_path, "a CLIP text-encoder config")?;
-    config.validate()?;
+    config.validate().map_err(|e| match e {
+        ClipError::Config(m) => ClipError::Config(format!("{config_path}: {m}")),
+        other => other,
+    })?;
+    let params = config.num_params();
+    decorr_core::limits::check_memory(
+        params * 4,
+        &format!("the text encoder of {config_path} ({params} parameters, f32)"),
+        "check its vocab_size, hidden_size, intermediate_size and num_hidden_layers",
+    )?;
     let mut model = ClipTextModel::new(&config, device);
     load_safetensors(&mut model, &weights_path, &KEYS)?;
     Ok(TextEncoder {
@@ -145,7 +154,7 @@ pub fn save_text_encoder(
     config: &ClipTextConfig,
     dir: &Path,
 ) -> Result<(), ClipError> {
-    let io = |source| decorr_core::CoreError::Io {
+    let io = |source| decorr_core::CoreError::Write {
         path: dir.to_path_buf(),
         source,
     };

@@ -134,3 +134,38 @@ fn corrupt_files_name_the_file() {
     let e = load_err(dir.path());
     assert!(e.contains("divisible"), "{e}");
 }
+
+#[test]
+fn non_finite_weight_is_refused_naming_tensor_and_file() {
+    let dir = variant(
+        |_| {},
+        |t| {
+            // clip_tiny_b's keys carry no `text_model.` prefix.
+            let (_, data) = t.get_mut("encoder.layers.1.mlp.fc1.weight").unwrap();
+            data[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+        },
+    );
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("encoder.layers.1.mlp.fc1.weight")
+            && err.contains("model.safetensors")
+            && err.contains("non-finite"),
+        "{err}"
+    );
+}
+
+#[test]
+fn absurd_layer_count_is_one_short_error_naming_the_key() {
+    // Before validation, 100000 layers listed 1.6 million missing tensors.
+    let dir = variant(|c| c["num_hidden_layers"] = 100_000.into(), |_| {});
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("`num_hidden_layers` = 100000")
+            && err.contains("1..=256")
+            && err.contains("text_encoder/config.json"),
+        "{err}"
+    );
+    assert!(err.lines().count() < 5, "{err}");
+    let dir = variant(|c| c["layer_norm_eps"] = (-1.0).into(), |_| {});
+    assert!(load_err(dir.path()).contains("`layer_norm_eps` = -1"));
+}

@@ -181,6 +181,9 @@ pub struct ToDiffusers {
     /// [`Prediction`] for the defaults). With the `Sd2` preset, `Epsilon` also sets the 512
     /// base models' `sample_size` (UNet 64, VAE 512).
     pub prediction: Option<Prediction>,
+    /// How messages name the option that sets `config`: `--config` (xtask's
+    /// `convert-weights`, the default) or `--checkpoint-config` (decorr's `--weights FILE`).
+    pub config_flag: &'static str,
 }
 
 impl Default for ToDiffusers {
@@ -190,6 +193,7 @@ impl Default for ToDiffusers {
             config: ConfigChoice::Auto,
             ema: false,
             prediction: None,
+            config_flag: "--config",
         }
     }
 }
@@ -268,6 +272,8 @@ fn read_text(path: &Path) -> Result<String, ConvertError> {
 }
 
 fn parse_json(text: &str, path: &Path) -> Result<serde_json::Value, ConvertError> {
+    // A leading byte-order mark is not JSON; skip it.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     serde_json::from_str(text).map_err(|e| ConvertError::BadConfig {
         path: path.to_path_buf(),
         message: e.to_string(),
@@ -336,11 +342,12 @@ fn pick_configs(
     choice: &ConfigChoice,
     sd: &StateDict,
     prediction: Option<Prediction>,
+    flag: &str,
 ) -> Result<Configs, ConvertError> {
     let family = family_of(sd)?;
     let preset_mismatch = |preset: &str, other: &str| {
         ConvertError::Unsupported(format!(
-            "--config {preset} does not fit this file: its text encoder is {} (use --config {other} or auto)",
+            "{flag} {preset} does not fit this file: its text encoder is {} (use {flag} {other} or auto)",
             match family {
                 Family::Sd1 => "OpenAI CLIP (`cond_stage_model.transformer.*`, SD 1.x)",
                 Family::Sd2 => "OpenCLIP (`cond_stage_model.model.*`, SD 2.x)",
@@ -356,7 +363,7 @@ fn pick_configs(
             (Family::Sd1, Some(768)) => Ok(sd15_configs()),
             (Family::Sd2, Some(1024)) => Ok(sd2_configs(prediction)),
             (f, other) => Err(ConvertError::Unsupported(format!(
-                "cannot detect the model family ({} text encoder width {other:?}); pass --config DIR with unet/, vae/ and text_encoder/ config.json files",
+                "cannot detect the model family ({} text encoder width {other:?}); pass {flag} DIR with unet/, vae/ and text_encoder/ config.json files",
                 match f {
                     Family::Sd1 => "CLIP",
                     Family::Sd2 => "OpenCLIP",
@@ -478,6 +485,7 @@ fn check_shape(
     expect: Option<u64>,
     cfg_path: &Path,
     field: &str,
+    flag: &str,
 ) -> Result<(), ConvertError> {
     let (Some(t), Some(e)) = (sd.get(key), expect) else {
         return Ok(());
@@ -486,7 +494,7 @@ fn check_shape(
         return Err(ConvertError::BadConfig {
             path: cfg_path.to_path_buf(),
             message: format!(
-                "`{field}` is {e} but tensor `{key}` has shape {:?}: the config does not describe this checkpoint (use --config)",
+                "`{field}` is {e} but tensor `{key}` has shape {:?}: the config does not describe this checkpoint (use {flag})",
                 t.shape
             ),
         });
@@ -522,14 +530,9 @@ impl TempOut {
             source,
         };
         std::fs::create_dir_all(&parent).map_err(io)?;
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let dir = tempfile::Builder::new()
-            .prefix(&format!(".{name}.converting-"))
-            .tempdir_in(&parent)
-            .map_err(io)?;
+        // Named `.decorr-tmp-PID-*`, so what a killed conversion left is recognised and removed.
+        decorr_core::io::remove_stale_temps(&parent, 0);
+        let dir = decorr_core::io::temp_dir_beside(target).map_err(io)?;
         Ok(Self {
             dir,
             target: target.to_path_buf(),
@@ -602,7 +605,8 @@ pub fn convert_single_file(
     opts: &ToDiffusers,
 ) -> Result<(MemoryModel, Summary), ConvertError> {
     let sd = read_state_dict(from)?;
-    let cfgs = pick_configs(&opts.config, &sd, opts.prediction)?;
+    let flag = opts.config_flag;
+    let cfgs = pick_configs(&opts.config, &sd, opts.prediction, flag)?;
     let split = split_ldm(sd, opts.ema)?;
     let unet_cfg_path = cfgs.origin.join("unet/config.json");
     let vae_cfg_path = cfgs.origin.join("vae/config.json");
@@ -643,7 +647,7 @@ pub fn convert_single_file(
             ConvertError::UnknownKeys { keys } => ConvertError::BadConfig {
                 path,
                 message: format!(
-                    "the config does not describe these tensors of the checkpoint (wrong --config?): {keys}"
+                    "the config does not describe these tensors of the checkpoint (wrong {flag}?): {keys}"
                 ),
             },
             other => other,
@@ -671,7 +675,7 @@ pub fn convert_single_file(
                 return Err(ConvertError::BadConfig {
                     path: text_cfg_path.clone(),
                     message: format!(
-                        "`num_hidden_layers` is {layers} but the checkpoint's OpenCLIP text encoder has {} resblocks: the config does not describe this checkpoint (use --config)",
+                        "`num_hidden_layers` is {layers} but the checkpoint's OpenCLIP text encoder has {} resblocks: the config does not describe this checkpoint (use {flag})",
                         oc.resblocks
                     ),
                 });
@@ -693,6 +697,7 @@ pub fn convert_single_file(
         first(&unet_cfg),
         &unet_cfg_path,
         "block_out_channels[0]",
+        flag,
     )?;
     check_shape(
         &unet,
@@ -701,6 +706,7 @@ pub fn convert_single_file(
         unet_cfg.get("cross_attention_dim").and_then(|v| v.as_u64()),
         &unet_cfg_path,
         "cross_attention_dim",
+        flag,
     )?;
     check_shape(
         &vae,
@@ -709,6 +715,7 @@ pub fn convert_single_file(
         first(&vae_cfg),
         &vae_cfg_path,
         "block_out_channels[0]",
+        flag,
     )?;
     check_shape(
         &text,
@@ -717,6 +724,7 @@ pub fn convert_single_file(
         text_cfg.get("hidden_size").and_then(|v| v.as_u64()),
         &text_cfg_path,
         "hidden_size",
+        flag,
     )?;
     check_shape(
         &text,
@@ -725,6 +733,7 @@ pub fn convert_single_file(
         text_cfg.get("vocab_size").and_then(|v| v.as_u64()),
         &text_cfg_path,
         "vocab_size",
+        flag,
     )?;
 
     let summary = Summary {
@@ -912,7 +921,8 @@ fn write_file_atomic(out: &Path, tensors: &StateDict) -> Result<(), ConvertError
         source,
     };
     std::fs::create_dir_all(&dir).map_err(io)?;
-    let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io)?;
+    decorr_core::io::remove_stale_temps(&dir, 0);
+    let tmp = decorr_core::io::temp_file_in(&dir).map_err(io)?;
     tensor::write_safetensors(tmp.path(), tensors)?;
     tmp.as_file().sync_all().map_err(io)?;
     tmp.persist(out).map_err(|e| io(e.error))?;

@@ -89,6 +89,36 @@ fn usize_field(cfg: &serde_json::Value, key: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("`{key}` missing or not an integer"))
 }
 
+/// Most layers per block and blocks a config may give (decorr-unet's bounds): the name tables
+/// are built from them before any tensor is read.
+const MAX_LAYERS: usize = 256;
+const MAX_BLOCKS: usize = 8;
+
+/// [`usize_field`] in `lo..=hi`, named with the range otherwise.
+fn bounded_field(
+    cfg: &serde_json::Value,
+    key: &str,
+    lo: usize,
+    hi: usize,
+) -> Result<usize, String> {
+    let v = usize_field(cfg, key)?;
+    if (lo..=hi).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!(
+            "`{key}` = {v} is out of range: allowed {lo}..={hi}"
+        ))
+    }
+}
+
+fn check_blocks(n: usize, key: &str) -> Result<(), String> {
+    if (1..=MAX_BLOCKS).contains(&n) {
+        Ok(())
+    } else {
+        Err(format!("`{key}` has {n} entries: allowed 1..={MAX_BLOCKS}"))
+    }
+}
+
 impl UnetShape {
     pub fn from_config(cfg: &serde_json::Value) -> Result<Self, String> {
         let down_attn = block_types(cfg, "down_block_types")?;
@@ -103,8 +133,9 @@ impl UnetShape {
             .get("mid_block_type")
             .and_then(|v| v.as_str())
             .unwrap_or("UNetMidBlock2DCrossAttn");
+        check_blocks(down_attn.len(), "down_block_types")?;
         Ok(Self {
-            layers_per_block: usize_field(cfg, "layers_per_block")?,
+            layers_per_block: bounded_field(cfg, "layers_per_block", 1, MAX_LAYERS)?,
             down_attn,
             up_attn,
             mid_attn: mid.contains("CrossAttn"),
@@ -119,8 +150,9 @@ impl VaeShape {
             .and_then(|v| v.as_array())
             .ok_or("`down_block_types` missing or not a list")?
             .len();
+        check_blocks(n, "down_block_types")?;
         Ok(Self {
-            layers_per_block: usize_field(cfg, "layers_per_block")?,
+            layers_per_block: bounded_field(cfg, "layers_per_block", 1, MAX_LAYERS)?,
             n_blocks: n,
             mid_attn: cfg
                 .get("mid_block_add_attention")
@@ -666,6 +698,38 @@ mod tests {
             },
         );
         t.to_diffusers(sd, "").unwrap().into_keys().next().unwrap()
+    }
+
+    /// A config asking for absurd layer or block counts is refused by key before the name
+    /// tables (one row per layer) are built.
+    #[test]
+    fn shapes_refuse_absurd_counts() {
+        let unet = |lpb: serde_json::Value| {
+            serde_json::json!({
+                "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+                "layers_per_block": lpb,
+            })
+        };
+        let e = UnetShape::from_config(&unet(1_000_000_000u64.into()))
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("`layers_per_block` = 1000000000") && e.contains("1..=256"),
+            "{e}"
+        );
+        assert!(UnetShape::from_config(&unet(0.into())).is_err());
+        assert!(UnetShape::from_config(&unet(2.into())).is_ok());
+        let vae = serde_json::json!({"down_block_types": [], "layers_per_block": 2});
+        let e = VaeShape::from_config(&vae).err().unwrap();
+        assert!(e.contains("down_block_types"), "{e}");
+        let vae = serde_json::json!({"down_block_types": ["D"], "layers_per_block": 100000});
+        assert!(
+            VaeShape::from_config(&vae)
+                .err()
+                .unwrap()
+                .contains("100000")
+        );
     }
 
     #[test]

@@ -132,11 +132,24 @@ pub fn read_safetensors(path: &Path) -> Result<StateDict, ConvertError> {
         path: path.to_path_buf(),
         source,
     })?;
+    read_safetensors_bytes(&bytes, path)
+}
+
+/// Read every tensor of a safetensors file held in memory; `path` only names it in errors.
+/// The header's length and every tensor's offsets are checked against the bytes there (by the
+/// `safetensors` crate, with checked arithmetic) before anything is copied.
+pub fn read_safetensors_bytes(bytes: &[u8], path: &Path) -> Result<StateDict, ConvertError> {
     let bad = |message: String| ConvertError::BadSafetensors {
         path: path.to_path_buf(),
         message,
     };
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
+        bad(format!(
+            "{e}; the file is truncated or corrupt (its header does not describe its {} bytes): \
+             re-download it",
+            bytes.len()
+        ))
+    })?;
     let mut out = StateDict::new();
     for (name, view) in st.tensors() {
         let dtype = DType::from_st(view.dtype()).ok_or_else(|| {

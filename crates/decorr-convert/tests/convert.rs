@@ -288,6 +288,19 @@ fn configs_that_do_not_fit_are_errors() {
         ..Default::default()
     };
     assert_fails_cleanly(&conv().join("tiny.safetensors"), &sd2, "use --config sd15");
+    // decorr's own flag is `--checkpoint-config`: messages name the flag the caller has.
+    let cli = ToDiffusers {
+        config: ConfigChoice::Sd2,
+        config_flag: "--checkpoint-config",
+        ..Default::default()
+    };
+    let err = assert_fails_cleanly(
+        &conv().join("tiny.safetensors"),
+        &cli,
+        "use --checkpoint-config sd15",
+    )
+    .to_string();
+    assert!(!err.contains(" --config"), "{err}");
 }
 
 #[test]

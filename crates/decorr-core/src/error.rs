@@ -19,6 +19,17 @@ pub enum CoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Another process holds an output folder's lock.
+    #[error(
+        "{path} is in use by another decorr run (PID {pid}); wait for it to finish, or choose \
+         another output folder"
+    )]
+    Locked { path: PathBuf, pid: String },
     #[error("{path} is not valid JSON for {what}: {source}")]
     BadJson {
         path: PathBuf,
@@ -27,6 +38,19 @@ pub enum CoreError {
     },
     #[error("{path} is not a readable safetensors file: {message}")]
     BadSafetensors { path: PathBuf, message: String },
+    #[error(
+        "{path}: tensor `{tensor}` holds {bad} non-finite value(s) (NaN or infinity) of {total}; \
+         the file is damaged or was saved from a run that diverged: re-download or re-convert it"
+    )]
+    NonFiniteWeights {
+        path: PathBuf,
+        tensor: String,
+        bad: usize,
+        total: usize,
+    },
+    /// A size or count beyond what decorr accepts or what the memory allows.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("weights in {path} do not fit the model:\n{problems}")]
     WeightMismatch { path: PathBuf, problems: String },
     #[error("hub download of `{file}` from `{repo}` failed: {message}")]

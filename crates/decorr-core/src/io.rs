@@ -1,5 +1,7 @@
 //! Atomic file writes: a file appears whole or not at all (temp file in the same folder, then
-//! rename), so an interrupted run never leaves a partial output behind.
+//! rename), so an interrupted run never leaves a partial output behind. Temp files are named
+//! `.decorr-tmp-PID-*`, so those of a killed run can be recognised and removed
+//! ([`remove_stale_temps`]); output folders are held by one run at a time ([`OutputLock`]).
 
 use std::io::Write;
 use std::path::Path;
@@ -8,7 +10,7 @@ use crate::CoreError;
 
 /// Write `bytes` to `path` atomically, creating missing parent folders.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CoreError> {
-    let io = |source| CoreError::Io {
+    let io = |source| CoreError::Write {
         path: path.to_path_buf(),
         source,
     };
@@ -17,11 +19,190 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CoreError> {
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir).map_err(io)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    let mut tmp = temp_file_in(dir).map_err(io)?;
     tmp.write_all(bytes).map_err(io)?;
     tmp.as_file().sync_all().map_err(io)?;
     tmp.persist(path).map_err(|e| io(e.error))?;
     make_readable(path)
+}
+
+const TEMP_PREFIX: &str = ".decorr-tmp-";
+
+/// A temp file in `dir` named after this process (`.decorr-tmp-PID-XXXXXX`), removed on drop.
+pub fn temp_file_in(dir: &Path) -> std::io::Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix(&format!("{TEMP_PREFIX}{}-", std::process::id()))
+        .tempfile_in(dir)
+}
+
+/// A temp folder beside `path` (`.decorr-tmp-PID-XXXXXX` in its parent), for building an output
+/// that replaces `path` only once it is complete.
+pub fn temp_dir_beside(path: &Path) -> std::io::Result<tempfile::TempDir> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    tempfile::Builder::new()
+        .prefix(&format!("{TEMP_PREFIX}{}-", std::process::id()))
+        .tempdir_in(dir)
+}
+
+/// Whether process `pid` is alive (on Unix; elsewhere every process is taken as alive).
+fn pid_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return false;
+        };
+        // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+        let r = unsafe { libc::kill(pid, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+/// The PID in the name of a temp file a decorr run leaves when killed mid-write: ours
+/// (`.decorr-tmp-PID-*`) and burn's safetensors saves (`NAME.PID-N.tmp`).
+fn temp_owner(name: &str) -> Option<u32> {
+    if let Some(rest) = name.strip_prefix(TEMP_PREFIX) {
+        return rest.split('-').next()?.parse().ok();
+    }
+    let stem = name.strip_suffix(".tmp")?;
+    let (_, tail) = stem.rsplit_once('.')?;
+    let (pid, n) = tail.split_once('-')?;
+    n.parse::<u64>().ok()?;
+    pid.parse().ok()
+}
+
+/// Removes the temp files and folders that decorr runs which no longer exist left in `dir` and
+/// its subfolders up to `depth` levels down (killed mid-write): temp names whose PID is not a
+/// live process (see `temp_owner`). Returns how many were removed. Errors are ignored.
+pub fn remove_stale_temps(dir: &Path, depth: usize) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let Ok(kind) = e.file_type() else { continue };
+        let owner = e.file_name().to_str().and_then(temp_owner);
+        let Some(pid) = owner else {
+            if kind.is_dir() && depth > 0 {
+                removed += remove_stale_temps(&e.path(), depth - 1);
+            }
+            continue;
+        };
+        if pid == std::process::id() || pid_alive(pid) {
+            continue;
+        }
+        let p = e.path();
+        let ok = if kind.is_dir() {
+            std::fs::remove_dir_all(&p).is_ok()
+        } else {
+            std::fs::remove_file(&p).is_ok()
+        };
+        if ok {
+            log::info!("removed {}, left by an interrupted run", p.display());
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Removes `dir` if it holds nothing but lock files (what a run that failed before writing
+/// anything leaves in a folder it created), so that the next run does not find a stray folder.
+pub fn remove_if_only_locks(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let only_locks = entries
+        .flatten()
+        .all(|e| e.file_name().to_string_lossy().starts_with(LOCK_FILE));
+    if only_locks {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// The name of the lock file inside an output folder.
+pub const LOCK_FILE: &str = ".decorr.lock";
+
+/// An exclusive, advisory lock on an output folder (`DIR/.decorr.lock`, holding the owner's
+/// PID), so that two runs cannot write one folder at once. Released when dropped, or when the
+/// process ends however it ends (the OS drops the lock with the file descriptor).
+#[derive(Debug)]
+pub struct OutputLock {
+    dir: std::path::PathBuf,
+    _file: std::fs::File,
+}
+
+impl OutputLock {
+    /// Locks `dir` (created if missing), or says which PID holds it. Stale temp files of dead
+    /// runs in `dir` are removed once the lock is held.
+    pub fn acquire(dir: &Path) -> Result<OutputLock, CoreError> {
+        Self::acquire_named(dir, LOCK_FILE)
+    }
+
+    /// Like [`acquire`](Self::acquire), with a lock file of another name: runs that may share a
+    /// folder by design (the shards of an array job) each lock their own part of it.
+    pub fn acquire_named(dir: &Path, name: &str) -> Result<OutputLock, CoreError> {
+        use std::io::{Read, Seek};
+        let werr = |source| CoreError::Write {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(werr)?;
+        let path = dir.join(name);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|source| CoreError::Write {
+                path: path.clone(),
+                source,
+            })?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = pid.trim();
+                return Err(CoreError::Locked {
+                    path: dir.to_path_buf(),
+                    pid: if pid.is_empty() {
+                        "unknown".into()
+                    } else {
+                        pid.to_string()
+                    },
+                });
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(CoreError::Write { path, source });
+            }
+        }
+        let wr = |source| CoreError::Write {
+            path: path.clone(),
+            source,
+        };
+        file.set_len(0).map_err(wr)?;
+        file.rewind().map_err(wr)?;
+        write!(file, "{}", std::process::id()).map_err(wr)?;
+        file.flush().map_err(wr)?;
+        remove_stale_temps(dir, 3);
+        Ok(OutputLock {
+            dir: dir.to_path_buf(),
+            _file: file,
+        })
+    }
+
+    /// The locked folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
 }
 
 /// Give an output file ordinary permissions (0644 on Unix): temp files, ours and burn's atomic
@@ -31,7 +212,7 @@ pub fn make_readable(path: &Path) -> Result<(), CoreError> {
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(
-            |source| CoreError::Io {
+            |source| CoreError::Write {
                 path: path.to_path_buf(),
                 source,
             },
@@ -66,10 +247,58 @@ mod tests {
     }
 
     #[test]
+    fn stale_temps_of_dead_runs_are_removed_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        // A PID that cannot be alive (above Linux's pid_max) and our own.
+        let dead = dir.path().join(".decorr-tmp-4294967-abc123");
+        let dead_dir = dir.path().join(".decorr-tmp-4294967-dir");
+        let mine = dir
+            .path()
+            .join(format!(".decorr-tmp-{}-x", std::process::id()));
+        let other = dir.path().join(".tmpabc");
+        // burn's safetensors scratch file, one folder down.
+        let burn_dead = dir
+            .path()
+            .join("text_encoder/model.safetensors.4294967-0.tmp");
+        let burn_live = dir.path().join(format!(
+            "text_encoder/model.safetensors.{}-1.tmp",
+            std::process::id()
+        ));
+        let model = dir.path().join("text_encoder/model.safetensors");
+        std::fs::write(&dead, "partial").unwrap();
+        std::fs::create_dir_all(dead_dir.join("sub")).unwrap();
+        std::fs::write(&mine, "writing").unwrap();
+        std::fs::write(&other, "not ours").unwrap();
+        for p in [&burn_dead, &burn_live, &model] {
+            write_atomic(p, b"x").unwrap();
+        }
+        assert_eq!(remove_stale_temps(dir.path(), 0), 2);
+        assert!(burn_dead.exists());
+        assert_eq!(remove_stale_temps(dir.path(), 1), 1);
+        assert!(!dead.exists() && !dead_dir.exists() && !burn_dead.exists());
+        assert!(mine.exists() && other.exists() && burn_live.exists() && model.exists());
+    }
+
+    #[test]
+    fn a_locked_folder_names_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let lock = OutputLock::acquire(&out).unwrap();
+        let err = OutputLock::acquire(&out).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("PID {}", std::process::id())) && err.contains("in use"),
+            "{err}"
+        );
+        drop(lock);
+        OutputLock::acquire(&out).unwrap();
+    }
+
+    #[test]
     fn unwritable_target_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("file"), "x").unwrap();
         let err = write_atomic(&dir.path().join("file/out.png"), b"x").unwrap_err();
         assert!(err.to_string().contains("file/out.png"), "{err}");
+        assert!(err.to_string().starts_with("cannot write"), "{err}");
     }
 }

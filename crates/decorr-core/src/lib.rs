@@ -1,11 +1,13 @@
 //! Shared plumbing of decorr: which device runs the maths ([`device`]), where a model's files
-//! come from ([`source`]: local diffusers folder, Hugging Face hub repo, or files in memory), and how safetensors
+//! come from ([`source`]: local diffusers folder, Hugging Face hub repo through [`hub`], or files in memory), and how safetensors
 //! weights get into a burn module with errors that name the tensor and the file ([`weights`]);
-//! the binaries' heap settings ([`memory`]).
+//! the binaries' heap settings ([`memory`]); atomic writes and output-folder locks ([`io`]).
 
 pub mod device;
 pub mod error;
+pub mod hub;
 pub mod io;
+pub mod limits;
 pub mod memory;
 pub mod source;
 pub mod weights;

@@ -1,5 +1,6 @@
 //! Where a model's files come from: a local diffusers folder, a Hugging Face hub repo read
-//! through `hf-hub`'s standard cache (`HF_HOME`, `HF_HUB_OFFLINE`, `HF_TOKEN`, `HF_ENDPOINT`),
+//! through the standard hub cache (`HF_HOME`, `HF_HUB_CACHE`, `HF_HUB_OFFLINE`, `HF_TOKEN`,
+//! `HF_ENDPOINT`; [`crate::hub`]),
 //! or diffusers-layout files held in memory (a single-file checkpoint converted on loading).
 
 use std::borrow::Cow;
@@ -8,9 +9,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use hf_hub::{Cache, Repo, RepoType};
-
-use crate::CoreError;
+use crate::{CoreError, hub};
 
 /// The hub repo used when the user names no weights.
 pub const DEFAULT_MODEL: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
@@ -162,9 +161,10 @@ impl ModelFile {
         }
     }
 
-    /// The file as UTF-8 text.
+    /// The file as UTF-8 text, without a leading byte-order mark (editors on Windows add one;
+    /// JSON parsers refuse it).
     pub fn read_to_string(&self) -> Result<String, CoreError> {
-        match self {
+        let text = match self {
             ModelFile::Path(p) => std::fs::read_to_string(p).map_err(|source| CoreError::Io {
                 path: p.clone(),
                 source,
@@ -175,7 +175,13 @@ impl ModelFile {
                     source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
                 })
             }
-        }
+        };
+        text.map(|mut t| {
+            if t.starts_with('\u{feff}') {
+                t.drain(..'\u{feff}'.len_utf8());
+            }
+            t
+        })
     }
 }
 
@@ -305,21 +311,16 @@ fn find_local(root: &Path, component: &str, candidates: &[&str]) -> Result<PathB
     )))
 }
 
-fn hub_offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE")
-        .map(|v| !matches!(v.trim(), "" | "0" | "false" | "FALSE" | "False"))
-        .unwrap_or(false)
-}
-
 fn find_hub(
     repo: &str,
     revision: &str,
     component: &str,
     candidates: &[&str],
 ) -> Result<PathBuf, CoreError> {
-    let cache = Cache::from_env();
-    let hub_repo = Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string());
-    let cached = cache.repo(hub_repo.clone());
+    // Both become paths in the cache: checked before anything is looked up or written.
+    hub::validate_repo_id(repo)?;
+    hub::validate_revision(revision)?;
+    let cache = hub::cache_dir();
     // An empty component names files at the repo's root (a scoring model's repo, say).
     let in_repo = |c: &str| {
         if component.is_empty() {
@@ -329,7 +330,7 @@ fn find_hub(
         }
     };
     for c in candidates {
-        if let Some(p) = cached.get(&in_repo(c)) {
+        if let Some(p) = hub::cached(&cache, repo, revision, &in_repo(c)) {
             return Ok(p);
         }
     }
@@ -337,30 +338,23 @@ fn find_hub(
         "download it once with `huggingface-cli download {repo} --include '{component}/*'` \
          (or `git clone https://huggingface.co/{repo}`) and pass the folder to --weights"
     );
-    if hub_offline() {
+    if hub::offline() {
         return Err(CoreError::NotFound(format!(
             "HF_HUB_OFFLINE is set and {repo}@{revision} has no {component}/{{{}}} in the hub \
              cache at {}; {how}",
             candidates.join(","),
-            cache.path().display()
+            cache.display()
         )));
     }
-    let token = std::env::var("HF_TOKEN").ok().or_else(|| cache.token());
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_token(token)
-        .build()
-        .map_err(|e| CoreError::Hub {
-            repo: repo.into(),
-            file: component.into(),
-            message: e.to_string(),
-        })?;
-    let api_repo = api.repo(hub_repo);
+    let api = hub::Hub::from_env();
     let mut last = String::new();
     for c in candidates {
         let file = in_repo(c);
-        match api_repo.get(&file) {
+        match api.get(repo, revision, &file) {
             Ok(p) => return Ok(p),
-            Err(e) => last = format!("{file}: {e}"),
+            // A refused server answer is not "try the next name": stop with it.
+            Err(e @ CoreError::Hub { .. }) if e.to_string().contains("refusing") => return Err(e),
+            Err(e) => last = e.to_string(),
         }
     }
     Err(CoreError::Hub {
@@ -393,6 +387,19 @@ mod tests {
             .find("x", &["y"])
             .unwrap_err();
         assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn text_files_lose_a_leading_byte_order_mark() {
+        let mut m = MemoryModel::new("x");
+        m.insert("unet/config.json", b"\xef\xbb\xbf{\"a\": 1}".to_vec());
+        let src = ModelSource::Memory(Arc::new(m));
+        let f = src.find_file("unet", &["config.json"]).unwrap();
+        assert_eq!(f.read_to_string().unwrap(), "{\"a\": 1}");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), "\u{feff}{}").unwrap();
+        let f = ModelFile::Path(dir.path().join("config.json"));
+        assert_eq!(f.read_to_string().unwrap(), "{}");
     }
 
     #[test]
@@ -436,14 +443,15 @@ mod tests {
         );
     }
 
-    /// The offline path reads hf-hub's cache layout: refs/<rev> holds a commit, snapshots/<commit>/ the files.
+    /// The offline path reads the hub cache's layout: refs/<rev> holds a commit, snapshots/<commit>/ the files.
     #[test]
     fn hub_cache_offline() {
         let dir = tempfile::tempdir().unwrap();
         let repo_dir = dir.path().join("hub/models--org--tiny");
         std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
-        std::fs::write(repo_dir.join("refs/main"), "abc123").unwrap();
-        let snap = repo_dir.join("snapshots/abc123/text_encoder");
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        std::fs::write(repo_dir.join("refs/main"), commit).unwrap();
+        let snap = repo_dir.join(format!("snapshots/{commit}/text_encoder"));
         std::fs::create_dir_all(&snap).unwrap();
         std::fs::write(snap.join("config.json"), "{}").unwrap();
         // SAFETY: this is the only test that touches these variables.
@@ -461,5 +469,12 @@ mod tests {
             err.contains("HF_HUB_OFFLINE") && err.contains("huggingface-cli download"),
             "{err}"
         );
+        // A revision that would climb out of the cache is refused before anything is read.
+        let evil = ModelSource::Hub {
+            repo: "org/tiny".into(),
+            revision: "../../x".into(),
+        };
+        let err = evil.find("unet", &["config.json"]).unwrap_err().to_string();
+        assert!(err.contains("--revision"), "{err}");
     }
 }

@@ -67,6 +67,9 @@ const DETERMINERS: &[&str] = &[
 pub struct CaptionerConfig {
     /// Base URL of the API, e.g. `http://127.0.0.1:8000/v1`; the client POSTs to
     /// `{url}/chat/completions`. A URL that already ends in `/chat/completions` is used as is.
+    /// Credentials in it (`http://user:pass@host/v1`, sent as HTTP basic auth) are never shown:
+    /// messages, logs, `Debug` and the serialised config carry [`redact_url`]'s form.
+    #[serde(serialize_with = "serialize_redacted")]
     pub url: String,
     /// Model name as the server knows it (vLLM: the served model name; Ollama: the tag).
     pub model: String,
@@ -120,7 +123,7 @@ impl std::fmt::Debug for CaptionerConfig {
     /// Like a derived `Debug`, but with the API key redacted so it cannot leak into logs.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CaptionerConfig")
-            .field("url", &self.url)
+            .field("url", &redact_url(&self.url))
             .field("model", &self.model)
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("caption_instruction", &self.caption_instruction)
@@ -134,6 +137,32 @@ impl std::fmt::Debug for CaptionerConfig {
             .field("concurrency", &self.concurrency)
             .finish()
     }
+}
+
+fn serialize_redacted<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(url))
+}
+
+/// `url` with the password of its userinfo replaced by `***` (`http://user:***@host/v1`), or
+/// the whole userinfo when it has no password (a bare token: `http://***@host/v1`); other URLs
+/// unchanged. What every message, log line and report shows of a captioner URL.
+pub fn redact_url(url: &str) -> String {
+    let Some(info) = userinfo(url) else {
+        return url.to_string();
+    };
+    let shown = match info.split_once(':') {
+        Some((user, _)) => format!("{user}:***@"),
+        None => "***@".to_string(),
+    };
+    url.replacen(info, &shown, 1)
+}
+
+/// The userinfo of `url` with its `@` (`user:pass@`), if it has one.
+fn userinfo(url: &str) -> Option<&str> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[start..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    rest[..end].rfind('@').map(|at| &rest[..=at])
 }
 
 /// `Duration` as a number of seconds in JSON.
@@ -378,7 +407,8 @@ impl Cache {
             let start = offset;
             offset += line.len();
             let text = String::from_utf8_lossy(line);
-            let trimmed = text.trim();
+            // The first line may start with a byte-order mark, which is not JSON.
+            let trimmed = text.trim().trim_start_matches('\u{feff}');
             if trimmed.is_empty() {
                 continue;
             }
@@ -473,7 +503,10 @@ enum Failure {
 /// The chat-completions client. Cheap to share across threads (`&self` everywhere).
 pub struct Captioner {
     config: CaptionerConfig,
+    /// Where requests go (credentials included).
     endpoint: String,
+    /// The same, credentials redacted: what messages show.
+    shown: String,
     agent: ureq::Agent,
     cache: Mutex<Cache>,
     requests: AtomicU64,
@@ -521,6 +554,7 @@ impl Captioner {
             None => Cache::in_memory(),
         };
         Ok(Captioner {
+            shown: redact_url(&endpoint),
             endpoint,
             agent: ureq::Agent::new_with_config(agent_config),
             cache: Mutex::new(cache),
@@ -533,9 +567,17 @@ impl Captioner {
         &self.config
     }
 
-    /// The URL requests are POSTed to.
-    pub fn endpoint(&self) -> &str {
-        &self.endpoint
+    /// The URL requests are POSTed to, as messages show it (credentials redacted).
+    pub fn shown_endpoint(&self) -> &str {
+        &self.shown
+    }
+
+    /// `message` with this endpoint's credentials redacted, wherever they appear in it.
+    fn scrub(&self, message: String) -> String {
+        match (userinfo(&self.endpoint), userinfo(&self.shown)) {
+            (Some(raw), Some(shown)) if raw != shown => message.replace(raw, shown),
+            _ => message,
+        }
     }
 
     /// HTTP requests sent by this client so far (attempts, including retries).
@@ -621,7 +663,7 @@ impl Captioner {
         if !todo.is_empty() {
             log::info!(
                 "asking {} for {} of {} answers ({} cached)",
-                self.endpoint,
+                self.shown,
                 todo.len(),
                 jobs.len(),
                 jobs.len() - todo.len()
@@ -775,7 +817,7 @@ impl Captioner {
             }
         }
         Err(EvalError::Http {
-            url: self.endpoint.clone(),
+            url: self.shown.clone(),
             message: format!(
                 "gave up on {image} after {} attempts; last problem: {last}. {UNREACHABLE_HINT}",
                 cfg.retries + 1
@@ -783,8 +825,31 @@ impl Captioner {
         })
     }
 
-    /// One HTTP exchange.
+    /// One HTTP exchange, its failure messages scrubbed of the URL's credentials.
     fn send_once(&self, body: &[u8]) -> Result<String, Failure> {
+        self.exchange(body).map_err(|f| match f {
+            Failure::Transient {
+                message,
+                retry_after,
+            } => Failure::Transient {
+                message: self.scrub(message),
+                retry_after,
+            },
+            Failure::Fatal(EvalError::Http { url, message }) => Failure::Fatal(EvalError::Http {
+                url,
+                message: self.scrub(message),
+            }),
+            Failure::Fatal(EvalError::BadReply { url, message }) => {
+                Failure::Fatal(EvalError::BadReply {
+                    url,
+                    message: self.scrub(message),
+                })
+            }
+            other => other,
+        })
+    }
+
+    fn exchange(&self, body: &[u8]) -> Result<String, Failure> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let mut req = self
             .agent
@@ -816,7 +881,7 @@ impl Captioner {
         if (200..300).contains(&status) {
             return parse_reply(&text).map_err(|message| {
                 Failure::Fatal(EvalError::BadReply {
-                    url: self.endpoint.clone(),
+                    url: self.shown.clone(),
                     message,
                 })
             });
@@ -840,7 +905,7 @@ impl Captioner {
             _ => "",
         };
         Err(Failure::Fatal(EvalError::Http {
-            url: self.endpoint.clone(),
+            url: self.shown.clone(),
             message: format!("HTTP {status}: {server_message}{hint}"),
         }))
     }
@@ -851,7 +916,7 @@ impl Captioner {
         match e {
             ureq::Error::BadUri(_) | ureq::Error::Http(_) | ureq::Error::TlsRequired => {
                 Failure::Fatal(EvalError::Http {
-                    url: self.endpoint.clone(),
+                    url: self.shown.clone(),
                     message: format!("{e}; check the --captioner URL"),
                 })
             }
@@ -890,7 +955,8 @@ fn endpoint_url(url: &str) -> Result<String, EvalError> {
     let url = url.trim().trim_end_matches('/');
     if !url.starts_with("http://") && !url.starts_with("https://") {
         return Err(EvalError::Input(format!(
-            "{url:?} is not an http(s):// URL; give the API base, e.g. http://127.0.0.1:8000/v1"
+            "{:?} is not an http(s):// URL; give the API base, e.g. http://127.0.0.1:8000/v1",
+            redact_url(url)
         )));
     }
     if url.ends_with("/chat/completions") {
@@ -1008,6 +1074,8 @@ pub fn read_captions_file(path: &Path) -> Result<HashMap<String, String>, EvalEr
     };
     let mut out: HashMap<String, String> = HashMap::new();
     let mut line_of: HashMap<String, usize> = HashMap::new();
+    // A byte-order mark at the start (some Windows editors write one) is not JSON.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() {
@@ -1169,6 +1237,81 @@ mod tests {
         let back: CaptionerConfig = serde_json::from_str(&s).unwrap();
         assert_eq!(back.timeout, Duration::from_millis(1500));
         assert_eq!(back.model, "m");
+    }
+
+    #[test]
+    fn credentials_in_urls_are_redacted() {
+        assert_eq!(
+            redact_url("http://user:pass@h:8000/v1"),
+            "http://user:***@h:8000/v1"
+        );
+        assert_eq!(
+            redact_url("https://tok@h/v1?a=b@c"),
+            "https://***@h/v1?a=b@c"
+        );
+        assert_eq!(redact_url("http://h:1/v1?x=a@b"), "http://h:1/v1?x=a@b");
+        assert_eq!(redact_url("u:p@h/v1"), "u:***@h/v1");
+        assert_eq!(redact_url("http://a:b:c@h"), "http://a:***@h");
+        let c = CaptionerConfig {
+            url: "http://alice:s3cret@127.0.0.1:9/v1".into(),
+            model: "m".into(),
+            ..Default::default()
+        };
+        assert!(!format!("{c:?}").contains("s3cret"));
+        assert!(!serde_json::to_string(&c).unwrap().contains("s3cret"));
+        let cap = Captioner::new(c, None).unwrap();
+        assert_eq!(
+            cap.shown_endpoint(),
+            "http://alice:***@127.0.0.1:9/v1/chat/completions"
+        );
+        assert_eq!(
+            cap.scrub("error sending to http://alice:s3cret@127.0.0.1:9/v1/x".into()),
+            "error sending to http://alice:***@127.0.0.1:9/v1/x"
+        );
+        let e = Captioner::new(
+            CaptionerConfig {
+                url: "ftp://alice:s3cret@h/v1".into(),
+                model: "m".into(),
+                ..Default::default()
+            },
+            None,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("alice:***@") && !e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn files_with_a_byte_order_mark_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.jsonl");
+        std::fs::write(&p, "\u{feff}{\"image\":\"a.png\",\"caption\":\"a cat\"}\n").unwrap();
+        let m = read_captions_file(&p).unwrap();
+        assert_eq!(caption_for(&m, Path::new("a.png")), Some("a cat"));
+        // The VLM cache too, its answers kept.
+        let rec = CacheRecord {
+            key: String::new(),
+            image_sha256: "ab".into(),
+            kind: "caption".into(),
+            object: None,
+            model: "m".into(),
+            prompt: "p".into(),
+            answer: "a train".into(),
+        };
+        let cache = dir.path().join("vlm-cache.jsonl");
+        std::fs::write(
+            &cache,
+            format!("\u{feff}{}\n", serde_json::to_string(&rec).unwrap()),
+        )
+        .unwrap();
+        let c = Cache::open(&cache).unwrap();
+        assert_eq!(
+            c.answers
+                .get(&cache_key("ab", "caption", "m", "p"))
+                .map(String::as_str),
+            Some("a train")
+        );
     }
 
     #[test]

@@ -70,12 +70,15 @@ fn main() {
             ..p.clone()
         },
         &[42],
-        &mut |_, _| {},
+        &mut |_, _| true,
     );
     let t0 = Instant::now();
     let mut marks = Vec::new();
     let g = sd
-        .generate(&p, &[42], &mut |_, _| marks.push(Instant::now()))
+        .generate(&p, &[42], &mut |_, _| {
+            marks.push(Instant::now());
+            true
+        })
         .expect("generation");
     let _ = g.images.into_data();
     let total = t0.elapsed().as_secs_f64();

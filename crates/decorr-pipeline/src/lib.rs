@@ -16,6 +16,12 @@ pub use pipeline::{
 pub enum PipelineError {
     #[error("{0}")]
     Input(String),
+    /// The step callback asked to stop (Ctrl-C).
+    #[error("interrupted")]
+    Interrupted,
+    /// A model output turned NaN or infinite; the message names the stage and likely causes.
+    #[error("{0}")]
+    NonFinite(String),
     #[error(transparent)]
     Clip(#[from] decorr_clip::ClipError),
     #[error(transparent)]

@@ -143,6 +143,18 @@ impl StableDiffusion {
             }
         };
         check_fit(&enc.config, &enc.config_path, &unet.config)?;
+        let lat = vae.config.latent_channels;
+        if unet.config.in_channels != lat || unet.config.out_channels != lat {
+            return Err(PipelineError::Input(format!(
+                "the UNet ({}) has in_channels = {} and out_channels = {} but the VAE ({}) has \
+                 latent_channels = {lat}: they must be equal (text-to-image UNets take and give \
+                 the VAE's latents)",
+                unet.config_path,
+                unet.config.in_channels,
+                unet.config.out_channels,
+                vae.config_path
+            )));
+        }
         Ok(StableDiffusion {
             tokenizer,
             text_encoder: enc.model,
@@ -202,6 +214,21 @@ impl StableDiffusion {
         Ok(self.scheduler_config.kind()?)
     }
 
+    /// The default image side: the UNet's `sample_size` times the VAE's factor, refused (naming
+    /// the config key, not a flag) when it is not a usable size.
+    pub fn default_side(&self) -> Result<usize, PipelineError> {
+        let (n, s) = (self.unet_config.sample_size, self.vae_scale_factor());
+        let side = n * s;
+        if n == 0 || !side.is_multiple_of(8) || side > MAX_SIDE {
+            return Err(PipelineError::Input(format!(
+                "the UNet config's `sample_size` = {n} gives a default image side of {side} px \
+                 (x {s}, the VAE's factor), which is not a multiple of 8 in 8..={MAX_SIDE}; pass \
+                 --width and --height"
+            )));
+        }
+        Ok(side)
+    }
+
     /// Checks sizes, steps and guidance before any work is done.
     pub fn check(&self, p: &GenerateParams) -> Result<(), PipelineError> {
         let bad = |m: String| Err(PipelineError::Input(m));
@@ -214,13 +241,18 @@ impl StableDiffusion {
                     (v.max(8) / 8) * 8
                 ));
             }
+            if v > MAX_SIDE {
+                return bad(format!("--{name} {v}: at most {MAX_SIDE} pixels"));
+            }
         }
         if p.steps == 0 {
             return bad("--steps must be at least 1".into());
         }
-        if !(p.guidance_scale.is_finite() && p.guidance_scale >= 0.0) {
+        if !(p.guidance_scale.is_finite() && (0.0..=MAX_GUIDANCE_SCALE).contains(&p.guidance_scale))
+        {
             return bad(format!(
-                "--guidance-scale {}: must be a finite number >= 0",
+                "--guidance-scale {}: must be a finite number in [0, {MAX_GUIDANCE_SCALE}] (7.5 is \
+                 usual; 1 or less turns guidance off)",
                 p.guidance_scale
             ));
         }
@@ -234,26 +266,101 @@ impl StableDiffusion {
         Ok(())
     }
 
-    /// `last_hidden_state` of `text` `[1, 77, hidden]`.
+    /// Memory the activations of generating `batch` images at once need, roughly (bytes): the
+    /// latents, the largest attention map that is materialised (none on flex, whose attention
+    /// works in blocks of query rows; on GPU backends `--attention-slice` rows of it), the UNet's
+    /// skip connections and working feature maps, and the VAE decoder's largest feature maps.
+    pub fn activation_bytes(&self, p: &GenerateParams, batch: usize) -> u128 {
+        let u = &self.unet_config;
+        let s = self.vae_scale_factor() as u128;
+        let (h, w) = (p.height as u128 / s, p.width as u128 / s);
+        let batch = batch.max(1) as u128;
+        let rows = batch * if p.guidance_scale > 1.0 { 2 } else { 1 };
+        // Spatial size at UNet level i (each down block halves, rounding up).
+        let at = |i: usize| h.div_ceil(1 << i) * w.div_ceil(1 << i);
+        let levels = u.block_out_channels.len();
+        let latents = 3 * rows * u.in_channels as u128 * at(0);
+        let skips: u128 = (0..levels)
+            .map(|i| {
+                (u.layers_per_block.get(i) as u128 + 1) * u.block_out_channels[i] as u128 * at(i)
+            })
+            .sum::<u128>()
+            * rows;
+        let working = 6 * rows * u.block_out_channels[0] as u128 * at(0);
+        let materialised = self.device != Device::flex();
+        let sliced = |r: u128| p.attention_slice.map_or(r, |sl| r.min(sl.max(1) as u128));
+        let mut attention = 0u128;
+        if materialised {
+            for (i, kind) in u.down_block_types.iter().enumerate() {
+                if kind.starts_with("CrossAttn") || (i + 1 == levels && u.mid_block_type.is_some())
+                {
+                    attention = attention.max(sliced(rows * u.heads(i) as u128) * at(i) * at(i));
+                }
+            }
+            // The VAE's mid-block attention: one head over every latent pixel.
+            attention = attention.max(sliced(batch) * at(0) * at(0));
+        }
+        let v = &self.vae_config.block_out_channels;
+        let vae = (0..v.len())
+            .map(|j| {
+                // Decoder level j from the top: ch[j] channels at 1/2^j of the image.
+                let (hh, ww) = ((h * s).div_ceil(1 << j), (w * s).div_ceil(1 << j));
+                v[j] as u128 * hh * ww
+            })
+            .max()
+            .unwrap_or(0)
+            * 3
+            * batch;
+        4 * (latents + skips + working + attention + vae)
+    }
+
+    /// Refuses a size and batch whose activations ([`Self::activation_bytes`]) would not fit in
+    /// the memory available (`decorr_core::limits`), naming the flags.
+    pub fn check_memory(&self, p: &GenerateParams, batch: usize) -> Result<(), PipelineError> {
+        let bytes = self.activation_bytes(p, batch);
+        decorr_core::limits::check_memory(
+            bytes,
+            &format!(
+                "generating {batch} image(s) of {}x{} px at once (--width {} --height {}, \
+                 --batch-size {batch})",
+                p.width, p.height, p.width, p.height
+            ),
+            "lower --width/--height (by default the UNet's sample_size x 8) or --batch-size, or \
+             on a GPU backend pass --attention-slice",
+        )?;
+        Ok(())
+    }
+
+    /// `last_hidden_state` of `text` `[1, 77, hidden]`. Refused when it is not finite (one
+    /// boolean read back per prompt).
     pub fn encode(&self, encoder: &ClipTextModel, text: &str) -> Result<Tensor<3>, PipelineError> {
         let tok = self.tokenizer.encode(text)?;
         encoder.check_ids(&tok.ids)?;
         let ids: Vec<i64> = tok.ids.iter().map(|&i| i as i64).collect();
         let n = ids.len();
         let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &self.device);
-        Ok(encoder.forward(ids))
+        let hidden = encoder.forward(ids);
+        if !all_finite(&hidden) {
+            return Err(PipelineError::NonFinite(format!(
+                "the text encoder's hidden states for {text:?} hold NaN or infinity: its weights \
+                 are not finite or overflow (a fine-tuning that diverged, an fp16 overflow)"
+            )));
+        }
+        Ok(hidden)
     }
 
     /// Generates one image per seed (image k from `torch.Generator().manual_seed(seeds[k])`).
-    /// `on_step` is called after each denoising step with (done, total).
+    /// `on_step` is called after each denoising step with (done, total); returning `false`
+    /// stops the run with [`PipelineError::Interrupted`] (Ctrl-C, without waiting for the images).
     pub fn generate(
         &self,
         p: &GenerateParams,
         seeds: &[u64],
-        on_step: &mut dyn FnMut(usize, usize),
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Generated, PipelineError> {
         self.check(p)?;
         assert!(!seeds.is_empty(), "at least one seed");
+        self.check_memory(p, seeds.len())?;
         let b = seeds.len();
         let cond_encoder = match p.guidance {
             Guidance::Cfg => &self.text_encoder,
@@ -331,12 +438,31 @@ impl StableDiffusion {
                 .needs_noise()
                 .then(|| randn_tensor_batch(&mut gens, shape, &self.device));
             latents = scheduler.step(eps, i, latents, noise)?;
-            on_step(i + 1, total);
+            if !on_step(i + 1, total) {
+                return Err(PipelineError::Interrupted);
+            }
+        }
+        // Checked once, not per step: a per-step read-back would stall the GPU at every step.
+        if !all_finite(&latents) {
+            return Err(PipelineError::NonFinite(format!(
+                "the latents after the last of {total} denoising steps hold NaN or infinity, so \
+                 the image would be one colour; likely causes: a guidance scale too high \
+                 (--guidance-scale {}), non-finite UNet weights, or an fp16 overflow",
+                p.guidance_scale
+            )));
         }
         let decoded = self.vae.decode(
             latents.clone().div_scalar(self.vae_config.scaling_factor),
             p.attention_slice,
         );
+        if !all_finite(&decoded) {
+            return Err(PipelineError::NonFinite(format!(
+                "the VAE decoder's output holds NaN or infinity although the latents were finite; \
+                 likely causes: non-finite VAE weights, the VAE config's scaling_factor ({}), or \
+                 an fp16 overflow in the decoder",
+                self.vae_config.scaling_factor
+            )));
+        }
         let images = decoded.div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0);
         Ok(Generated {
             images,
@@ -346,6 +472,16 @@ impl StableDiffusion {
             timesteps,
         })
     }
+}
+
+/// Largest image side, in pixels.
+pub const MAX_SIDE: usize = 8192;
+/// Largest guidance scale accepted (far above any useful value; f32 maths).
+pub const MAX_GUIDANCE_SCALE: f64 = 1000.0;
+
+/// Whether every value of `t` is finite: one boolean read back.
+fn all_finite<const D: usize>(t: &Tensor<D>) -> bool {
+    t.clone().is_finite().all().into_scalar::<bool>()
 }
 
 /// The text encoder's width must be the UNet's cross-attention width in every block.

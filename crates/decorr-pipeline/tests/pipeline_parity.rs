@@ -82,7 +82,7 @@ fn pipeline_matches_diffusers() {
             capture_tokens: vec![],
         };
         let seeds: Vec<u64> = serde_json::from_value(case["seeds"].clone()).unwrap();
-        let out = sd.generate(&p, &seeds, &mut |_, _| {}).unwrap();
+        let out = sd.generate(&p, &seeds, &mut |_, _| true).unwrap();
         let ts: Vec<f64> = serde_json::from_value(case["timesteps"].clone()).unwrap();
         assert_eq!(out.timesteps, ts, "{c}: timesteps");
 
@@ -136,7 +136,7 @@ fn bad_inputs_are_explained() {
         capture_tokens: vec![],
     };
     let err = |p: GenerateParams| {
-        sd.generate(&p, &[0], &mut |_, _| {})
+        sd.generate(&p, &[0], &mut |_, _| true)
             .err()
             .unwrap()
             .to_string()
@@ -199,7 +199,7 @@ fn cross_attention_is_recorded_per_step_and_token() {
         attention_slice: Some(1),
         capture_tokens: vec![2, 6],
     };
-    let out = sd.generate(&p, &[0, 1], &mut |_, _| {}).unwrap();
+    let out = sd.generate(&p, &[0, 1], &mut |_, _| true).unwrap();
     assert_eq!(out.attention.len(), 3);
     for s in &out.attention {
         assert_eq!(s.maps.len(), 2, "two images");

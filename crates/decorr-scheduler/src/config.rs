@@ -57,6 +57,9 @@ pub enum FinalSigmasType {
     SigmaMin,
 }
 
+/// The most training timesteps a config may declare (SD: 1000).
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 /// A diffusers `scheduler_config.json`. `None` means "absent from the file": the reading class's
 /// default applies (see [`SchedulerConfig::resolve`]). Unknown keys are kept in `extra`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -226,9 +229,67 @@ impl SchedulerConfig {
     /// listed in `_use_default_values` (a config taken from a live diffusers scheduler) count as
     /// absent, as diffusers' `extract_init_dict` treats them.
     pub fn from_json_str(text: &str) -> Result<Self, SchedulerError> {
-        Self::parse(text).map_err(|e| {
+        let config = Self::parse(text).map_err(|e| {
             SchedulerError::Config(format!("not a valid diffusers scheduler config: {e}"))
-        })
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Refuses numbers no noise schedule can be built from, naming the key and the allowed
+    /// range: `num_train_timesteps` outside 1..=[`MAX_TRAIN_TIMESTEPS`], betas (`beta_start`,
+    /// `beta_end`, `trained_betas`) that are not finite numbers in (0, 1) (a beta of 1 or more
+    /// makes `alphas_cumprod` zero or negative and the samples NaN), and non-finite or
+    /// non-positive `clip_sample_range`, `sigma_min`, `sigma_max`.
+    pub fn validate(&self) -> Result<(), SchedulerError> {
+        let bad = |m: String| Err(SchedulerError::Config(m));
+        if let Some(n) = self.num_train_timesteps
+            && !(1..=MAX_TRAIN_TIMESTEPS).contains(&n)
+        {
+            return bad(format!(
+                "`num_train_timesteps` = {n} is out of range: allowed 1..={MAX_TRAIN_TIMESTEPS}"
+            ));
+        }
+        // A timestep offset; beyond the training schedule it only overflows the timestep maths.
+        if let Some(o) = self.steps_offset
+            && !(0..=MAX_TRAIN_TIMESTEPS as i64).contains(&o)
+        {
+            return bad(format!(
+                "`steps_offset` = {o} is out of range: allowed 0..={MAX_TRAIN_TIMESTEPS} (SD uses 1)"
+            ));
+        }
+        let beta_ok = |b: f64| b.is_finite() && b > 0.0 && b < 1.0;
+        for (key, v) in [("beta_start", self.beta_start), ("beta_end", self.beta_end)] {
+            if let Some(b) = v.filter(|&b| !beta_ok(b)) {
+                return bad(format!(
+                    "`{key}` = {b} is out of range: betas must be finite numbers in (0, 1)"
+                ));
+            }
+        }
+        if let Some(betas) = &self.trained_betas {
+            if betas.len() > MAX_TRAIN_TIMESTEPS {
+                return bad(format!(
+                    "`trained_betas` has {} values: at most {MAX_TRAIN_TIMESTEPS} are allowed",
+                    betas.len()
+                ));
+            }
+            if let Some((i, b)) = betas.iter().enumerate().find(|(_, b)| !beta_ok(**b)) {
+                return bad(format!(
+                    "`trained_betas[{i}]` = {b} is out of range: betas must be finite numbers in \
+                     (0, 1)"
+                ));
+            }
+        }
+        for (key, v) in [
+            ("clip_sample_range", self.clip_sample_range),
+            ("sigma_min", self.sigma_min),
+            ("sigma_max", self.sigma_max),
+        ] {
+            if let Some(x) = v.filter(|x| !(x.is_finite() && *x > 0.0)) {
+                return bad(format!("`{key}` = {x} must be a finite number > 0"));
+            }
+        }
+        Ok(())
     }
 
     /// Reads a checkpoint's `scheduler/scheduler_config.json`.
@@ -241,15 +302,22 @@ impl SchedulerConfig {
                 path.display()
             ))
         })?;
-        Self::parse(&text).map_err(|e| {
+        let config = Self::parse(&text).map_err(|e| {
             SchedulerError::Config(format!(
                 "{} is not a valid diffusers scheduler config: {e}",
                 path.display()
             ))
-        })
+        })?;
+        config.validate().map_err(|e| match e {
+            SchedulerError::Config(m) => SchedulerError::Config(format!("{}: {m}", path.display())),
+            other => other,
+        })?;
+        Ok(config)
     }
 
     fn parse(text: &str) -> Result<Self, serde_json::Error> {
+        // A byte-order mark (some Windows editors write one) is not JSON; skip it.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut value: serde_json::Value = serde_json::from_str(&quote_non_finite(text))?;
         if let Some(obj) = value.as_object_mut()
             && let Some(serde_json::Value::Array(defaults)) = obj.remove("_use_default_values")
@@ -571,6 +639,12 @@ mod tests {
             SchedulerConfig::from_file(&good).unwrap(),
             SchedulerConfig::sd15()
         );
+        // A leading byte-order mark (Windows editors) is skipped.
+        std::fs::write(&good, format!("\u{feff}{SD15_FILE}")).unwrap();
+        assert_eq!(
+            SchedulerConfig::from_file(&good).unwrap(),
+            SchedulerConfig::sd15()
+        );
         let bad = dir.join("broken.json");
         std::fs::write(&bad, "{\"num_train_timesteps\": \"many\"}").unwrap();
         let err = SchedulerConfig::from_file(&bad).unwrap_err().to_string();
@@ -586,6 +660,56 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Numbers that would give NaN samples or allocate without bound are refused by key.
+    #[test]
+    fn bad_numbers_are_refused_by_key() {
+        for (text, want) in [
+            (
+                r#"{"num_train_timesteps": 1000000000000}"#,
+                "`num_train_timesteps` = 1000000000000",
+            ),
+            (r#"{"num_train_timesteps": 0}"#, "allowed 1..=100000"),
+            (r#"{"beta_end": 1.5}"#, "`beta_end` = 1.5"),
+            (r#"{"beta_start": -0.1}"#, "`beta_start` = -0.1"),
+            (r#"{"beta_start": NaN}"#, "not a valid"), // not a number serde reads here
+            (r#"{"trained_betas": [0.1, 2.0]}"#, "`trained_betas[1]` = 2"),
+            (r#"{"sigma_min": NaN}"#, "`sigma_min` = NaN"),
+            (r#"{"clip_sample_range": 0}"#, "`clip_sample_range` = 0"),
+            // Found by `cargo xtask fuzz`: PNDM's timestep maths overflowed on this.
+            (
+                r#"{"steps_offset": 9223372036854775807}"#,
+                "`steps_offset` = 9223372036854775807",
+            ),
+            (r#"{"steps_offset": -1}"#, "allowed 0..=100000"),
+        ] {
+            let e = SchedulerConfig::from_json_str(text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        let dir = std::env::temp_dir().join(format!("decorr-sched-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("scheduler_config.json");
+        std::fs::write(&p, r#"{"_class_name": "DDIMScheduler", "beta_end": 2}"#).unwrap();
+        let e = SchedulerConfig::from_file(&p).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(
+            e.contains("scheduler_config.json") && e.contains("`beta_end` = 2"),
+            "{e}"
+        );
+        SchedulerConfig::sd15().validate().unwrap();
+        // A config made in code is checked when a scheduler is built from it.
+        let made = SchedulerConfig {
+            beta_end: Some(1.5),
+            ..SchedulerConfig::sd15()
+        };
+        let e = crate::build(SchedulerKind::Ddim, &made, 10)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("`beta_end` = 1.5"), "{e}");
     }
 
     #[test]

@@ -266,6 +266,7 @@ pub fn build_with(
     num_inference_steps: usize,
     options: &BuildOptions,
 ) -> Result<Box<dyn Scheduler>, SchedulerError> {
+    config.validate()?;
     let mut resolved = config.resolve(kind);
     if let Some(karras) = options.karras {
         if karras

@@ -99,6 +99,12 @@ pub fn betas(cfg: &ResolvedConfig) -> Result<Vec<f32>, SchedulerError> {
             "num_train_timesteps is 0; the scheduler config must give a positive count".into(),
         ));
     }
+    if n > crate::config::MAX_TRAIN_TIMESTEPS {
+        return Err(SchedulerError::Config(format!(
+            "`num_train_timesteps` = {n} is out of range: allowed 1..={}",
+            crate::config::MAX_TRAIN_TIMESTEPS
+        )));
+    }
     let betas = if let Some(trained) = &cfg.trained_betas {
         if trained.len() != n {
             return Err(SchedulerError::Config(format!(
@@ -119,6 +125,18 @@ pub fn betas(cfg: &ResolvedConfig) -> Result<Vec<f32>, SchedulerError> {
             BetaSchedule::SquaredcosCapV2 => betas_for_alpha_bar_cosine(n),
         }
     };
+    // Every beta in (0, 1): `alphas_cumprod` then stays finite, positive and decreasing (a beta
+    // of 1 or more would make it zero or negative, and every sample NaN).
+    if let Some((i, b)) = betas
+        .iter()
+        .enumerate()
+        .find(|(_, b)| !(b.is_finite() && **b > 0.0 && **b < 1.0))
+    {
+        return Err(SchedulerError::Config(format!(
+            "the training schedule's beta {i} is {b}: betas must be finite numbers in (0, 1); \
+             check beta_start, beta_end, beta_schedule and trained_betas"
+        )));
+    }
     Ok(if cfg.rescale_betas_zero_snr {
         rescale_zero_terminal_snr(&betas)
     } else {

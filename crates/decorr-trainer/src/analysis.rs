@@ -128,6 +128,19 @@ pub fn attention_map(
     Ok(flat.chunks(n).map(|r| r.to_vec()).collect())
 }
 
+/// `Err` when the map of `layer` for `prompt` holds a NaN or an infinity (ratios and suspects
+/// computed from it would be NaN).
+pub fn check_finite_map(map: &[Vec<f32>], layer: usize, prompt: &str) -> Result<(), MethodError> {
+    if map.iter().flatten().all(|v| v.is_finite()) {
+        Ok(())
+    } else {
+        Err(MethodError::NonFiniteAttention {
+            layer,
+            prompt: format!(" for {prompt:?}"),
+        })
+    }
+}
+
 /// Analyse `tok` at `layer`: the map, the token table and the suspects.
 pub fn analyze(
     model: &ClipTextModel,
@@ -139,6 +152,7 @@ pub fn analyze(
         return Err(MethodError::EmptyPrompt);
     }
     let attention = attention_map(model, tok, layer, device)?;
+    check_finite_map(&attention, layer, &tok.prompt)?;
     let tokens: Vec<TokenInfo> = (0..attention.len())
         .map(|i| TokenInfo {
             index: i,
@@ -209,6 +223,42 @@ mod tests {
         let pairs: Vec<(usize, usize)> = s.iter().map(|s| (s.token, s.earlier)).collect();
         assert_eq!(pairs, vec![(2, 1), (3, 2)]);
         assert!((s[0].ratio - 3.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn non_finite_maps_are_refused_naming_layer_and_prompt() {
+        let ok = vec![vec![1.0, 0.0], vec![0.5, 0.5]];
+        check_finite_map(&ok, 11, "a cat").unwrap();
+        let bad = vec![vec![1.0, 0.0], vec![f32::NAN, 0.5]];
+        let e = check_finite_map(&bad, 11, "a cat").unwrap_err().to_string();
+        assert!(e.contains("layer 11") && e.contains("\"a cat\""), "{e}");
+    }
+
+    /// A model whose weights turned NaN (in memory here; such files are refused at load) gives
+    /// an error instead of a NaN table and no suspects.
+    #[test]
+    fn analyze_refuses_a_non_finite_map() {
+        use burn::module::Param;
+        use decorr_clip::{ClipTextConfig, ClipTokenizer};
+        let device = Device::flex();
+        let config = ClipTextConfig {
+            hidden_size: 8,
+            intermediate_size: 16,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            ..ClipTextConfig::sd15()
+        };
+        let mut model = ClipTextModel::new(&config, &device);
+        model.embeddings.position_embedding.weight =
+            Param::from_tensor(Tensor::full([77, 8], f32::NAN, &device));
+        let tok = ClipTokenizer::embedded()
+            .encode("rusty tracks with an old train")
+            .unwrap();
+        let e = analyze(&model, &tok, 1, &device).unwrap_err();
+        assert!(
+            matches!(e, MethodError::NonFiniteAttention { layer: 1, .. }),
+            "{e}"
+        );
     }
 
     #[test]

@@ -196,6 +196,7 @@ pub fn prepare(
         .map(|p| {
             // attention_map also checks the ids against the vocabulary.
             let a_pre = attention_map(model, &p.tokenized, layer, device)?;
+            crate::analysis::check_finite_map(&a_pre, layer, &p.tokenized.prompt)?;
             let t = p.target;
             if t < 2 {
                 return Err(MethodError::NothingPrecedes(p.tokenized.token_text(t)));

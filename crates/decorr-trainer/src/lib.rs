@@ -15,7 +15,7 @@ pub use finetune::{
     TrainPrompt, finetune, finetune_prepared, prepare,
 };
 pub use losses::Focus;
-pub use target::{TargetSpec, resolve_target};
+pub use target::{TargetSpec, resolve_target, resolve_token};
 
 /// Errors of the method crate; each names the problem and what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -23,9 +23,14 @@ pub enum MethodError {
     #[error("target `{target}` is not a word of the prompt; its words are: {words}")]
     TargetNotInPrompt { target: String, words: String },
     #[error(
-        "target `{target}` occurs {count} time(s) in the prompt; --occurrence must be 1..={count}"
+        "`{target}` occurs {count} time(s) in the prompt, so there is no occurrence {asked}; \
+         pick one of 1..={count}"
     )]
-    OccurrenceOutOfRange { target: String, count: usize },
+    OccurrenceOutOfRange {
+        target: String,
+        count: usize,
+        asked: usize,
+    },
     #[error("target token index {index} is not a content token of the prompt (valid: 1..={last})")]
     IndexOutOfRange { index: usize, last: usize },
     #[error(
@@ -57,6 +62,12 @@ pub enum MethodError {
          (if any) is kept. Try a lower --lr"
     )]
     NonFinite { step: usize, what: &'static str },
+    #[error(
+        "the attention map of layer {layer} holds NaN or infinity{prompt}: the text encoder's \
+         weights are not finite or overflow (a fine-tuning that diverged, an fp16 overflow); \
+         re-download or re-convert the encoder"
+    )]
+    NonFiniteAttention { layer: usize, prompt: String },
     #[error("cannot write the output: {0}")]
     Output(String),
     #[error("the prompt is empty after tokenization; give a prompt with at least two words")]

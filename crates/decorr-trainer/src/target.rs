@@ -29,6 +29,23 @@ impl TargetSpec {
     }
 }
 
+/// As the user writes it: `train`, `train#2`, `@6` (what [`FromStr`](std::str::FromStr) reads).
+impl std::fmt::Display for TargetSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TargetSpec::Word {
+                word,
+                occurrence: None,
+            } => f.write_str(word),
+            TargetSpec::Word {
+                word,
+                occurrence: Some(n),
+            } => write!(f, "{word}#{n}"),
+            TargetSpec::Index(i) => write!(f, "@{i}"),
+        }
+    }
+}
+
 impl std::str::FromStr for TargetSpec {
     type Err = std::convert::Infallible;
     /// `train`, `train#2` (second occurrence), `@6` (raw token index).
@@ -50,6 +67,20 @@ impl std::str::FromStr for TargetSpec {
 
 /// Resolve `spec` to the token index `t`, checking that `S = {1, ..., t-1}` is not empty.
 pub fn resolve_target(tok: &Tokenized, spec: &TargetSpec) -> Result<usize, MethodError> {
+    let t = resolve_token(tok, spec)?;
+    if t == 1 {
+        let name = match spec {
+            TargetSpec::Word { word, .. } => word.clone(),
+            TargetSpec::Index(_) => tok.token_text(1),
+        };
+        return Err(MethodError::NothingPrecedes(name));
+    }
+    Ok(t)
+}
+
+/// Resolve `spec` to a content token of the prompt (any of `1..=last`, the first one too): what
+/// names a word whose cross-attention is shown, where nothing needs to precede it.
+pub fn resolve_token(tok: &Tokenized, spec: &TargetSpec) -> Result<usize, MethodError> {
     let last = tok.eos_index().saturating_sub(1);
     if last == 0 {
         return Err(MethodError::EmptyPrompt);
@@ -91,18 +122,12 @@ pub fn resolve_target(tok: &Tokenized, spec: &TargetSpec) -> Result<usize, Metho
                 return Err(MethodError::OccurrenceOutOfRange {
                     target: word.clone(),
                     count: hits.len(),
+                    asked: k,
                 });
             }
             tok.words[hits[k - 1]].tokens.end - 1
         }
     };
-    if t == 1 {
-        let name = match spec {
-            TargetSpec::Word { word, .. } => word.clone(),
-            TargetSpec::Index(_) => tok.token_text(1),
-        };
-        return Err(MethodError::NothingPrecedes(name));
-    }
     Ok(t)
 }
 
@@ -166,7 +191,12 @@ mod tests {
         assert_eq!(resolve(p, word("cat", None)).unwrap(), 2);
         assert_eq!(resolve(p, word("cat", Some(2))).unwrap(), 8);
         let err = resolve(p, word("cat", Some(3))).unwrap_err().to_string();
-        assert!(err.contains("2 time(s)"), "{err}");
+        assert!(
+            err.contains("2 time(s)") && err.contains("occurrence 3"),
+            "{err}"
+        );
+        // No flag is named here: finetune writes `cat#3`, analyze `--occurrence 3`.
+        assert!(!err.contains("--"), "{err}");
     }
 
     #[test]
@@ -209,6 +239,13 @@ mod tests {
         assert!(matches!(err, MethodError::NothingPrecedes(_)), "{err}");
         let err = resolve("rusty tracks", TargetSpec::Index(1)).unwrap_err();
         assert!(matches!(err, MethodError::NothingPrecedes(_)), "{err}");
+        // A token to look at (cross-attention maps) may be the first one.
+        let tok = ClipTokenizer::embedded()
+            .encode("rusty tracks with an old train")
+            .unwrap();
+        assert_eq!(resolve_token(&tok, &word("rusty", None)).unwrap(), 1);
+        assert_eq!(resolve_token(&tok, &TargetSpec::Index(1)).unwrap(), 1);
+        assert!(resolve_token(&tok, &word("plane", None)).is_err());
         let err = resolve("rusty tracks", TargetSpec::Index(3)).unwrap_err();
         assert!(err.to_string().contains("1..=2"), "{err}");
         assert!(matches!(

@@ -35,6 +35,83 @@ impl<T: Clone> PerBlock<T> {
     }
 }
 
+/// Largest accepted values (far above SD 1.x/2.x/XL: 320..1280 channels, 2-3 layers per block,
+/// up to 10 transformer layers, 128 latent pixels). A config beyond them is refused by name before
+/// anything is allocated.
+pub mod bounds {
+    /// Down (and up) blocks.
+    pub const BLOCKS: usize = 8;
+    /// Channels of a block, cross-attention width.
+    pub const CHANNELS: usize = 8192;
+    /// `layers_per_block`, `transformer_layers_per_block`.
+    pub const LAYERS: usize = 256;
+    /// `in_channels`, `out_channels`, `latent_channels`.
+    pub const IO_CHANNELS: usize = 256;
+    /// Attention heads of a block.
+    pub const HEADS: usize = 1024;
+    /// The UNet's `sample_size` (latent pixels; SD 1.5: 64, SDXL: 128).
+    pub const UNET_SAMPLE_SIZE: usize = 1024;
+    /// The VAE's `sample_size` (image pixels; SD 1.5: 512, SDXL: 1024).
+    pub const VAE_SAMPLE_SIZE: usize = 8192;
+    /// Convolution kernels (odd).
+    pub const KERNEL: usize = 15;
+}
+
+/// `Err` naming `key` unless `lo <= v <= hi`.
+fn in_range(key: &str, v: usize, lo: usize, hi: usize) -> Result<(), UNetError> {
+    if (lo..=hi).contains(&v) {
+        Ok(())
+    } else {
+        Err(UNetError::Config(format!(
+            "`{key}` = {v} is out of range: allowed {lo}..={hi}"
+        )))
+    }
+}
+
+/// `Err` naming `key` unless `v` is finite and `lo < v <= hi`.
+fn positive(key: &str, v: f64, hi: f64) -> Result<(), UNetError> {
+    if v.is_finite() && v > 0.0 && v <= hi {
+        Ok(())
+    } else {
+        Err(UNetError::Config(format!(
+            "`{key}` = {v} is out of range: it must be a finite number > 0 and <= {hi}"
+        )))
+    }
+}
+
+/// Parameter counts of the layers the models are built from (burn's: biases included).
+fn conv_params(cin: usize, cout: usize, k: usize) -> u128 {
+    (cin * k * k) as u128 * cout as u128 + cout as u128
+}
+fn linear_params(i: usize, o: usize, bias: bool) -> u128 {
+    i as u128 * o as u128 + if bias { o as u128 } else { 0 }
+}
+fn resnet_params(cin: usize, cout: usize, temb: Option<usize>) -> u128 {
+    2 * cin as u128
+        + conv_params(cin, cout, 3)
+        + temb.map_or(0, |t| linear_params(t, cout, true))
+        + 2 * cout as u128
+        + conv_params(cout, cout, 3)
+        + if cin != cout {
+            conv_params(cin, cout, 1)
+        } else {
+            0
+        }
+}
+/// A `Transformer2DModel` of `layers` blocks over `c` channels attending to `ctx`-wide context.
+fn transformer_params(c: usize, ctx: usize, layers: usize) -> u128 {
+    let c128 = c as u128;
+    let attn = |kv: usize| {
+        linear_params(c, c, false) + 2 * linear_params(kv, c, false) + linear_params(c, c, true)
+    };
+    let block = 3 * 2 * c128
+        + attn(c)
+        + attn(ctx)
+        + linear_params(c, 8 * c, true)
+        + linear_params(4 * c, c, true);
+    2 * c128 + 2 * linear_params(c, c, true) + layers as u128 * block
+}
+
 /// The shape of a `UNet2DConditionModel` (SD 1.x and 2.x family).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -199,6 +276,7 @@ impl UNetConfig {
         if let Some(h) = &self.num_attention_heads {
             h.check(n, "num_attention_heads")?;
         }
+        self.check_bounds()?;
         for t in &self.down_block_types {
             if t != "CrossAttnDownBlock2D" && t != "DownBlock2D" {
                 return bad(format!(
@@ -217,6 +295,11 @@ impl UNetConfig {
             Some("UNetMidBlock2DCrossAttn") | None => {}
             Some(t) => return bad(format!("mid block type `{t}` is not supported")),
         }
+        let heads_key = if self.num_attention_heads.is_some() {
+            "num_attention_heads"
+        } else {
+            "attention_head_dim"
+        };
         for i in 0..n {
             let c = self.block_out_channels[i];
             if !c.is_multiple_of(self.norm_num_groups) {
@@ -225,9 +308,10 @@ impl UNetConfig {
                     self.norm_num_groups
                 ));
             }
-            if self.heads(i) == 0 || !c.is_multiple_of(self.heads(i)) {
+            if !c.is_multiple_of(self.heads(i)) {
                 return bad(format!(
-                    "block {i}: {c} channels do not split into {} attention heads",
+                    "block {i}: {c} channels do not split into {} attention heads (`{heads_key}` \
+                     must divide block_out_channels)",
                     self.heads(i)
                 ));
             }
@@ -274,6 +358,130 @@ impl UNetConfig {
             return bad("conv_in_kernel and conv_out_kernel must be odd".into());
         }
         Ok(())
+    }
+}
+
+impl UNetConfig {
+    /// Sizes within [`bounds`], counts at least 1, norms well defined (called by `validate`).
+    fn check_bounds(&self) -> Result<(), UNetError> {
+        let n = self.block_out_channels.len();
+        in_range("sample_size", self.sample_size, 1, bounds::UNET_SAMPLE_SIZE)?;
+        in_range("in_channels", self.in_channels, 1, bounds::IO_CHANNELS)?;
+        in_range("out_channels", self.out_channels, 1, bounds::IO_CHANNELS)?;
+        in_range("block_out_channels (its length)", n, 1, bounds::BLOCKS)?;
+        let heads_key = if self.num_attention_heads.is_some() {
+            "num_attention_heads"
+        } else {
+            "attention_head_dim"
+        };
+        for i in 0..n {
+            let c = self.block_out_channels[i];
+            in_range(&format!("block_out_channels[{i}]"), c, 1, bounds::CHANNELS)?;
+            let at = |key: &str| format!("{key}[{i}]");
+            in_range(
+                &at("layers_per_block"),
+                self.layers_per_block.get(i),
+                1,
+                bounds::LAYERS,
+            )?;
+            in_range(
+                &at("transformer_layers_per_block"),
+                self.transformer_layers_per_block.get(i),
+                1,
+                bounds::LAYERS,
+            )?;
+            in_range(
+                &at("cross_attention_dim"),
+                self.cross_attention_dim.get(i),
+                1,
+                bounds::CHANNELS,
+            )?;
+            in_range(&at(heads_key), self.heads(i), 1, bounds::HEADS.min(c))?;
+        }
+        let c_min = self.block_out_channels.iter().copied().min().unwrap_or(1);
+        in_range("norm_num_groups", self.norm_num_groups, 1, c_min)?;
+        positive("norm_eps", self.norm_eps, 1.0)?;
+        for (key, k) in [
+            ("conv_in_kernel", self.conv_in_kernel),
+            ("conv_out_kernel", self.conv_out_kernel),
+        ] {
+            in_range(key, k, 1, bounds::KERNEL)?;
+        }
+        in_range("downsample_padding", self.downsample_padding, 0, 8)?;
+        for (key, v) in [
+            ("freq_shift", self.freq_shift),
+            ("mid_block_scale_factor", self.mid_block_scale_factor),
+        ] {
+            if !v.is_finite() {
+                return Err(UNetError::Config(format!(
+                    "`{key}` = {v} is not a finite number"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The number of parameters (f32 values) the model built from this config holds; for a
+    /// memory estimate before anything is allocated. Call on a validated config.
+    pub fn num_params(&self) -> u128 {
+        let ch = &self.block_out_channels;
+        let n = ch.len();
+        let temb = ch[0] * 4;
+        let cross = |kind: &str| kind.starts_with("CrossAttn");
+        let mut total = conv_params(self.in_channels, ch[0], self.conv_in_kernel)
+            + linear_params(ch[0], temb, true)
+            + linear_params(temb, temb, true);
+        let mut cin = ch[0];
+        for (i, kind) in self.down_block_types.iter().enumerate() {
+            let (cout, layers) = (ch[i], self.layers_per_block.get(i));
+            let (ctx, tl) = (
+                self.cross_attention_dim.get(i),
+                self.transformer_layers_per_block.get(i),
+            );
+            for l in 0..layers {
+                total += resnet_params(if l == 0 { cin } else { cout }, cout, Some(temb));
+                if cross(kind) {
+                    total += transformer_params(cout, ctx, tl);
+                }
+            }
+            if i + 1 < n {
+                total += conv_params(cout, cout, 3);
+            }
+            cin = cout;
+        }
+        let last = n - 1;
+        if self.mid_block_type.is_some() {
+            let c = ch[last];
+            total += 2 * resnet_params(c, c, Some(temb))
+                + transformer_params(
+                    c,
+                    self.cross_attention_dim.get(last),
+                    self.transformer_layers_per_block.get(last),
+                );
+        }
+        let mut prev = ch[last];
+        for (j, kind) in self.up_block_types.iter().enumerate() {
+            let i = last - j;
+            let (cout, skip_in) = (ch[i], ch[i.saturating_sub(1)]);
+            let layers = self.layers_per_block.get(i) + 1;
+            let (ctx, tl) = (
+                self.cross_attention_dim.get(i),
+                self.transformer_layers_per_block.get(i),
+            );
+            for l in 0..layers {
+                let res_skip = if l == layers - 1 { skip_in } else { cout };
+                let res_in = if l == 0 { prev } else { cout };
+                total += resnet_params(res_in + res_skip, cout, Some(temb));
+                if cross(kind) {
+                    total += transformer_params(cout, ctx, tl);
+                }
+            }
+            if j < last {
+                total += conv_params(cout, cout, 3);
+            }
+            prev = cout;
+        }
+        total + 2 * ch[0] as u128 + conv_params(ch[0], self.out_channels, self.conv_out_kernel)
     }
 }
 
@@ -367,6 +575,28 @@ impl VaeConfig {
                 self.act_fn
             ));
         }
+        in_range("in_channels", self.in_channels, 1, bounds::IO_CHANNELS)?;
+        in_range("out_channels", self.out_channels, 1, bounds::IO_CHANNELS)?;
+        in_range(
+            "latent_channels",
+            self.latent_channels,
+            1,
+            bounds::IO_CHANNELS,
+        )?;
+        in_range("block_out_channels (its length)", n, 1, bounds::BLOCKS)?;
+        for (i, &c) in self.block_out_channels.iter().enumerate() {
+            in_range(&format!("block_out_channels[{i}]"), c, 1, bounds::CHANNELS)?;
+        }
+        in_range("layers_per_block", self.layers_per_block, 1, bounds::LAYERS)?;
+        in_range("sample_size", self.sample_size, 1, bounds::VAE_SAMPLE_SIZE)?;
+        let c_min = self.block_out_channels.iter().copied().min().unwrap_or(1);
+        in_range("norm_num_groups", self.norm_num_groups, 1, c_min)?;
+        // The latents are divided by it before decoding: 0 or a non-finite factor gives an image
+        // of one colour.
+        positive("scaling_factor", self.scaling_factor, 1e3)?;
+        if let Some(s) = self.shift_factor.filter(|s| !s.is_finite()) {
+            return bad(format!("`shift_factor` = {s} is not a finite number"));
+        }
         if let Some(c) = self
             .block_out_channels
             .iter()
@@ -378,5 +608,52 @@ impl VaeConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The number of parameters of the VAE built from this config (encoder and decoder); for a
+    /// memory estimate before anything is allocated. Call on a validated config.
+    pub fn num_params(&self) -> u128 {
+        let ch = &self.block_out_channels;
+        let n = ch.len();
+        let (lat, layers) = (self.latent_channels, self.layers_per_block);
+        let c_last = ch[n - 1];
+        let mid = 2 * resnet_params(c_last, c_last, None)
+            + if self.mid_block_add_attention {
+                2 * c_last as u128 + 4 * linear_params(c_last, c_last, true)
+            } else {
+                0
+            };
+        let mut total = conv_params(self.in_channels, ch[0], 3);
+        let mut cin = ch[0];
+        for (i, &cout) in ch.iter().enumerate() {
+            for l in 0..layers {
+                total += resnet_params(if l == 0 { cin } else { cout }, cout, None);
+            }
+            if i + 1 < n {
+                total += conv_params(cout, cout, 3);
+            }
+            cin = cout;
+        }
+        total += mid + 2 * c_last as u128 + conv_params(c_last, 2 * lat, 3);
+        total += conv_params(lat, c_last, 3) + mid;
+        let mut prev = c_last;
+        for j in 0..n {
+            let cout = ch[n - 1 - j];
+            for l in 0..=layers {
+                total += resnet_params(if l == 0 { prev } else { cout }, cout, None);
+            }
+            if j + 1 < n {
+                total += conv_params(cout, cout, 3);
+            }
+            prev = cout;
+        }
+        total += 2 * ch[0] as u128 + conv_params(ch[0], self.out_channels, 3);
+        if self.use_quant_conv {
+            total += conv_params(2 * lat, 2 * lat, 1);
+        }
+        if self.use_post_quant_conv {
+            total += conv_params(lat, lat, 1);
+        }
+        total
     }
 }

@@ -61,6 +61,30 @@ pub struct Loaded<M, C> {
     pub weights_path: ModelFile,
 }
 
+/// A config error with the file it came from.
+fn in_file(e: UNetError, config_path: &ModelFile) -> UNetError {
+    match e {
+        UNetError::Config(m) => UNetError::Config(format!("{config_path}: {m}")),
+        other => other,
+    }
+}
+
+/// Refuses a config whose parameters (f32) would not fit in the memory available, before
+/// the model is allocated.
+fn fits_in_memory(
+    params: u128,
+    what: &str,
+    config_path: &ModelFile,
+    keys: &str,
+) -> Result<(), UNetError> {
+    decorr_core::limits::check_memory(
+        params * 4,
+        &format!("the {what} of {config_path} ({params} parameters, f32)"),
+        &format!("check its {keys}"),
+    )?;
+    Ok(())
+}
+
 /// Load `unet/` of `source` onto `device`.
 pub fn load_unet(
     source: &ModelSource,
@@ -68,7 +92,13 @@ pub fn load_unet(
 ) -> Result<Loaded<UNet2DConditionModel, UNetConfig>, UNetError> {
     let config_path = source.find_file("unet", &["config.json"])?;
     let config: UNetConfig = read_json(&config_path, "a diffusers UNet2DConditionModel config")?;
-    config.validate()?;
+    config.validate().map_err(|e| in_file(e, &config_path))?;
+    fits_in_memory(
+        config.num_params(),
+        "UNet",
+        &config_path,
+        "block_out_channels, layers_per_block and transformer_layers_per_block",
+    )?;
     let weights_path = source.find_file("unet", WEIGHT_FILES)?;
     let mut model = UNet2DConditionModel::new(&config, device);
     let keys = if config.use_linear_projection {
@@ -92,7 +122,13 @@ pub fn load_vae(
 ) -> Result<Loaded<AutoencoderKL, VaeConfig>, UNetError> {
     let config_path = source.find_file("vae", &["config.json"])?;
     let config: VaeConfig = read_json(&config_path, "a diffusers AutoencoderKL config")?;
-    config.validate()?;
+    config.validate().map_err(|e| in_file(e, &config_path))?;
+    fits_in_memory(
+        config.num_params(),
+        "VAE",
+        &config_path,
+        "block_out_channels and layers_per_block",
+    )?;
     let weights_path = source.find_file("vae", WEIGHT_FILES)?;
     let mut model = AutoencoderKL::new(&config, device);
     load_safetensors(&mut model, &weights_path, &VAE)?;
