@@ -72,7 +72,19 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
         (None, None) => None,
     };
     // Resolve the target before loading weights: a typo should not cost a model load.
-    let target = spec.as_ref().map(|s| resolve_target(&tok, s)).transpose()?;
+    let target = spec
+        .as_ref()
+        .map(|s| {
+            resolve_target(&tok, s).with_context(|| match s {
+                TargetSpec::Word {
+                    word,
+                    occurrence: Some(n),
+                } => format!("--target {word} --occurrence {n}"),
+                TargetSpec::Word { word, .. } => format!("--target {word}"),
+                TargetSpec::Index(i) => format!("--target-index {i}"),
+            })
+        })
+        .transpose()?;
     let encoder = decorr_clip::load_text_encoder(source, &device)
         .with_context(|| format!("loading the text encoder of {}", source.describe()))?;
     let analysis = analyze(&encoder.model, &tok, args.layer, &device)?;

@@ -268,6 +268,8 @@ fn bertscore(a: BertscoreArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.pairs)
         .with_context(|| format!("reading --pairs {}", a.pairs.display()))?;
     let mut pairs = Vec::new();
+    // A byte-order mark at the start (some Windows editors write one) is not JSON.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -408,6 +410,9 @@ fn collect_items(runs: &[PathBuf]) -> Result<Vec<Item>> {
         }
         for f in folders {
             for record in read_manifest(&f)?.images {
+                // Only files inside the manifest's own folder (no absolute paths, no `..`, no
+                // symbolic links leading out of it).
+                crate::paths::inside(&f, &f.join(MANIFEST), &record.file)?;
                 let item = Item {
                     run: f.clone(),
                     record,
@@ -432,7 +437,8 @@ fn pairs_of(a: &RunArgs, items: &[Item]) -> Result<HashMap<String, [String; 2]>>
     if let Some(f) = &a.objects_file {
         let text = std::fs::read_to_string(f)
             .with_context(|| format!("reading --objects-file {}", f.display()))?;
-        let m: BTreeMap<String, [String; 2]> = serde_json::from_str(&text).with_context(|| {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        let m: BTreeMap<String, [String; 2]> = serde_json::from_str(text).with_context(|| {
             format!(
                 "{}: expected {{\"PROMPT\": [\"FIRST\", \"TARGET\"], ...}}",
                 f.display()
@@ -476,6 +482,7 @@ fn eval_run(a: RunArgs) -> Result<()> {
     let pairs = pairs_of(&a, &items)?;
     let partial = a.out.join("partial");
     std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
+    let _locks = crate::shard::lock_output(&a.out, a.shard, a.merge)?;
     if a.merge {
         return merge(&a, &items);
     }
@@ -521,7 +528,7 @@ fn eval_run(a: RunArgs) -> Result<()> {
     let ask: Vec<usize> = (0..mine.len()).filter(|&k| captions[k].is_none()).collect();
     match (&captioner, ask.is_empty(), &given) {
         (Some(c), false, _) => {
-            eprintln!("captioning {} images through {}", ask.len(), c.endpoint());
+            eprintln!("captioning {} images through {}", ask.len(), c.shown_endpoint());
             let got = c.caption_all(&ask.iter().map(|&k| inputs[k].clone()).collect::<Vec<_>>())?;
             for (k, cap) in ask.iter().zip(got) {
                 captions[*k] = Some(cap);
@@ -683,6 +690,7 @@ fn merge(a: &RunArgs, items: &[Item]) -> Result<()> {
         let path = partial.join(&name);
         let text = std::fs::read_to_string(&path)?;
         let rs: Vec<ImageResult> = text
+            .trim_start_matches('\u{feff}')
             .lines()
             .filter(|l| !l.trim().is_empty())
             .map(serde_json::from_str)
@@ -814,7 +822,8 @@ fn merge(a: &RunArgs, items: &[Item]) -> Result<()> {
             "bertscore_layer": a.bertscore_layer,
             "idf": a.idf,
             "prefix_space": a.bertscore_prefix_space,
-            "captioner": a.captioner,
+            // Credentials in the URL never reach the report.
+            "captioner": a.captioner.as_deref().map(decorr_eval::captioner::redact_url),
             "captioner_model": a.captioner_model,
             "reference_images": a.reference_images,
         },

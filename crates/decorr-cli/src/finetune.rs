@@ -4,13 +4,12 @@
 //! current step and keeps what was selected so far.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use decorr_clip::{ClipTextConfig, ClipTextModel, Tokenized, save_text_encoder};
-use decorr_core::io::write_atomic;
+use decorr_core::io::{OutputLock, remove_stale_temps, temp_dir_beside, write_atomic};
 use decorr_trainer::{
     EpochMetrics, MethodError, ParamPreset, PromptState, TargetSpec, TrainConfig, TrainObserver,
     TrainPrompt, finetune_prepared, prepare, resolve_target,
@@ -34,17 +33,21 @@ pub struct FinetuneArgs {
     /// Encoder layer (0-based) whose self-attention is decorrelated.
     #[arg(long, default_value_t = 11)]
     pub(crate) layer: usize,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20,
+          value_parser = crate::flags::usize_in(1, crate::flags::MAX_EPOCHS))]
     pub(crate) epochs: usize,
     /// Optimiser steps per epoch (each over all prompts).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10,
+          value_parser = crate::flags::usize_in(1, crate::flags::MAX_STEPS_PER_EPOCH))]
     pub(crate) steps_per_epoch: usize,
-    #[arg(long, default_value_t = 1e-5)]
+    /// Learning rate (a finite number > 0).
+    #[arg(long, default_value_t = 1e-5, value_parser = crate::flags::positive)]
     pub(crate) lr: f64,
-    #[arg(long, default_value_t = 0.01)]
+    /// AdamW's decoupled weight decay (a finite number >= 0).
+    #[arg(long, default_value_t = 0.01, value_parser = crate::flags::non_negative_f32)]
     pub(crate) weight_decay: f32,
-    /// Weight of L_align in the validation loss.
-    #[arg(long, default_value_t = 5.0)]
+    /// Weight of L_align in the validation loss (a finite number >= 0).
+    #[arg(long, default_value_t = 5.0, value_parser = crate::flags::non_negative)]
     pub(crate) tau: f64,
     /// Trained parameters: all, attn (q/k/v/out), qk.
     #[arg(long, default_value = "all")]
@@ -107,7 +110,7 @@ struct OutWriter<'a> {
     steps: Vec<f64>,
     selected: Option<usize>,
     bar: ProgressBar,
-    stop: Arc<AtomicBool>,
+    stop: &'static AtomicBool,
 }
 
 impl OutWriter<'_> {
@@ -210,22 +213,218 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         );
     }
     let params: ParamPreset = args.params.parse()?;
+    // The argument parser already refused these (crate::flags); `fix` builds FinetuneArgs
+    // itself, so check again before anything touches OUT.
     if args.epochs == 0 || args.steps_per_epoch == 0 {
         bail!("--epochs and --steps-per-epoch must be at least 1");
     }
-    if args.out.exists() && !args.overwrite {
+    if !(args.lr.is_finite() && args.lr > 0.0) {
+        bail!("--lr {}: must be a finite number > 0", args.lr);
+    }
+    if !(args.tau.is_finite() && args.tau >= 0.0) {
+        bail!("--tau {}: must be a finite number >= 0", args.tau);
+    }
+    if !(args.weight_decay.is_finite() && args.weight_decay >= 0.0) {
+        bail!(
+            "--weight-decay {}: must be a finite number >= 0",
+            args.weight_decay
+        );
+    }
+    // Everything about OUT is decided before the model is loaded: a refusal costs nothing.
+    let replacing = holds_results(&args.out)?;
+    if replacing && !args.overwrite {
         bail!(
             "{} already exists; choose another --out or pass --overwrite to replace it",
             args.out.display()
         );
     }
+    if replacing {
+        check_finetune_folder(&args.out)?;
+    }
+    let _lock = OutputLock::acquire(&args.out)?;
+    // A replaced OUT is built beside the old one and swapped in only when the run succeeds, so
+    // a failed or interrupted run leaves the previous encoder as it was.
+    let staging = if replacing {
+        if let Some(parent) = args.out.parent() {
+            remove_stale_temps(parent, 0);
+        }
+        Some(
+            temp_dir_beside(&args.out)
+                .with_context(|| format!("creating a folder beside {}", args.out.display()))?,
+        )
+    } else {
+        None
+    };
+    let work = staging
+        .as_ref()
+        .map_or_else(|| args.out.clone(), |t| t.path().to_path_buf());
+    let (result, selected) = train(&args, params, &work);
+    let out = args.out.display();
+    match (staging, result) {
+        (None, Ok(trained)) if selected.is_some() => {
+            print_result(&trained, &args.out);
+            Ok(())
+        }
+        (None, Err(e)) if selected.is_some() => Err(e.context(format!(
+            "{out} keeps epoch {}",
+            selected.unwrap_or_default()
+        ))),
+        // Nothing selected in a fresh OUT: remove it, so that a re-run is not refused.
+        (None, result) => {
+            let _ = std::fs::remove_dir_all(&args.out);
+            match result {
+                Ok(_) => {
+                    println!("stopped before the first epoch ended; {out} was not written");
+                    Ok(())
+                }
+                Err(e) => Err(e.context(format!("no epoch was completed; {out} was not written"))),
+            }
+        }
+        (Some(_), Err(e)) => match selected {
+            Some(ep) => Err(e.context(format!(
+                "the run stopped at epoch {ep} and was discarded; the previous {out} is unchanged"
+            ))),
+            None => Err(e.context(format!("the previous {out} is unchanged"))),
+        },
+        (Some(_), Ok(trained)) if trained.interrupted || selected.is_none() => {
+            println!("interrupted: the new run was discarded; the previous {out} is unchanged");
+            Ok(())
+        }
+        (Some(staging), Ok(trained)) => {
+            swap_in(staging, &args.out)?;
+            print_result(&trained, &args.out);
+            Ok(())
+        }
+    }
+}
+
+/// What [`train`] leaves for the final message.
+struct Trained {
+    interrupted: bool,
+    selected: Option<usize>,
+    /// Per prompt: (prompt, A[t,c]/A[t,t] before, after).
+    ratios: Vec<(String, f32, f32)>,
+}
+
+fn print_result(t: &Trained, out: &Path) {
+    if let Some(e) = t.selected {
+        println!(
+            "selected epoch {e}; wrote {}/text_encoder, report.json, losses.png",
+            out.display()
+        );
+        for (prompt, before, after) in &t.ratios {
+            println!("  {prompt:?}: A[t,c]/A[t,t] {before:.3} -> {after:.3}");
+        }
+    }
+}
+
+/// Whether `out` holds anything but what a lock leaves (an empty folder left by a run that
+/// completed no epoch is no result to protect).
+fn holds_results(out: &Path) -> Result<bool> {
+    if !out.exists() {
+        return Ok(false);
+    }
+    if !out.is_dir() {
+        bail!(
+            "--out {} is a file, not a folder; choose another --out",
+            out.display()
+        );
+    }
+    let entries = std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))?;
+    Ok(entries
+        .flatten()
+        .any(|e| e.file_name() != decorr_core::io::LOCK_FILE))
+}
+
+/// `--overwrite` replaces only what `decorr finetune` writes: a folder holding anything else
+/// was not made by it, and is refused with the first foreign file named.
+fn check_finetune_folder(out: &Path) -> Result<()> {
+    let ours = |rel: &str| {
+        matches!(
+            rel,
+            "text_encoder"
+                | "text_encoder/config.json"
+                | "text_encoder/model.safetensors"
+                | "report.json"
+                | "losses.png"
+        ) || rel.rsplit('/').next().is_some_and(|n| {
+            n == decorr_core::io::LOCK_FILE || n.starts_with(".decorr-tmp-") || n.ends_with(".tmp")
+        })
+    };
+    for dir in [out.to_path_buf(), out.join("text_encoder")] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let rel = e.path();
+            let rel = rel
+                .strip_prefix(out)
+                .unwrap_or(&rel)
+                .to_string_lossy()
+                .replace('\\', "/");
+            if !ours(&rel) {
+                bail!(
+                    "--overwrite refuses {}: it holds {rel}, which decorr finetune does not \
+                     write, so it is not a decorr finetune output; move it away or choose \
+                     another --out",
+                    out.display()
+                );
+            }
+        }
+    }
+    if !out.join("report.json").is_file() {
+        bail!(
+            "--overwrite refuses {}: it has no report.json, so it is not a decorr finetune \
+             output; choose another --out",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// Replaces `out` by the finished `staging` folder: the old one is renamed aside first, so at
+/// every moment `out` is either the old result or the new one.
+fn swap_in(staging: tempfile::TempDir, out: &Path) -> Result<()> {
+    let old = temp_dir_beside(out)
+        .with_context(|| format!("creating a folder beside {}", out.display()))?;
+    let aside = old.path().join("old");
+    std::fs::rename(out, &aside)
+        .with_context(|| format!("moving the previous {} aside", out.display()))?;
+    if let Err(e) = std::fs::rename(staging.path(), out) {
+        let _ = std::fs::rename(&aside, out);
+        return Err(e).with_context(|| format!("moving the new result into {}", out.display()));
+    }
+    let _ = staging.keep();
+    drop(old); // removes the previous result
+    Ok(())
+}
+
+/// Loads the model and fine-tunes into `work`. Returns the outcome and the epoch selected so far
+/// (also when the run failed: what `work` then holds).
+fn train(
+    args: &FinetuneArgs,
+    params: ParamPreset,
+    work: &Path,
+) -> (Result<Trained>, Option<usize>) {
+    let mut selected = None;
+    let r = train_inner(args, params, work, &mut selected);
+    (r, selected)
+}
+
+fn train_inner(
+    args: &FinetuneArgs,
+    params: ParamPreset,
+    work: &Path,
+    selected_out: &mut Option<usize>,
+) -> Result<Trained> {
     let source = &args.model.open()?;
     let device = args.model.device()?;
     let tokenizer = decorr_clip::load_tokenizer(source)?;
     let mut prompts = Vec::new();
     for (p, t) in args.prompts.iter().zip(&args.targets) {
         let tokenized = tokenizer.encode(p)?;
-        let target = resolve_target(&tokenized, t).with_context(|| format!("prompt {p:?}"))?;
+        let target = resolve_target(&tokenized, t)
+            .with_context(|| format!("--target {t} (of the prompt {p:?})"))?;
         prompts.push(TrainPrompt { tokenized, target });
     }
     let encoder = decorr_clip::load_text_encoder(source, &device)
@@ -242,24 +441,8 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         ..Default::default()
     };
     let states = prepare(&encoder.model, &prompts, config.layer, &device)?;
-    if args.out.exists() {
-        std::fs::remove_dir_all(&args.out)
-            .with_context(|| format!("removing the old {}", args.out.display()))?;
-    }
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        // A second Ctrl-C falls through to the default (immediate exit); files stay whole anyway.
-        let _ = ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!("\ninterrupted: stopping after this step; OUT keeps the selected epoch");
-        });
-    }
+    crate::interrupt::install();
     let total = (config.epochs * config.steps_per_epoch) as u64;
     let bar = if args.quiet {
         ProgressBar::hidden()
@@ -299,7 +482,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         );
     }
     let mut writer = OutWriter {
-        out: &args.out,
+        out: work,
         source: source.describe(),
         config: &config,
         enc_config: &encoder.config,
@@ -309,7 +492,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         steps: Vec::new(),
         selected: None,
         bar,
-        stop,
+        stop: crate::interrupt::flag(),
     };
     let states = writer.states.clone();
     let result = finetune_prepared(
@@ -321,42 +504,26 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         &mut writer,
     );
     writer.bar.finish_and_clear();
-    let outcome = match result {
-        Ok(o) => o,
-        Err(e) => {
-            let kept = match writer.selected {
-                Some(ep) => format!("{} keeps epoch {ep}", args.out.display()),
-                None => format!(
-                    "no epoch was completed; {} holds no encoder",
-                    args.out.display()
-                ),
-            };
-            return Err(anyhow::Error::new(e).context(kept));
-        }
-    };
+    *selected_out = writer.selected;
+    let outcome = result?;
     writer.write_report(!outcome.interrupted)?;
-    match outcome.selected_epoch {
-        Some(e) => {
-            println!(
-                "selected epoch {e}; wrote {}/text_encoder, report.json, losses.png",
-                args.out.display()
-            );
-            for (p, st) in writer.prompts.iter().zip(&writer.states) {
-                if let Some(after) = &p.row_after {
-                    let (t, c) = (st.focus.target, st.focus.corr);
-                    println!(
-                        "  {:?}: A[t,c]/A[t,t] {:.3} -> {:.3}",
-                        p.prompt,
-                        p.row_before[c] / p.row_before[t],
-                        after[c] / after[t]
-                    );
-                }
-            }
-        }
-        None => println!(
-            "stopped before the first epoch ended; {} holds no encoder",
-            args.out.display()
-        ),
-    }
-    Ok(())
+    let ratios = writer
+        .prompts
+        .iter()
+        .zip(&writer.states)
+        .filter_map(|(p, st)| {
+            let after = p.row_after.as_ref()?;
+            let (t, c) = (st.focus.target, st.focus.corr);
+            Some((
+                p.prompt.clone(),
+                p.row_before[c] / p.row_before[t],
+                after[c] / after[t],
+            ))
+        })
+        .collect();
+    Ok(Trained {
+        interrupted: outcome.interrupted,
+        selected: outcome.selected_epoch,
+        ratios,
+    })
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use decorr_core::io::write_atomic;
+use decorr_core::io::{OutputLock, write_atomic};
 use decorr_pipeline::Guidance;
 use decorr_trainer::TargetSpec;
 use serde::Serialize;
@@ -34,13 +34,17 @@ pub struct FixArgs {
     /// Encoder layer whose self-attention is decorrelated.
     #[arg(long, default_value_t = 11)]
     layer: usize,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20,
+          value_parser = crate::flags::usize_in(1, crate::flags::MAX_EPOCHS))]
     epochs: usize,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10,
+          value_parser = crate::flags::usize_in(1, crate::flags::MAX_STEPS_PER_EPOCH))]
     steps_per_epoch: usize,
-    #[arg(long, default_value_t = 1e-5)]
+    /// Learning rate (a finite number > 0).
+    #[arg(long, default_value_t = 1e-5, value_parser = crate::flags::positive)]
     lr: f64,
-    #[arg(long, default_value_t = 5.0)]
+    /// Weight of L_align in the validation loss (a finite number >= 0).
+    #[arg(long, default_value_t = 5.0, value_parser = crate::flags::non_negative)]
     tau: f64,
     /// Trained parameters: all, attn, qk.
     #[arg(long, default_value = "all")]
@@ -64,6 +68,13 @@ pub fn parse_seeds(s: &str) -> Result<Vec<u64>> {
             a.trim().parse().with_context(bad)?,
             b.trim().parse().with_context(bad)?,
         );
+        if b.saturating_sub(a) > crate::flags::MAX_IMAGES {
+            bail!(
+                "--seeds {s}: {} seeds, more than the {} one run makes; split the range",
+                b - a,
+                crate::flags::MAX_IMAGES
+            );
+        }
         (a..b).collect()
     } else {
         s.split(',')
@@ -73,6 +84,11 @@ pub fn parse_seeds(s: &str) -> Result<Vec<u64>> {
     };
     if seeds.is_empty() {
         bail!("{}: no seeds in it", bad());
+    }
+    // A repeated seed would be one image reported several times.
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = seeds.iter().find(|&&x| !seen.insert(x)) {
+        bail!("--seeds {s}: seed {dup} is listed more than once; list each seed once");
     }
     Ok(seeds)
 }
@@ -92,23 +108,123 @@ struct Summary {
     report: PathBuf,
 }
 
+/// What an OUT of `decorr fix` was made with (`OUT/fix.json`). A re-run continues the folder
+/// only when these are equal; seeds may change (each image records its own), as may settings
+/// that do not change the results (batch size, backend, progress).
+fn settings(args: &FixArgs) -> serde_json::Value {
+    let s = &args.sample;
+    let m = &args.model;
+    serde_json::json!({
+        "prompt": args.prompt,
+        "target": args.target.to_string(),
+        "layer": args.layer,
+        "epochs": args.epochs,
+        "steps_per_epoch": args.steps_per_epoch,
+        "lr": args.lr,
+        "tau": args.tau,
+        "params": args.params,
+        "negative_prompt": s.negative_prompt,
+        "steps": s.steps,
+        "guidance_scale": s.guidance_scale,
+        "width": s.width,
+        "height": s.height,
+        "scheduler": s.scheduler.map(|k| k.name()),
+        "karras": s.karras,
+        "eta": s.eta,
+        "weights": m.weights,
+        "model": m.model,
+        "revision": m.revision,
+        "checkpoint_config": m.checkpoint_config,
+        "checkpoint_prediction": m.checkpoint_prediction.map(|p| format!("{p:?}")),
+    })
+}
+
+const SETTINGS: &str = "fix.json";
+
+/// Checks that OUT is new, or a `decorr fix` folder made with `wanted`; nothing is written.
+/// Returns whether OUT already holds a run.
+fn check_out(out: &Path, wanted: &serde_json::Value) -> Result<bool> {
+    if !out.exists() {
+        return Ok(false);
+    }
+    if !out.is_dir() {
+        bail!(
+            "--out {} is a file, not a folder; choose another --out",
+            out.display()
+        );
+    }
+    let path = out.join(SETTINGS);
+    if !path.exists() {
+        let foreign = std::fs::read_dir(out)
+            .with_context(|| format!("reading {}", out.display()))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|n| n != decorr_core::io::LOCK_FILE && !n.starts_with(".decorr-tmp-"));
+        return match foreign {
+            None => Ok(false),
+            Some(name) => bail!(
+                "{} holds {name} but no {SETTINGS}, so it is not a decorr fix output (or one made \
+                 by an older decorr); choose another --out",
+                out.display()
+            ),
+        };
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let had: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a decorr fix settings file", path.display()))?;
+    if &had != wanted {
+        let differs: Vec<String> = wanted
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| had.get(k.as_str()) != Some(v))
+            .map(|(k, v)| {
+                format!(
+                    "{k}: {} there, {v} now",
+                    had.get(k.as_str()).unwrap_or(&serde_json::Value::Null)
+                )
+            })
+            .collect();
+        bail!(
+            "{} holds a decorr fix run made with other settings ({}); nothing was changed. \
+             Re-run with the same settings to continue it, or choose another --out",
+            out.display(),
+            differs.join("; ")
+        );
+    }
+    Ok(true)
+}
+
 pub fn run(args: FixArgs) -> Result<()> {
     let seeds = parse_seeds(&args.seeds)?;
-    // Load everything first: with no weights this stops at once with the how-to.
-    let sd = load(&args.model, None)?;
     let out = &args.out;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let wanted = settings(&args);
+    // Decided before anything is loaded or written: a re-run either continues exactly what OUT
+    // holds or stops here, naming what differs.
+    let resuming = check_out(out, &wanted)?;
+    let _lock = OutputLock::acquire(out)?;
+    // Load everything first: with no weights this stops at once with the how-to.
+    let sd = match load(&args.model, None) {
+        Ok(sd) => sd,
+        Err(e) => {
+            if !resuming {
+                decorr_core::io::remove_if_only_locks(out);
+            }
+            return Err(e);
+        }
+    };
+    write_atomic(
+        &out.join(SETTINGS),
+        serde_json::to_string_pretty(&wanted)?.as_bytes(),
+    )?;
     let ft_dir = out.join("finetune");
     let report_path = ft_dir.join("report.json");
 
     let finished = std::fs::read_to_string(&report_path)
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .filter(|r| {
-            r["finished"] == true
-                && r["prompts"][0]["prompt"] == args.prompt.as_str()
-                && ft_dir.join("text_encoder/config.json").is_file()
-        });
+        .filter(|r| r["finished"] == true && ft_dir.join("text_encoder/config.json").is_file());
     if finished.is_some() {
         eprintln!(
             "{}: fine-tuning already finished, reusing it",
@@ -131,6 +247,12 @@ pub fn run(args: FixArgs) -> Result<()> {
             overwrite: true,
             quiet: args.sample.quiet,
         })?;
+    }
+    if crate::interrupt::requested() {
+        bail!(
+            "interrupted during fine-tuning; {} keeps what was done, and the same command resumes",
+            out.display()
+        );
     }
     let report: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(&report_path)
@@ -319,6 +441,24 @@ mod tests {
         assert_eq!(parse_seeds("0..3").unwrap(), vec![0, 1, 2]);
         assert_eq!(parse_seeds("5, 9").unwrap(), vec![5, 9]);
         assert!(parse_seeds("3..3").is_err());
+        let e = parse_seeds("1,1,1").unwrap_err().to_string();
+        assert!(
+            e.contains("--seeds") && e.contains("seed 1 is listed more than once"),
+            "{e}"
+        );
+        assert!(
+            parse_seeds("4, 2,4")
+                .unwrap_err()
+                .to_string()
+                .contains("seed 4")
+        );
+        let e = parse_seeds("0..18446744073709551615")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--seeds") && e.contains("split the range"),
+            "{e}"
+        );
         assert!(
             parse_seeds("a..b")
                 .unwrap_err()

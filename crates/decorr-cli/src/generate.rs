@@ -14,7 +14,7 @@ use decorr_core::io::write_atomic;
 use decorr_pipeline::png::{encode_rgb8, parameters_text};
 use decorr_pipeline::{GenerateParams, Guidance, StableDiffusion, StepAttention, to_rgb8};
 use decorr_scheduler::SchedulerKind;
-use decorr_trainer::{TargetSpec, resolve_target};
+use decorr_trainer::{TargetSpec, resolve_token};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -28,16 +28,17 @@ use crate::shard::Shard;
 pub struct SampleArgs {
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
-    /// Denoising steps.
-    #[arg(long, default_value_t = 50)]
+    /// Denoising steps (1 to 1000).
+    #[arg(long, default_value_t = 50,
+          value_parser = crate::flags::usize_in(1, crate::flags::MAX_STEPS))]
     pub steps: usize,
-    /// Guidance scale s (diffusers' convention; 1 or less turns guidance off).
-    #[arg(long, default_value_t = 7.5)]
+    /// Guidance scale s (diffusers' convention; 1 or less turns guidance off; 0 to 1000).
+    #[arg(long, default_value_t = 7.5, value_parser = crate::flags::guidance_scale)]
     pub guidance_scale: f64,
     /// Image width in pixels (multiple of 8); default the UNet's sample size x 8 (512 for SD 1.5).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::usize_in(8, crate::flags::MAX_SIDE))]
     pub width: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::usize_in(8, crate::flags::MAX_SIDE))]
     pub height: Option<usize>,
     /// ddim, pndm, euler, euler-a, dpmpp-2m, lms; default the checkpoint's own (PNDM for SD 1.5).
     #[arg(long)]
@@ -45,15 +46,15 @@ pub struct SampleArgs {
     /// Karras sigmas (euler, dpmpp-2m, lms).
     #[arg(long)]
     pub karras: bool,
-    /// DDIM's eta (0: deterministic).
-    #[arg(long, default_value_t = 0.0)]
+    /// DDIM's eta (0: deterministic; 0 to 1).
+    #[arg(long, default_value_t = 0.0, value_parser = crate::flags::unit_interval)]
     pub eta: f64,
     /// Images per UNet batch (memory vs speed; images do not depend on it).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::flags::usize_in(1, 4096))]
     pub batch_size: usize,
     /// Compute attention in slices of N (batch x head) rows to bound memory (GPU backends;
     /// on the CPU, attention already runs in blocks of query rows and ignores it).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::usize_in(1, u32::MAX as u64))]
     pub attention_slice: Option<usize>,
     /// No progress bar.
     #[arg(long)]
@@ -78,13 +79,15 @@ pub struct GenerateArgs {
     /// Seed of the first image; image k uses seed + k (torch.Generator("cpu").manual_seed).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1,
+          value_parser = crate::flags::usize_in(1, crate::flags::MAX_IMAGES))]
     num_images: usize,
     /// Words whose cross-attention over the denoising steps is saved as `attention-SEED.png`.
     #[arg(long, value_delimiter = ',')]
     attention_maps: Vec<String>,
     /// How many steps the attention figure shows (evenly spaced, last included).
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 6,
+          value_parser = crate::flags::usize_in(1, crate::flags::MAX_STEPS))]
     attention_steps: usize,
     #[command(flatten)]
     sample: SampleArgs,
@@ -159,12 +162,19 @@ fn read_manifest_file(path: &Path) -> Result<Manifest> {
     }
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let manifest: Manifest = serde_json::from_str(text).with_context(|| {
         format!(
             "{} is not a decorr manifest; use another --out",
             path.display()
         )
-    })
+    })?;
+    // Entries may only name files inside the manifest's folder (a merge copies them into
+    // manifest.json, which `eval run` reads).
+    for image in &manifest.images {
+        crate::paths::check_relative(path, &image.file)?;
+    }
+    Ok(manifest)
 }
 
 /// The parameters of a generation run, resolved against the checkpoint.
@@ -174,14 +184,16 @@ pub fn params(
     s: &SampleArgs,
     guidance: Guidance,
 ) -> Result<GenerateParams> {
-    let default_side = sd.unet_config.sample_size * sd.vae_scale_factor();
+    // From the UNet config only when a flag is missing, and then named as a config key.
+    let side = |flag: Option<usize>| flag.map_or_else(|| sd.default_side(), Ok);
+    let (width, height) = (side(s.width)?, side(s.height)?);
     Ok(GenerateParams {
         prompt: prompt.to_string(),
         negative_prompt: s.negative_prompt.clone(),
         steps: s.steps,
         guidance_scale: s.guidance_scale,
-        width: s.width.unwrap_or(default_side),
-        height: s.height.unwrap_or(default_side),
+        width,
+        height,
         scheduler: match s.scheduler {
             Some(k) => k,
             None => sd.default_scheduler()?,
@@ -211,6 +223,8 @@ pub fn generate_into(
     if s.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
+    // Before any folder or file is made: the largest batch this run will decode at once.
+    sd.check_memory(p, s.batch_size.min(seeds.len().max(1)))?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let run = RunRecord {
         method: method.to_string(),
@@ -246,8 +260,9 @@ pub fn generate_into(
             let mut idx = Vec::new();
             for w in words {
                 let spec: TargetSpec = w.parse()?;
+                // Any word of the prompt, the first one too: a map only shows cross-attention.
                 idx.push(
-                    resolve_target(&tok, &spec).with_context(|| format!("--attention-maps {w}"))?,
+                    resolve_token(&tok, &spec).with_context(|| format!("--attention-maps {w}"))?,
                 );
             }
             p.capture_tokens = idx;
@@ -256,11 +271,24 @@ pub fn generate_into(
         _ => Vec::new(),
     };
 
-    let todo: Vec<u64> = seeds
-        .iter()
-        .copied()
-        .filter(|&seed| !out.join(image_file(seed)).exists())
-        .collect();
+    let record = |seed: u64| ImageRecord {
+        file: image_file(seed),
+        seed,
+        run: run.clone(),
+    };
+    // An image already there counts as done only if it decodes whole and its own record is this
+    // run's; anything else (truncated, another prompt's, edited) is made again.
+    let mut todo = Vec::new();
+    for &seed in seeds {
+        let path = out.join(image_file(seed));
+        if !path.exists() {
+            todo.push(seed);
+        } else if let Err(why) = check_image(&path, &record(seed)) {
+            eprintln!("{}: {why}; making it again", path.display());
+            manifest.images.retain(|i| i.seed != seed);
+            todo.push(seed);
+        }
+    }
     let skipped = seeds.len() - todo.len();
     if skipped > 0 {
         eprintln!(
@@ -280,21 +308,30 @@ pub fn generate_into(
         )
     };
     bar.set_prefix(method.to_string());
-    let record = |seed: u64| ImageRecord {
-        file: image_file(seed),
-        seed,
-        run: run.clone(),
-    };
     // Images present from an interrupted run get their entry back.
     for &seed in seeds {
-        if out.join(image_file(seed)).exists() && !manifest.images.iter().any(|i| i.seed == seed) {
+        if !todo.contains(&seed) && !manifest.images.iter().any(|i| i.seed == seed) {
             manifest.images.push(record(seed));
         }
     }
+    crate::interrupt::install();
     for batch in todo.chunks(s.batch_size) {
         let g = sd.generate(&p, batch, &mut |done, total| {
             bar.set_message(format!("step {done}/{total}"));
-        })?;
+            !crate::interrupt::requested()
+        });
+        let g = match g {
+            Err(decorr_pipeline::PipelineError::Interrupted) => {
+                bar.finish_and_clear();
+                write_manifest(&manifest_path, &mut manifest)?;
+                bail!(
+                    "interrupted: {} holds {} finished images; the same command resumes",
+                    out.display(),
+                    manifest.images.len()
+                );
+            }
+            g => g?,
+        };
         for (k, (w, h, rgb)) in to_rgb8(&g.images).into_iter().enumerate() {
             let seed = batch[k];
             let rec = record(seed);
@@ -332,6 +369,48 @@ pub fn generate_into(
     Ok(manifest)
 }
 
+/// Whether the PNG at `path` is a whole image made by the run `rec` describes: it decodes, has
+/// the run's size, and its `decorr` chunk is `rec`. The reason when not.
+fn check_image(path: &Path, rec: &ImageRecord) -> std::result::Result<(), String> {
+    let chunks = decorr_pipeline::png::read_text_chunks(path).map_err(|e| e.to_string())?;
+    let Some((_, json)) = chunks.iter().find(|(k, _)| k == "decorr") else {
+        return Err("it has no decorr record, so decorr did not make it".into());
+    };
+    let theirs: ImageRecord = serde_json::from_str(json)
+        .map_err(|e| format!("its decorr record does not parse ({e})"))?;
+    if theirs.seed != rec.seed || theirs.file != rec.file {
+        return Err(format!("its record says seed {}", theirs.seed));
+    }
+    if theirs.run != rec.run {
+        let (a, b) = (
+            serde_json::to_value(&theirs.run).unwrap_or_default(),
+            serde_json::to_value(&rec.run).unwrap_or_default(),
+        );
+        let differs: Vec<&str> = a
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+            .map(|(k, _)| k.as_str())
+            .collect();
+        return Err(format!(
+            "it was made with other parameters (differing: {})",
+            differs.join(", ")
+        ));
+    }
+    let img = image::open(path).map_err(|e| format!("it does not decode ({e})"))?;
+    if (img.width() as usize, img.height() as usize) != (rec.run.width, rec.run.height) {
+        return Err(format!(
+            "it is {}x{}, not {}x{}",
+            img.width(),
+            img.height(),
+            rec.run.width,
+            rec.run.height
+        ));
+    }
+    Ok(())
+}
+
 fn write_manifest(path: &Path, manifest: &mut Manifest) -> Result<()> {
     manifest.images.sort_by_key(|i| i.seed);
     write_atomic(path, serde_json::to_string_pretty(&manifest)?.as_bytes())?;
@@ -363,6 +442,7 @@ fn prompts_of(args: &GenerateArgs) -> Result<Vec<String>> {
     let prompts: Vec<String> = match &args.prompts_file {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("reading --prompts-file {}", path.display()))?
+            .trim_start_matches('\u{feff}')
             .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
@@ -541,12 +621,24 @@ pub fn load(model: &ModelArgs, encoder: Option<&Path>) -> Result<StableDiffusion
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    if args.num_images == 0 {
-        bail!("--num-images must be at least 1");
+    let out = args.out.clone();
+    let fresh = !out.exists();
+    let result = run_locked(args);
+    // A run that failed before writing anything leaves no folder behind.
+    if result.is_err() && fresh {
+        decorr_core::io::remove_if_only_locks(&out);
     }
+    result
+}
+
+fn run_locked(args: GenerateArgs) -> Result<()> {
+    // Seeds first: --seed near 2^64 with several images must not wrap around to seed 0.
+    let seeds = crate::flags::seed_range(args.seed, args.num_images)?;
     let prompts = prompts_of(&args)?;
     let folders = prompt_folders(&args.out, &prompts);
-    let seeds: Vec<u64> = (0..args.num_images as u64).map(|k| args.seed + k).collect();
+    // One run at a time per output; the shards of an array job share the folder by design, so
+    // each locks its own part, and --merge waits for none of them to be running.
+    let _locks = crate::shard::lock_output(&args.out, args.shard, args.merge)?;
     if args.merge {
         let manifests = merge(&folders, &seeds)?;
         let n: usize = manifests.iter().map(|m| m.images.len()).sum();

@@ -5,10 +5,13 @@ mod charts;
 mod eval;
 mod finetune;
 mod fix;
+mod flags;
 mod generate;
 mod grid;
 mod heatmap;
+mod interrupt;
 mod model_args;
+mod paths;
 mod shard;
 
 use anyhow::Result;

@@ -59,6 +59,7 @@ impl ModelArgs {
                             .parse()
                             .map_err(|e: String| anyhow::anyhow!("--checkpoint-config: {e}"))?,
                         prediction: self.checkpoint_prediction,
+                        config_flag: "--checkpoint-config",
                         ..Default::default()
                     },
                 )

@@ -205,3 +205,64 @@ fn json_to_unwritable_place_fails_cleanly() {
         &["file/out.json"],
     );
 }
+
+/// Errors name the flag the user has: `--occurrence` in analyze, `--checkpoint-config` (not
+/// xtask's `--config`) for a single-file checkpoint, and a failed write says "cannot write".
+#[test]
+fn errors_name_the_flag_this_command_has() {
+    let w = fixtures().join("clip_tiny_a");
+    let w = w.to_str().unwrap();
+    assert_fails(
+        &[
+            "analyze",
+            "--prompt",
+            "a cat and a cat",
+            "--target",
+            "cat",
+            "--occurrence",
+            "3",
+            "--weights",
+            w,
+        ],
+        &["--occurrence 3", "2 time(s)", "1..=2"],
+    );
+    let tiny = fixtures().join("convert/tiny.safetensors");
+    for choice in ["auto", "sd2"] {
+        let o = decorr(&[
+            "analyze",
+            "--weights",
+            tiny.to_str().unwrap(),
+            "--checkpoint-config",
+            choice,
+            "--prompt",
+            "a",
+        ]);
+        let t = text(&o);
+        assert!(!o.status.success(), "{t}");
+        assert!(t.contains("--checkpoint-config"), "{choice}: {t}");
+        assert!(
+            !t.contains(" --config"),
+            "{choice}: names xtask's flag: {t}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("file"), "x").unwrap();
+    let bad = dir.path().join("file/out.json");
+    let o = decorr(&[
+        "analyze",
+        "--prompt",
+        PROMPT,
+        "--layer",
+        "2",
+        "--weights",
+        w,
+        "--json",
+        bad.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("cannot write") && !t.contains("cannot read"),
+        "{t}"
+    );
+}

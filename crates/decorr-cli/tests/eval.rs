@@ -552,3 +552,238 @@ fn eval_run_computes_fid_per_method() {
         "{direct} vs {f_dec}"
     );
 }
+
+/// Runs `decorr` with `RUST_LOG=info`, so log lines are checked too.
+fn decorr_logged(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_decorr"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run decorr")
+}
+
+/// Copies the run folder `from` to `to`.
+fn copy_run(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+/// A manifest (written by whoever made the folder) may only name files inside its own folder:
+/// absolute paths, `..` and symbolic links leading out are refused, naming the manifest, the
+/// entry and the rule, before anything is read or written.
+#[test]
+fn eval_run_reads_only_files_inside_the_manifests_folder() {
+    let model = tiny_sd();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let good = w.join("good");
+    generate(model.path(), &good, false);
+    std::fs::write(w.join("secret.png"), "not an image of the run").unwrap();
+    let set_first = |dir: &Path, file: &str| {
+        let m = dir.join("manifest.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&m).unwrap()).unwrap();
+        v["images"][0]["file"] = file.into();
+        std::fs::write(&m, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    };
+    let mut cases = vec![
+        ("absolute", "/etc/hostname", "absolute path"),
+        ("dotdot", "../../x.png", "`..` component"),
+        ("inner-dotdot", "sub/../../secret.png", "`..` component"),
+    ];
+    if cfg!(unix) {
+        cases.push(("symlink", "seed-000000.png", "outside"));
+    }
+    for (name, entry, why) in cases {
+        let dir = w.join(name);
+        copy_run(&good, &dir);
+        set_first(&dir, entry);
+        #[cfg(unix)]
+        if name == "symlink" {
+            std::fs::remove_file(dir.join("seed-000000.png")).unwrap();
+            std::os::unix::fs::symlink(w.join("secret.png"), dir.join("seed-000000.png")).unwrap();
+        }
+        let out = w.join(format!("out-{name}"));
+        let manifest = dir.join("manifest.json");
+        assert_fails(
+            &[
+                "eval",
+                "run",
+                "--runs",
+                dir.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            &[
+                manifest.to_str().unwrap(),
+                entry,
+                why,
+                "may only name files inside its own folder",
+            ],
+        );
+        assert!(!out.exists(), "{name}: nothing written");
+    }
+    // `generate --merge` refuses a shard manifest with such an entry too (it would copy it into
+    // manifest.json).
+    let sharded = w.join("sharded");
+    copy_run(&good, &sharded);
+    std::fs::rename(
+        sharded.join("manifest.json"),
+        sharded.join("manifest.shard-0-of-1.json"),
+    )
+    .unwrap();
+    let shard = sharded.join("manifest.shard-0-of-1.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&shard).unwrap()).unwrap();
+    v["images"][0]["file"] = "/etc/hostname".into();
+    std::fs::write(&shard, v.to_string()).unwrap();
+    let o = quick_generate(model.path(), &sharded, &["--merge"]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("manifest.shard-0-of-1.json") && t.contains("/etc/hostname"),
+        "{t}"
+    );
+    assert!(!sharded.join("manifest.json").exists());
+}
+
+/// Files that start with a UTF-8 byte-order mark (Windows editors write one) are read: the
+/// manifest, `--captions`, `--objects-file`, `--pairs`. A captioner URL with credentials never
+/// shows them: not in errors, logs or the report.
+#[test]
+fn bom_files_are_read_and_captioner_credentials_never_shown() {
+    const BOM: &str = "\u{feff}";
+    let model = tiny_sd();
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let run = w.join("run");
+    generate(model.path(), &run, false);
+    let manifest = run.join("manifest.json");
+    let m = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, format!("{BOM}{m}")).unwrap();
+    let captions = w.join("captions.jsonl");
+    let mut c = BOM.to_string();
+    for s in 0..3 {
+        c += &format!("{{\"image\": \"seed-{s:06}.png\", \"caption\": \"rusty tracks\"}}\n");
+    }
+    std::fs::write(&captions, c).unwrap();
+    let objects = w.join("objects.json");
+    std::fs::write(
+        &objects,
+        format!("{BOM}{{\"{PROMPT}\": [\"tracks\", \"train\"]}}"),
+    )
+    .unwrap();
+    let vlm = start_vlm(HashMap::new());
+    let secret_url = vlm.url.replace("http://", "http://alice:s3cret@");
+    let bert = fixtures().join("bertscore/bert_tiny");
+    let out = w.join("eval");
+    let o = decorr_logged(&[
+        "eval",
+        "run",
+        "--runs",
+        run.to_str().unwrap(),
+        "--captions",
+        captions.to_str().unwrap(),
+        "--objects-file",
+        objects.to_str().unwrap(),
+        "--captioner",
+        &secret_url,
+        "--captioner-model",
+        "test-vlm",
+        "--bertscore-model",
+        bert.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("alice:***@"), "the redacted URL is shown: {t}");
+    // 3 images x 2 questions; the captions came from the file.
+    assert_eq!(vlm.requests.load(Ordering::SeqCst), 6);
+    assert!(!t.contains("s3cret"), "{t}");
+    for f in std::fs::read_dir(&out).unwrap() {
+        let p = f.unwrap().path();
+        if p.is_file() {
+            let bytes = std::fs::read(&p).unwrap();
+            assert!(
+                !String::from_utf8_lossy(&bytes).contains("s3cret"),
+                "{} holds the password",
+                p.display()
+            );
+        }
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(
+        report["settings"]["captioner"],
+        secret_url.replace("s3cret", "***")
+    );
+    // Unreachable endpoint with credentials: the error names the redacted URL only.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dead = format!("http://bob:hunter2@127.0.0.1:{port}/v1");
+    let o = decorr_logged(&[
+        "eval",
+        "run",
+        "--runs",
+        run.to_str().unwrap(),
+        "--captioner",
+        &dead,
+        "--bertscore-model",
+        bert.to_str().unwrap(),
+        "--timeout",
+        "2",
+        "--out",
+        w.join("o2").to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains("bob:***@127.0.0.1") && t.contains("server running"),
+        "{t}"
+    );
+    assert!(!t.contains("hunter2"), "{t}");
+    // A non-http URL is refused without echoing its password either.
+    let o = decorr(&[
+        "eval",
+        "run",
+        "--runs",
+        run.to_str().unwrap(),
+        "--captioner",
+        "ftp://carol:pw123@host/v1",
+        "--out",
+        w.join("o3").to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(!o.status.success() && t.contains("carol:***@"), "{t}");
+    assert!(!t.contains("pw123"), "{t}");
+    // `eval bertscore --pairs` with a BOM.
+    let pairs = w.join("pairs.jsonl");
+    std::fs::write(
+        &pairs,
+        format!("{BOM}{{\"candidate\": \"a train\", \"reference\": \"an old train\"}}\n"),
+    )
+    .unwrap();
+    let json = w.join("b.json");
+    let o = decorr(&[
+        "eval",
+        "bertscore",
+        "--model",
+        bert.to_str().unwrap(),
+        "--pairs",
+        pairs.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(json.is_file());
+}

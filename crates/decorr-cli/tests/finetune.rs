@@ -59,6 +59,7 @@ fn finetune_writes_every_promised_file_and_reloads() {
     assert_eq!(
         files,
         [
+            ".decorr.lock",
             "losses.png",
             "report.json",
             "text_encoder/config.json",
@@ -197,14 +198,38 @@ fn existing_out_is_refused_unless_overwrite() {
     let o = train(&out, "3", &[]);
     assert!(!o.status.success());
     assert!(text(&o).contains("--overwrite"), "{}", text(&o));
+    // A folder decorr did not write is not replaced, even with --overwrite.
+    let o = train(&out, "1", &["--overwrite"]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("keep.txt") && text(&o).contains("not a decorr finetune output"),
+        "{}",
+        text(&o)
+    );
     assert_eq!(
         std::fs::read_to_string(out.join("keep.txt")).unwrap(),
         "mine",
         "nothing lost"
     );
-    let o = train(&out, "1", &["--overwrite"]);
+    std::fs::remove_file(out.join("keep.txt")).unwrap();
+    let o = train(&out, "1", &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = train(&out, "2", &["--overwrite"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(out.join("text_encoder/model.safetensors").is_file());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(
+        report["epochs"].as_array().unwrap().len(),
+        2,
+        "the new run replaced the old"
+    );
+    // Nothing of the swap is left beside OUT.
+    let beside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(beside, vec![std::ffi::OsString::from("out")]);
 }
 
 #[test]
@@ -267,4 +292,74 @@ fn bad_input_gives_clear_errors_and_writes_nothing() {
         &["layer 11", "0..=2"],
     );
     assert!(!out.exists(), "a refused run leaves no OUT behind");
+}
+
+/// Numeric flags are refused by the argument parser, naming the flag and the allowed range,
+/// before anything is loaded or written; a repeated word's occurrence is named as finetune
+/// takes it (`cat#3`), not as a flag it does not have.
+#[test]
+fn bad_numbers_and_occurrences_name_the_right_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = out.to_str().unwrap();
+    let w = fixtures().join("clip_tiny_train");
+    let w = w.to_str().unwrap();
+    let base = [
+        "finetune",
+        "--weights",
+        w,
+        "--out",
+        o,
+        "--layer",
+        "1",
+        "--quiet",
+        "--prompt",
+        PROMPT,
+        "--target",
+        "train",
+    ];
+    let with = |extra: &[&'static str]| [&base[..], extra].concat();
+    for (flag, needles) in [
+        ("--lr=-1", &["--lr", "> 0"][..]),
+        ("--lr=0", &["--lr", "> 0"]),
+        ("--lr=NaN", &["--lr", "finite"]),
+        ("--lr=inf", &["--lr", "finite"]),
+        ("--tau=-5", &["--tau", ">= 0"]),
+        ("--tau=NaN", &["--tau", "finite"]),
+        ("--weight-decay=nan", &["--weight-decay", "finite"]),
+        ("--weight-decay=-0.1", &["--weight-decay", ">= 0"]),
+        ("--epochs=0", &["--epochs", "1..=100000"]),
+        ("--steps-per-epoch=0", &["--steps-per-epoch", "1..=100000"]),
+    ] {
+        let o = decorr(&with(&[flag]));
+        let t = text(&o);
+        assert!(!o.status.success(), "{flag}: {t}");
+        for n in needles {
+            assert!(t.contains(n), "{flag}: missing {n:?} in {t}");
+        }
+        assert!(!t.contains("try a lower --lr"), "{flag}: {t}");
+        assert!(!out.exists(), "{flag}: a refused run leaves no OUT behind");
+    }
+    let o = decorr(&[
+        "finetune",
+        "--weights",
+        w,
+        "--out",
+        o,
+        "--layer",
+        "1",
+        "--quiet",
+        "--prompt",
+        "a cat and a cat",
+        "--target",
+        "cat#3",
+    ]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("cat#3") && t.contains("2 time(s)"), "{t}");
+    assert!(
+        !t.contains("--occurrence"),
+        "finetune has no --occurrence: {t}"
+    );
+    assert!(!out.exists());
 }

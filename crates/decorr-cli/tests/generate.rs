@@ -424,6 +424,7 @@ fn sharded_generation_merges_to_the_unsharded_result() {
         let mut v: Vec<_> = std::fs::read_dir(&sharded)
             .unwrap()
             .map(|e| e.unwrap().path())
+            .filter(|p| p.is_dir()) // not the shard's lock file
             .collect();
         v.sort();
         v
@@ -491,4 +492,116 @@ fn sharded_generation_merges_to_the_unsharded_result() {
         ],
         &["0-based"],
     );
+}
+
+/// Numeric flags of `generate` and `fix` are refused up front, naming the flag and the range;
+/// seeds do not wrap around; a seed listed twice is refused; nothing is written by any of it.
+#[test]
+fn bad_numbers_and_seeds_are_refused_before_anything_is_written() {
+    let model = tiny_sd();
+    let work = tempfile::tempdir().unwrap();
+    let w = model.path().to_str().unwrap();
+    let d = work.path().join("x");
+    let ds = d.to_str().unwrap();
+    let gen_base = ["generate", "--weights", w, "--prompt", PROMPT, "--out", ds];
+    let generate = |extra: &[&'static str]| [&gen_base[..], extra].concat();
+    for (extra, needles) in [
+        (
+            &["--seed", "18446744073709551615", "--num-images", "2"][..],
+            &["--seed", "--num-images", "18446744073709551614"][..],
+        ),
+        (&["--num-images", "0"], &["--num-images", "1..="]),
+        (&["--steps", "0"], &["--steps", "1..=1000"]),
+        (&["--steps", "100000"], &["--steps", "1..=1000"]),
+        (&["--eta", "1.5"], &["--eta", "[0, 1]"]),
+        (&["--eta", "NaN"], &["--eta", "finite"]),
+        (
+            &["--guidance-scale", "1e39"],
+            &["--guidance-scale", "[0, 1000]"],
+        ),
+        (
+            &["--guidance-scale", "nan"],
+            &["--guidance-scale", "finite"],
+        ),
+        (&["--width", "100000"], &["--width", "8..=8192"]),
+        (&["--height", "0"], &["--height", "8..=8192"]),
+        (&["--batch-size", "0"], &["--batch-size"]),
+        (&["--attention-slice", "0"], &["--attention-slice"]),
+        (&["--attention-steps", "0"], &["--attention-steps"]),
+    ] {
+        assert_fails(&generate(extra), needles);
+        assert!(!d.exists(), "{extra:?}: nothing written");
+    }
+    let fix_base = [
+        "fix",
+        "--weights",
+        w,
+        "--prompt",
+        PROMPT,
+        "--target",
+        "train",
+        "--layer",
+        "1",
+        "--out",
+        ds,
+    ];
+    let fix = |extra: &[&'static str]| [&fix_base[..], extra].concat();
+    for (extra, needles) in [
+        (
+            &["--seeds", "1,1,1"][..],
+            &["--seeds 1,1,1", "seed 1 is listed more than once"][..],
+        ),
+        (
+            &["--seeds", "0..18446744073709551615"],
+            &["--seeds", "split the range"],
+        ),
+        (&["--lr=-1"], &["--lr", "> 0"]),
+        (&["--tau=NaN"], &["--tau", "finite"]),
+        (&["--epochs", "0"], &["--epochs"]),
+        (&["--eta", "2"], &["--eta", "[0, 1]"]),
+    ] {
+        assert_fails(&fix(extra), needles);
+        assert!(!d.exists(), "{extra:?}: nothing written");
+    }
+    // The last seed there is, alone, is fine.
+    let o = decorr(&generate(&[
+        "--seed",
+        "18446744073709551615",
+        "--steps",
+        "1",
+        "--scheduler",
+        "ddim",
+        "--quiet",
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(d.join("seed-18446744073709551615.png").is_file());
+}
+
+/// `--attention-maps` may name any word of the prompt, the first one too: the figure only shows
+/// cross-attention, so the fine-tuning's "nothing precedes it" does not apply.
+#[test]
+fn attention_maps_accept_the_first_word() {
+    let model = tiny_sd();
+    let work = tempfile::tempdir().unwrap();
+    let d = work.path().join("maps");
+    let o = decorr(&[
+        "generate",
+        "--weights",
+        model.path().to_str().unwrap(),
+        "--prompt",
+        PROMPT,
+        "--steps",
+        "2",
+        "--scheduler",
+        "ddim",
+        "--attention-maps",
+        "rusty,train",
+        "--quiet",
+        "--out",
+        d.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(!t.contains("nothing it can be correlated with"), "{t}");
+    assert!(d.join("attention-000000.png").is_file());
 }
