@@ -7,12 +7,17 @@
 //!   [--ema] [--prediction epsilon|v_prediction]`: a single-file SD 1.x/2.x checkpoint in the original LDM naming (`.safetensors`, or a
 //!   `.ckpt` read by a restricted unpickler) to a diffusers folder;
 //!   `convert-weights --from DIR --to-single-file OUT.safetensors [--text-encoder DIR]`: back.
+//! - `fuzz [--seconds N] [--target ckpt|safetensors|config|all] [--seed S]`: a bounded-time
+//!   mutation fuzzer of the checkpoint, safetensors and config readers, seeded from
+//!   `tests/fixtures` (see `fuzz.rs`); findings are saved under `target/fuzz-crashes/`.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+
+mod fuzz;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "decorr developer tasks")]
@@ -62,6 +67,30 @@ enum Task {
         #[arg(long, requires = "to_single_file")]
         text_encoder: Option<PathBuf>,
     },
+    /// Fuzz the checkpoint (.ckpt/.pth), safetensors and config readers for a bounded time,
+    /// from the fixtures under tests/fixtures; exits non-zero on any panic, abort or hang,
+    /// with the input saved under target/fuzz-crashes/.
+    Fuzz {
+        /// Total seconds, split evenly between the targets.
+        #[arg(long, default_value_t = 60.0)]
+        seconds: f64,
+        #[arg(long, value_enum, default_value = "all")]
+        target: fuzz::Target,
+        /// RNG seed: the same seed gives the same inputs.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Address-space limit of each worker process, in MiB.
+        #[arg(long, default_value_t = 2048)]
+        memory_mb: u64,
+        /// Where findings are saved (default target/fuzz-crashes).
+        #[arg(long)]
+        crash_dir: Option<PathBuf>,
+        /// Run one saved input through the target's readers and print their results.
+        #[arg(long)]
+        replay: Option<PathBuf>,
+        #[arg(long, hide = true)]
+        worker: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -86,6 +115,23 @@ fn main() -> Result<()> {
             prediction,
             text_encoder,
         ),
+        Task::Fuzz {
+            seconds,
+            target,
+            seed,
+            memory_mb,
+            crash_dir,
+            replay,
+            worker,
+        } => fuzz::run(fuzz::Options {
+            seconds,
+            target,
+            seed,
+            crash_dir,
+            memory_mb,
+            replay,
+            worker,
+        }),
     }
 }
 
@@ -109,6 +155,7 @@ fn convert_weights(
                 config,
                 ema,
                 prediction,
+                ..Default::default()
             };
             let s = decorr_convert::convert_single_file_to_diffusers(&from, &to, &opts)?;
             println!("wrote {}", to.display());
