@@ -482,7 +482,7 @@ fn eval_run(a: RunArgs) -> Result<()> {
     let pairs = pairs_of(&a, &items)?;
     let partial = a.out.join("partial");
     std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
-    let _locks = crate::shard::lock_output(&a.out, a.shard, a.merge)?;
+    let _locks = crate::output::lock_output(&a.out, a.shard, a.merge)?;
     if a.merge {
         return merge(&a, &items);
     }
@@ -528,7 +528,11 @@ fn eval_run(a: RunArgs) -> Result<()> {
     let ask: Vec<usize> = (0..mine.len()).filter(|&k| captions[k].is_none()).collect();
     match (&captioner, ask.is_empty(), &given) {
         (Some(c), false, _) => {
-            eprintln!("captioning {} images through {}", ask.len(), c.shown_endpoint());
+            eprintln!(
+                "captioning {} images through {}",
+                ask.len(),
+                c.shown_endpoint()
+            );
             let got = c.caption_all(&ask.iter().map(|&k| inputs[k].clone()).collect::<Vec<_>>())?;
             for (k, cap) in ask.iter().zip(got) {
                 captions[*k] = Some(cap);

@@ -321,19 +321,7 @@ fn print_result(t: &Trained, out: &Path) {
 /// Whether `out` holds anything but what a lock leaves (an empty folder left by a run that
 /// completed no epoch is no result to protect).
 fn holds_results(out: &Path) -> Result<bool> {
-    if !out.exists() {
-        return Ok(false);
-    }
-    if !out.is_dir() {
-        bail!(
-            "--out {} is a file, not a folder; choose another --out",
-            out.display()
-        );
-    }
-    let entries = std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))?;
-    Ok(entries
-        .flatten()
-        .any(|e| e.file_name() != decorr_core::io::LOCK_FILE))
+    Ok(crate::output::contents(out)?.is_some_and(|names| !names.is_empty()))
 }
 
 /// `--overwrite` replaces only what `decorr finetune` writes: a folder holding anything else

@@ -144,23 +144,12 @@ const SETTINGS: &str = "fix.json";
 /// Checks that OUT is new, or a `decorr fix` folder made with `wanted`; nothing is written.
 /// Returns whether OUT already holds a run.
 fn check_out(out: &Path, wanted: &serde_json::Value) -> Result<bool> {
-    if !out.exists() {
+    let Some(names) = crate::output::contents(out)? else {
         return Ok(false);
-    }
-    if !out.is_dir() {
-        bail!(
-            "--out {} is a file, not a folder; choose another --out",
-            out.display()
-        );
-    }
+    };
     let path = out.join(SETTINGS);
     if !path.exists() {
-        let foreign = std::fs::read_dir(out)
-            .with_context(|| format!("reading {}", out.display()))?
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .find(|n| n != decorr_core::io::LOCK_FILE && !n.starts_with(".decorr-tmp-"));
-        return match foreign {
+        return match names.first() {
             None => Ok(false),
             Some(name) => bail!(
                 "{} holds {name} but no {SETTINGS}, so it is not a decorr fix output (or one made \

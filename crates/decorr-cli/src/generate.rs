@@ -382,20 +382,9 @@ fn check_image(path: &Path, rec: &ImageRecord) -> std::result::Result<(), String
         return Err(format!("its record says seed {}", theirs.seed));
     }
     if theirs.run != rec.run {
-        let (a, b) = (
-            serde_json::to_value(&theirs.run).unwrap_or_default(),
-            serde_json::to_value(&rec.run).unwrap_or_default(),
-        );
-        let differs: Vec<&str> = a
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(k, v)| b.get(k.as_str()) != Some(v))
-            .map(|(k, _)| k.as_str())
-            .collect();
         return Err(format!(
             "it was made with other parameters (differing: {})",
-            differs.join(", ")
+            differing(&theirs.run, &rec.run).join(", ")
         ));
     }
     let img = image::open(path).map_err(|e| format!("it does not decode ({e})"))?;
@@ -422,19 +411,25 @@ fn same_run(existing: &RunRecord, run: &RunRecord, out: &Path) -> Result<()> {
     if existing == run {
         return Ok(());
     }
-    let (a, b) = (serde_json::to_value(existing)?, serde_json::to_value(run)?);
-    let differs: Vec<&str> = a
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(k, v)| b.get(k.as_str()) != Some(v))
-        .map(|(k, _)| k.as_str())
-        .collect();
     bail!(
         "{} holds images made with other parameters (differing: {}); use another --out",
         out.display(),
-        differs.join(", ")
+        differing(existing, run).join(", ")
     );
+}
+
+/// The fields in which two runs' records differ.
+fn differing(a: &RunRecord, b: &RunRecord) -> Vec<String> {
+    let (a, b) = (
+        serde_json::to_value(a).unwrap_or_default(),
+        serde_json::to_value(b).unwrap_or_default(),
+    );
+    a.as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+        .map(|(k, _)| k.clone())
+        .collect()
 }
 
 /// The prompts of a `generate` command, from `--prompt` or `--prompts-file`.
@@ -638,7 +633,7 @@ fn run_locked(args: GenerateArgs) -> Result<()> {
     let folders = prompt_folders(&args.out, &prompts);
     // One run at a time per output; the shards of an array job share the folder by design, so
     // each locks its own part, and --merge waits for none of them to be running.
-    let _locks = crate::shard::lock_output(&args.out, args.shard, args.merge)?;
+    let _locks = crate::output::lock_output(&args.out, args.shard, args.merge)?;
     if args.merge {
         let manifests = merge(&folders, &seeds)?;
         let n: usize = manifests.iter().map(|m| m.images.len()).sum();

@@ -11,6 +11,7 @@ mod grid;
 mod heatmap;
 mod interrupt;
 mod model_args;
+mod output;
 mod paths;
 mod shard;
 

@@ -1,14 +1,11 @@
 //! `--shard K/N`: a deterministic split of a job's work items (prompts x seeds for `generate`,
 //! images for `eval run`) so one evaluation runs as a Slurm array or a Kubernetes indexed job.
 //! K is 0-based, as `SLURM_ARRAY_TASK_ID` (with `--array=0-N-1`) and `JOB_COMPLETION_INDEX` are.
-//! Shards share their output folder, so each locks only its own part of it ([`lock_output`]).
+//! Shards share their output folder, so each locks only its own part of it
+//! (`crate::output::lock_output`).
 
 use std::fmt;
-use std::path::Path;
 use std::str::FromStr;
-
-use anyhow::{Context, Result, bail};
-use decorr_core::io::OutputLock;
 
 /// Shard `index` of `count`: it owns the work items whose position `j` has `j % count == index`.
 /// Round-robin rather than contiguous blocks, so every shard gets a share of every prompt and
@@ -54,34 +51,6 @@ impl FromStr for Shard {
         }
         Ok(Shard { index, count })
     }
-}
-
-/// The output locks of a run that writes `out` (`generate`, `eval run`): the folder's own lock, a shard's lock (never held by
-/// another shard), or for `--merge` the folder's and every shard's that exists.
-pub fn lock_output(out: &Path, shard: Option<Shard>, merge: bool) -> Result<Vec<OutputLock>> {
-    if let Some(s) = shard {
-        return Ok(vec![OutputLock::acquire_named(
-            out,
-            &format!("{}.{}", decorr_core::io::LOCK_FILE, s.tag()),
-        )?]);
-    }
-    if merge && !out.is_dir() {
-        bail!("{} does not exist; run the shards first", out.display());
-    }
-    let mut locks = vec![OutputLock::acquire(out)?];
-    if merge {
-        let prefix = format!("{}.", decorr_core::io::LOCK_FILE);
-        for e in std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))? {
-            let name = e?.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&prefix) {
-                let lock = OutputLock::acquire_named(out, &name).with_context(|| {
-                    format!("a shard ({name}) is still running; merge once every shard is done")
-                })?;
-                locks.push(lock);
-            }
-        }
-    }
-    Ok(locks)
 }
 
 #[cfg(test)]

@@ -3,36 +3,15 @@
 //! set to NaN in memory here; files with such weights are refused at load), sizes whose
 //! activations cannot fit, a config default that is not a usable size.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::module::Param;
 use burn::tensor::{Device, Tensor};
 use decorr_core::ModelSource;
 use decorr_pipeline::{GenerateParams, Guidance, PipelineError, StableDiffusion};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-/// The tiny checkpoint as one diffusers folder.
-fn assemble() -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    let f = fixtures();
-    for (part, from) in [
-        ("text_encoder", f.join("clip_tiny_train/text_encoder")),
-        ("unet", f.join("unet_tiny_a/unet")),
-        ("vae", f.join("vae_tiny/vae")),
-        ("scheduler", f.join("pipeline/scheduler")),
-    ] {
-        let to = tmp.path().join(part);
-        std::fs::create_dir_all(&to).unwrap();
-        for e in std::fs::read_dir(from).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-    tmp
-}
+mod common;
+use common::assemble;
 
 fn load(dir: &Path) -> StableDiffusion {
     StableDiffusion::load(&ModelSource::Local(dir.to_path_buf()), &Device::flex()).unwrap()

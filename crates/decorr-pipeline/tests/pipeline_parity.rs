@@ -5,36 +5,15 @@
 //! one seed per image, guidance 1 (no unconditional branch) and the decorrelated guidance with a
 //! second ("fine-tuned") encoder.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::tensor::{Device, Tensor};
 use decorr_core::ModelSource;
 use decorr_core::weights::{HostTensors, read_tensors_f32};
 use decorr_pipeline::{GenerateParams, Guidance, StableDiffusion};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-/// The tiny checkpoint as one diffusers folder, assembled from the committed pieces.
-fn assemble() -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    let f = fixtures();
-    for (part, from) in [
-        ("text_encoder", f.join("clip_tiny_train/text_encoder")),
-        ("unet", f.join("unet_tiny_a/unet")),
-        ("vae", f.join("vae_tiny/vae")),
-        ("scheduler", f.join("pipeline/scheduler")),
-    ] {
-        let to = tmp.path().join(part);
-        std::fs::create_dir_all(&to).unwrap();
-        for e in std::fs::read_dir(from).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-    tmp
-}
+mod common;
+use common::{assemble, fixtures};
 
 fn max_diff<const D: usize>(ours: Tensor<D>, refs: &HostTensors, key: &str) -> f32 {
     let (shape, theirs) = &refs[key];
