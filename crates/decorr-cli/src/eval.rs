@@ -269,7 +269,7 @@ fn bertscore(a: BertscoreArgs) -> Result<()> {
         .with_context(|| format!("reading --pairs {}", a.pairs.display()))?;
     let mut pairs = Vec::new();
     // A byte-order mark at the start (some Windows editors write one) is not JSON.
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let text = decorr_core::io::strip_bom(&text);
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -437,7 +437,7 @@ fn pairs_of(a: &RunArgs, items: &[Item]) -> Result<HashMap<String, [String; 2]>>
     if let Some(f) = &a.objects_file {
         let text = std::fs::read_to_string(f)
             .with_context(|| format!("reading --objects-file {}", f.display()))?;
-        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        let text = decorr_core::io::strip_bom(&text);
         let m: BTreeMap<String, [String; 2]> = serde_json::from_str(text).with_context(|| {
             format!(
                 "{}: expected {{\"PROMPT\": [\"FIRST\", \"TARGET\"], ...}}",
@@ -693,8 +693,7 @@ fn merge(a: &RunArgs, items: &[Item]) -> Result<()> {
         counts.insert(tag.rsplit("-of-").next().unwrap_or("").to_string());
         let path = partial.join(&name);
         let text = std::fs::read_to_string(&path)?;
-        let rs: Vec<ImageResult> = text
-            .trim_start_matches('\u{feff}')
+        let rs: Vec<ImageResult> = decorr_core::io::strip_bom(&text)
             .lines()
             .filter(|l| !l.trim().is_empty())
             .map(serde_json::from_str)

@@ -262,7 +262,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     let out = args.out.display();
     match (staging, result) {
         (None, Ok(trained)) if selected.is_some() => {
-            print_result(&trained, &args.out);
+            print_result(&trained, selected, &args.out);
             Ok(())
         }
         (None, Err(e)) if selected.is_some() => Err(e.context(format!(
@@ -292,7 +292,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         }
         (Some(staging), Ok(trained)) => {
             swap_in(staging, &args.out)?;
-            print_result(&trained, &args.out);
+            print_result(&trained, selected, &args.out);
             Ok(())
         }
     }
@@ -301,13 +301,12 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
 /// What [`train`] leaves for the final message.
 struct Trained {
     interrupted: bool,
-    selected: Option<usize>,
     /// Per prompt: (prompt, A[t,c]/A[t,t] before, after).
     ratios: Vec<(String, f32, f32)>,
 }
 
-fn print_result(t: &Trained, out: &Path) {
-    if let Some(e) = t.selected {
+fn print_result(t: &Trained, selected: Option<usize>, out: &Path) {
+    if let Some(e) = selected {
         println!(
             "selected epoch {e}; wrote {}/text_encoder, report.json, losses.png",
             out.display()
@@ -335,9 +334,10 @@ fn check_finetune_folder(out: &Path) -> Result<()> {
                 | "text_encoder/model.safetensors"
                 | "report.json"
                 | "losses.png"
-        ) || rel.rsplit('/').next().is_some_and(|n| {
-            n == decorr_core::io::LOCK_FILE || n.starts_with(".decorr-tmp-") || n.ends_with(".tmp")
-        })
+        ) || rel
+            .rsplit('/')
+            .next()
+            .is_some_and(decorr_core::io::is_scratch)
     };
     for dir in [out.to_path_buf(), out.join("text_encoder")] {
         let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -511,7 +511,6 @@ fn train_inner(
         .collect();
     Ok(Trained {
         interrupted: outcome.interrupted,
-        selected: outcome.selected_epoch,
         ratios,
     })
 }

@@ -198,7 +198,7 @@ pub fn run(args: FixArgs) -> Result<()> {
         Ok(sd) => sd,
         Err(e) => {
             if !resuming {
-                decorr_core::io::remove_if_only_locks(out);
+                crate::output::remove_if_empty(out);
             }
             return Err(e);
         }

@@ -162,7 +162,7 @@ fn read_manifest_file(path: &Path) -> Result<Manifest> {
     }
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let text = decorr_core::io::strip_bom(&text);
     let manifest: Manifest = serde_json::from_str(text).with_context(|| {
         format!(
             "{} is not a decorr manifest; use another --out",
@@ -435,14 +435,15 @@ fn differing(a: &RunRecord, b: &RunRecord) -> Vec<String> {
 /// The prompts of a `generate` command, from `--prompt` or `--prompts-file`.
 fn prompts_of(args: &GenerateArgs) -> Result<Vec<String>> {
     let prompts: Vec<String> = match &args.prompts_file {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("reading --prompts-file {}", path.display()))?
-            .trim_start_matches('\u{feff}')
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(str::to_string)
-            .collect(),
+        Some(path) => decorr_core::io::strip_bom(
+            &std::fs::read_to_string(path)
+                .with_context(|| format!("reading --prompts-file {}", path.display()))?,
+        )
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect(),
         None => args.prompts.clone(),
     };
     if prompts.is_empty() {
@@ -621,7 +622,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let result = run_locked(args);
     // A run that failed before writing anything leaves no folder behind.
     if result.is_err() && fresh {
-        decorr_core::io::remove_if_only_locks(&out);
+        crate::output::remove_if_empty(&out);
     }
     result
 }

@@ -1,12 +1,12 @@
 //! Output folders: who may write one (locks, per shard for array jobs), and whether an existing
-//! one holds results or only what a lock and temp files leave.
+//! one holds results or only decorr's scratch files (locks, temp files).
 
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use decorr_core::io::{LOCK_FILE, OutputLock};
+use decorr_core::io::{LOCK_FILE, OutputLock, is_scratch};
 
-/// The names in `out` other than lock and temp files, or `None` when `out` does not exist.
+/// The names in `out` other than decorr's scratch files, or `None` when `out` does not exist.
 /// A file where the folder should be is refused.
 pub fn contents(out: &Path) -> Result<Option<Vec<String>>> {
     if !out.exists() {
@@ -22,10 +22,20 @@ pub fn contents(out: &Path) -> Result<Option<Vec<String>>> {
         .with_context(|| format!("reading {}", out.display()))?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with(LOCK_FILE) && !n.starts_with(".decorr-tmp-"))
+        .filter(|n| !is_scratch(n))
         .collect();
     names.sort();
     Ok(Some(names))
+}
+
+/// Removes `out` if it holds nothing but scratch files: what a run that failed before writing
+/// anything leaves in a folder it created, so that the next run does not find a stray folder.
+pub fn remove_if_empty(out: &Path) {
+    if let Ok(Some(names)) = contents(out)
+        && names.is_empty()
+    {
+        let _ = std::fs::remove_dir_all(out);
+    }
 }
 
 /// The output locks of a run that writes `out` (`generate`, `eval run`): the folder's own lock, a shard's lock (never held by

@@ -273,7 +273,7 @@ fn read_text(path: &Path) -> Result<String, ConvertError> {
 
 fn parse_json(text: &str, path: &Path) -> Result<serde_json::Value, ConvertError> {
     // A leading byte-order mark is not JSON; skip it.
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let text = decorr_core::io::strip_bom(text);
     serde_json::from_str(text).map_err(|e| ConvertError::BadConfig {
         path: path.to_path_buf(),
         message: e.to_string(),

@@ -59,4 +59,12 @@ pub enum CoreError {
         file: String,
         message: String,
     },
+    /// The hub server answered something decorr will not use as a cache path: not a failed
+    /// download to retry under another file name, but a server not to trust.
+    #[error("hub download of `{file}` from `{repo}` refused: {message}")]
+    HubRefused {
+        repo: String,
+        file: String,
+        message: String,
+    },
 }

@@ -219,6 +219,11 @@ impl Hub {
     /// one (the CDN) is where the bytes are.
     fn metadata(&self, repo: &str, revision: &str, file: &str) -> Result<Metadata, CoreError> {
         let err = |m: String| hub_err(repo, revision, file, m);
+        let refused = |message: String| CoreError::HubRefused {
+            repo: format!("{repo}@{revision}"),
+            file: file.to_string(),
+            message,
+        };
         let mut url = self.resolve_url(repo, revision, file);
         for _ in 0..5 {
             let mut req = self.agent.head(&url);
@@ -267,7 +272,7 @@ impl Hub {
             let etag = etag.trim_start_matches("W/").replace('"', "");
             // Both become folder and file names in the cache: only plain hashes are accepted.
             if !is_hex(&commit, &[40]) {
-                return Err(err(format!(
+                return Err(refused(format!(
                     "the server at {} answered the commit {commit:?}, which is not a 40-digit \
                      hex hash; refusing to use it as a cache path (is HF_ENDPOINT a trustworthy \
                      hub mirror?)",
@@ -275,7 +280,7 @@ impl Hub {
                 )));
             }
             if !is_hex(&etag, &[40, 64]) {
-                return Err(err(format!(
+                return Err(refused(format!(
                     "the server at {} answered the ETag {etag:?}, which is not a plain hash; \
                      refusing to use it as a cache path (is HF_ENDPOINT a trustworthy hub \
                      mirror?)",

@@ -14,16 +14,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CoreError> {
         path: path.to_path_buf(),
         source,
     };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = parent_dir(path);
     std::fs::create_dir_all(dir).map_err(io)?;
     let mut tmp = temp_file_in(dir).map_err(io)?;
     tmp.write_all(bytes).map_err(io)?;
     tmp.as_file().sync_all().map_err(io)?;
     tmp.persist(path).map_err(|e| io(e.error))?;
     make_readable(path)
+}
+
+/// `text` without a leading UTF-8 byte-order mark: some Windows editors write one, and it is
+/// not JSON. Every reader of a text file the user may have edited goes through this.
+pub fn strip_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
 }
 
 const TEMP_PREFIX: &str = ".decorr-tmp-";
@@ -38,13 +41,17 @@ pub fn temp_file_in(dir: &Path) -> std::io::Result<tempfile::NamedTempFile> {
 /// A temp folder beside `path` (`.decorr-tmp-PID-XXXXXX` in its parent), for building an output
 /// that replaces `path` only once it is complete.
 pub fn temp_dir_beside(path: &Path) -> std::io::Result<tempfile::TempDir> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
     tempfile::Builder::new()
         .prefix(&format!("{TEMP_PREFIX}{}-", std::process::id()))
-        .tempdir_in(dir)
+        .tempdir_in(parent_dir(path))
+}
+
+/// The folder `path` is in (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
 }
 
 /// Whether process `pid` is alive (on Unix; elsewhere every process is taken as alive).
@@ -112,18 +119,11 @@ pub fn remove_stale_temps(dir: &Path, depth: usize) -> usize {
     removed
 }
 
-/// Removes `dir` if it holds nothing but lock files (what a run that failed before writing
-/// anything leaves in a folder it created), so that the next run does not find a stray folder.
-pub fn remove_if_only_locks(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let only_locks = entries
-        .flatten()
-        .all(|e| e.file_name().to_string_lossy().starts_with(LOCK_FILE));
-    if only_locks {
-        let _ = std::fs::remove_dir_all(dir);
-    }
+/// Whether `name` is one of decorr's own scratch files in an output folder: a lock file
+/// (`.decorr.lock`, a shard's `.decorr.lock.shard-K-of-N`) or a temp file (see `temp_owner`).
+/// What a folder holds besides these are its results.
+pub fn is_scratch(name: &str) -> bool {
+    name.starts_with(LOCK_FILE) || temp_owner(name).is_some()
 }
 
 /// The name of the lock file inside an output folder.
@@ -134,7 +134,6 @@ pub const LOCK_FILE: &str = ".decorr.lock";
 /// process ends however it ends (the OS drops the lock with the file descriptor).
 #[derive(Debug)]
 pub struct OutputLock {
-    dir: std::path::PathBuf,
     _file: std::fs::File,
 }
 
@@ -193,15 +192,7 @@ impl OutputLock {
         write!(file, "{}", std::process::id()).map_err(wr)?;
         file.flush().map_err(wr)?;
         remove_stale_temps(dir, 3);
-        Ok(OutputLock {
-            dir: dir.to_path_buf(),
-            _file: file,
-        })
-    }
-
-    /// The locked folder.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+        Ok(OutputLock { _file: file })
     }
 }
 
@@ -277,6 +268,17 @@ mod tests {
         assert_eq!(remove_stale_temps(dir.path(), 1), 1);
         assert!(!dead.exists() && !dead_dir.exists() && !burn_dead.exists());
         assert!(mine.exists() && other.exists() && burn_live.exists() && model.exists());
+        for scratch in [
+            ".decorr.lock",
+            ".decorr.lock.shard-0-of-2",
+            ".decorr-tmp-12-ab",
+            "m.safetensors.12-0.tmp",
+        ] {
+            assert!(is_scratch(scratch), "{scratch}");
+        }
+        for result in ["report.json", ".tmpabc", "notes.tmp", "seed-000001.png"] {
+            assert!(!is_scratch(result), "{result}");
+        }
     }
 
     #[test]

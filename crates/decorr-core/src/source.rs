@@ -177,9 +177,8 @@ impl ModelFile {
             }
         };
         text.map(|mut t| {
-            if t.starts_with('\u{feff}') {
-                t.drain(..'\u{feff}'.len_utf8());
-            }
+            let bom = t.len() - crate::io::strip_bom(&t).len();
+            t.drain(..bom);
             t
         })
     }
@@ -353,7 +352,7 @@ fn find_hub(
         match api.get(repo, revision, &file) {
             Ok(p) => return Ok(p),
             // A refused server answer is not "try the next name": stop with it.
-            Err(e @ CoreError::Hub { .. }) if e.to_string().contains("refusing") => return Err(e),
+            Err(e @ CoreError::HubRefused { .. }) => return Err(e),
             Err(e) => last = e.to_string(),
         }
     }

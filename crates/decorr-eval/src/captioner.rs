@@ -408,7 +408,7 @@ impl Cache {
             offset += line.len();
             let text = String::from_utf8_lossy(line);
             // The first line may start with a byte-order mark, which is not JSON.
-            let trimmed = text.trim().trim_start_matches('\u{feff}');
+            let trimmed = decorr_core::io::strip_bom(text.trim());
             if trimmed.is_empty() {
                 continue;
             }
@@ -1075,7 +1075,7 @@ pub fn read_captions_file(path: &Path) -> Result<HashMap<String, String>, EvalEr
     let mut out: HashMap<String, String> = HashMap::new();
     let mut line_of: HashMap<String, usize> = HashMap::new();
     // A byte-order mark at the start (some Windows editors write one) is not JSON.
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let text = decorr_core::io::strip_bom(&text);
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() {
