@@ -8,30 +8,13 @@ use std::path::Path;
 use burn::module::Param;
 use burn::tensor::{Device, Tensor};
 use decorr_core::ModelSource;
-use decorr_pipeline::{GenerateParams, Guidance, PipelineError, StableDiffusion};
+use decorr_pipeline::{GenerateParams, PipelineError, StableDiffusion};
 
 mod common;
-use common::assemble;
+use common::{assemble, quick_params as params};
 
 fn load(dir: &Path) -> StableDiffusion {
     StableDiffusion::load(&ModelSource::Local(dir.to_path_buf()), &Device::flex()).unwrap()
-}
-
-fn params(sd: &StableDiffusion) -> GenerateParams {
-    GenerateParams {
-        prompt: "a cat".into(),
-        negative_prompt: String::new(),
-        steps: 2,
-        guidance_scale: 7.5,
-        width: 16,
-        height: 16,
-        scheduler: sd.default_scheduler().unwrap(),
-        guidance: Guidance::Cfg,
-        karras: None,
-        eta: 0.0,
-        attention_slice: None,
-        capture_tokens: vec![],
-    }
 }
 
 fn generate_err(sd: &StableDiffusion, p: &GenerateParams) -> PipelineError {

@@ -100,20 +100,7 @@ fn bad_inputs_are_explained() {
     let dir = assemble();
     let device = Device::flex();
     let sd = StableDiffusion::load(&ModelSource::Local(dir.path().to_path_buf()), &device).unwrap();
-    let base = GenerateParams {
-        prompt: "a cat".into(),
-        negative_prompt: String::new(),
-        steps: 2,
-        guidance_scale: 7.5,
-        width: 16,
-        height: 16,
-        scheduler: sd.default_scheduler().unwrap(),
-        guidance: Guidance::Cfg,
-        karras: None,
-        eta: 0.0,
-        attention_slice: None,
-        capture_tokens: vec![],
-    };
+    let base = common::quick_params(&sd);
     let err = |p: GenerateParams| {
         sd.generate(&p, &[0], &mut |_, _| true)
             .err()

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use decorr_pipeline::{GenerateParams, Guidance, StableDiffusion};
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
@@ -25,4 +27,22 @@ pub fn assemble() -> tempfile::TempDir {
         }
     }
     tmp
+}
+
+/// A quick run on the tiny checkpoint: "a cat", 2 steps of its own scheduler, 16x16, CFG 7.5.
+pub fn quick_params(sd: &StableDiffusion) -> GenerateParams {
+    GenerateParams {
+        prompt: "a cat".into(),
+        negative_prompt: String::new(),
+        steps: 2,
+        guidance_scale: 7.5,
+        width: 16,
+        height: 16,
+        scheduler: sd.default_scheduler().unwrap(),
+        guidance: Guidance::Cfg,
+        karras: None,
+        eta: 0.0,
+        attention_slice: None,
+        capture_tokens: vec![],
+    }
 }
