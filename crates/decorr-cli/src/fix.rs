@@ -4,22 +4,29 @@
 //! report. OUT is resumable: a finished fine-tuning and the images already written are reused.
 //!
 //! OUT/finetune/ (text_encoder/, report.json, losses.png), OUT/pretrained/ and OUT/fixed/
-//! (images + manifest.json), OUT/comparison.png, OUT/report.html, OUT/summary.json.
+//! (images + manifest.json), OUT/comparison.png, OUT/report.html, OUT/summary.json; with
+//! `--compare pag,aae` also OUT/pag/ and OUT/aae/, rows of the grid and the report.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use decorr_core::io::{OutputLock, write_atomic};
-use decorr_pipeline::Guidance;
-use decorr_trainer::TargetSpec;
+use decorr_pipeline::{GenerateParams, Guidance, StableDiffusion};
+use decorr_trainer::{TargetSpec, TrainPrompt, prepare, resolve_target};
 use serde::Serialize;
 
 use crate::finetune::FinetuneArgs;
-use crate::generate::{MANIFEST, SampleArgs, generate_into, image_file, load, params};
+use crate::generate::{SampleArgs, load, params};
 use crate::grid;
+use crate::guidance_args::GuidanceArgs;
 use crate::heatmap::png_bytes;
 use crate::model_args::ModelArgs;
+use crate::progress::Bar;
+use decorr_runs::generate::{
+    GenerateJob, MANIFEST, check_folder, excite_file, generate_into, image_file, method_name,
+    run_record,
+};
 
 #[derive(Args, Debug)]
 pub struct FixArgs {
@@ -49,8 +56,15 @@ pub struct FixArgs {
     /// Trained parameters: all, attn, qk.
     #[arg(long, default_value = "all")]
     params: String,
+    /// Also generate the same seeds with these baselines (pag, aae), each into OUT/METHOD/,
+    /// as rows of the grid and the report. Attend-and-Excite excites the target and its
+    /// correlated token (or --excite's words).
+    #[arg(long, value_delimiter = ',')]
+    compare: Vec<Compared>,
     #[command(flatten)]
     sample: SampleArgs,
+    #[command(flatten)]
+    methods: GuidanceArgs,
     #[command(flatten)]
     model: ModelArgs,
     #[arg(long)]
@@ -58,6 +72,35 @@ pub struct FixArgs {
     /// Print a JSON summary (paths, selected epoch, attention before/after) on stdout.
     #[arg(long)]
     json: bool,
+}
+
+/// A baseline `fix --compare` adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Compared {
+    /// Perturbed-attention guidance.
+    Pag,
+    /// Attend-and-Excite.
+    #[value(alias = "attend-and-excite")]
+    Aae,
+}
+
+impl Compared {
+    fn guidance(self) -> Guidance {
+        match self {
+            Compared::Pag => Guidance::Pag,
+            Compared::Aae => Guidance::AttendAndExcite,
+        }
+    }
+    /// The method's name in manifests, and its folder in OUT.
+    fn name(self) -> &'static str {
+        method_name(self.guidance(), false)
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Compared::Pag => "PAG",
+            Compared::Aae => "Attend-and-Excite",
+        }
+    }
 }
 
 /// `0..8` or `1,5,9`.
@@ -104,8 +147,21 @@ struct Summary {
     seeds: Vec<u64>,
     pretrained: PathBuf,
     fixed: PathBuf,
+    /// Every method's folder, in the grid's row order (`sd`, the `--compare` baselines,
+    /// `decorrelated`).
+    methods: Vec<MethodRow>,
     comparison: PathBuf,
     report: PathBuf,
+}
+
+#[derive(Serialize)]
+struct MethodRow {
+    method: String,
+    label: String,
+    dir: PathBuf,
+    /// Attend-and-Excite's objects (token indices and tokens).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    excite: Option<(Vec<usize>, Vec<String>)>,
 }
 
 /// What an OUT of `decorr fix` was made with (`OUT/fix.json`). A re-run continues the folder
@@ -187,6 +243,12 @@ fn check_out(out: &Path, wanted: &serde_json::Value) -> Result<bool> {
 
 pub fn run(args: FixArgs) -> Result<()> {
     let seeds = parse_seeds(&args.seeds)?;
+    if args.methods.has_objects() && !args.compare.contains(&Compared::Aae) {
+        bail!(
+            "--excite/--excite-indices name Attend-and-Excite's objects; add --compare aae \
+             (by default it excites the target and its correlated token)"
+        );
+    }
     let out = &args.out;
     let wanted = settings(&args);
     // Decided before anything is loaded or written: a re-run either continues exactly what OUT
@@ -203,6 +265,32 @@ pub fn run(args: FixArgs) -> Result<()> {
             return Err(e);
         }
     };
+    // The baselines' settings are checked (layers, resolution, objects, and what their folders
+    // already hold) before the fine-tuning, so that a bad flag costs nothing.
+    let mut compare = args.compare.clone();
+    compare.sort();
+    compare.dedup();
+    let mut baselines = Vec::new();
+    for &m in &compare {
+        let checked = baseline_params(&sd, &args, m).and_then(|p| {
+            sd.check(&p)?;
+            check_folder(
+                &out.join(m.name()),
+                &run_record(&sd, &p, m.name()),
+                MANIFEST,
+            )?;
+            Ok(p)
+        });
+        match checked {
+            Ok(p) => baselines.push((m, p)),
+            Err(e) => {
+                if !resuming {
+                    crate::output::remove_if_empty(out);
+                }
+                return Err(e.context(format!("--compare {}", m.name())));
+            }
+        }
+    }
     write_atomic(
         &out.join(SETTINGS),
         serde_json::to_string_pretty(&wanted)?.as_bytes(),
@@ -251,30 +339,60 @@ pub fn run(args: FixArgs) -> Result<()> {
         bail!("fine-tuning selected no epoch; nothing to generate with");
     }
 
-    let pre = params(&sd, &args.prompt, &args.sample, Guidance::Cfg)?;
+    let pre = params(
+        &sd,
+        &args.prompt,
+        &args.sample,
+        &args.methods,
+        Guidance::Cfg,
+    )?;
     let pre_dir = out.join("pretrained");
+    let mut progress = Bar::new(args.sample.quiet);
+    let batch = args.sample.batch_size;
     generate_into(
         &sd,
-        &pre,
-        "sd",
-        &seeds,
-        &args.sample,
-        &pre_dir,
-        None,
-        MANIFEST,
+        &fix_job(&pre, "sd", &seeds, batch, &pre_dir),
+        &mut progress,
     )?;
+    // The baselines, with the pre-trained encoder (as their papers run them).
+    let mut rows = vec![MethodRow {
+        method: "sd".into(),
+        label: "pre-trained (CFG)".into(),
+        dir: pre_dir.clone(),
+        excite: None,
+    }];
+    for (m, p) in &baselines {
+        let dir = out.join(m.name());
+        generate_into(
+            &sd,
+            &fix_job(p, m.name(), &seeds, batch, &dir),
+            &mut progress,
+        )?;
+        let tok = sd.tokenizer.encode(&args.prompt)?;
+        rows.push(MethodRow {
+            method: m.name().into(),
+            label: m.label().into(),
+            dir,
+            excite: (*m == Compared::Aae).then(|| {
+                let idx = p.excite.token_indices.clone();
+                let tokens = idx.iter().map(|&i| tok.token_text(i)).collect();
+                (idx, tokens)
+            }),
+        });
+    }
     let sd = sd.with_tuned_encoder(&ft_dir.join("text_encoder"))?;
-    let fixed = params(&sd, &args.prompt, &args.sample, Guidance::Decorrelated)?;
+    let fixed = params(
+        &sd,
+        &args.prompt,
+        &args.sample,
+        &args.methods,
+        Guidance::Decorrelated,
+    )?;
     let fixed_dir = out.join("fixed");
     generate_into(
         &sd,
-        &fixed,
-        "decorrelated",
-        &seeds,
-        &args.sample,
-        &fixed_dir,
-        None,
-        MANIFEST,
+        &fix_job(&fixed, "decorrelated", &seeds, batch, &fixed_dir),
+        &mut progress,
     )?;
 
     let read = |dir: &Path, seed: u64| -> Result<image::RgbImage> {
@@ -283,17 +401,24 @@ pub fn run(args: FixArgs) -> Result<()> {
             .with_context(|| format!("reading {}", p.display()))?
             .to_rgb8())
     };
-    let mut cells = vec![Vec::new(), Vec::new()];
-    for &seed in &seeds {
-        cells[0].push(read(&pre_dir, seed)?);
-        cells[1].push(read(&fixed_dir, seed)?);
+    rows.push(MethodRow {
+        method: "decorrelated".into(),
+        label: "decorrelated (ours)".into(),
+        dir: fixed_dir.clone(),
+        excite: None,
+    });
+    let mut cells = Vec::new();
+    for row in &rows {
+        cells.push(
+            seeds
+                .iter()
+                .map(|&seed| read(&row.dir, seed))
+                .collect::<Result<Vec<_>>>()?,
+        );
     }
     let cols: Vec<String> = seeds.iter().map(|s| format!("seed {s}")).collect();
-    let rows = vec![
-        "pre-trained (CFG)".to_string(),
-        "decorrelated (ours)".to_string(),
-    ];
-    let grid_img = grid::labelled(&format!("\"{}\"", args.prompt), &rows, &cols, &cells, 128);
+    let labels: Vec<String> = rows.iter().map(|r| r.label.clone()).collect();
+    let grid_img = grid::labelled(&format!("\"{}\"", args.prompt), &labels, &cols, &cells, 128);
     let comparison = out.join("comparison.png");
     write_atomic(&comparison, &png_bytes(&grid_img))?;
 
@@ -305,7 +430,7 @@ pub fn run(args: FixArgs) -> Result<()> {
     let before = &p0["row_before"];
     let after = &p0["row_after"];
     let ratio = |row: &serde_json::Value| Some(row[c].as_f64()? / row[t].as_f64()?);
-    let html = report_html(&args.prompt, &report, &seeds);
+    let html = report_html(&args.prompt, &report, &seeds, out, &rows);
     let report_html_path = out.join("report.html");
     write_atomic(&report_html_path, html.as_bytes())?;
     let summary = Summary {
@@ -318,6 +443,7 @@ pub fn run(args: FixArgs) -> Result<()> {
         seeds: seeds.clone(),
         pretrained: pre_dir,
         fixed: fixed_dir,
+        methods: rows,
         comparison,
         report: report_html_path.clone(),
     };
@@ -329,17 +455,66 @@ pub fn run(args: FixArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!(
-            "fixed {:?}: A[t,c]/A[t,t] {:.3} -> {:.3} (epoch {}); {} seeds each in pretrained/ and fixed/; \
+            "fixed {:?}: A[t,c]/A[t,t] {:.3} -> {:.3} (epoch {}); {} seeds each in {}; \
              see {}",
             args.prompt,
             ratio(before).unwrap_or(f64::NAN),
             ratio(after).unwrap_or(f64::NAN),
             summary.selected_epoch.unwrap_or(0),
             seeds.len(),
+            summary
+                .methods
+                .iter()
+                .map(|r| format!(
+                    "{}/",
+                    r.dir.file_name().unwrap_or_default().to_string_lossy()
+                ))
+                .collect::<Vec<_>>()
+                .join(", "),
             report_html_path.display()
         );
     }
     Ok(())
+}
+
+/// One of fix's generation runs: every seed into its own folder.
+fn fix_job<'a>(
+    params: &'a GenerateParams,
+    method: &'a str,
+    seeds: &'a [u64],
+    batch_size: usize,
+    out: &'a Path,
+) -> GenerateJob<'a> {
+    GenerateJob {
+        params,
+        method,
+        seeds,
+        batch_size,
+        out,
+        attention: None,
+        manifest_name: MANIFEST,
+    }
+}
+
+/// The sampling parameters of a `--compare` baseline. Attend-and-Excite excites the pair the
+/// fix is about, the correlated token `c` and the target `t` (as the fine-tuning resolves them),
+/// unless `--excite`/`--excite-indices` name other objects.
+fn baseline_params(sd: &StableDiffusion, args: &FixArgs, m: Compared) -> Result<GenerateParams> {
+    let mut p = params(sd, &args.prompt, &args.sample, &args.methods, m.guidance())?;
+    if m == Compared::Aae && p.excite.token_indices.is_empty() {
+        let tokenized = sd.tokenizer.encode(&args.prompt)?;
+        let target = resolve_target(&tokenized, &args.target)
+            .with_context(|| format!("--target {}", args.target))?;
+        let states = prepare(
+            &sd.text_encoder,
+            &[TrainPrompt { tokenized, target }],
+            args.layer,
+            &sd.device,
+        )?;
+        let focus = &states[0].focus;
+        p.excite.token_indices = vec![focus.corr, focus.target];
+    }
+    Ok(p)
 }
 
 fn esc(s: &str) -> String {
@@ -351,7 +526,13 @@ fn esc(s: &str) -> String {
 
 /// A small self-contained report: the target's attention row before and after, the loss curves
 /// and the comparison grid (relative links, so OUT can be moved or served as is).
-fn report_html(prompt: &str, report: &serde_json::Value, seeds: &[u64]) -> String {
+fn report_html(
+    prompt: &str,
+    report: &serde_json::Value,
+    seeds: &[u64],
+    out: &Path,
+    rows: &[MethodRow],
+) -> String {
     let p0 = &report["prompts"][0];
     let tokens: Vec<String> = p0["tokens"]
         .as_array()
@@ -385,14 +566,53 @@ fn report_html(prompt: &str, report: &serde_json::Value, seeds: &[u64]) -> Strin
             .map(|v| format!("<td>{v}</td>"))
             .collect::<String>()
     };
+    let rel = |dir: &Path| {
+        dir.strip_prefix(out)
+            .unwrap_or(dir)
+            .to_string_lossy()
+            .replace('\\', "/")
+    };
     let images: String = seeds
         .iter()
         .map(|s| {
             let f = image_file(*s);
-            format!(
-                "<tr><td>seed {s}</td><td><a href=\"pretrained/{f}\">pre-trained</a></td>\
-                 <td><a href=\"fixed/{f}\">decorrelated</a></td></tr>"
-            )
+            let links: String = rows
+                .iter()
+                .map(|r| {
+                    let d = esc(&rel(&r.dir));
+                    let extra = if r.excite.is_some() {
+                        format!(" (<a href=\"{d}/{}\">losses</a>)", excite_file(*s))
+                    } else {
+                        String::new()
+                    };
+                    format!("<td><a href=\"{d}/{f}\">{}</a>{extra}</td>", esc(&r.label))
+                })
+                .collect();
+            format!("<tr><td>seed {s}</td>{links}</tr>")
+        })
+        .collect();
+    let manifests: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let d = esc(&rel(&r.dir));
+            format!("<a href=\"{d}/manifest.json\">{d}/manifest.json</a>")
+        })
+        .collect();
+    let excited: String = rows
+        .iter()
+        .filter_map(|r| {
+            let (idx, tokens) = r.excite.as_ref()?;
+            let objs: Vec<String> = idx
+                .iter()
+                .zip(tokens)
+                .map(|(i, t)| format!("<b>{}</b> (token {i})", esc(t)))
+                .collect();
+            Some(format!(
+                "<p>{} excites {}; per-step losses in <code>{}/excite-SEED.json</code>.</p>",
+                esc(&r.label),
+                objs.join(" and "),
+                esc(&rel(&r.dir))
+            ))
         })
         .collect();
     format!(
@@ -404,11 +624,11 @@ token <b>{corr}</b> (token {ci}); selected epoch {epoch}.</p>\
 <h2>Self-attention of the target (layer {layer}, head average)</h2>\
 <table><tr><th></th>{header}</tr><tr><th>pre-trained</th>{b}</tr><tr><th>fine-tuned</th>{a}</tr></table>\
 <h2>Images (same seeds)</h2><img src=\"comparison.png\" alt=\"comparison grid\">\
-<table>{images}</table>\
+{excited}<table>{images}</table>\
 <h2>Fine-tuning</h2><img src=\"finetune/losses.png\" alt=\"loss curves\">\
 <p>Numbers: <a href=\"finetune/report.json\">finetune/report.json</a>; images: \
-<a href=\"pretrained/manifest.json\">pretrained/manifest.json</a>, \
-<a href=\"fixed/manifest.json\">fixed/manifest.json</a>.</p></body></html>\n",
+{manifests}.</p></body></html>\n",
+        manifests = manifests.join(", "),
         title = esc(prompt),
         target = esc(p0["target"]["text"].as_str().unwrap_or("")),
         ti = p0["target"]["index"],

@@ -24,8 +24,3 @@ pub fn install() {
 pub fn requested() -> bool {
     STOP.load(Ordering::SeqCst)
 }
-
-/// The flag itself, for code that holds on to it.
-pub fn flag() -> &'static AtomicBool {
-    &STOP
-}

@@ -1,19 +1,19 @@
 //! `decorr`: find and fix object omission in Stable Diffusion (see README).
 
 mod analyze;
-mod charts;
+mod compare;
 mod eval;
 mod finetune;
 mod fix;
 mod flags;
 mod generate;
-mod grid;
-mod heatmap;
+mod guidance_args;
 mod interrupt;
 mod model_args;
-mod output;
-mod paths;
-mod shard;
+mod progress;
+
+// The figures, output folders and shards are the library's (decorr-runs).
+use decorr_runs::{grid, heatmap, output, shard};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -37,13 +37,17 @@ enum Command {
     /// Fine-tune the text encoder to lower the target's attention to its correlated token
     /// (METHOD.md Eq. 2), selecting the best epoch (Eqs. 3 to 5).
     Finetune(finetune::FinetuneArgs),
-    /// Generate images with classifier-free or decorrelated guidance (METHOD.md Eq. 6).
+    /// Generate images with classifier-free, decorrelated (METHOD.md Eq. 6), perturbed-attention
+    /// or Attend-and-Excite guidance.
     Generate(generate::GenerateArgs),
     /// The main job: fine-tune for a prompt's missing object, then generate the same seeds
     /// with the pre-trained model and with the decorrelated guidance, side by side.
     Fix(fix::FixArgs),
     /// Evaluate: BERTScore of VLM captions, FID, omission rate, and the paper's table 3.
     Eval(eval::EvalArgs),
+    /// The paper's comparison: the pre-trained model, PAG, Attend-and-Excite and ours on the
+    /// same seeds for prompts with object pairs, ready for `decorr eval run`.
+    Compare(Box<compare::CompareArgs>),
 }
 
 fn main() {
@@ -64,5 +68,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Fix(args) => fix::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Compare(args) => compare::run(*args),
     }
 }

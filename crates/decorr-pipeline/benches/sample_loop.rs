@@ -1,7 +1,9 @@
 //! Benchmark: one full image (text encoding, N DDIM steps with CFG at batch 2, VAE decode) on
 //! flex with random full-size SD 1.5 weights; seconds per step, total, peak RSS. Compare with
 //! `python ../shared/reference/pyref/bench.py loop HW N` on the same machine:
-//! `cargo bench -p decorr-pipeline --bench sample_loop -- HW [N]` (HW: latent size, 32 = 256 px).
+//! `cargo bench -p decorr-pipeline --bench sample_loop -- HW [N] [cfg|pag|aae]` (HW: latent
+//! size, 32 = 256 px). `pag` (scale 3, `mid`) and `aae` (tokens 2 and 6, the defaults) compare
+//! with `python tests/pyref/bench_guidance.py pag|aae HW N` (diffusers' own pipelines).
 //! `DECORR_BACKEND=wgpu` (built with `--features wgpu`) runs it on a GPU backend instead.
 
 use std::time::Instant;
@@ -30,6 +32,10 @@ fn main() {
         .collect();
     let hw = args.first().copied().unwrap_or(32);
     let steps = args.get(1).copied().unwrap_or(50);
+    let guidance: Guidance = std::env::args()
+        .skip(1)
+        .find(|a| a.parse::<usize>().is_err() && !a.starts_with('-'))
+        .map_or(Guidance::Cfg, |g| g.parse().expect("cfg, pag or aae"));
     let backend: decorr_core::BackendKind = std::env::var("DECORR_BACKEND")
         .unwrap_or_else(|_| "flex".into())
         .parse()
@@ -57,11 +63,16 @@ fn main() {
         width: hw * 8,
         height: hw * 8,
         scheduler: SchedulerKind::Ddim,
-        guidance: Guidance::Cfg,
+        guidance,
         karras: None,
         eta: 0.0,
         attention_slice: None,
         capture_tokens: Vec::new(),
+        pag: Default::default(),
+        excite: decorr_pipeline::ExciteParams {
+            token_indices: vec![2, 6],
+            ..Default::default()
+        },
     };
     // Materialise the lazily initialised weights before timing.
     let _ = sd.generate(
@@ -88,7 +99,7 @@ fn main() {
         .collect();
     per_step.sort_by(f64::total_cmp);
     println!(
-        "DDIM {steps} steps, {}x{} ({backend}): total {total:.1} s, median step {:.2} s, peak RSS {:.2} GB",
+        "{guidance}, DDIM {steps} steps, {}x{} ({backend}): total {total:.1} s, median step {:.2} s, peak RSS {:.2} GB",
         hw * 8,
         hw * 8,
         per_step

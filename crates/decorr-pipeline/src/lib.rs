@@ -1,14 +1,17 @@
-//! The text-to-image pipeline: prompt encoding, the scheduler loop with classifier-free or
-//! decorrelated guidance (METHOD.md Eq. 6), VAE decode ([`pipeline`]); PyTorch's CPU generator
+//! The text-to-image pipeline: prompt encoding, the scheduler loop, VAE decode ([`pipeline`]);
+//! one strategy per guidance method ([`guidance`]: classifier-free, decorrelated (METHOD.md
+//! Eq. 6), PAG, Attend-and-Excite); PyTorch's CPU generator
 //! and `torch.randn` reproduced bit for bit ([`rng`]), so a seed gives the same initial latents
 //! (and ancestral-sampler noise) as diffusers; PNG files with their parameters ([`png`]).
 
+pub mod guidance;
 pub mod pipeline;
 pub mod png;
 pub mod rng;
 
+pub use guidance::{ExciteParams, ExciteStep, Guidance, PagParams};
 pub use pipeline::{
-    GenerateParams, Generated, Guidance, StableDiffusion, StepAttention, TunedEncoder, to_rgb8,
+    GenerateParams, Generated, StableDiffusion, StepAttention, StepTrace, TunedEncoder, to_rgb8,
 };
 
 /// Errors of the pipeline crate.

@@ -22,31 +22,13 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::PipelineError;
+use crate::guidance::attend_excite::{self, AttendExcite};
+use crate::guidance::cfg::Cfg;
+use crate::guidance::pag::Pag;
+use crate::guidance::{
+    Embeddings, ExciteParams, ExciteStep, Guidance, PagParams, StepContext, Strategy,
+};
 use crate::rng::{TorchGenerator, randn_tensor_batch};
-
-/// How the two branches of guidance are conditioned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Guidance {
-    /// Standard classifier-free guidance: both embeddings from the pre-trained encoder.
-    #[default]
-    Cfg,
-    /// Eq. 6: conditional from the fine-tuned encoder, unconditional from the pre-trained one.
-    Decorrelated,
-}
-
-impl std::str::FromStr for Guidance {
-    type Err = PipelineError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "cfg" => Ok(Guidance::Cfg),
-            "decorrelated" => Ok(Guidance::Decorrelated),
-            other => Err(PipelineError::Input(format!(
-                "unknown guidance `{other}`; expected cfg or decorrelated"
-            ))),
-        }
-    }
-}
 
 /// A fine-tuned text encoder (what `decorr finetune` writes to `OUT/text_encoder`).
 pub struct TunedEncoder {
@@ -93,6 +75,10 @@ pub struct GenerateParams {
     /// Token indices whose cross-attention maps are recorded at every step (figure 3).
     #[serde(skip)]
     pub capture_tokens: Vec<usize>,
+    /// PAG's settings (used by `Guidance::Pag`).
+    pub pag: PagParams,
+    /// Attend-and-Excite's settings (used by `Guidance::AttendAndExcite`).
+    pub excite: ExciteParams,
 }
 
 /// Cross-attention of the recorded tokens at one denoising step, for each image of the batch:
@@ -107,6 +93,15 @@ pub struct StepAttention {
     pub maps: Vec<Vec<Vec<f32>>>,
 }
 
+/// One denoising step's latents, as [`StableDiffusion::generate_traced`] keeps them.
+#[derive(Debug, Clone)]
+pub struct StepTrace {
+    /// What the scheduler stepped from (after any update the guidance made: Attend-and-Excite).
+    pub input: Tensor<4>,
+    /// The scheduler's result.
+    pub output: Tensor<4>,
+}
+
 /// What [`StableDiffusion::generate`] returns.
 pub struct Generated {
     /// `[batch, 3, height, width]` in [0, 1] (diffusers' `output_type="np"` before quantising).
@@ -116,8 +111,10 @@ pub struct Generated {
     /// The latents handed to the VAE (before `1 / scaling_factor`).
     pub latents: Tensor<4>,
     pub attention: Vec<StepAttention>,
-    /// The scheduler's timesteps (one UNet call each).
+    /// The scheduler's timesteps (one step each).
     pub timesteps: Vec<f64>,
+    /// Attend-and-Excite's losses and updates per step and image (empty for other methods).
+    pub excite: Vec<ExciteStep>,
 }
 
 impl StableDiffusion {
@@ -229,6 +226,12 @@ impl StableDiffusion {
         Ok(side)
     }
 
+    /// The latent's `[height, width]` for `p`'s image size.
+    pub fn latent_hw(&self, p: &GenerateParams) -> [usize; 2] {
+        let s = self.vae_scale_factor();
+        [p.height / s, p.width / s]
+    }
+
     /// Checks sizes, steps and guidance before any work is done.
     pub fn check(&self, p: &GenerateParams) -> Result<(), PipelineError> {
         let bad = |m: String| Err(PipelineError::Input(m));
@@ -262,6 +265,16 @@ impl StableDiffusion {
                  (from `decorr finetune`)"
                     .into(),
             );
+        }
+        match p.guidance {
+            Guidance::Pag => {
+                p.pag.modules(&self.unet)?;
+            }
+            Guidance::AttendAndExcite => {
+                let tok = self.tokenizer.encode(&p.prompt)?;
+                attend_excite::check(&self.unet, &p.excite, self.latent_hw(p), tok.ids.len())?;
+            }
+            Guidance::Cfg | Guidance::Decorrelated => {}
         }
         Ok(())
     }
@@ -358,24 +371,36 @@ impl StableDiffusion {
         seeds: &[u64],
         on_step: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Generated, PipelineError> {
+        self.generate_traced(p, seeds, on_step, None)
+    }
+
+    /// [`Self::generate`], also keeping every step's latents in `trace` (for parity tests and
+    /// analysis; each entry stays on the device).
+    pub fn generate_traced(
+        &self,
+        p: &GenerateParams,
+        seeds: &[u64],
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
+        mut trace: Option<&mut Vec<StepTrace>>,
+    ) -> Result<Generated, PipelineError> {
         self.check(p)?;
         assert!(!seeds.is_empty(), "at least one seed");
         self.check_memory(p, seeds.len())?;
         let b = seeds.len();
-        let cond_encoder = match p.guidance {
-            Guidance::Cfg => &self.text_encoder,
-            Guidance::Decorrelated => &self.tuned.as_ref().expect("checked").model,
+        // The text side: the fine-tuned encoder gives the conditional embedding for the
+        // decorrelated guidance and, when loaded, for the sampling-side methods (composition).
+        let cond_encoder = match (p.guidance, &self.tuned) {
+            (Guidance::Cfg, _) | (_, None) => &self.text_encoder,
+            (_, Some(tuned)) => &tuned.model,
         };
         let cond = self.encode(cond_encoder, &p.prompt)?;
         let cfg = p.guidance_scale > 1.0; // diffusers skips the unconditional branch otherwise
-        let context = if cfg {
-            let uncond = self.encode(&self.text_encoder, &p.negative_prompt)?;
-            let [_, n, h] = cond.dims();
-            Tensor::cat(vec![uncond.expand([b, n, h]), cond.expand([b, n, h])], 0)
+        let uncond = if cfg {
+            Some(self.encode(&self.text_encoder, &p.negative_prompt)?)
         } else {
-            let [_, n, h] = cond.dims();
-            cond.expand([b, n, h])
+            None
         };
+        let emb = Embeddings { cond, uncond };
 
         let mut scheduler = build_with(
             p.scheduler,
@@ -388,6 +413,18 @@ impl StableDiffusion {
         )?;
         let s = self.vae_scale_factor();
         let shape = [b, self.unet_config.in_channels, p.height / s, p.width / s];
+        let mut strategy: Box<dyn Strategy> = match p.guidance {
+            Guidance::Cfg | Guidance::Decorrelated => Box::new(Cfg::new(&emb, b, p.guidance_scale)),
+            Guidance::Pag => Box::new(Pag::new(&self.unet, &emb, b, p.guidance_scale, &p.pag)?),
+            Guidance::AttendAndExcite => Box::new(AttendExcite::new(
+                &self.unet,
+                &emb,
+                b,
+                p.guidance_scale,
+                &p.excite,
+                self.latent_hw(p),
+            )?),
+        };
         let mut gens: Vec<TorchGenerator> = seeds.iter().map(|&s| TorchGenerator::new(s)).collect();
         let init = randn_tensor_batch(&mut gens, shape, &self.device);
         let mut latents = init.clone().mul_scalar(scheduler.init_noise_sigma());
@@ -399,45 +436,42 @@ impl StableDiffusion {
             } else {
                 Capture::All
             },
-            capture_self: Capture::None,
+            ..Default::default()
         };
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
         let mut attention = Vec::new();
         for i in 0..total {
-            let input = if cfg {
-                Tensor::cat(vec![latents.clone(), latents.clone()], 0)
-            } else {
-                latents.clone()
+            let ctx = StepContext {
+                unet: &self.unet,
+                scheduler: scheduler.as_ref(),
+                index: i,
+                total,
+                timestep: scheduler.model_timestep(i),
+                opts: &opts,
             };
-            let input = scheduler.scale_model_input(input, i);
-            let t = scheduler.model_timestep(i);
-            let rows = input.dims()[0];
-            let out = self
-                .unet
-                .forward_with(input, &vec![t; rows], &context, &opts);
+            let pred = strategy.predict(&ctx, &mut latents)?;
+            let input = trace.is_some().then(|| latents.clone());
             if !p.capture_tokens.is_empty() {
                 attention.push(step_attention(
-                    &out.cross_attention,
+                    &pred.cross_attention,
                     i,
-                    t,
+                    ctx.timestep,
                     b,
-                    cfg,
                     shape,
                     &p.capture_tokens,
                 ));
             }
-            let eps = if cfg {
-                let uncond = out.sample.clone().narrow(0, 0, b);
-                let cond = out.sample.narrow(0, b, b);
-                uncond.clone() + (cond - uncond).mul_scalar(p.guidance_scale)
-            } else {
-                out.sample
-            };
             let noise = scheduler
                 .needs_noise()
                 .then(|| randn_tensor_batch(&mut gens, shape, &self.device));
-            latents = scheduler.step(eps, i, latents, noise)?;
+            latents = scheduler.step(pred.eps, i, latents, noise)?;
+            if let (Some(trace), Some(input)) = (trace.as_deref_mut(), input) {
+                trace.push(StepTrace {
+                    input,
+                    output: latents.clone(),
+                });
+            }
             if !on_step(i + 1, total) {
                 return Err(PipelineError::Interrupted);
             }
@@ -470,6 +504,7 @@ impl StableDiffusion {
             latents,
             attention,
             timesteps,
+            excite: strategy.excite_log(),
         })
     }
 }
@@ -505,7 +540,7 @@ fn check_fit(
     Ok(())
 }
 
-/// Averages the captured cross-attention maps of one step (conditional branch) at the finest
+/// Averages the captured cross-attention maps of one step (conditional rows) at the finest
 /// resolution a quarter of the latent's (16x16 for 64x64 latents, as prompt-to-prompt does),
 /// or at the resolution with the most maps when the UNet has none there.
 fn step_attention(
@@ -513,7 +548,6 @@ fn step_attention(
     step: usize,
     timestep: f64,
     b: usize,
-    cfg: bool,
     shape: [usize; 4],
     tokens: &[usize],
 ) -> StepAttention {
@@ -540,7 +574,6 @@ fn step_attention(
         .reduce(|a, c| a + c)
         .expect("at least one map")
         .div_scalar(n as f64);
-    let mean = if cfg { mean.narrow(0, b, b) } else { mean };
     let [_, hw, keys] = mean.dims();
     let data = mean
         .into_data()

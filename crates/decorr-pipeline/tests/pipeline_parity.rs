@@ -59,6 +59,8 @@ fn pipeline_matches_diffusers() {
             eta: 0.0,
             attention_slice: None,
             capture_tokens: vec![],
+            pag: Default::default(),
+            excite: Default::default(),
         };
         let seeds: Vec<u64> = serde_json::from_value(case["seeds"].clone()).unwrap();
         let out = sd.generate(&p, &seeds, &mut |_, _| true).unwrap();
@@ -69,8 +71,8 @@ fn pipeline_matches_diffusers() {
         assert!(d_init <= 1e-6, "{c}: initial latents differ by {d_init}");
 
         let cond_enc = match p.guidance {
-            Guidance::Cfg => &sd.text_encoder,
             Guidance::Decorrelated => &sd.tuned.as_ref().unwrap().model,
+            _ => &sd.text_encoder,
         };
         let b = seeds.len();
         let embeds = sd.encode(cond_enc, &p.prompt).unwrap();
@@ -164,6 +166,8 @@ fn cross_attention_is_recorded_per_step_and_token() {
         eta: 0.0,
         attention_slice: Some(1),
         capture_tokens: vec![2, 6],
+        pag: Default::default(),
+        excite: Default::default(),
     };
     let out = sd.generate(&p, &[0, 1], &mut |_, _| true).unwrap();
     assert_eq!(out.attention.len(), 3);

@@ -140,7 +140,52 @@ fn main() {
             println!("linear {}->{c}: {t2:.4} s", 4 * c);
             t
         }
-        other => panic!("unknown mode {other}: unet, vae, conv, attn or linear"),
+        // Attend-and-Excite's gradient pass: batch 1 under autodiff up to the last cross-attention
+        // at a quarter of the latent size, then the gradient of one map entry w.r.t. the latent.
+        "grad" => {
+            let unet = UNet2DConditionModel::new(&UNetConfig::sd15(), &device);
+            let x = Tensor::<4>::random([1, 4, hw, hw], normal, &device);
+            let ctx = Tensor::<3>::random([1, 77, 768], normal, &device);
+            let sites: Vec<String> = unet
+                .attention_sites([hw, hw])
+                .into_iter()
+                .filter(|s| s.cross && s.height == hw / 4)
+                .map(|s| s.path)
+                .collect();
+            let opts = decorr_unet::AttentionOptions {
+                capture_cross: decorr_unet::Capture::Prefixes(sites.clone()),
+                ..Default::default()
+            };
+            let last = sites
+                .last()
+                .expect("a quarter-size cross-attention")
+                .clone();
+            let mut fwd = Vec::new();
+            let t = time(n, || {
+                let t0 = Instant::now();
+                let leaf = x.clone().autodiff().require_grad();
+                let maps = unet.cross_attention_until(leaf.clone(), &[981.0], &ctx, &opts, &last);
+                let y = maps
+                    .into_iter()
+                    .map(|m| m.probs.narrow(1, 5, 1).narrow(2, 3, 1).reshape([1]))
+                    .reduce(|a, b| a + b)
+                    .unwrap();
+                let _ = y.clone().inner().into_data();
+                fwd.push(t0.elapsed().as_secs_f64());
+                let g = leaf.grad(&y.backward()).unwrap();
+                let _ = g.inner().into_data();
+            });
+            let plain = time(n, || {
+                let _ = unet.forward(x.clone(), &[981.0], &ctx).into_data();
+            });
+            println!(
+                "grad pass {hw}x{hw} batch 1: forward under autodiff {:.3} s; plain full forward \
+                 {plain:.3} s",
+                median(fwd)
+            );
+            t
+        }
+        other => panic!("unknown mode {other}: unet, vae, conv, attn, linear or grad"),
     };
     println!(
         "{mode} {hw}x{hw} (flex, median of {n}): {t:.3} s, peak RSS {:.2} GB",

@@ -24,6 +24,13 @@ pub struct AttentionOptions {
     pub capture_cross: Capture,
     /// Which self-attention (`attn1`) maps to return (large: `(h*w)^2` per image).
     pub capture_self: Capture,
+    /// Self-attention (`attn1`) modules whose attention is replaced by the identity
+    /// (`to_out(to_v(h))`: every query attends only to itself), as perturbed-attention guidance
+    /// perturbs them.
+    pub perturb_self: Capture,
+    /// Stop the forward pass after this cross-attention module (`...attn2`) has run: what a
+    /// gradient of its maps needs, without the rest of the UNet.
+    pub stop_after: Option<String>,
 }
 
 /// A choice of attention modules by path prefix (`down_blocks.1`, `mid_block`, `up_blocks.2.attentions.0`).
@@ -63,6 +70,8 @@ pub struct Recorder<'a> {
     pub opts: &'a AttentionOptions,
     pub cross: Vec<AttentionMap>,
     pub self_attn: Vec<AttentionMap>,
+    /// Set once the module of `opts.stop_after` has run.
+    pub stopped: bool,
 }
 
 impl<'a> Recorder<'a> {
@@ -71,6 +80,7 @@ impl<'a> Recorder<'a> {
             opts,
             cross: Vec::new(),
             self_attn: Vec::new(),
+            stopped: false,
         }
     }
 }
@@ -183,6 +193,12 @@ impl Attention {
         (host::linear(&self.to_out[0], out), probs)
     }
 
+    /// The identity attention of perturbed-attention guidance: `to_out(to_v(x))`, the output
+    /// of a softmax that puts all weight on the query's own position.
+    pub fn forward_identity(&self, x: Tensor<3>) -> Tensor<3> {
+        host::linear(&self.to_out[0], host::linear(&self.to_v, x))
+    }
+
     /// The VAE's spatial self-attention: group norm, one head over all pixels, residual.
     pub fn forward_spatial(&self, x: Tensor<4>, slice: Option<usize>) -> Tensor<4> {
         let [b, c, hh, ww] = x.dims();
@@ -287,12 +303,12 @@ impl BasicTransformerBlock {
         let slice = rec.opts.slice_size;
         let p1 = format!("{path}.attn1");
         let want1 = rec.opts.capture_self.wants(&p1);
-        let (a, probs) = self.attn1.forward(
-            host::layer_norm(&self.norm1, x.clone(), LN_EPS),
-            None,
-            slice,
-            want1,
-        );
+        let h1 = host::layer_norm(&self.norm1, x.clone(), LN_EPS);
+        let (a, probs) = if rec.opts.perturb_self.wants(&p1) {
+            (self.attn1.forward_identity(h1), None)
+        } else {
+            self.attn1.forward(h1, None, slice, want1)
+        };
         if let Some(probs) = probs {
             rec.self_attn.push(AttentionMap {
                 module: p1,
@@ -310,6 +326,9 @@ impl BasicTransformerBlock {
             slice,
             want2,
         );
+        if rec.opts.stop_after.as_deref() == Some(p2.as_str()) {
+            rec.stopped = true;
+        }
         if let Some(probs) = probs {
             rec.cross.push(AttentionMap {
                 module: p2,
@@ -392,6 +411,9 @@ impl Transformer2DModel {
         for (i, block) in self.transformer_blocks.iter().enumerate() {
             let p = format!("{path}.transformer_blocks.{i}");
             seq = block.forward(seq, context, &p, [h, w], rec);
+            if rec.stopped {
+                break;
+            }
         }
         let from_seq = |t: Tensor<3>| t.swap_dims(1, 2).reshape([b, c, h, w]);
         let out = match &self.proj_out {

@@ -14,7 +14,7 @@ pub mod vae;
 pub use attention::{AttentionMap, AttentionOptions, Capture};
 pub use config::{PerBlock, UNetConfig, VaeConfig};
 pub use load::{Loaded, WEIGHT_FILES, load_unet, load_vae};
-pub use unet::{UNet2DConditionModel, UNetOutput};
+pub use unet::{AttentionSite, UNet2DConditionModel, UNetOutput};
 pub use vae::{AutoencoderKL, Posterior};
 
 /// Errors of the UNet/VAE crate.

@@ -187,7 +187,9 @@ impl UNet2DConditionModel {
             .sample
     }
 
-    /// [`Self::forward`] with attention slicing and captured maps as `opts` asks.
+    /// [`Self::forward`] with attention slicing, captured maps and perturbed self-attention as
+    /// `opts` asks. (`opts.stop_after` is for [`Self::cross_attention_until`]; here the pass
+    /// always completes.)
     ///
     /// # Panics
     /// If `timesteps` does not hold one value per batch row (callers build it).
@@ -198,6 +200,90 @@ impl UNet2DConditionModel {
         context: &Tensor<3>,
         opts: &AttentionOptions,
     ) -> UNetOutput {
+        let opts = &AttentionOptions {
+            stop_after: None,
+            ..opts.clone()
+        };
+        let (out, rec) = self.run(sample, timesteps, context, opts);
+        UNetOutput {
+            sample: out.expect("a pass without stop_after completes"),
+            cross_attention: rec.cross,
+            self_attention: rec.self_attn,
+        }
+    }
+
+    /// The captured cross-attention maps of a pass that stops after the cross-attention module
+    /// `last` (a path from [`Self::attention_sites`]): the layers after it cannot change the maps,
+    /// so a gradient of the maps (Attend-and-Excite) needs only this part of the UNet.
+    pub fn cross_attention_until(
+        &self,
+        sample: Tensor<4>,
+        timesteps: &[f64],
+        context: &Tensor<3>,
+        opts: &AttentionOptions,
+        last: &str,
+    ) -> Vec<AttentionMap> {
+        let opts = &AttentionOptions {
+            stop_after: Some(last.to_string()),
+            ..opts.clone()
+        };
+        self.run(sample, timesteps, context, opts).1.cross
+    }
+
+    /// Every attention module (`...attn1`, `...attn2`) in forward order with the feature-map
+    /// size it sees for a latent of `latent_hw`: for choosing modules by name (PAG's layers) or
+    /// by resolution (Attend-and-Excite's maps) before a pass, and naming what exists.
+    pub fn attention_sites(&self, latent_hw: [usize; 2]) -> Vec<AttentionSite> {
+        let mut sites = Vec::new();
+        let mut push = |path: String, t: &Transformer2DModel, hw: [usize; 2]| {
+            for i in 0..t.transformer_blocks.len() {
+                for (name, cross) in [("attn1", false), ("attn2", true)] {
+                    sites.push(AttentionSite {
+                        path: format!("{path}.transformer_blocks.{i}.{name}"),
+                        cross,
+                        height: hw[0],
+                        width: hw[1],
+                    });
+                }
+            }
+        };
+        // Sizes per level: stride-2 3x3 convolutions with padding 1 round up.
+        let mut sizes = vec![latent_hw];
+        for _ in 1..self.down_blocks.len() {
+            let [h, w] = *sizes.last().expect("one level");
+            sizes.push([h.div_ceil(2), w.div_ceil(2)]);
+        }
+        for (i, block) in self.down_blocks.iter().enumerate() {
+            for (l, t) in block.attentions.iter().enumerate() {
+                push(format!("down_blocks.{i}.attentions.{l}"), t, sizes[i]);
+            }
+        }
+        if let Some(mid) = &self.mid_block {
+            for (l, t) in mid.attentions.iter().enumerate() {
+                push(
+                    format!("mid_block.attentions.{l}"),
+                    t,
+                    sizes[sizes.len() - 1],
+                );
+            }
+        }
+        let n = self.up_blocks.len();
+        for (j, block) in self.up_blocks.iter().enumerate() {
+            for (l, t) in block.attentions.iter().enumerate() {
+                push(format!("up_blocks.{j}.attentions.{l}"), t, sizes[n - 1 - j]);
+            }
+        }
+        sites
+    }
+
+    /// The pass itself: `None` for the prediction when it stopped at `opts.stop_after`.
+    fn run<'a>(
+        &self,
+        sample: Tensor<4>,
+        timesteps: &[f64],
+        context: &Tensor<3>,
+        opts: &'a AttentionOptions,
+    ) -> (Option<Tensor<4>>, Recorder<'a>) {
         let [b, _, _, _] = sample.dims();
         assert_eq!(timesteps.len(), b, "one timestep per batch row");
         let device = sample.device();
@@ -228,6 +314,9 @@ impl UNet2DConditionModel {
                         &format!("down_blocks.{i}.attentions.{l}"),
                         &mut rec,
                     );
+                    if rec.stopped {
+                        return (None, rec);
+                    }
                 }
                 skips.push(x.clone());
             }
@@ -240,6 +329,9 @@ impl UNet2DConditionModel {
             x = mid.resnets[0].forward(x, Some(&emb));
             for (l, (attn, resnet)) in mid.attentions.iter().zip(&mid.resnets[1..]).enumerate() {
                 x = attn.forward(x, context, &format!("mid_block.attentions.{l}"), &mut rec);
+                if rec.stopped {
+                    return (None, rec);
+                }
                 x = resnet.forward(x, Some(&emb));
             }
         }
@@ -254,6 +346,9 @@ impl UNet2DConditionModel {
                         &format!("up_blocks.{j}.attentions.{l}"),
                         &mut rec,
                     );
+                    if rec.stopped {
+                        return (None, rec);
+                    }
                 }
             }
             for up in &block.upsamplers {
@@ -269,10 +364,17 @@ impl UNet2DConditionModel {
             &self.conv_out,
             host::group_norm(&self.conv_norm_out, x, true),
         );
-        UNetOutput {
-            sample: x,
-            cross_attention: rec.cross,
-            self_attention: rec.self_attn,
-        }
+        (Some(x), rec)
     }
+}
+
+/// An attention module of the UNet and the feature-map size it attends over.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionSite {
+    /// diffusers' module path, e.g. `mid_block.attentions.0.transformer_blocks.0.attn1`.
+    pub path: String,
+    /// `attn2` (keys from the text) rather than `attn1`.
+    pub cross: bool,
+    pub height: usize,
+    pub width: usize,
 }

@@ -52,6 +52,7 @@ fn check_unet(name: &str) {
             slice_size: (c == "b1_16x16").then_some(3), // sliced attention gives the same result
             capture_cross: Capture::All,
             capture_self: Capture::Prefixes(vec![self_module.clone()]),
+            ..Default::default()
         };
         let out = unet.model.forward_with(
             tensor(&refs, &format!("{c}.sample"), &device),

@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use crate::bail;
+use crate::error::{Context, Result};
 use decorr_core::io::{LOCK_FILE, OutputLock, is_scratch};
 
 /// The names in `out` other than decorr's scratch files, or `None` when `out` does not exist.

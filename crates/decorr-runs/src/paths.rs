@@ -4,7 +4,8 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use crate::bail;
+use crate::error::{Context, Result};
 
 /// The rule, as errors state it.
 const RULE: &str = "a manifest may only name files inside its own folder";

@@ -1,0 +1,492 @@
+//! Fine-tuning runs on disk (`decorr finetune`, `fix`'s and `compare`'s encoders): METHOD.md's
+//! fine-tuning with checkpoint selection into OUT, which always holds a consistent result: the
+//! selected epoch's `text_encoder/` (transformers naming), `report.json` and `losses.png`, each
+//! replaced atomically whenever it changes. A stop request ends the run after the current step
+//! and keeps what was selected so far; a replaced OUT is built beside the old one and swapped in
+//! only when the run succeeds.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use decorr_clip::{ClipTextConfig, ClipTextModel, Tokenized, save_text_encoder};
+use decorr_core::ModelSource;
+use decorr_core::io::{OutputLock, remove_stale_temps, temp_dir_beside, write_atomic};
+use decorr_trainer::{
+    EpochMetrics, MethodError, ParamPreset, PromptState, TargetSpec, TrainConfig, TrainObserver,
+    TrainPrompt, finetune_prepared, prepare, resolve_target,
+};
+use serde::Serialize;
+
+use crate::bail;
+use crate::charts::{Series, panels};
+use crate::error::{Context, Result};
+use crate::heatmap::png_bytes;
+use crate::progress::Progress;
+
+/// The fine-tuning's settings (`decorr finetune`'s flags but the prompts and OUT).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FinetuneSettings {
+    /// Encoder layer (0-based) whose self-attention is decorrelated.
+    pub layer: usize,
+    pub epochs: usize,
+    pub steps_per_epoch: usize,
+    pub lr: f64,
+    pub weight_decay: f32,
+    pub tau: f64,
+    pub params: ParamPreset,
+    pub seed: u64,
+}
+
+impl Default for FinetuneSettings {
+    fn default() -> Self {
+        FinetuneSettings {
+            layer: 11,
+            epochs: 20,
+            steps_per_epoch: 10,
+            lr: 1e-5,
+            weight_decay: 0.01,
+            tau: 5.0,
+            params: ParamPreset::All,
+            seed: 0,
+        }
+    }
+}
+
+/// One fine-tuning into a folder.
+pub struct FinetuneJob<'a> {
+    pub source: &'a ModelSource,
+    pub device: &'a Device,
+    pub prompts: Vec<String>,
+    /// One per prompt.
+    pub targets: Vec<TargetSpec>,
+    pub settings: FinetuneSettings,
+    pub out: PathBuf,
+    /// Replace an existing OUT (only one that `decorr finetune` wrote).
+    pub overwrite: bool,
+}
+
+/// How a fine-tuning ended (errors aside).
+pub enum FinetuneOutcome {
+    /// OUT holds the selected epoch (also after a stop, in a fresh OUT).
+    Done {
+        selected: usize,
+        interrupted: bool,
+        /// Per prompt: (prompt, A[t,c]/A[t,t] before, after).
+        ratios: Vec<(String, f32, f32)>,
+    },
+    /// Stopped before the first epoch ended; a fresh OUT was removed.
+    NothingSelected,
+    /// A replacing run was stopped: it was discarded and the previous OUT is unchanged.
+    Discarded,
+}
+
+/// Whether `out` holds a finished fine-tuning (its `report.json` says so and the encoder is
+/// there) of exactly `prompt` with the target token `target_index` (when given).
+pub fn finished(out: &Path) -> Option<serde_json::Value> {
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).ok()?).ok()?;
+    (report["finished"] == true && out.join("text_encoder/config.json").is_file()).then_some(report)
+}
+
+#[derive(Serialize)]
+struct TokenRef {
+    index: usize,
+    text: String,
+}
+
+#[derive(Serialize)]
+struct PromptReport {
+    prompt: String,
+    /// The real tokens (BOS to the first EOS), as the rows below index them.
+    tokens: Vec<String>,
+    target: TokenRef,
+    corr: TokenRef,
+    s: Vec<TokenRef>,
+    /// Row `t` of `A_pre` (real tokens).
+    row_before: Vec<f32>,
+    /// Row `t` of `A_ft` at the selected epoch.
+    row_after: Option<Vec<f32>>,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    model: String,
+    config: &'a TrainConfig,
+    prompts: &'a [PromptReport],
+    epochs: &'a [EpochMetrics],
+    selected_epoch: Option<usize>,
+    step_losses: &'a [f64],
+    finished: bool,
+}
+
+/// Writes OUT as the run goes.
+struct OutWriter<'a> {
+    out: &'a Path,
+    source: String,
+    config: &'a TrainConfig,
+    enc_config: &'a ClipTextConfig,
+    prompts: Vec<PromptReport>,
+    states: Vec<PromptState>,
+    epochs: Vec<EpochMetrics>,
+    steps: Vec<f64>,
+    selected: Option<usize>,
+    progress: &'a mut dyn Progress,
+}
+
+impl OutWriter<'_> {
+    fn write_report(&self, finished: bool) -> Result<(), MethodError> {
+        let report = Report {
+            model: self.source.clone(),
+            config: self.config,
+            prompts: &self.prompts,
+            epochs: &self.epochs,
+            selected_epoch: self.selected,
+            step_losses: &self.steps,
+            finished,
+        };
+        let json = serde_json::to_string_pretty(&report).expect("report serializes");
+        write_atomic(&self.out.join("report.json"), json.as_bytes())
+            .map_err(|e| MethodError::Output(e.to_string()))?;
+        let series = [
+            Series {
+                name: "L_train (Eq. 2)",
+                values: self.epochs.iter().map(|m| m.l_train).collect(),
+            },
+            Series {
+                name: "L_corr (Eq. 3)",
+                values: self.epochs.iter().map(|m| m.l_corr).collect(),
+            },
+            Series {
+                name: "L_align (Eq. 4)",
+                values: self.epochs.iter().map(|m| m.l_align).collect(),
+            },
+            Series {
+                name: "L_val (Eq. 5)",
+                values: self.epochs.iter().map(|m| m.l_val).collect(),
+            },
+        ];
+        let title = match self.selected {
+            Some(e) => format!("decorrelation fine-tuning; selected epoch {e} (red)"),
+            None => "decorrelation fine-tuning".to_string(),
+        };
+        let img = panels(&title, "epoch", &series, self.selected);
+        write_atomic(&self.out.join("losses.png"), &png_bytes(&img))
+            .map_err(|e| MethodError::Output(e.to_string()))
+    }
+}
+
+impl TrainObserver for OutWriter<'_> {
+    fn on_step(&mut self, _step: usize, loss: f64) {
+        self.steps.push(loss);
+        self.progress.advance(1);
+        self.progress.message(&format!("L_train {loss:.5}"));
+    }
+
+    fn on_epoch(
+        &mut self,
+        m: &EpochMetrics,
+        maps: &[Vec<Vec<f32>>],
+        best: Option<&ClipTextModel>,
+    ) -> Result<(), MethodError> {
+        self.epochs.push(*m);
+        let mark = if best.is_some() { "  <- selected" } else { "" };
+        let line = format!(
+            "epoch {:>3}: L_train {:.5}  L_corr {:+.5}  L_align {:.5}  L_val {:+.5}{mark}",
+            m.epoch, m.l_train, m.l_corr, m.l_align, m.l_val
+        );
+        self.progress.line(&line);
+        if let Some(model) = best {
+            // Model first, then the report that names it: a stop in between leaves an older
+            // report describing an older epoch, never a report ahead of its weights.
+            save_text_encoder(model, self.enc_config, &self.out.join("text_encoder"))?;
+            self.selected = Some(m.epoch);
+            for ((p, st), map) in self.prompts.iter_mut().zip(&self.states).zip(maps) {
+                p.row_after = Some(map[st.focus.target].clone());
+            }
+        }
+        self.write_report(false)
+    }
+
+    fn should_stop(&self) -> bool {
+        self.progress.should_stop()
+    }
+}
+
+fn token_ref(tok: &Tokenized, index: usize) -> TokenRef {
+    TokenRef {
+        index,
+        text: tok.token_text(index),
+    }
+}
+
+/// Fine-tunes into `job.out` (see the module's documentation for what OUT holds when).
+pub fn run(job: FinetuneJob, progress: &mut dyn Progress) -> Result<FinetuneOutcome> {
+    if job.prompts.len() != job.targets.len() {
+        bail!(
+            "{} --prompt but {} --target: give one --target per --prompt, in the same order",
+            job.prompts.len(),
+            job.targets.len()
+        );
+    }
+    let st = &job.settings;
+    // The argument parser already refused these; callers that build the settings themselves
+    // are checked again before anything touches OUT.
+    if st.epochs == 0 || st.steps_per_epoch == 0 {
+        bail!("--epochs and --steps-per-epoch must be at least 1");
+    }
+    if !(st.lr.is_finite() && st.lr > 0.0) {
+        bail!("--lr {}: must be a finite number > 0", st.lr);
+    }
+    if !(st.tau.is_finite() && st.tau >= 0.0) {
+        bail!("--tau {}: must be a finite number >= 0", st.tau);
+    }
+    if !(st.weight_decay.is_finite() && st.weight_decay >= 0.0) {
+        bail!(
+            "--weight-decay {}: must be a finite number >= 0",
+            st.weight_decay
+        );
+    }
+    // Everything about OUT is decided before the model is loaded: a refusal costs nothing.
+    let replacing = holds_results(&job.out)?;
+    if replacing && !job.overwrite {
+        bail!(
+            "{} already exists; choose another --out or pass --overwrite to replace it",
+            job.out.display()
+        );
+    }
+    if replacing {
+        check_finetune_folder(&job.out)?;
+    }
+    let _lock = OutputLock::acquire(&job.out)?;
+    // A replaced OUT is built beside the old one and swapped in only when the run succeeds, so
+    // a failed or interrupted run leaves the previous encoder as it was.
+    let staging = if replacing {
+        if let Some(parent) = job.out.parent() {
+            remove_stale_temps(parent, 0);
+        }
+        Some(
+            temp_dir_beside(&job.out)
+                .with_context(|| format!("creating a folder beside {}", job.out.display()))?,
+        )
+    } else {
+        None
+    };
+    let work = staging
+        .as_ref()
+        .map_or_else(|| job.out.clone(), |t| t.path().to_path_buf());
+    let mut selected = None;
+    let result = train(&job, &work, &mut selected, progress);
+    let out = job.out.display();
+    let done = |t: Trained, selected: usize| FinetuneOutcome::Done {
+        selected,
+        interrupted: t.interrupted,
+        ratios: t.ratios,
+    };
+    match (staging, result, selected) {
+        (None, Ok(trained), Some(sel)) => Ok(done(trained, sel)),
+        (None, Err(e), Some(sel)) => Err(e).context(format!("{out} keeps epoch {sel}")),
+        // Nothing selected in a fresh OUT: remove it, so that a re-run is not refused.
+        (None, result, None) => {
+            let _ = std::fs::remove_dir_all(&job.out);
+            match result {
+                Ok(_) => Ok(FinetuneOutcome::NothingSelected),
+                Err(e) => Err(e).context(format!("no epoch was completed; {out} was not written")),
+            }
+        }
+        (Some(_), Err(e), Some(ep)) => Err(e).context(format!(
+            "the run stopped at epoch {ep} and was discarded; the previous {out} is unchanged"
+        )),
+        (Some(_), Err(e), None) => Err(e).context(format!("the previous {out} is unchanged")),
+        (Some(_), Ok(trained), sel) if trained.interrupted || sel.is_none() => {
+            Ok(FinetuneOutcome::Discarded)
+        }
+        (Some(staging), Ok(trained), sel) => {
+            swap_in(staging, &job.out)?;
+            Ok(done(trained, sel.unwrap_or_default()))
+        }
+    }
+}
+
+/// What [`train`] leaves for the outcome.
+struct Trained {
+    interrupted: bool,
+    /// Per prompt: (prompt, A[t,c]/A[t,t] before, after).
+    ratios: Vec<(String, f32, f32)>,
+}
+
+/// Whether `out` holds anything but what a lock leaves (an empty folder left by a run that
+/// completed no epoch is no result to protect).
+fn holds_results(out: &Path) -> Result<bool> {
+    Ok(crate::output::contents(out)?.is_some_and(|names| !names.is_empty()))
+}
+
+/// `--overwrite` replaces only what `decorr finetune` writes: a folder holding anything else
+/// was not made by it, and is refused with the first foreign file named.
+fn check_finetune_folder(out: &Path) -> Result<()> {
+    let ours = |rel: &str| {
+        matches!(
+            rel,
+            "text_encoder"
+                | "text_encoder/config.json"
+                | "text_encoder/model.safetensors"
+                | "report.json"
+                | "losses.png"
+        ) || rel
+            .rsplit('/')
+            .next()
+            .is_some_and(decorr_core::io::is_scratch)
+    };
+    for dir in [out.to_path_buf(), out.join("text_encoder")] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let rel = e.path();
+            let rel = rel
+                .strip_prefix(out)
+                .unwrap_or(&rel)
+                .to_string_lossy()
+                .replace('\\', "/");
+            if !ours(&rel) {
+                bail!(
+                    "--overwrite refuses {}: it holds {rel}, which decorr finetune does not \
+                     write, so it is not a decorr finetune output; move it away or choose \
+                     another --out",
+                    out.display()
+                );
+            }
+        }
+    }
+    if !out.join("report.json").is_file() {
+        bail!(
+            "--overwrite refuses {}: it has no report.json, so it is not a decorr finetune \
+             output; choose another --out",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// Replaces `out` by the finished `staging` folder: the old one is renamed aside first, so at
+/// every moment `out` is either the old result or the new one.
+fn swap_in(staging: tempfile::TempDir, out: &Path) -> Result<()> {
+    let old = temp_dir_beside(out)
+        .with_context(|| format!("creating a folder beside {}", out.display()))?;
+    let aside = old.path().join("old");
+    std::fs::rename(out, &aside)
+        .with_context(|| format!("moving the previous {} aside", out.display()))?;
+    if let Err(e) = std::fs::rename(staging.path(), out) {
+        let _ = std::fs::rename(&aside, out);
+        return Err(e).with_context(|| format!("moving the new result into {}", out.display()));
+    }
+    let _ = staging.keep();
+    drop(old); // removes the previous result
+    Ok(())
+}
+
+/// Loads the encoder and fine-tunes into `work`; `selected_out` is the epoch selected so far
+/// (also when the run failed: what `work` then holds).
+fn train(
+    job: &FinetuneJob,
+    work: &Path,
+    selected_out: &mut Option<usize>,
+    progress: &mut dyn Progress,
+) -> Result<Trained> {
+    let source = job.source;
+    let device = job.device;
+    let tokenizer = decorr_clip::load_tokenizer(source)?;
+    let mut prompts = Vec::new();
+    for (p, t) in job.prompts.iter().zip(&job.targets) {
+        let tokenized = tokenizer.encode(p)?;
+        let target = resolve_target(&tokenized, t)
+            .with_context(|| format!("--target {t} (of the prompt {p:?})"))?;
+        prompts.push(TrainPrompt { tokenized, target });
+    }
+    let encoder = decorr_clip::load_text_encoder(source, device)
+        .with_context(|| format!("loading the text encoder of {}", source.describe()))?;
+    let st = &job.settings;
+    let config = TrainConfig {
+        layer: st.layer,
+        epochs: st.epochs,
+        steps_per_epoch: st.steps_per_epoch,
+        lr: st.lr,
+        weight_decay: st.weight_decay,
+        tau: st.tau,
+        params: st.params,
+        seed: st.seed,
+        ..Default::default()
+    };
+    let states = prepare(&encoder.model, &prompts, config.layer, device)?;
+    let total = (config.epochs * config.steps_per_epoch) as u64;
+    let prompt_reports = prompts
+        .iter()
+        .zip(&states)
+        .map(|(p, st)| PromptReport {
+            prompt: p.tokenized.prompt.clone(),
+            tokens: (0..st.focus.n_real)
+                .map(|i| p.tokenized.token_text(i))
+                .collect(),
+            target: token_ref(&p.tokenized, st.focus.target),
+            corr: token_ref(&p.tokenized, st.focus.corr),
+            s: st.focus.s().map(|i| token_ref(&p.tokenized, i)).collect(),
+            row_before: st.a_pre[st.focus.target].clone(),
+            row_after: None,
+        })
+        .collect();
+    for (p, st) in prompts.iter().zip(&states) {
+        progress.line(&format!(
+            "{:?}: target {:?} ({}), corr {:?} ({}), A_pre[t,c] {:.4} vs A_pre[t,t] {:.4}",
+            p.tokenized.prompt,
+            p.tokenized.token_text(st.focus.target),
+            st.focus.target,
+            p.tokenized.token_text(st.focus.corr),
+            st.focus.corr,
+            st.a_pre[st.focus.target][st.focus.corr],
+            st.a_pre[st.focus.target][st.focus.target],
+        ));
+    }
+    progress.begin("fine-tuning", total, "steps");
+    let mut writer = OutWriter {
+        out: work,
+        source: source.describe(),
+        config: &config,
+        enc_config: &encoder.config,
+        prompts: prompt_reports,
+        states,
+        epochs: Vec::new(),
+        steps: Vec::new(),
+        selected: None,
+        progress,
+    };
+    let states = writer.states.clone();
+    let result = finetune_prepared(
+        encoder.model,
+        &prompts,
+        states,
+        &config,
+        device,
+        &mut writer,
+    );
+    writer.progress.end();
+    *selected_out = writer.selected;
+    let outcome = result?;
+    writer.write_report(!outcome.interrupted)?;
+    let ratios = writer
+        .prompts
+        .iter()
+        .zip(&writer.states)
+        .filter_map(|(p, st)| {
+            let after = p.row_after.as_ref()?;
+            let (t, c) = (st.focus.target, st.focus.corr);
+            Some((
+                p.prompt.clone(),
+                p.row_before[c] / p.row_before[t],
+                after[c] / after[t],
+            ))
+        })
+        .collect();
+    Ok(Trained {
+        interrupted: outcome.interrupted,
+        ratios,
+    })
+}

@@ -1,0 +1,29 @@
+//! Runs on disk, for the `decorr` binary and any other front end: which methods, which seeds,
+//! which folders, what is already done. The command line only parses, prints and writes; this
+//! crate decides the work and reports through [`Progress`] callbacks (no terminal code here).
+//!
+//! - [`generate`]: generation folders (PNG + `decorr` record per image, `manifest.json`,
+//!   resume, shards and their merge); the manifests `decorr eval run` reads.
+//! - [`finetune`]: the fine-tuning folder (`text_encoder/`, `report.json`, `losses.png`), kept
+//!   consistent at every moment.
+//! - [`eval`]: `decorr eval run` (captions, BERTScore, FID, omission rate, the table-3 report).
+//! - [`compare`]: `decorr compare`, the paper's comparison of methods on the same seeds.
+//! - [`grid`], [`heatmap`], [`charts`]: the figures (comparison grids, attention maps, curves).
+//! - [`output`], [`paths`], [`shard`]: output-folder locks, manifest path rules, `--shard K/N`.
+
+pub mod charts;
+pub mod compare;
+pub mod error;
+pub mod eval;
+pub mod finetune;
+pub mod generate;
+pub mod grid;
+pub mod heatmap;
+pub mod output;
+pub mod paths;
+pub mod progress;
+pub mod shard;
+
+pub use error::{Context, Result, RunsError};
+pub use progress::{Progress, Silent};
+pub use shard::Shard;
