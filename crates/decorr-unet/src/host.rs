@@ -94,20 +94,38 @@ fn conv3x3_host(conv: &Conv2d, x: &Tensor<4>, up: usize) -> Option<Tensor<4>> {
         Some(b) => Some(flex_f32(&b.val())?),
         None => None,
     };
-    let (xf, wf) = (flex_f32(x)?, flex_f32(&conv.weight.val())?);
+    let weight = conv.weight.val();
+    let (xf, wf) = (flex_f32(x)?, flex_f32(&weight)?);
     let [b, ci, h, wd] = x.dims();
     let co = conv.weight.dims()[0];
-    let out = conv3x3(
-        &xf.storage::<f32>()[..b * ci * h * wd],
-        &wf.storage::<f32>()[..co * ci * 9],
-        bias.as_ref().map(|t| &t.storage::<f32>()[..co]),
-        [b, ci, h, wd],
-        co,
-        up,
-    );
+    let device = x.device();
+    let x = &xf.storage::<f32>()[..b * ci * h * wd];
+    let bias = bias.as_ref().map(|t| &t.storage::<f32>()[..co]);
+    let (oh, ow) = (h * up, wd * up);
+    let channels_last = taps_channels_last(co, oh, ow);
+    let out = match cached_taps(&weight, &wf, co, ci, channels_last) {
+        Some(taps) => {
+            let mut out = vec![0f32; b * co * oh * ow];
+            if !out.is_empty() {
+                let padded = b * (oh + 3) * (ow + 2) * ci;
+                with_scratch(0, padded, |xp| {
+                    conv3x3_in(x, &taps, bias, [b, ci, oh, ow], co, up, xp, &mut out)
+                });
+            }
+            out
+        }
+        None => conv3x3(
+            x,
+            &wf.storage::<f32>()[..co * ci * 9],
+            bias,
+            [b, ci, h, wd],
+            co,
+            up,
+        ),
+    };
     Some(Tensor::from_data(
         TensorData::new(out, [b, co, h * up, wd * up]),
-        &x.device(),
+        &device,
     ))
 }
 
@@ -167,10 +185,81 @@ pub fn conv3x3(
     let padded = b * (h + 3) * (w + 2) * ci;
     with_scratch(0, padded, |xp| {
         with_scratch(1, 9 * co * ci, |wk| {
-            conv3x3_in(x, weight, bias, [b, ci, h, w], co, up, xp, wk, &mut out)
+            taps_of(weight, co, ci, taps_channels_last(co, h, w), wk);
+            conv3x3_in(x, wk, bias, [b, ci, h, w], co, up, xp, &mut out)
         })
     });
     out
+}
+
+/// Whether [`conv3x3_in`] accumulates channels-last for `co` output channels of an `h x w`
+/// output (and so wants the weight per tap as `[9][ci][co]` rather than `[9][co][ci]`).
+fn taps_channels_last(co: usize, h: usize, w: usize) -> bool {
+    let pw = w + 2;
+    let rows = (TILE_COLS / pw).clamp(1, h.max(1));
+    co <= 2 * rows * pw
+}
+
+/// `weight` `[co, ci, 3, 3]` (torch layout) split per kernel tap into `wk`: `[9][ci][co]`
+/// (column-major `co x ci` matrices) when `channels_last`, else `[9][co][ci]`.
+fn taps_of(weight: &[f32], co: usize, ci: usize, channels_last: bool, wk: &mut [f32]) {
+    let (inner, outer) = if channels_last { (co, ci) } else { (ci, co) };
+    wk.par_chunks_mut(inner).enumerate().for_each(|(row, dst)| {
+        let (tap, j) = (row / outer, row % outer);
+        for (i, d) in dst.iter_mut().enumerate() {
+            let (o, c) = if channels_last { (i, j) } else { (j, i) };
+            *d = weight[(o * ci + c) * 9 + tap];
+        }
+    });
+}
+
+/// A convolution weight split per tap, kept with (a handle on) the weight it came from, so
+/// that its buffer, and with it the cache key, stays that weight's for as long as the entry
+/// lives.
+struct Taps {
+    _weight: Tensor<4>,
+    taps: std::sync::Arc<Vec<f32>>,
+}
+
+/// Split weights by (buffer address, length, layout). A forward pass would otherwise split
+/// every convolution weight again: about a third of a batch-1 UNet pass at 32x32 latents.
+static TAPS: Mutex<Vec<(TapsKey, Taps)>> = Mutex::new(Vec::new());
+/// (weight buffer address, elements, channels-last layout).
+type TapsKey = (usize, usize, bool);
+/// Elements kept at most (3 GiB of f32): SD 1.5's UNet has about 540 M 3x3-convolution
+/// weights (2.2 GB) and its VAE about 70 M; weights beyond the cap are split per call.
+const TAPS_KEEP: usize = 3 << 28;
+
+/// The split of `weight` (whose flex tensor is `wf`), from the cache or made and cached; `None`
+/// when the cache is full.
+fn cached_taps(
+    weight: &Tensor<4>,
+    wf: &FlexTensor,
+    co: usize,
+    ci: usize,
+    channels_last: bool,
+) -> Option<std::sync::Arc<Vec<f32>>> {
+    let data = &wf.storage::<f32>()[..co * ci * 9];
+    let key = (data.as_ptr() as usize, data.len(), channels_last);
+    let mut cache = TAPS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, t)) = cache.iter().find(|(k, _)| *k == key) {
+        return Some(t.taps.clone());
+    }
+    let held: usize = cache.iter().map(|(_, t)| t.taps.len()).sum();
+    if held + data.len() > TAPS_KEEP {
+        return None;
+    }
+    let mut taps = vec![0f32; data.len()];
+    taps_of(data, co, ci, channels_last, &mut taps);
+    let taps = std::sync::Arc::new(taps);
+    cache.push((
+        key,
+        Taps {
+            _weight: weight.clone(),
+            taps: taps.clone(),
+        },
+    ));
+    Some(taps)
 }
 
 /// [`conv3x3`] with scratch space for the padded input `xp` and the weight per tap `wk`;
@@ -178,13 +267,12 @@ pub fn conv3x3(
 #[allow(clippy::too_many_arguments)]
 fn conv3x3_in(
     x: &[f32],
-    weight: &[f32],
+    wk: &[f32],
     bias: Option<&[f32]>,
     [b, ci, h, w]: [usize; 4],
     co: usize,
     up: usize,
     xp: &mut [f32],
-    wk: &mut [f32],
     out: &mut [f32],
 ) {
     let pw = w + 2;
@@ -214,18 +302,9 @@ fn conv3x3_in(
         }
     });
     let rows = (TILE_COLS / pw).clamp(1, h);
-    let channels_last = co <= 2 * rows * pw;
-    // The weight per tap, `[9][ci][co]` (column-major `co x ci` matrices) for a channels-last
-    // accumulator, else `[9][co][ci]`.
-    let (inner, outer) = if channels_last { (co, ci) } else { (ci, co) };
-    wk.par_chunks_mut(inner).enumerate().for_each(|(row, dst)| {
-        let (tap, j) = (row / outer, row % outer);
-        for (i, d) in dst.iter_mut().enumerate() {
-            let (o, c) = if channels_last { (i, j) } else { (j, i) };
-            *d = weight[(o * ci + c) * 9 + tap];
-        }
-    });
-    let (xp, wk) = (&*xp, &*wk);
+    // The weight per tap ([`taps_of`]) matches this layout.
+    let channels_last = taps_channels_last(co, h, w);
+    let xp = &*xp;
     // Strides (column, row) of the accumulator and of the tap's weight.
     let (acc_s, w_s) = if channels_last {
         ([co, 1], [co, 1])
