@@ -200,45 +200,7 @@ const SETTINGS: &str = "fix.json";
 /// Checks that OUT is new, or a `decorr fix` folder made with `wanted`; nothing is written.
 /// Returns whether OUT already holds a run.
 fn check_out(out: &Path, wanted: &serde_json::Value) -> Result<bool> {
-    let Some(names) = crate::output::contents(out)? else {
-        return Ok(false);
-    };
-    let path = out.join(SETTINGS);
-    if !path.exists() {
-        return match names.first() {
-            None => Ok(false),
-            Some(name) => bail!(
-                "{} holds {name} but no {SETTINGS}, so it is not a decorr fix output (or one made \
-                 by an older decorr); choose another --out",
-                out.display()
-            ),
-        };
-    }
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let had: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a decorr fix settings file", path.display()))?;
-    if &had != wanted {
-        let differs: Vec<String> = wanted
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(k, v)| had.get(k.as_str()) != Some(v))
-            .map(|(k, v)| {
-                format!(
-                    "{k}: {} there, {v} now",
-                    had.get(k.as_str()).unwrap_or(&serde_json::Value::Null)
-                )
-            })
-            .collect();
-        bail!(
-            "{} holds a decorr fix run made with other settings ({}); nothing was changed. \
-             Re-run with the same settings to continue it, or choose another --out",
-            out.display(),
-            differs.join("; ")
-        );
-    }
-    Ok(true)
+    Ok(crate::output::check_settings(out, SETTINGS, wanted, "fix")?)
 }
 
 pub fn run(args: FixArgs) -> Result<()> {
@@ -338,6 +300,15 @@ pub fn run(args: FixArgs) -> Result<()> {
     if report["selected_epoch"].is_null() {
         bail!("fine-tuning selected no epoch; nothing to generate with");
     }
+    // The paper's figure 3 for every method: the cross-attention of the correlated token and
+    // the target over the denoising steps (`attention-NNNNNN.png` beside each image).
+    let p0 = &report["prompts"][0];
+    let figure_tokens: Vec<String> = [&p0["corr"]["index"], &p0["target"]["index"]]
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .map(|i| format!("@{i}"))
+        .collect();
+    let figure = (figure_tokens.len() == 2).then_some((figure_tokens.as_slice(), FIGURE_STEPS));
 
     let pre = params(
         &sd,
@@ -351,7 +322,7 @@ pub fn run(args: FixArgs) -> Result<()> {
     let batch = args.sample.batch_size;
     generate_into(
         &sd,
-        &fix_job(&pre, "sd", &seeds, batch, &pre_dir),
+        &fix_job(&pre, "sd", &seeds, batch, &pre_dir, figure),
         &mut progress,
     )?;
     // The baselines, with the pre-trained encoder (as their papers run them).
@@ -365,7 +336,7 @@ pub fn run(args: FixArgs) -> Result<()> {
         let dir = out.join(m.name());
         generate_into(
             &sd,
-            &fix_job(p, m.name(), &seeds, batch, &dir),
+            &fix_job(p, m.name(), &seeds, batch, &dir, figure),
             &mut progress,
         )?;
         let tok = sd.tokenizer.encode(&args.prompt)?;
@@ -391,7 +362,7 @@ pub fn run(args: FixArgs) -> Result<()> {
     let fixed_dir = out.join("fixed");
     generate_into(
         &sd,
-        &fix_job(&fixed, "decorrelated", &seeds, batch, &fixed_dir),
+        &fix_job(&fixed, "decorrelated", &seeds, batch, &fixed_dir, figure),
         &mut progress,
     )?;
 
@@ -477,13 +448,17 @@ pub fn run(args: FixArgs) -> Result<()> {
     Ok(())
 }
 
-/// One of fix's generation runs: every seed into its own folder.
+/// Denoising steps each figure-3 panel shows (evenly spaced, the last included).
+const FIGURE_STEPS: usize = 6;
+
+/// One of fix's generation runs: every seed into its own folder, with the attention figure.
 fn fix_job<'a>(
     params: &'a GenerateParams,
     method: &'a str,
     seeds: &'a [u64],
     batch_size: usize,
     out: &'a Path,
+    attention: Option<(&'a [String], usize)>,
 ) -> GenerateJob<'a> {
     GenerateJob {
         params,
@@ -491,7 +466,7 @@ fn fix_job<'a>(
         seeds,
         batch_size,
         out,
-        attention: None,
+        attention,
         manifest_name: MANIFEST,
     }
 }
@@ -580,11 +555,14 @@ fn report_html(
                 .iter()
                 .map(|r| {
                     let d = esc(&rel(&r.dir));
-                    let extra = if r.excite.is_some() {
-                        format!(" (<a href=\"{d}/{}\">losses</a>)", excite_file(*s))
-                    } else {
-                        String::new()
-                    };
+                    let mut extra = String::new();
+                    let figure = format!("attention-{s:06}.png");
+                    if r.dir.join(&figure).is_file() {
+                        extra += &format!(" (<a href=\"{d}/{figure}\">attention over steps</a>)");
+                    }
+                    if r.excite.is_some() {
+                        extra += &format!(" (<a href=\"{d}/{}\">losses</a>)", excite_file(*s));
+                    }
                     format!("<td><a href=\"{d}/{f}\">{}</a>{extra}</td>", esc(&r.label))
                 })
                 .collect();

@@ -282,13 +282,17 @@ impl StableDiffusion {
     /// Memory the activations of generating `batch` images at once need, roughly (bytes): the
     /// latents, the largest attention map that is materialised (none on flex, whose attention
     /// works in blocks of query rows; on GPU backends `--attention-slice` rows of it), the UNet's
-    /// skip connections and working feature maps, and the VAE decoder's largest feature maps.
+    /// skip connections and working feature maps, Attend-and-Excite's gradient pass, and the
+    /// VAE decoder's largest feature maps.
     pub fn activation_bytes(&self, p: &GenerateParams, batch: usize) -> u128 {
         let u = &self.unet_config;
         let s = self.vae_scale_factor() as u128;
         let (h, w) = (p.height as u128 / s, p.width as u128 / s);
         let batch = batch.max(1) as u128;
-        let rows = batch * if p.guidance_scale > 1.0 { 2 } else { 1 };
+        // UNet rows per call: the unconditional and conditional branches, and PAG's perturbed one.
+        let rows = batch
+            * (if p.guidance_scale > 1.0 { 2 } else { 1 }
+                + u128::from(p.guidance == Guidance::Pag && p.pag.scale > 0.0));
         // Spatial size at UNet level i (each down block halves, rounding up).
         let at = |i: usize| h.div_ceil(1 << i) * w.div_ceil(1 << i);
         let levels = u.block_out_channels.len();
@@ -313,6 +317,19 @@ impl StableDiffusion {
             // The VAE's mid-block attention: one head over every latent pixel.
             attention = attention.max(sliced(batch) * at(0) * at(0));
         }
+        // Attend-and-Excite's gradient pass (batch 1) keeps its forward for the backward: the
+        // feature maps, and the self-attention scores and probabilities of the first level,
+        // which autodiff materialises on every backend.
+        let excite = if p.guidance == Guidance::AttendAndExcite {
+            let layers0 = if u.down_block_types[0].starts_with("CrossAttn") {
+                u.layers_per_block.get(0) as u128 * u.transformer_layers_per_block.get(0) as u128
+            } else {
+                0
+            };
+            3 * (skips + working) / rows + 2 * layers0 * u.heads(0) as u128 * at(0) * at(0)
+        } else {
+            0
+        };
         let v = &self.vae_config.block_out_channels;
         let vae = (0..v.len())
             .map(|j| {
@@ -324,7 +341,7 @@ impl StableDiffusion {
             .unwrap_or(0)
             * 3
             * batch;
-        4 * (latents + skips + working + attention + vae)
+        4 * (latents + skips + working + attention + excite + vae)
     }
 
     /// Refuses a size and batch whose activations ([`Self::activation_bytes`]) would not fit in

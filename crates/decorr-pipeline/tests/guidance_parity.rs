@@ -181,16 +181,9 @@ fn pag_and_attend_and_excite_match_diffusers() {
 
 #[test]
 fn bad_settings_name_what_exists() {
-    let dir = assemble();
-    let device = Device::flex();
-    let sd = StableDiffusion::load(&ModelSource::Local(dir.path().to_path_buf()), &device).unwrap();
+    let (_dir, sd) = common::tiny();
     let base = common::quick_params(&sd);
-    let err = |p: GenerateParams| {
-        sd.generate(&p, &[0], &mut |_, _| true)
-            .err()
-            .unwrap()
-            .to_string()
-    };
+    let err = |p: GenerateParams| common::error_of(&sd, p);
     let e = err(GenerateParams {
         guidance: Guidance::Pag,
         pag: PagParams {

@@ -99,16 +99,10 @@ fn pipeline_matches_diffusers() {
 
 #[test]
 fn bad_inputs_are_explained() {
-    let dir = assemble();
+    let (dir, sd) = common::tiny();
     let device = Device::flex();
-    let sd = StableDiffusion::load(&ModelSource::Local(dir.path().to_path_buf()), &device).unwrap();
     let base = common::quick_params(&sd);
-    let err = |p: GenerateParams| {
-        sd.generate(&p, &[0], &mut |_, _| true)
-            .err()
-            .unwrap()
-            .to_string()
-    };
+    let err = |p: GenerateParams| common::error_of(&sd, p);
     let e = err(GenerateParams {
         width: 20,
         ..base.clone()

@@ -227,45 +227,7 @@ const SETTINGS: &str = "compare.json";
 /// Refuses an OUT made with other settings, naming each difference; an OUT holding anything
 /// without `compare.json` is not a compare output.
 fn check_settings(out: &Path, wanted: &serde_json::Value) -> Result<()> {
-    let Some(names) = crate::output::contents(out)? else {
-        return Ok(());
-    };
-    let path = out.join(SETTINGS);
-    if !path.exists() {
-        return match names.first() {
-            None => Ok(()),
-            Some(name) => bail!(
-                "{} holds {name} but no {SETTINGS}, so it is not a decorr compare output; choose \
-                 another --out",
-                out.display()
-            ),
-        };
-    }
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let had: serde_json::Value = serde_json::from_str(decorr_core::io::strip_bom(&text))
-        .with_context(|| format!("{} is not a decorr compare settings file", path.display()))?;
-    if &had != wanted {
-        let differs: Vec<String> = wanted
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(k, v)| had.get(k.as_str()) != Some(v))
-            .map(|(k, v)| {
-                format!(
-                    "{k}: {} there, {v} now",
-                    had.get(k.as_str()).unwrap_or(&serde_json::Value::Null)
-                )
-            })
-            .collect();
-        bail!(
-            "{} holds a decorr compare run made with other settings ({}); nothing was changed. \
-             Re-run with the same settings to continue it, or choose another --out",
-            out.display(),
-            differs.join("; ")
-        );
-    }
-    Ok(())
+    crate::output::check_settings(out, SETTINGS, wanted, "compare").map(|_| ())
 }
 
 /// One prompt's resolved work.

@@ -29,6 +29,57 @@ pub fn contents(out: &Path) -> Result<Option<Vec<String>>> {
     Ok(Some(names))
 }
 
+/// Checks that `out` is new, or a `command` output whose settings file `out/file` (the settings
+/// that decide its results) equals `wanted`; nothing is written. Returns whether `out` already
+/// holds a run. A folder with files but no settings file is not that command's output; other
+/// settings are refused, naming each difference (`steps: 2 there, 3 now`).
+pub fn check_settings(
+    out: &Path,
+    file: &str,
+    wanted: &serde_json::Value,
+    command: &str,
+) -> Result<bool> {
+    let Some(names) = contents(out)? else {
+        return Ok(false);
+    };
+    let path = out.join(file);
+    if !path.exists() {
+        return match names.first() {
+            None => Ok(false),
+            Some(name) => bail!(
+                "{} holds {name} but no {file}, so it is not a decorr {command} output (or one \
+                 made by an older decorr); choose another --out",
+                out.display()
+            ),
+        };
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let had: serde_json::Value = serde_json::from_str(decorr_core::io::strip_bom(&text))
+        .with_context(|| format!("{} is not a decorr {command} settings file", path.display()))?;
+    if &had != wanted {
+        let differs: Vec<String> = wanted
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| had.get(k.as_str()) != Some(v))
+            .map(|(k, v)| {
+                format!(
+                    "{k}: {} there, {v} now",
+                    had.get(k.as_str()).unwrap_or(&serde_json::Value::Null)
+                )
+            })
+            .collect();
+        bail!(
+            "{} holds a decorr {command} run made with other settings ({}); nothing was changed. \
+             Re-run with the same settings to continue it, or choose another --out",
+            out.display(),
+            differs.join("; ")
+        );
+    }
+    Ok(true)
+}
+
 /// Removes `out` if it holds nothing but scratch files: what a run that failed before writing
 /// anything leaves in a folder it created, so that the next run does not find a stray folder.
 pub fn remove_if_empty(out: &Path) {

@@ -26,8 +26,10 @@ pub struct AttentionOptions {
     pub capture_self: Capture,
     /// Self-attention (`attn1`) modules whose attention is replaced by the identity
     /// (`to_out(to_v(h))`: every query attends only to itself), as perturbed-attention guidance
-    /// perturbs them.
+    /// perturbs them, in the batch rows from `perturb_from` on (the rows before keep their
+    /// attention, so one call can hold PAG's normal and perturbed predictions).
     pub perturb_self: Capture,
+    pub perturb_from: usize,
     /// Stop the forward pass after this cross-attention module (`...attn2`) has run: what a
     /// gradient of its maps needs, without the rest of the UNet.
     pub stop_after: Option<String>,
@@ -304,8 +306,16 @@ impl BasicTransformerBlock {
         let p1 = format!("{path}.attn1");
         let want1 = rec.opts.capture_self.wants(&p1);
         let h1 = host::layer_norm(&self.norm1, x.clone(), LN_EPS);
-        let (a, probs) = if rec.opts.perturb_self.wants(&p1) {
+        let from = rec.opts.perturb_from.min(h1.dims()[0]);
+        let (a, probs) = if rec.opts.perturb_self.wants(&p1) && from == 0 {
             (self.attn1.forward_identity(h1), None)
+        } else if rec.opts.perturb_self.wants(&p1) {
+            let rows = h1.dims()[0];
+            let (a, probs) = self
+                .attn1
+                .forward(h1.clone().narrow(0, 0, from), None, slice, want1);
+            let perturbed = self.attn1.forward_identity(h1.narrow(0, from, rows - from));
+            (Tensor::cat(vec![a, perturbed], 0), probs)
         } else {
             self.attn1.forward(h1, None, slice, want1)
         };

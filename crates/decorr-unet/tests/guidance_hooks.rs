@@ -69,7 +69,27 @@ fn perturbed_self_attention_is_to_out_of_to_v() {
             },
         )
         .sample;
-    assert!(max_abs(plain, mid) > 1e-4);
+    assert!(max_abs(plain.clone(), mid.clone()) > 1e-4);
+
+    // Perturbed from row 1 on: row 0 is the plain pass, row 1 the perturbed one (PAG's
+    // [uncond, cond, perturbed] in one call).
+    let (x, ctx) = inputs(1);
+    let two = unet
+        .forward_with(
+            Tensor::cat(vec![x.clone(), x], 0),
+            &[500.0, 500.0],
+            &Tensor::cat(vec![ctx.clone(), ctx], 0),
+            &AttentionOptions {
+                perturb_self: Capture::Prefixes(vec![
+                    "mid_block.attentions.0.transformer_blocks.0.attn1".into(),
+                ]),
+                perturb_from: 1,
+                ..Default::default()
+            },
+        )
+        .sample;
+    assert!(max_abs(two.clone().narrow(0, 0, 1), plain) < 1e-6);
+    assert!(max_abs(two.narrow(0, 1, 1), mid) < 1e-6);
 }
 
 #[test]

@@ -24,7 +24,7 @@ use decorr_unet::{AttentionOptions, Capture, UNet2DConditionModel};
 use serde::{Deserialize, Serialize};
 
 use super::cfg::cfg_prediction;
-use super::{Embeddings, StepContext, StepPrediction, Strategy, rows};
+use super::{Embeddings, StepContext, StepPrediction, Strategy};
 use crate::PipelineError;
 
 /// Attend-and-Excite's settings; the defaults are the official `config.py`'s and diffusers'.
@@ -130,11 +130,7 @@ impl AttendExcite {
         latent_hw: [usize; 2],
     ) -> Result<Self, PipelineError> {
         let sites = check(unet, params, latent_hw, emb.cond.dims()[1])?;
-        let cond = rows(&emb.cond, images);
-        let (context, guided) = match &emb.uncond {
-            Some(u) => (Tensor::cat(vec![rows(u, images), cond], 0), true),
-            None => (cond, false),
-        };
+        let (context, guided) = emb.context(images);
         Ok(AttendExcite {
             params: params.clone(),
             cond: emb.cond.clone(),

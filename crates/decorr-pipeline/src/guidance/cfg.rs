@@ -4,7 +4,7 @@
 
 use burn::tensor::Tensor;
 
-use super::{Embeddings, StepContext, StepPrediction, Strategy, repeat, rows, rows_of};
+use super::{Embeddings, StepContext, StepPrediction, Strategy, repeat, rows_of};
 use crate::PipelineError;
 
 pub struct Cfg {
@@ -17,11 +17,7 @@ pub struct Cfg {
 
 impl Cfg {
     pub fn new(emb: &Embeddings, images: usize, scale: f64) -> Self {
-        let cond = rows(&emb.cond, images);
-        let (context, guided) = match &emb.uncond {
-            Some(u) => (Tensor::cat(vec![rows(u, images), cond], 0), true),
-            None => (cond, false),
-        };
+        let (context, guided) = emb.context(images);
         Cfg {
             context,
             images,

@@ -118,6 +118,18 @@ pub struct Embeddings {
     pub uncond: Option<Tensor<3>>,
 }
 
+impl Embeddings {
+    /// The UNet's context for a CFG batch of `images`: `[uncond x images; cond x images]`, or
+    /// `cond x images` without guidance; and whether guidance is on.
+    pub fn context(&self, images: usize) -> (Tensor<3>, bool) {
+        let cond = rows(&self.cond, images);
+        match &self.uncond {
+            Some(u) => (Tensor::cat(vec![rows(u, images), cond], 0), true),
+            None => (cond, false),
+        }
+    }
+}
+
 /// The conditional rows `start..start + n` of every captured map.
 pub(crate) fn rows_of(maps: Vec<AttentionMap>, start: usize, n: usize) -> Vec<AttentionMap> {
     maps.into_iter()

@@ -29,6 +29,22 @@ pub fn assemble() -> tempfile::TempDir {
     tmp
 }
 
+/// The tiny checkpoint, loaded on flex (the folder must outlive it).
+pub fn tiny() -> (tempfile::TempDir, StableDiffusion) {
+    let dir = assemble();
+    let source = decorr_core::ModelSource::Local(dir.path().to_path_buf());
+    let sd = StableDiffusion::load(&source, &burn::tensor::Device::flex()).unwrap();
+    (dir, sd)
+}
+
+/// The message of the error `p` must make `sd.generate` return.
+pub fn error_of(sd: &StableDiffusion, p: GenerateParams) -> String {
+    sd.generate(&p, &[0], &mut |_, _| true)
+        .err()
+        .expect("an error")
+        .to_string()
+}
+
 /// A quick run on the tiny checkpoint: "a cat", 2 steps of its own scheduler, 16x16, CFG 7.5.
 pub fn quick_params(sd: &StableDiffusion) -> GenerateParams {
     GenerateParams {
