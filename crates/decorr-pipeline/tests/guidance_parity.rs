@@ -236,6 +236,15 @@ fn bad_settings_name_what_exists() {
         ..Default::default()
     }));
     assert!(e.contains("--excite"), "{e}");
+    let e = err(aae(ExciteParams {
+        token_indices: vec![2],
+        attn_res: [1, 1],
+        ..Default::default()
+    }));
+    assert!(
+        e.contains("--excite-attn-res 1") && e.contains("2x2"),
+        "{e}"
+    );
 }
 
 /// Composition: with the fine-tuned encoder loaded, PAG with scale 0 is the decorrelated

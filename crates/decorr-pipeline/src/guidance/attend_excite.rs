@@ -251,6 +251,13 @@ pub fn check(
             params.scale_factor
         ));
     }
+    if params.attn_res.iter().any(|&v| v < 2) {
+        return bad(format!(
+            "--excite-attn-res {}: the smoothing reflect-pads each map by one pixel, so the \
+             resolution must be at least 2x2 (16 for 512 px SD 1.5)",
+            side(params.attn_res[0], params.attn_res[1])
+        ));
+    }
     if let Some((i, t)) = params.thresholds.iter().find(|(_, t)| !t.is_finite()) {
         return bad(format!(
             "--excite-thresholds {i}:{t}: the threshold must be finite"
