@@ -393,7 +393,6 @@ pub fn run(args: FixArgs) -> Result<()> {
     let comparison = out.join("comparison.png");
     write_atomic(&comparison, &png_bytes(&grid_img))?;
 
-    let p0 = &report["prompts"][0];
     let (t, c) = (
         p0["target"]["index"].as_u64().unwrap_or(0) as usize,
         p0["corr"]["index"].as_u64().unwrap_or(0) as usize,

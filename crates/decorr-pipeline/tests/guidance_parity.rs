@@ -252,10 +252,9 @@ fn bad_settings_name_what_exists() {
 /// from PAG without that encoder.
 #[test]
 fn pag_composes_and_scale_zero_is_cfg() {
-    let dir = assemble();
-    let device = Device::flex();
-    let sd = StableDiffusion::load(&ModelSource::Local(dir.path().to_path_buf()), &device)
-        .unwrap()
+    let (_dir, plain) = common::tiny();
+    let (_tuned_dir, sd) = common::tiny();
+    let sd = sd
         .with_tuned_encoder(&fixtures().join("pipeline/tuned_text_encoder"))
         .unwrap();
     let base = common::quick_params(&sd);
@@ -278,8 +277,7 @@ fn pag_composes_and_scale_zero_is_cfg() {
         ..base.clone()
     };
     let with_tuned = run(&pag);
-    let plain = StableDiffusion::load(&ModelSource::Local(dir.path().to_path_buf()), &device)
-        .unwrap()
+    let plain = plain
         .generate(&pag, &[0], &mut |_, _| true)
         .unwrap()
         .latents;
