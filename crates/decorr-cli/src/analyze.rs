@@ -87,7 +87,9 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
         .transpose()?;
     let encoder = decorr_clip::load_text_encoder(source, &device)
         .with_context(|| format!("loading the text encoder of {}", source.describe()))?;
-    let analysis = analyze(&encoder.model, &tok, args.layer, &device)?;
+    // The attention probabilities are computed in f32 whatever the encoder's precision.
+    let model = decorr_core::cast_module(encoder.model, args.model.precision(&device)?);
+    let analysis = analyze(&model, &tok, args.layer, &device)?;
 
     print_tokens(&analysis);
     let rows: Vec<usize> = match target {

@@ -130,12 +130,14 @@ fn run_config(args: &CompareArgs, config: &CompareConfig) -> Result<()> {
     // stops here, naming what differs.
     decorr_runs::compare::check_out(config, &source.describe())?;
     let device = args.model.device()?;
-    let sd = StableDiffusion::load(&source, &device).with_context(|| {
-        format!(
-            "loading the Stable Diffusion checkpoint {}",
-            source.describe()
-        )
-    })?;
+    let sd = StableDiffusion::load(&source, &device)
+        .with_context(|| {
+            format!(
+                "loading the Stable Diffusion checkpoint {}",
+                source.describe()
+            )
+        })?
+        .with_precision(args.model.precision(&device)?);
     let outcome = decorr_runs::compare::run(config, sd, &source, &mut Bar::new(args.sample.quiet))?;
     let out = args.out.display();
     let names: Vec<&str> = config.methods.iter().map(|m| m.folder()).collect();

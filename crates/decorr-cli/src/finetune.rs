@@ -101,6 +101,7 @@ impl FinetuneArgs {
 
 pub fn run(args: FinetuneArgs) -> Result<()> {
     let settings = args.settings()?;
+    args.model.training_precision()?;
     let source = args.model.open()?;
     let device = args.model.device()?;
     let job = FinetuneJob {

@@ -138,6 +138,11 @@ pub struct GenerateArgs {
     /// Print the manifest as JSON on stdout at the end.
     #[arg(long)]
     json: bool,
+    /// Write the seconds of each phase to FILE (JSON: encode_s, step_s per denoising step,
+    /// decode_s, total_s, summed over batches). The device is waited for after every step so
+    /// the times are its own: for benchmarks, as this costs a little speed on a GPU.
+    #[arg(long, value_name = "FILE")]
+    timings: Option<PathBuf>,
     /// Generate only shard K of N (0-based K) of the prompts x seeds, for array jobs; its images
     /// are listed in `manifest.shard-K-of-N.json` until `--merge`.
     #[arg(long, value_name = "K/N", conflicts_with = "merge")]
@@ -181,10 +186,11 @@ pub fn load(model: &ModelArgs, encoder: Option<&Path>) -> Result<StableDiffusion
             source.describe()
         )
     })?;
-    Ok(match encoder {
+    let sd = match encoder {
         Some(dir) => sd.with_tuned_encoder(dir)?,
         None => sd,
-    })
+    };
+    Ok(sd.with_precision(model.precision(&device)?))
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -228,6 +234,7 @@ fn run_locked(args: GenerateArgs) -> Result<()> {
         );
     }
     let mut sd = load(&args.model, args.encoder.as_deref())?;
+    sd.timed = args.timings.is_some();
     let method = method_name(guidance, args.encoder.is_some());
     if guidance == Guidance::Cfg && args.encoder.is_some() {
         // One encoder for both branches: the fine-tuned one.
@@ -241,6 +248,7 @@ fn run_locked(args: GenerateArgs) -> Result<()> {
         None => MANIFEST.to_string(),
     };
     let mut all = Vec::new();
+    let mut bar = Bar::new(args.sample.quiet);
     for (pi, (prompt, dir)) in prompts.iter().zip(&folders).enumerate() {
         let mine: Vec<u64> = seeds
             .iter()
@@ -261,7 +269,7 @@ fn run_locked(args: GenerateArgs) -> Result<()> {
             attention,
             manifest_name: &manifest_name,
         };
-        let manifest = generate_into(&sd, &job, &mut Bar::new(args.sample.quiet))?;
+        let manifest = generate_into(&sd, &job, &mut bar)?;
         if !args.json {
             println!(
                 "{} images in {} ({method}, {} steps, {}, guidance {}); {manifest_name} lists them",
@@ -274,6 +282,9 @@ fn run_locked(args: GenerateArgs) -> Result<()> {
         }
         all.extend(manifest.images);
     }
+    if let Some(path) = &args.timings {
+        write_timings(path, &bar.timings, &args.model, &sd)?;
+    }
     if args.json {
         println!(
             "{}",
@@ -285,5 +296,29 @@ fn run_locked(args: GenerateArgs) -> Result<()> {
             "shard {s} done; once every shard is, run the same command with --merge instead of --shard"
         );
     }
+    Ok(())
+}
+
+/// `--timings FILE`: the phase times of every batch, summed (steps listed in order).
+fn write_timings(
+    path: &Path,
+    batches: &[decorr_pipeline::Timings],
+    model: &ModelArgs,
+    sd: &StableDiffusion,
+) -> Result<()> {
+    let sum = |f: fn(&decorr_pipeline::Timings) -> f64| batches.iter().map(f).sum::<f64>();
+    let step_s: Vec<f64> = batches.iter().flat_map(|t| t.step_s.clone()).collect();
+    let json = serde_json::json!({
+        "backend": model.backend.to_string(),
+        "dtype": sd.precision.to_string(),
+        "batches": batches.len(),
+        "steps": batches.first().map_or(0, |t| t.step_s.len()),
+        "encode_s": sum(|t| t.encode_s),
+        "step_s": step_s,
+        "decode_s": sum(|t| t.decode_s),
+        "total_s": sum(|t| t.total_s),
+    });
+    decorr_core::io::write_atomic(path, serde_json::to_string_pretty(&json)?.as_bytes())
+        .with_context(|| format!("--timings {}", path.display()))?;
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use burn::tensor::Device;
 use clap::Args;
-use decorr_core::{BackendKind, DEFAULT_MODEL, ModelSource, select_device};
+use decorr_core::{BackendKind, DEFAULT_MODEL, ModelSource, Precision, select_device};
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -38,6 +38,11 @@ pub struct ModelArgs {
     /// GPU index for cuda.
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
+    /// Precision of the text encoder(s) and the UNet: f32, f16 or bf16. Default: f16 on GPU
+    /// backends, f32 on flex (as diffusers users run). The VAE decodes in f32; fine-tuning runs
+    /// in f32 (`finetune` refuses another --dtype, `fix` samples in it).
+    #[arg(long)]
+    pub dtype: Option<Precision>,
 }
 
 impl ModelArgs {
@@ -81,5 +86,27 @@ impl ModelArgs {
 
     pub fn device(&self) -> Result<Device> {
         Ok(select_device(self.backend, self.gpu)?)
+    }
+
+    /// Fine-tuning runs in f32 (an AdamW step of lr 1e-5 is below f16's resolution of most
+    /// weights): any other `--dtype` is refused rather than ignored.
+    pub fn training_precision(&self) -> Result<Precision> {
+        match self.dtype {
+            None | Some(Precision::F32) => Ok(Precision::F32),
+            Some(p) => anyhow::bail!(
+                "--dtype {p}: fine-tuning runs in f32 (half-precision updates of lr ~1e-5 vanish); \
+                 drop --dtype here (`decorr fix` and `generate` take it for sampling)"
+            ),
+        }
+    }
+
+    /// The sampling precision: `--dtype`, or the backend's default; refused when `device`
+    /// cannot compute in it.
+    pub fn precision(&self, device: &Device) -> Result<Precision> {
+        let p = self
+            .dtype
+            .unwrap_or_else(|| Precision::default_for(self.backend));
+        p.check(device, self.backend)?;
+        Ok(p)
     }
 }

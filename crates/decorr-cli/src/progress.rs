@@ -8,6 +8,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub struct Bar {
     bar: ProgressBar,
     quiet: bool,
+    /// The phase times of every generated batch, in order.
+    pub timings: Vec<decorr_pipeline::Timings>,
 }
 
 impl Bar {
@@ -23,6 +25,7 @@ impl Bar {
         Bar {
             bar: ProgressBar::hidden(),
             quiet,
+            timings: Vec::new(),
         }
     }
 }
@@ -58,6 +61,10 @@ impl Progress for Bar {
             )
         };
         self.bar.set_prefix(label.to_string());
+    }
+
+    fn timings(&mut self, t: &decorr_pipeline::Timings) {
+        self.timings.push(t.clone());
     }
 
     fn advance(&mut self, n: u64) {

@@ -605,3 +605,66 @@ fn attention_maps_accept_the_first_word() {
     assert!(!t.contains("nothing it can be correlated with"), "{t}");
     assert!(d.join("attention-000000.png").is_file());
 }
+
+/// `--dtype` is recorded and a resume in another precision is refused; `--timings` writes one
+/// time per denoising step; `finetune` refuses half precision before touching anything.
+#[test]
+fn precision_is_recorded_and_timings_are_written() {
+    let model = tiny_sd();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("half");
+    let timings = tmp.path().join("t.json");
+    let o = quick_generate(
+        model.path(),
+        &out,
+        &["--dtype", "f16", "--timings", timings.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["images"][0]["dtype"], "f16");
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&timings).unwrap()).unwrap();
+    assert_eq!(t["dtype"], "f16");
+    assert_eq!(t["backend"], "flex");
+    let steps = t["step_s"].as_array().unwrap();
+    // 3 images of 2 DDIM steps, one batch each.
+    assert_eq!(
+        (t["steps"].as_u64(), t["batches"].as_u64()),
+        (Some(2), Some(3))
+    );
+    assert_eq!(steps.len(), 6);
+    assert!(steps.iter().all(|s| s.as_f64().unwrap() > 0.0));
+    assert!(t["total_s"].as_f64().unwrap() >= t["decode_s"].as_f64().unwrap());
+
+    // The same folder in f32 is another run.
+    let o = quick_generate(model.path(), &out, &["--dtype", "f32"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("dtype"), "{}", text(&o));
+    assert_fails(
+        &[
+            "generate", "--prompt", "a", "--dtype", "f8", "--out", "/tmp/x",
+        ],
+        &["f8", "f32, f16, bf16"],
+    );
+
+    let ft = tmp.path().join("ft");
+    let w = model.path().to_str().unwrap();
+    assert_fails(
+        &[
+            "finetune",
+            "--weights",
+            w,
+            "--prompt",
+            PROMPT,
+            "--target",
+            "train",
+            "--dtype",
+            "f16",
+            "--out",
+            ft.to_str().unwrap(),
+        ],
+        &["--dtype f16", "fine-tuning runs in f32"],
+    );
+    assert!(!ft.exists());
+}

@@ -6,7 +6,7 @@
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::{gelu, sigmoid, softmax};
-use burn::tensor::{Bool, Device, Int, Tensor};
+use burn::tensor::{Bool, DType, Device, Int, Tensor};
 
 use crate::config::{Activation, ClipTextConfig};
 
@@ -227,7 +227,7 @@ impl ClipTextModel {
             if opts.stop_at_attention == Some(i) {
                 let probs = layer
                     .self_attn
-                    .probabilities(layer.layer_norm1.forward(x.clone()), causal);
+                    .probabilities(ln(&layer.layer_norm1, x.clone()), causal);
                 out.attentions.push((i, probs));
                 break;
             }
@@ -243,7 +243,8 @@ impl ClipTextModel {
         out.attentions
             .sort_by_key(|(l, _)| opts.attention_layers.iter().position(|w| w == l));
         if opts.stop_at_attention.is_none() {
-            out.last_hidden_state = Some(self.final_layer_norm.forward(x));
+            // f32 out whatever the precision the encoder runs in.
+            out.last_hidden_state = Some(ln(&self.final_layer_norm, x).cast(DType::F32));
         }
         out
     }
@@ -253,9 +254,9 @@ impl ClipEncoderLayer {
     fn forward(&self, x: Tensor<3>, causal: Tensor<2, Bool>) -> (Tensor<3>, Tensor<4>) {
         let (attn, probs) = self
             .self_attn
-            .forward(self.layer_norm1.forward(x.clone()), causal);
+            .forward(ln(&self.layer_norm1, x.clone()), causal);
         let x = x + attn;
-        let x = x.clone() + self.mlp.forward(self.layer_norm2.forward(x));
+        let x = x.clone() + self.mlp.forward(ln(&self.layer_norm2, x));
         (x, probs)
     }
 }
@@ -266,7 +267,12 @@ impl ClipAttention {
         let [b, n, d] = x.dims();
         let probs = self.probabilities(x.clone(), causal);
         let v = self.split_heads(self.v_proj.forward(x));
-        let ctx = probs.clone().matmul(v).swap_dims(1, 2).reshape([b, n, d]);
+        let ctx = probs
+            .clone()
+            .cast(v.dtype())
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([b, n, d]);
         (self.out_proj.forward(ctx), probs)
     }
 
@@ -286,8 +292,17 @@ impl ClipAttention {
         let scale = ((d / h) as f64).powf(-0.5);
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
         let mask = causal.unsqueeze_dims::<4>(&[0, 1]).expand([b, h, n, n]);
-        softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 3)
+        // In f32 whatever the encoder's precision: the method reads these probabilities.
+        softmax(
+            scores.cast(DType::F32).mask_fill(mask, f32::NEG_INFINITY),
+            3,
+        )
     }
+}
+
+/// A layer norm, in f32 when the encoder runs in half precision (`decorr_core::norm_f32`).
+fn ln(norm: &LayerNorm, x: Tensor<3>) -> Tensor<3> {
+    decorr_core::norm_f32(x, |x| norm.forward(x))
 }
 
 impl ClipMlp {

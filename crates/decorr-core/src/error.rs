@@ -10,8 +10,15 @@ pub enum CoreError {
          (available here: {1})"
     )]
     BackendNotCompiled(String, String),
-    #[error("unknown backend `{0}`; expected one of: flex, wgpu, cuda")]
+    #[error("unknown backend `{0}`; expected one of: flex, wgpu, vulkan, cuda")]
     UnknownBackend(String),
+    #[error("unknown precision `{0}`; expected one of: f32, f16, bf16")]
+    UnknownPrecision(String),
+    #[error(
+        "the {1} device cannot compute in {0}; choose --dtype f32 (or another precision the \
+         device supports)"
+    )]
+    UnsupportedPrecision(String, String),
     #[error("{0}")]
     NotFound(String),
     #[error("cannot read {path}: {source}")]

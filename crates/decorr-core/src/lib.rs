@@ -1,7 +1,7 @@
-//! Shared plumbing of decorr: which device runs the maths ([`device`]), where a model's files
+//! Shared plumbing of decorr: which device runs the maths and in which precision ([`device`]), where a model's files
 //! come from ([`source`]: local diffusers folder, Hugging Face hub repo through [`hub`], or files in memory), and how safetensors
 //! weights get into a burn module with errors that name the tensor and the file ([`weights`]);
-//! the binaries' heap settings ([`memory`]); atomic writes and output-folder locks ([`io`]).
+//! counted read-backs to the host ([`readback`]); the binaries' heap settings ([`memory`]); atomic writes and output-folder locks ([`io`]).
 
 pub mod device;
 pub mod error;
@@ -9,9 +9,12 @@ pub mod hub;
 pub mod io;
 pub mod limits;
 pub mod memory;
+pub mod precision;
+pub mod readback;
 pub mod source;
 pub mod weights;
 
-pub use device::{BackendKind, select_device};
+pub use device::{BackendKind, Precision, select_device};
 pub use error::CoreError;
+pub use precision::{cast_module, norm_f32};
 pub use source::{AsModelFile, DEFAULT_MODEL, MemoryModel, ModelFile, ModelSource};

@@ -4,7 +4,11 @@
 //! `cargo bench -p decorr-pipeline --bench sample_loop -- HW [N] [cfg|pag|aae]` (HW: latent
 //! size, 32 = 256 px). `pag` (scale 3, `mid`) and `aae` (tokens 2 and 6, the defaults) compare
 //! with `python tests/pyref/bench_guidance.py pag|aae HW N` (diffusers' own pipelines).
-//! `DECORR_BACKEND=wgpu` (built with `--features wgpu`) runs it on a GPU backend instead.
+//! `DECORR_BACKEND=wgpu` (built with `--features wgpu`) runs it on a GPU backend instead, and
+//! `DECORR_DTYPE=f16` in half precision.
+
+// Tests read results back freely; clippy.toml keeps the library to decorr_core::readback.
+#![allow(clippy::disallowed_methods)]
 
 use std::time::Instant;
 
@@ -54,7 +58,14 @@ fn main() {
         scheduler_config: SchedulerConfig::sd15(),
         model_id: "random sd15".into(),
         device: device.clone(),
-    };
+        precision: decorr_core::Precision::F32,
+        timed: false,
+    }
+    .with_precision(
+        std::env::var("DECORR_DTYPE").map_or(decorr_core::Precision::F32, |d| {
+            d.parse().expect("DECORR_DTYPE: f32, f16, bf16")
+        }),
+    );
     let p = GenerateParams {
         prompt: "rusty tracks with an old train".into(),
         negative_prompt: String::new(),

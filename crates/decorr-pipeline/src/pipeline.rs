@@ -6,13 +6,15 @@
 //! encoder and the unconditional one from the pre-trained encoder.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use decorr_clip::{
     ClipTextConfig, ClipTextModel, ClipTokenizer, load_text_encoder, load_text_encoder_dir,
     load_tokenizer,
 };
-use decorr_core::{ModelFile, ModelSource};
+use decorr_core::readback::{all_finite, to_f32_vec};
+use decorr_core::{ModelFile, ModelSource, Precision, cast_module};
 use decorr_scheduler::{BuildOptions, SchedulerConfig, SchedulerError, SchedulerKind, build_with};
 use decorr_unet::{
     AttentionOptions, AutoencoderKL, Capture, UNet2DConditionModel, UNetConfig, VaeConfig,
@@ -52,6 +54,13 @@ pub struct StableDiffusion {
     /// The model id or folder, as the user named it.
     pub model_id: String,
     pub device: Device,
+    /// The precision the text encoders and the UNet run in ([`Self::with_precision`]); the VAE
+    /// always decodes in f32, and the latents, the scheduler and the guidance stay f32.
+    pub precision: Precision,
+    /// Waits for the device after the text encoding and after every denoising step, so that
+    /// [`Generated::timings`] are the device's times (a GPU otherwise runs behind the host,
+    /// and the loop never waits on it). For benchmarks (`decorr generate --timings`).
+    pub timed: bool,
 }
 
 /// One generation request (a batch of images of one prompt).
@@ -115,6 +124,21 @@ pub struct Generated {
     pub timesteps: Vec<f64>,
     /// Attend-and-Excite's losses and updates per step and image (empty for other methods).
     pub excite: Vec<ExciteStep>,
+    /// Wall-clock seconds of each phase (the device's only when [`StableDiffusion::timed`]).
+    pub timings: Timings,
+}
+
+/// Wall-clock seconds of one [`StableDiffusion::generate`] call.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    /// The prompt (and negative prompt) through the text encoder(s).
+    pub encode_s: f64,
+    /// Each denoising step (all UNet calls of the step and the scheduler's update).
+    pub step_s: Vec<f64>,
+    /// The VAE decode and the finiteness checks.
+    pub decode_s: f64,
+    /// The whole call.
+    pub total_s: f64,
 }
 
 impl StableDiffusion {
@@ -164,7 +188,22 @@ impl StableDiffusion {
             scheduler_config,
             model_id: source.describe(),
             device: device.clone(),
+            precision: Precision::F32,
+            timed: false,
         })
+    }
+
+    /// Runs the text encoders and the UNet in `precision` (their norms stay f32). The VAE stays
+    /// f32: one decode per image costs little, and half precision is where a VAE overflows.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.text_encoder = cast_module(self.text_encoder, precision);
+        self.unet = cast_module(self.unet, precision);
+        self.tuned = self.tuned.take().map(|t| TunedEncoder {
+            model: cast_module(t.model, precision),
+            ..t
+        });
+        self.precision = precision;
+        self
     }
 
     /// Adds the fine-tuned encoder at `dir` (`OUT/text_encoder` of `decorr finetune`, or `OUT`).
@@ -194,7 +233,7 @@ impl StableDiffusion {
         let bytes = enc.weights_path.read_bytes()?;
         let sha256 = format!("{:x}", Sha256::digest(&bytes));
         self.tuned = Some(TunedEncoder {
-            model: enc.model,
+            model: cast_module(enc.model, self.precision),
             path: enc.weights_path.error_path(),
             sha256,
         });
@@ -403,6 +442,14 @@ impl StableDiffusion {
         self.check(p)?;
         assert!(!seeds.is_empty(), "at least one seed");
         self.check_memory(p, seeds.len())?;
+        let started = Instant::now();
+        let mut timings = Timings::default();
+        let wait = || {
+            if self.timed {
+                // An execution error surfaces again at the next read-back.
+                self.device.sync().ok();
+            }
+        };
         let b = seeds.len();
         // The text side: the fine-tuned encoder gives the conditional embedding for the
         // decorrelated guidance and, when loaded, for the sampling-side methods (composition).
@@ -418,6 +465,8 @@ impl StableDiffusion {
             None
         };
         let emb = Embeddings { cond, uncond };
+        wait();
+        timings.encode_s = started.elapsed().as_secs_f64();
 
         let mut scheduler = build_with(
             p.scheduler,
@@ -448,10 +497,11 @@ impl StableDiffusion {
 
         let opts = AttentionOptions {
             slice_size: p.attention_slice,
+            // Only the modules figure 3 averages: every other attention keeps the fused kernel.
             capture_cross: if p.capture_tokens.is_empty() {
                 Capture::None
             } else {
-                Capture::All
+                Capture::Prefixes(figure_sites(&self.unet, [shape[2], shape[3]]))
             },
             ..Default::default()
         };
@@ -459,6 +509,7 @@ impl StableDiffusion {
         let total = timesteps.len();
         let mut attention = Vec::new();
         for i in 0..total {
+            let step_started = Instant::now();
             let ctx = StepContext {
                 unet: &self.unet,
                 scheduler: scheduler.as_ref(),
@@ -475,7 +526,6 @@ impl StableDiffusion {
                     i,
                     ctx.timestep,
                     b,
-                    shape,
                     &p.capture_tokens,
                 ));
             }
@@ -489,10 +539,13 @@ impl StableDiffusion {
                     output: latents.clone(),
                 });
             }
+            wait();
+            timings.step_s.push(step_started.elapsed().as_secs_f64());
             if !on_step(i + 1, total) {
                 return Err(PipelineError::Interrupted);
             }
         }
+        let decode_started = Instant::now();
         // Checked once, not per step: a per-step read-back would stall the GPU at every step.
         if !all_finite(&latents) {
             return Err(PipelineError::NonFinite(format!(
@@ -515,6 +568,8 @@ impl StableDiffusion {
             )));
         }
         let images = decoded.div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0);
+        timings.decode_s = decode_started.elapsed().as_secs_f64();
+        timings.total_s = started.elapsed().as_secs_f64();
         Ok(Generated {
             images,
             init_latents: init,
@@ -522,6 +577,7 @@ impl StableDiffusion {
             attention,
             timesteps,
             excite: strategy.excite_log(),
+            timings,
         })
     }
 }
@@ -530,11 +586,6 @@ impl StableDiffusion {
 pub const MAX_SIDE: usize = 8192;
 /// Largest guidance scale accepted (far above any useful value; f32 maths).
 pub const MAX_GUIDANCE_SCALE: f64 = 1000.0;
-
-/// Whether every value of `t` is finite: one boolean read back.
-fn all_finite<const D: usize>(t: &Tensor<D>) -> bool {
-    t.clone().is_finite().all().into_scalar::<bool>()
-}
 
 /// The text encoder's width must be the UNet's cross-attention width in every block.
 fn check_fit(
@@ -557,29 +608,46 @@ fn check_fit(
     Ok(())
 }
 
-/// Averages the captured cross-attention maps of one step (conditional rows) at the finest
-/// resolution a quarter of the latent's (16x16 for 64x64 latents, as prompt-to-prompt does),
-/// or at the resolution with the most maps when the UNet has none there.
-fn step_attention(
-    maps: &[decorr_unet::AttentionMap],
-    step: usize,
-    timestep: f64,
-    b: usize,
-    shape: [usize; 4],
-    tokens: &[usize],
-) -> StepAttention {
-    let want = (shape[2].div_ceil(4), shape[3].div_ceil(4));
-    let mut sizes: Vec<(usize, usize)> = maps.iter().map(|m| (m.height, m.width)).collect();
+/// The cross-attention modules whose maps [`step_attention`] averages: those at a quarter of
+/// the latent's resolution (16x16 for 64x64 latents, as prompt-to-prompt does), or at the
+/// resolution with the most of them when the UNet has none there.
+fn figure_sites(unet: &UNet2DConditionModel, latent_hw: [usize; 2]) -> Vec<String> {
+    let cross: Vec<_> = unet
+        .attention_sites(latent_hw)
+        .into_iter()
+        .filter(|s| s.cross)
+        .collect();
+    let want = (latent_hw[0].div_ceil(4), latent_hw[1].div_ceil(4));
+    let mut sizes: Vec<(usize, usize)> = cross.iter().map(|s| (s.height, s.width)).collect();
     sizes.sort_unstable();
     sizes.dedup();
     let (h, w) = if sizes.contains(&want) {
         want
     } else {
-        *sizes
+        sizes
             .iter()
-            .max_by_key(|s| maps.iter().filter(|m| (m.height, m.width) == **s).count())
-            .expect("a UNet with cross-attention")
+            .copied()
+            .max_by_key(|s| cross.iter().filter(|c| (c.height, c.width) == *s).count())
+            .unwrap_or(want)
     };
+    cross
+        .into_iter()
+        .filter(|s| (s.height, s.width) == (h, w))
+        .map(|s| s.path)
+        .collect()
+}
+
+/// Averages the captured cross-attention maps of one step (conditional rows), captured at the
+/// one resolution [`figure_sites`] chose.
+fn step_attention(
+    maps: &[decorr_unet::AttentionMap],
+    step: usize,
+    timestep: f64,
+    b: usize,
+    tokens: &[usize],
+) -> StepAttention {
+    let first = maps.first().expect("a UNet with cross-attention");
+    let (h, w) = (first.height, first.width);
     let chosen: Vec<Tensor<3>> = maps
         .iter()
         .filter(|m| (m.height, m.width) == (h, w))
@@ -592,11 +660,7 @@ fn step_attention(
         .expect("at least one map")
         .div_scalar(n as f64);
     let [_, hw, keys] = mean.dims();
-    let data = mean
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("f32");
+    let data = to_f32_vec(mean);
     let maps = (0..b)
         .map(|img| {
             tokens
@@ -621,12 +685,7 @@ fn step_attention(
 /// `[batch, 3, h, w]` in [0, 1] to RGB8 images as diffusers quantises: `round(x * 255)`.
 pub fn to_rgb8(images: &Tensor<4>) -> Vec<(usize, usize, Vec<u8>)> {
     let [b, c, h, w] = images.dims();
-    let data = images
-        .clone()
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("f32");
+    let data = to_f32_vec(images.clone());
     (0..b)
         .map(|i| {
             let mut px = Vec::with_capacity(h * w * 3);

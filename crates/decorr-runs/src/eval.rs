@@ -153,6 +153,16 @@ impl Item {
     }
 }
 
+/// Every image the run folders list (each `--runs` folder, or its prompt sub-folders), as
+/// (the manifest's folder, its record), checked to exist inside that folder: for other
+/// readers of runs (the human study).
+pub fn run_images(runs: &[PathBuf]) -> Result<Vec<(PathBuf, ImageRecord)>> {
+    Ok(collect_items(runs)?
+        .into_iter()
+        .map(|i| (i.run, i.record))
+        .collect())
+}
+
 /// Every image the runs list, in a fixed order (runs as given, then seed).
 fn collect_items(runs: &[PathBuf]) -> Result<Vec<Item>> {
     let mut items = Vec::new();

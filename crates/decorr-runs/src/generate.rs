@@ -167,6 +167,9 @@ pub struct RunRecord {
     pub karras: bool,
     pub eta: f64,
     pub model: String,
+    /// The precision the text encoder and UNet ran in (`--dtype`; f32 in older manifests).
+    #[serde(default = "f32_name")]
+    pub dtype: String,
     /// SHA-256 of the fine-tuned encoder's weights, when one was used.
     pub encoder_sha256: Option<String>,
     /// PAG's settings (`--guidance pag` only; absent in older manifests).
@@ -180,6 +183,10 @@ pub struct RunRecord {
         deserialize_with = "excite_from_json"
     )]
     pub excite: Option<ExciteParams>,
+}
+
+fn f32_name() -> String {
+    "f32".into()
 }
 
 /// `excite` through a JSON value: inside the flattened record serde buffers the map, and its
@@ -290,6 +297,7 @@ pub fn run_record(sd: &StableDiffusion, p: &GenerateParams, method: &str) -> Run
         karras: p.karras == Some(true),
         eta: p.eta,
         model: sd.model_id.clone(),
+        dtype: sd.precision.to_string(),
         encoder_sha256: sd.tuned.as_ref().map(|t| t.sha256.clone()),
         pag: (p.guidance == Guidance::Pag).then(|| p.pag.clone()),
         excite: (p.guidance == Guidance::AttendAndExcite).then(|| p.excite.clone()),
@@ -410,6 +418,7 @@ pub fn generate_into(
             }
             g => g?,
         };
+        progress.timings(&g.timings);
         for (k, (w, h, rgb)) in to_rgb8(&g.images).into_iter().enumerate() {
             let seed = batch[k];
             let rec = record(seed);

@@ -17,6 +17,8 @@ pub trait Progress {
     fn message(&mut self, _msg: &str) {}
     /// The current piece of work ended.
     fn end(&mut self) {}
+    /// A batch of images was generated, in these times (`decorr generate --timings`).
+    fn timings(&mut self, _t: &decorr_pipeline::Timings) {}
     /// Whether the user asked to stop: polled after every denoising and every training step.
     fn should_stop(&self) -> bool {
         false

@@ -8,7 +8,7 @@ use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::{gelu, softmax};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 
 use crate::blocks::{conv, group_norm};
 use crate::host;
@@ -161,11 +161,13 @@ impl Attention {
                 v.clone().narrow(0, start, len),
             );
             if capture {
+                // The recorded maps are f32 whatever the model's precision (softmax in f32).
+                let dtype = q.dtype();
                 let scores = q
                     .mul_scalar((d as f64).powf(-0.5))
                     .matmul(k.swap_dims(1, 2));
-                let p = softmax(scores, 2);
-                outs.push(p.clone().matmul(v));
+                let p = softmax(scores.cast(DType::F32), 2);
+                outs.push(p.clone().cast(dtype).matmul(v));
                 probs_all.push(p);
             } else {
                 // The backend's fused kernel (flex: flash attention for long sequences, no

@@ -14,7 +14,7 @@
 //! GEGLU's gate ([`geglu`], torch's vectorised erf) and layer norm ([`layer_norm`]) in one pass.
 //!
 //! Anything else (other backends, autodiff, other dtypes, other convolution shapes: 1x1,
-//! stride 2) takes burn's path. `DECORR_HOST_KERNELS=0` turns the fast paths off, for
+//! stride 2) takes burn's path; there the norms of half-precision tensors compute in f32. `DECORR_HOST_KERNELS=0` turns the fast paths off, for
 //! comparisons.
 
 use std::sync::{Mutex, OnceLock};
@@ -709,8 +709,11 @@ pub fn group_norm(norm: &GroupNorm, x: Tensor<4>, then_silu: bool) -> Tensor<4> 
         && gamma.as_ref().is_some_and(on_host)
         && beta.as_ref().is_some_and(on_host);
     let (Some(gamma), Some(beta), true) = (gamma, beta, fits) else {
-        let y = norm.forward(x);
-        return if then_silu { silu(y) } else { y };
+        // Half precision: statistics in f32 (decorr_core::precision).
+        return decorr_core::norm_f32(x, |x| {
+            let y = norm.forward(x);
+            if then_silu { silu(y) } else { y }
+        });
     };
     let device = x.device();
     let [b, c, h, w] = x.dims();
@@ -806,7 +809,7 @@ pub fn layer_norm(norm: &LayerNorm, x: Tensor<3>, eps: f64) -> Tensor<3> {
     let beta = norm.beta.as_ref().map(|b| b.val());
     let fits = enabled() && on_host(&x) && on_host(&gamma) && beta.as_ref().is_none_or(on_host);
     if !fits {
-        return norm.forward(x);
+        return decorr_core::norm_f32(x, |x| norm.forward(x));
     }
     let device = x.device();
     let d = x.dims()[2];

@@ -6,7 +6,7 @@
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 
 use crate::attention::{
     AttentionMap, AttentionOptions, Recorder, Transformer2DModel, TransformerSpec,
@@ -287,6 +287,11 @@ impl UNet2DConditionModel {
         let [b, _, _, _] = sample.dims();
         assert_eq!(timesteps.len(), b, "one timestep per batch row");
         let device = sample.device();
+        // Inputs in the weights' precision (`decorr_core::cast_module`); the prediction and the
+        // recorded maps come back in f32, so callers never see half precision.
+        let dtype = self.conv_in.weight.val().dtype();
+        let sample = sample.cast(dtype);
+        let context = &context.clone().cast(dtype);
         let mut rec = Recorder::new(opts);
         let t = timestep_features(
             timesteps,
@@ -295,7 +300,7 @@ impl UNet2DConditionModel {
             self.freq_shift,
             &device,
         );
-        let emb = self.time_embedding.forward(t);
+        let emb = self.time_embedding.forward(t.cast(dtype));
         let sample = if self.center_input_sample {
             sample.mul_scalar(2.0).sub_scalar(1.0)
         } else {
@@ -364,7 +369,7 @@ impl UNet2DConditionModel {
             &self.conv_out,
             host::group_norm(&self.conv_norm_out, x, true),
         );
-        (Some(x), rec)
+        (Some(x.cast(DType::F32)), rec)
     }
 }
 

@@ -175,12 +175,8 @@ impl AttendExcite {
                 smooth(reflect_pad(map), &self.kernel, h, w).max()
             })
             .collect();
-        let values: Vec<f32> = Tensor::cat(peaks.clone(), 0)
-            .inner()
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .expect("f32");
+        // One read-back per refinement: the thresholds decide on the host, as diffusers' `.item()`.
+        let values = decorr_core::readback::to_f32_vec(Tensor::cat(peaks.clone(), 0).inner());
         // Python's max over [max(0, 1 − m_k)]: the first largest; 0 when every peak reaches 1.
         let mut worst: Option<(usize, f32)> = None;
         for (k, &m) in values.iter().enumerate() {
