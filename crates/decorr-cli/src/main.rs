@@ -11,6 +11,7 @@ mod guidance_args;
 mod interrupt;
 mod model_args;
 mod progress;
+mod study;
 
 // The figures, output folders and shards are the library's (decorr-runs).
 use decorr_runs::{grid, heatmap, output, shard};
@@ -48,6 +49,8 @@ enum Command {
     /// The paper's comparison: the pre-trained model, PAG, Attend-and-Excite and ours on the
     /// same seeds for prompts with object pairs, ready for `decorr eval run`.
     Compare(Box<compare::CompareArgs>),
+    /// The human study of table 4: blind rating pages over the runs' images, and its report.
+    Study(study::StudyArgs),
 }
 
 fn main() {
@@ -69,5 +72,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fix(args) => fix::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Compare(args) => compare::run(*args),
+        Command::Study(args) => study::run(args),
     }
 }
