@@ -4,23 +4,13 @@
 //! throughput, and checks that no answer was lost or duplicated.
 //! `cargo bench -p decorr-cli --bench study_load [-- RATERS COMPARISONS]`.
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-#[path = "../tests/common/study_server.rs"]
-mod study_server;
-use study_server::{StudyServer, token_of};
-
-fn decorr(args: &[&str]) {
-    let o = Command::new(env!("CARGO_BIN_EXE_decorr"))
-        .args(args)
-        .output()
-        .expect("run decorr");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
+#[path = "../tests/common/study_support.rs"]
+mod study_support;
+use study_support::{StudyServer, create, make_runs, token_of};
 
 fn pct(v: &mut [Duration], p: f64) -> f64 {
     v.sort();
@@ -42,44 +32,10 @@ fn main() {
     ];
     let seeds = comparisons.div_ceil(prompts.len());
     let tmp = tempfile::tempdir().unwrap();
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/sd-tiny");
-    let mut runs = Vec::new();
-    for g in ["cfg", "pag"] {
-        let out = tmp.path().join(g);
-        let mut args = vec!["generate", "--weights", model.to_str().unwrap()];
-        for p in prompts {
-            args.extend(["--prompt", p]);
-        }
-        let n = seeds.to_string();
-        args.extend([
-            "--steps",
-            "1",
-            "--scheduler",
-            "ddim",
-            "--num-images",
-            &n,
-            "--guidance",
-            g,
-        ]);
-        args.extend(["--quiet", "--out", out.to_str().unwrap()]);
-        decorr(&args);
-        runs.push(out);
-    }
+    let runs = make_runs(tmp.path(), &prompts, 0, seeds);
     let study = tmp.path().join("study");
     let (r, s) = (raters.to_string(), seeds.to_string());
-    decorr(&[
-        "study",
-        "create",
-        "--runs",
-        runs[0].to_str().unwrap(),
-        runs[1].to_str().unwrap(),
-        "--raters",
-        &r,
-        "--seeds-per-prompt",
-        &s,
-        "--out",
-        study.to_str().unwrap(),
-    ]);
+    create(&runs, &study, &["--raters", &r, "--seeds-per-prompt", &s]);
     let server = StudyServer::start(&study, "127.0.0.1", tmp.path().join("serve.log"));
     let base = server.base.clone();
     let tokens: Vec<String> = server.raters.iter().map(|(_, url)| token_of(url)).collect();

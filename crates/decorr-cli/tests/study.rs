@@ -10,55 +10,15 @@ use serde_json::{Value, json};
 
 mod common;
 use common::{assert_fails, decorr, text};
-#[path = "common/study_server.rs"]
-mod study_server;
-use study_server::{StudyServer, token_of};
+#[path = "common/study_support.rs"]
+mod study_support;
+use study_support::{StudyServer, create, create_args, token_of};
 
 const PROMPTS: [&str; 2] = ["rusty tracks with an old train", "a cat with a hat"];
 
-/// Runs of two methods (`sd` with CFG, `pag`) on the tiny models: both prompts, seeds
-/// `first..first + n`.
+/// Runs of `sd` and `pag` of both prompts, seeds `first..first + n`.
 fn make_runs(dir: &Path, first: u64, n: usize) -> Vec<PathBuf> {
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/sd-tiny");
-    ["cfg", "pag"]
-        .iter()
-        .map(|g| {
-            let out = dir.join(format!("run-{g}"));
-            let o = decorr(&[
-                "generate",
-                "--weights",
-                model.to_str().unwrap(),
-                "--prompt",
-                PROMPTS[0],
-                "--prompt",
-                PROMPTS[1],
-                "--steps",
-                "1",
-                "--scheduler",
-                "ddim",
-                "--seed",
-                &first.to_string(),
-                "--num-images",
-                &n.to_string(),
-                "--guidance",
-                g,
-                "--out",
-                out.to_str().unwrap(),
-                "--quiet",
-            ]);
-            assert!(o.status.success(), "{}", text(&o));
-            out
-        })
-        .collect()
-}
-
-fn create(runs: &[PathBuf], out: &Path, extra: &[&str]) {
-    let mut args = vec!["study", "create", "--runs"];
-    args.extend(runs.iter().map(|r| r.to_str().unwrap()));
-    args.extend(["--out", out.to_str().unwrap()]);
-    args.extend(extra);
-    let o = decorr(&args);
-    assert!(o.status.success(), "{}", text(&o));
+    study_support::make_runs(dir, &PROMPTS, first, n)
 }
 
 /// A running `decorr study serve` with the tokens of its links.
@@ -194,80 +154,40 @@ fn create_picks_common_comparisons_and_strips_metadata() {
     let src = runs[1].join("000-rusty-tracks-with-an-old-train/seed-000000.png");
     assert!(String::from_utf8_lossy(&std::fs::read(src).unwrap()).contains("pag"));
 
-    // Refusals: an existing study, one run, two folders of the same method, nothing in common.
-    assert_fails(
-        &[
-            "study",
-            "create",
-            "--runs",
-            runs[0].to_str().unwrap(),
-            runs[1].to_str().unwrap(),
-            "--raters",
-            "1",
-            "--out",
-            study.to_str().unwrap(),
-        ],
-        &["already exists"],
-    );
+    // Refusals: an existing study, one run, two folders of the same method, no raters,
+    // nothing in common.
+    let refused = |runs: &[PathBuf], out: &Path, extra: &[&str], needles: &[&str]| {
+        assert_fails(&create_args(runs, out, extra), needles);
+    };
+    let both = &runs[..2];
+    refused(both, &study, &["--raters", "1"], &["already exists"]);
     let other = tmp.path().join("other");
-    assert_fails(
-        &[
-            "study",
-            "create",
-            "--runs",
-            runs[0].to_str().unwrap(),
-            "--raters",
-            "1",
-            "--out",
-            other.to_str().unwrap(),
-        ],
+    refused(
+        &runs[..1],
+        &other,
+        &["--raters", "1"],
         &["at least two run folders"],
     );
     let same = tmp.path().join("same");
-    assert_fails(
-        &[
-            "study",
-            "create",
-            "--runs",
-            runs[0].to_str().unwrap(),
-            runs[0].to_str().unwrap(),
-            "--raters",
-            "1",
-            "--out",
-            same.to_str().unwrap(),
-        ],
+    let twice = [runs[0].clone(), runs[0].clone()];
+    refused(
+        &twice,
+        &same,
+        &["--raters", "1"],
         &["both hold method `sd`"],
     );
-    assert_fails(
-        &[
-            "study",
-            "create",
-            "--runs",
-            runs[0].to_str().unwrap(),
-            runs[1].to_str().unwrap(),
-            "--out",
-            other.to_str().unwrap(),
-        ],
-        &["--raters"],
-    );
+    refused(both, &other, &[], &["--raters"]);
     assert!(
         !other.exists() && !same.exists(),
         "a refused create leaves nothing"
     );
     let late = tmp.path().join("late");
     let late_runs = make_runs(&late, 100, 2);
-    assert_fails(
-        &[
-            "study",
-            "create",
-            "--runs",
-            runs[0].to_str().unwrap(),
-            late_runs[1].to_str().unwrap(),
-            "--raters",
-            "1",
-            "--out",
-            other.to_str().unwrap(),
-        ],
+    let apart = [runs[0].clone(), late_runs[1].clone()];
+    refused(
+        &apart,
+        &other,
+        &["--raters", "1"],
         &["no prompt and seed is present in every run"],
     );
 }

@@ -25,9 +25,9 @@ use serde_json::{Value, json};
 
 mod common;
 use common::{decorr, text};
-#[path = "common/study_server.rs"]
-mod study_server;
-use study_server::StudyServer;
+#[path = "common/study_support.rs"]
+mod study_support;
+use study_support::StudyServer;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 

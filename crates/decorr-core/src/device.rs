@@ -150,16 +150,6 @@ impl Precision {
         }
     }
 
-    /// burn's float dtype for this precision (for `Tensor::cast`).
-    pub fn float_dtype(self) -> burn::tensor::FloatDType {
-        use burn::tensor::FloatDType;
-        match self {
-            Precision::F32 => FloatDType::F32,
-            Precision::F16 => FloatDType::F16,
-            Precision::Bf16 => FloatDType::BF16,
-        }
-    }
-
     /// Refuses a precision the device cannot compute in, naming the alternatives.
     pub fn check(self, device: &Device, backend: BackendKind) -> Result<(), CoreError> {
         if device.supports_dtype(self.dtype()) {

@@ -7,7 +7,7 @@
 
 use std::cell::Cell;
 
-use burn::tensor::{Bool, Tensor, TensorData};
+use burn::tensor::{Bool, Tensor};
 
 thread_local! {
     static READS: Cell<usize> = const { Cell::new(0) };
@@ -30,13 +30,6 @@ pub fn to_f32_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
         .convert::<f32>()
         .try_into_vec::<f32>()
         .expect("converted to f32")
-}
-
-/// `t`'s data as stored: one read-back.
-#[allow(clippy::disallowed_methods)]
-pub fn to_data<const D: usize>(t: Tensor<D>) -> TensorData {
-    counted();
-    t.into_data()
 }
 
 /// Whether every value of `t` is finite: one boolean read back.

@@ -648,17 +648,12 @@ fn step_attention(
 ) -> StepAttention {
     let first = maps.first().expect("a UNet with cross-attention");
     let (h, w) = (first.height, first.width);
-    let chosen: Vec<Tensor<3>> = maps
+    let mean = maps
         .iter()
-        .filter(|m| (m.height, m.width) == (h, w))
         .map(|m| m.probs.clone())
-        .collect();
-    let n = chosen.len();
-    let mean = chosen
-        .into_iter()
         .reduce(|a, c| a + c)
         .expect("at least one map")
-        .div_scalar(n as f64);
+        .div_scalar(maps.len() as f64);
     let [_, hw, keys] = mean.dims();
     let data = to_f32_vec(mean);
     let maps = (0..b)

@@ -64,6 +64,14 @@ fn shuffle<T>(v: &mut [T], rng: &mut Xoshiro256StarStar) {
     }
 }
 
+/// `k` of `v` drawn at random (all when there are fewer), in sorted order.
+fn sample<T: Ord>(mut v: Vec<T>, k: usize, rng: &mut Xoshiro256StarStar) -> Vec<T> {
+    shuffle(&mut v, rng);
+    v.truncate(k);
+    v.sort();
+    v
+}
+
 /// Builds the study; see the module header.
 pub fn create(c: &CreateConfig) -> Result<Created, StudyError> {
     if c.out.exists() {
@@ -152,21 +160,16 @@ pub fn create(c: &CreateConfig) -> Result<Created, StudyError> {
     let mut notes = Vec::new();
     let mut chosen: Vec<(String, String, u64)> = Vec::new();
     for (pair, prompts) in &tree {
-        let mut ps: Vec<&String> = prompts.keys().collect();
-        shuffle(&mut ps, &mut rng);
         // Without an objects file every prompt is its own pair: nothing to say.
-        if ps.len() < c.prompts_per_pair && c.objects_file.is_some() {
+        if prompts.len() < c.prompts_per_pair && c.objects_file.is_some() {
             notes.push(format!(
                 "pair {pair}: {} prompt(s) in every run, fewer than --prompts-per-pair {}",
-                ps.len(),
+                prompts.len(),
                 c.prompts_per_pair
             ));
         }
-        ps.truncate(c.prompts_per_pair);
-        ps.sort();
-        for p in ps {
-            let mut seeds = prompts[p].clone();
-            shuffle(&mut seeds, &mut rng);
+        for p in sample(prompts.keys().collect(), c.prompts_per_pair, &mut rng) {
+            let seeds = &prompts[p];
             if seeds.len() < c.seeds_per_prompt {
                 notes.push(format!(
                     "prompt {p:?}: {} seed(s) in every run, fewer than --seeds-per-prompt {}",
@@ -174,9 +177,7 @@ pub fn create(c: &CreateConfig) -> Result<Created, StudyError> {
                     c.seeds_per_prompt
                 ));
             }
-            seeds.truncate(c.seeds_per_prompt);
-            seeds.sort_unstable();
-            for s in seeds {
+            for s in sample(seeds.clone(), c.seeds_per_prompt, &mut rng) {
                 chosen.push((pair.clone(), p.clone(), s));
             }
         }

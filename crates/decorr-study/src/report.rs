@@ -7,7 +7,7 @@
 //! Only first showings enter the table, the agreement and the tests; repeated showings serve the
 //! consistency alone.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -35,6 +35,17 @@ pub struct MethodRow {
     pub alignment: Stat,
     pub fidelity: Stat,
     pub raters: usize,
+}
+
+impl MethodRow {
+    /// The row's statistics on `scale` (one of [`SCALES`]).
+    pub fn scale(&self, scale: &str) -> &Stat {
+        if scale == "alignment" {
+            &self.alignment
+        } else {
+            &self.fidelity
+        }
+    }
 }
 
 /// A paired Wilcoxon signed-rank test of a method against the baseline on one scale: pairs
@@ -105,6 +116,12 @@ pub fn build(dir: &Path, baseline: &str, resamples: usize) -> Result<Report, Stu
         ));
     }
     let first: Vec<&AnswerRow> = all.iter().filter(|a| !a.is_repeat).collect();
+    // A first showing by (rater, comparison, method): what the agreement, the consistency and
+    // the tests pair up.
+    let rated: HashMap<(&str, i64, &str), &AnswerRow> = first
+        .iter()
+        .map(|a| ((a.rater.as_str(), a.item, a.method.as_str()), *a))
+        .collect();
     if first.is_empty() {
         notes.push("no answers yet".into());
     }
@@ -159,9 +176,8 @@ pub fn build(dir: &Path, baseline: &str, resamples: usize) -> Result<Report, Stu
                 units
                     .iter()
                     .map(|(item, m)| {
-                        first
-                            .iter()
-                            .find(|a| &a.rater == r && a.item == *item && &a.method == m)
+                        rated
+                            .get(&(r.as_str(), *item, m.as_str()))
                             .map(|a| score(a, scale))
                     })
                     .collect()
@@ -198,9 +214,8 @@ pub fn build(dir: &Path, baseline: &str, resamples: usize) -> Result<Report, Stu
             .iter()
             .filter(|a| a.is_repeat && &a.rater == r)
             .filter_map(|rep| {
-                first
-                    .iter()
-                    .find(|f| f.rater == rep.rater && f.item == rep.item && f.method == rep.method)
+                rated
+                    .get(&(rep.rater.as_str(), rep.item, rep.method.as_str()))
                     .map(|f| (*f, rep))
             })
             .collect();
@@ -249,10 +264,7 @@ pub fn build(dir: &Path, baseline: &str, resamples: usize) -> Result<Report, Stu
             for scale in SCALES {
                 let (mut x, mut y) = (Vec::new(), Vec::new());
                 for a in first.iter().filter(|a| &a.method == m) {
-                    if let Some(b) = first
-                        .iter()
-                        .find(|b| b.method == baseline && b.rater == a.rater && b.item == a.item)
-                    {
+                    if let Some(b) = rated.get(&(a.rater.as_str(), a.item, baseline)) {
                         x.push(score(a, scale));
                         y.push(score(b, scale));
                     }
@@ -431,34 +443,17 @@ pub fn csv(r: &Report) -> String {
 
 /// The bar chart: mean per method on each scale, with the bootstrap intervals.
 pub fn chart(r: &Report) -> image::RgbImage {
-    let panel = |scale: &'static str| decorr_runs::charts::Bars {
-        name: scale,
-        labels: r.order.clone(),
-        values: r
-            .order
-            .iter()
-            .map(|m| {
-                let row = &r.methods[m];
-                if scale == "alignment" {
-                    row.alignment.mean
-                } else {
-                    row.fidelity.mean
-                }
-            })
-            .collect(),
-        intervals: r
-            .order
-            .iter()
-            .map(|m| {
-                let row = &r.methods[m];
-                let s = if scale == "alignment" {
-                    &row.alignment
-                } else {
-                    &row.fidelity
-                };
-                s.ci95.map(|[lo, hi]| (lo, hi))
-            })
-            .collect(),
+    let panel = |scale: &'static str| {
+        let stats: Vec<&Stat> = r.order.iter().map(|m| r.methods[m].scale(scale)).collect();
+        decorr_runs::charts::Bars {
+            name: scale,
+            labels: r.order.clone(),
+            values: stats.iter().map(|s| s.mean).collect(),
+            intervals: stats
+                .iter()
+                .map(|s| s.ci95.map(|[lo, hi]| (lo, hi)))
+                .collect(),
+        }
     };
     decorr_runs::charts::bars(
         "User study: mean rating (1-5), bootstrap 95% intervals",

@@ -164,9 +164,15 @@ async fn with_db<T: Send + 'static>(
     .map_err(internal)
 }
 
+/// Whether `s` has the form of the study's random ids (32 hex digits, `create::random_token`):
+/// anything else is answered without touching the database.
+fn is_token(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// The rater behind `token`, or a plain 404.
 async fn rater(s: &AppState, token: String) -> Result<i64, Response> {
-    if token.len() != 32 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !is_token(&token) {
         return Err(not_found());
     }
     with_db(s, move |c| db::rater_of(c, &token))
@@ -400,7 +406,7 @@ async fn image(
     let Some(public) = file.strip_suffix(".png") else {
         return not_found();
     };
-    if public.len() != 32 || !public.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !is_token(public) {
         return not_found();
     }
     let public = public.to_string();

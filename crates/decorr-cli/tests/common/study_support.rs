@@ -1,5 +1,7 @@
-//! A running `decorr study serve STUDY --port 0` for the study's tests and load benchmark: its
-//! address, rater links and admin link as it prints them, killed and reaped on drop.
+//! What the study's tests and load benchmark share: run folders of two methods made by `decorr
+//! generate` on the tiny models, `decorr study create` over them, and a running `decorr study
+//! serve STUDY --port 0` (its address, rater links and admin link as it prints them, killed and
+//! reaped on drop).
 #![allow(dead_code)] // each user takes a different subset
 
 use std::io::{BufRead, BufReader};
@@ -7,6 +9,56 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+/// `decorr ARGS`, which must succeed.
+fn decorr_ok(args: &[&str]) {
+    let o = Command::new(env!("CARGO_BIN_EXE_decorr"))
+        .args(args)
+        .output()
+        .expect("run decorr");
+    assert!(
+        o.status.success(),
+        "decorr {args:?}:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Runs of two methods (`sd` with CFG, `pag`) on the tiny models into `dir/run-cfg` and
+/// `dir/run-pag`: every prompt, seeds `first..first + n`, one DDIM step.
+pub fn make_runs(dir: &Path, prompts: &[&str], first: u64, n: usize) -> Vec<PathBuf> {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/sd-tiny");
+    let (first, n) = (first.to_string(), n.to_string());
+    ["cfg", "pag"]
+        .iter()
+        .map(|g| {
+            let out = dir.join(format!("run-{g}"));
+            let mut args = vec!["generate", "--weights", model.to_str().unwrap()];
+            for p in prompts {
+                args.extend(["--prompt", p]);
+            }
+            args.extend(["--steps", "1", "--scheduler", "ddim", "--seed", &first]);
+            args.extend(["--num-images", &n, "--guidance", g, "--quiet"]);
+            args.extend(["--out", out.to_str().unwrap()]);
+            decorr_ok(&args);
+            out
+        })
+        .collect()
+}
+
+/// The arguments of `decorr study create --runs RUNS --out OUT EXTRA`.
+pub fn create_args<'a>(runs: &'a [PathBuf], out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["study", "create", "--runs"];
+    args.extend(runs.iter().map(|r| r.to_str().unwrap()));
+    args.extend(["--out", out.to_str().unwrap()]);
+    args.extend(extra);
+    args
+}
+
+/// `decorr study create`, which must succeed.
+pub fn create(runs: &[PathBuf], out: &Path, extra: &[&str]) {
+    decorr_ok(&create_args(runs, out, extra));
+}
 
 pub struct StudyServer {
     pub child: Child,
