@@ -225,6 +225,33 @@ impl ClipTokenizer {
         Ok(self)
     }
 
+    /// Adds `tokens` as whole tokens after the vocabulary (ids `vocab_size()`, `+1`, ...), as
+    /// transformers' `add_tokens` does for textual-inversion and Custom Diffusion modifiers such
+    /// as `<new1>`. Returns their ids.
+    pub fn add_tokens(&mut self, tokens: &[&str]) -> Result<Vec<u32>, ClipError> {
+        let mut ids = Vec::new();
+        for &t in tokens {
+            if self.inner.token_to_id(t).is_some() {
+                return Err(ClipError::Tokenizer(format!(
+                    "the tokenizer already has a token {t:?}; it cannot be added again"
+                )));
+            }
+            let next = self.vocab_size() as u32;
+            self.inner
+                .add_tokens([tokenizers::AddedToken::from(t.to_string(), false)])
+                .map_err(|e| ClipError::Tokenizer(format!("cannot add {t:?}: {e}")))?;
+            match self.inner.token_to_id(t) {
+                Some(id) if id == next => ids.push(id),
+                other => {
+                    return Err(ClipError::Tokenizer(format!(
+                        "adding {t:?} gave id {other:?}, expected {next}"
+                    )));
+                }
+            }
+        }
+        Ok(ids)
+    }
+
     pub fn pad_id(&self) -> u32 {
         self.pad
     }

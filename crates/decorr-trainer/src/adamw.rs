@@ -36,6 +36,25 @@ impl HostAdamW {
         }
     }
 
+    /// Optimiser steps taken so far.
+    pub fn steps(&self) -> i32 {
+        self.step
+    }
+
+    /// The first and second moments of parameter `id`, if it has taken a step (for saving a
+    /// resumable state).
+    pub fn moments(&self, id: &ParamId) -> Option<(&[f32], &[f32])> {
+        self.moments
+            .get(id)
+            .map(|(m, v)| (m.as_slice(), v.as_slice()))
+    }
+
+    /// Restores a saved state: the step count and the moments of each parameter by id.
+    pub fn restore(&mut self, steps: i32, moments: Vec<(ParamId, Vec<f32>, Vec<f32>)>) {
+        self.step = steps;
+        self.moments = moments.into_iter().map(|(id, m, v)| (id, (m, v))).collect();
+    }
+
     /// Applies one step to every parameter of `module` that has a gradient in `grads`.
     /// Returns `None` (the caller reports a non-finite gradient) if any gradient element is not
     /// finite; the update is computed in the same pass, so the module is then not usable.

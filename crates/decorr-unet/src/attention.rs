@@ -33,6 +33,10 @@ pub struct AttentionOptions {
     /// Stop the forward pass after this cross-attention module (`...attn2`) has run: what a
     /// gradient of its maps needs, without the rest of the UNet.
     pub stop_after: Option<String>,
+    /// Detach every cross-attention's key and value at key position 0 (the start token) from
+    /// the autodiff graph, as Custom Diffusion's processor does when it trains k/v: the start
+    /// token's projections then stay as pre-trained in the gradient. No effect without autodiff.
+    pub detach_first_key: bool,
 }
 
 /// A choice of attention modules by path prefix (`down_blocks.1`, `mid_block`, `up_blocks.2.attentions.0`).
@@ -130,13 +134,33 @@ impl Attention {
         slice: Option<usize>,
         capture: bool,
     ) -> (Tensor<3>, Option<Tensor<3>>) {
+        self.forward_detached(x, context, slice, capture, false)
+    }
+
+    /// [`Self::forward`], with k and v at key position 0 detached when `detach_first_key`
+    /// ([`AttentionOptions::detach_first_key`]).
+    pub fn forward_detached(
+        &self,
+        x: Tensor<3>,
+        context: Option<&Tensor<3>>,
+        slice: Option<usize>,
+        capture: bool,
+        detach_first_key: bool,
+    ) -> (Tensor<3>, Option<Tensor<3>>) {
         let [b, n, _] = x.dims();
         let ctx = context.cloned().unwrap_or_else(|| x.clone());
         let m = ctx.dims()[1];
         let h = self.heads;
         let q = host::linear(&self.to_q, x);
-        let k = host::linear(&self.to_k, ctx.clone());
-        let v = host::linear(&self.to_v, ctx);
+        let mut k = host::linear(&self.to_k, ctx.clone());
+        let mut v = host::linear(&self.to_v, ctx);
+        if detach_first_key && m > 1 && k.is_autodiff() {
+            let first = |t: Tensor<3>| {
+                let rest = t.clone().narrow(1, 1, m - 1);
+                Tensor::cat(vec![t.narrow(1, 0, 1).detach(), rest], 1)
+            };
+            (k, v) = (first(k), first(v));
+        }
         if !capture && let Some(out) = host::attention(&q, &k, &v, h) {
             return (host::linear(&self.to_out[0], out), None);
         }
@@ -332,11 +356,12 @@ impl BasicTransformerBlock {
         let x = x + a;
         let p2 = format!("{path}.attn2");
         let want2 = rec.opts.capture_cross.wants(&p2);
-        let (a, probs) = self.attn2.forward(
+        let (a, probs) = self.attn2.forward_detached(
             host::layer_norm(&self.norm2, x.clone(), LN_EPS),
             Some(context),
             slice,
             want2,
+            rec.opts.detach_first_key,
         );
         if rec.opts.stop_after.as_deref() == Some(p2.as_str()) {
             rec.stopped = true;

@@ -1,0 +1,437 @@
+//! The output folder in diffusers' Custom Diffusion format, so diffusers loads it:
+//! `pytorch_custom_diffusion_weights.safetensors` (every cross-attention's trained k/v weight as
+//! `{layer}.processor.to_k_custom_diffusion.weight`, `[out, in]`, as `unet.save_attn_procs`
+//! writes it for `CustomDiffusionAttnProcessor(train_kv=True)`), `<new1>.safetensors` and
+//! `<new2>.safetensors` (`{"<new1>": [hidden]}`, as `load_textual_inversion` reads them) and
+//! `report.json` (settings, losses, the sampling prompt, the base model's fingerprint). Read
+//! back, checked against the base model, and applied for sampling.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use decorr_clip::ClipTextModel;
+use decorr_pipeline::StableDiffusion;
+use decorr_unet::UNet2DConditionModel;
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::DisenDiffError;
+use crate::tokens::{MODIFIERS, extend_table, extend_tokenizer};
+use crate::train::{DisenDiffConfig, MicroLosses, Trained};
+
+/// diffusers' file name for Custom Diffusion processor weights (safetensors).
+pub const WEIGHTS_FILE: &str = "pytorch_custom_diffusion_weights.safetensors";
+/// The run's report.
+pub const REPORT_FILE: &str = "report.json";
+
+/// A modifier's embedding file, `<new1>.safetensors`.
+pub fn token_file(modifier: &str) -> String {
+    format!("{modifier}.safetensors")
+}
+
+/// What identifies the base model a delta was trained on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BaseInfo {
+    /// The model id or folder, as given.
+    pub model: String,
+    /// Leading values of base weights the delta does not change (see [`probe`]).
+    pub probe: Vec<f32>,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+}
+
+/// `report.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    pub method: String,
+    pub prompt: String,
+    pub objects: [String; 2],
+    /// The prompt with the modifiers, as sampling uses it.
+    pub sampling_prompt: String,
+    /// The target images' caption (without the augmentation prefixes).
+    pub caption: String,
+    pub modifiers: [String; 2],
+    pub config: DisenDiffConfig,
+    pub base: BaseInfo,
+    /// The cross-attention layers `L_attn` read, and their side.
+    pub map_layers: Vec<String>,
+    pub map_resolution: usize,
+    /// Optimiser steps done (the delta is the model after the last of them).
+    pub steps_done: usize,
+    /// Whether the run stopped before `config.max_train_steps` (Ctrl-C).
+    pub interrupted: bool,
+    /// Each micro-step's losses, in order.
+    pub micro_losses: Vec<MicroLosses>,
+    /// Each optimiser step's mean total loss over its micro-steps.
+    pub step_losses: Vec<f64>,
+    /// The training images (file names in `train_images/`) and regularisation images.
+    pub training_images: Vec<String>,
+    pub regularisation: String,
+    pub seconds: f64,
+}
+
+/// How many leading values of each probed tensor [`probe`] keeps.
+const PROBE: usize = 64;
+
+/// The first values of the text encoder's position table and of the UNet's `conv_in` weight:
+/// weights DisenDiff leaves as they are, so a delta can tell its base model from another.
+pub fn probe(text: &ClipTextModel, unet: &UNet2DConditionModel) -> Vec<f32> {
+    let pos = text
+        .embeddings
+        .position_embedding
+        .weight
+        .val()
+        .flatten::<1>(0, 1);
+    let conv = unet.conv_in.weight.val().flatten::<1>(0, 3);
+    let mut out = Vec::new();
+    for t in [pos, conv] {
+        let n = t.dims()[0].min(PROBE);
+        out.extend(decorr_core::readback::to_f32_vec(t.narrow(0, 0, n)));
+    }
+    out
+}
+
+/// Whether `stored` (f32, from training) is what a model whose weights are in `dtype` holds:
+/// the stored values rounded to that dtype must equal `now` exactly.
+fn probe_matches(stored: &[f32], now: &[f32], dtype: DType) -> bool {
+    let round = |x: f32| match dtype {
+        DType::F16 => half::f16::from_f32(x).to_f32(),
+        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+        _ => x,
+    };
+    stored.len() == now.len() && stored.iter().zip(now).all(|(&a, &b)| round(a) == b)
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn pt_metadata() -> Option<HashMap<String, String>> {
+    Some(HashMap::from([("format".to_string(), "pt".to_string())]))
+}
+
+fn serialize(tensors: Vec<(String, Vec<usize>, Vec<u8>)>) -> Result<Vec<u8>, DisenDiffError> {
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(k, shape, bytes)| {
+            TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| DisenDiffError::Output(format!("{k}: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    safetensors::serialize(views, pt_metadata()).map_err(|e| DisenDiffError::Output(e.to_string()))
+}
+
+/// diffusers' key of a trained weight: `...attn2.to_k.weight` ->
+/// `...attn2.processor.to_k_custom_diffusion.weight`.
+pub fn file_key(path: &str) -> String {
+    let (layer, name) = path.rsplit_once(".to_").expect("a k/v path");
+    let proj = name.trim_end_matches(".weight");
+    format!("{layer}.processor.to_{proj}_custom_diffusion.weight")
+}
+
+/// The inverse of [`file_key`]; `None` for keys that are not cross-attention k/v weights.
+pub fn param_path(key: &str) -> Option<String> {
+    let (layer, rest) = key.split_once(".processor.")?;
+    let proj = match rest {
+        "to_k_custom_diffusion.weight" => "to_k",
+        "to_v_custom_diffusion.weight" => "to_v",
+        _ => return None,
+    };
+    layer
+        .ends_with(".attn2")
+        .then(|| format!("{layer}.{proj}.weight"))
+}
+
+/// Writes the delta and the report into `dir` (created), each file whole or not at all
+/// (temporary file, then rename); the report last, so a folder with a report is complete.
+pub fn write_out(dir: &Path, trained: &Trained, report: &Report) -> Result<(), DisenDiffError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| DisenDiffError::Output(format!("cannot create {}: {e}", dir.display())))?;
+    let kv = trained
+        .kv
+        .iter()
+        .map(|(p, shape, v)| (file_key(p), shape.to_vec(), f32_bytes(v)))
+        .collect();
+    let write = |name: &str, bytes: &[u8]| {
+        decorr_core::io::write_atomic(&dir.join(name), bytes)
+            .map_err(|e| DisenDiffError::Output(e.to_string()))
+    };
+    write(WEIGHTS_FILE, &serialize(kv)?)?;
+    for (m, row) in MODIFIERS.iter().zip(&trained.rows) {
+        let t = vec![(m.to_string(), vec![row.len()], f32_bytes(row))];
+        write(&token_file(m), &serialize(t)?)?;
+    }
+    let json = serde_json::to_vec_pretty(report).expect("a report serialises");
+    write(REPORT_FILE, &json)
+}
+
+/// A delta read from a folder: the k/v weights by parameter path (`[out, in]`), the two rows,
+/// and the report when the folder has one (diffusers' own training script writes none).
+#[derive(Debug, Clone)]
+pub struct DeltaFiles {
+    pub trained: Trained,
+    pub report: Option<Report>,
+}
+
+fn read_safetensors<T>(
+    path: &Path,
+    what: &str,
+    f: impl FnOnce(&SafeTensors) -> Result<T, DisenDiffError>,
+) -> Result<T, DisenDiffError> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        DisenDiffError::Delta(format!(
+            "cannot read {} ({what}): {e}; is it a DisenDiff output folder (decorr disendiff --out)?",
+            path.display()
+        ))
+    })?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+        DisenDiffError::Delta(format!(
+            "{} is not a valid safetensors file ({e}); re-run decorr disendiff",
+            path.display()
+        ))
+    })?;
+    f(&st)
+}
+
+fn tensor_f32(view: &TensorView, name: &str, path: &Path) -> Result<Vec<f32>, DisenDiffError> {
+    let bytes = view.data();
+    let vals: Vec<f32> = match view.dtype() {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(DisenDiffError::Delta(format!(
+                "{name} in {} is {other:?}; expected float32, float16 or bfloat16",
+                path.display()
+            )));
+        }
+    };
+    if vals.iter().any(|v| !v.is_finite()) {
+        return Err(DisenDiffError::Delta(format!(
+            "{name} in {} holds NaN or infinity: the training diverged; re-run with a lower --lr",
+            path.display()
+        )));
+    }
+    Ok(vals)
+}
+
+/// Reads a DisenDiff (or diffusers Custom Diffusion, train_kv) output folder.
+pub fn read_out(dir: &Path) -> Result<DeltaFiles, DisenDiffError> {
+    if !dir.is_dir() {
+        return Err(DisenDiffError::Delta(format!(
+            "{} is not a folder; give the --out folder of decorr disendiff",
+            dir.display()
+        )));
+    }
+    let wpath = dir.join(WEIGHTS_FILE);
+    let kv = read_safetensors(&wpath, "the k/v weights", |st| {
+        let mut kv = Vec::new();
+        for (key, view) in st.tensors() {
+            let path = param_path(&key).ok_or_else(|| {
+                DisenDiffError::Delta(format!(
+                    "{} holds {key}, which is not a cross-attention to_k/to_v weight of Custom \
+                     Diffusion (train_kv); only k/v deltas are supported",
+                    wpath.display()
+                ))
+            })?;
+            let shape = view.shape();
+            let [o, i] = shape else {
+                return Err(DisenDiffError::Delta(format!(
+                    "{key} in {} has shape {shape:?}; expected [out, in]",
+                    wpath.display()
+                )));
+            };
+            kv.push((path, [*o, *i], tensor_f32(&view, &key, &wpath)?));
+        }
+        kv.sort_by(|a, b| a.0.cmp(&b.0));
+        if kv.is_empty() {
+            return Err(DisenDiffError::Delta(format!(
+                "{} holds no weights",
+                wpath.display()
+            )));
+        }
+        Ok(kv)
+    })?;
+    let mut rows = Vec::new();
+    for m in MODIFIERS {
+        let p = dir.join(token_file(m));
+        rows.push(read_safetensors(&p, "a modifier's embedding", |st| {
+            let view = st.tensor(m).map_err(|_| {
+                DisenDiffError::Delta(format!("{} holds no tensor named {m}", p.display()))
+            })?;
+            let v = tensor_f32(&view, m, &p)?;
+            let n = view.shape().iter().product::<usize>();
+            if view.shape().len() > 2 || n == 0 || (view.shape().len() == 2 && view.shape()[0] != 1)
+            {
+                return Err(DisenDiffError::Delta(format!(
+                    "{m} in {} has shape {:?}; expected one row [hidden]",
+                    p.display(),
+                    view.shape()
+                )));
+            }
+            Ok(v)
+        })?);
+    }
+    if rows[0].len() != rows[1].len() {
+        return Err(DisenDiffError::Delta(format!(
+            "the two modifier rows have different lengths ({} and {})",
+            rows[0].len(),
+            rows[1].len()
+        )));
+    }
+    let rpath = dir.join(REPORT_FILE);
+    let report = if rpath.is_file() {
+        let text = std::fs::read_to_string(&rpath)
+            .map_err(|e| DisenDiffError::Delta(format!("cannot read {}: {e}", rpath.display())))?;
+        Some(serde_json::from_str(&text).map_err(|e| {
+            DisenDiffError::Delta(format!(
+                "{} is not a DisenDiff report: {e}",
+                rpath.display()
+            ))
+        })?)
+    } else {
+        None
+    };
+    let [r1, r2]: [Vec<f32>; 2] = rows.try_into().expect("two rows");
+    Ok(DeltaFiles {
+        trained: Trained { kv, rows: [r1, r2] },
+        report,
+    })
+}
+
+/// `unet` with the k/v weights of `kv` (`[out, in]` by parameter path) in place. Every
+/// listed weight must exist with that shape.
+pub fn apply_kv(
+    unet: UNet2DConditionModel,
+    kv: &[(String, [usize; 2], Vec<f32>)],
+) -> Result<UNet2DConditionModel, DisenDiffError> {
+    let mut mapper = SetKv {
+        path: Vec::new(),
+        kv: kv.iter().map(|(p, s, v)| (p.clone(), (*s, v))).collect(),
+        done: Vec::new(),
+        misfit: None,
+    };
+    let unet = unet.map(&mut mapper);
+    if let Some(m) = mapper.misfit {
+        return Err(DisenDiffError::Delta(m));
+    }
+    if let Some((p, _, _)) = kv.iter().find(|(p, _, _)| !mapper.done.contains(p)) {
+        return Err(DisenDiffError::Delta(format!(
+            "the delta names {p}, which this UNet does not have: the delta is for another \
+             architecture; use the base model it was trained on"
+        )));
+    }
+    Ok(unet)
+}
+
+struct SetKv<'a> {
+    path: Vec<String>,
+    kv: HashMap<String, ([usize; 2], &'a Vec<f32>)>,
+    done: Vec<String>,
+    misfit: Option<String>,
+}
+
+impl ModuleMapper for SetKv<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let path = self.path.join(".");
+        let Some(&([o, i], v)) = self.kv.get(&path) else {
+            return param;
+        };
+        let (id, tensor, mapper) = param.consume();
+        let dims = tensor.dims();
+        if D != 2 || dims[0] != i || dims[1] != o {
+            self.misfit.get_or_insert(format!(
+                "the delta's {path} is [{o}, {i}] but the UNet's is {:?} ([out, in]): the delta \
+                 does not fit this UNet; use the base model it was trained on",
+                [dims[D - 1], dims[0]]
+            ));
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        self.done.push(path);
+        let grad = tensor.is_require_grad();
+        let device = tensor.device();
+        let dtype = tensor.dtype();
+        let t = Tensor::<2>::from_data(TensorData::new(v.clone(), [o, i]), &device)
+            .transpose()
+            .cast(dtype);
+        let mut t: Tensor<D> = t.reshape(tensor.shape());
+        if grad {
+            t = t.set_require_grad(true);
+        }
+        Param::from_mapped_value(id, t, mapper)
+    }
+}
+
+/// The two rows as a `[2, hidden]` tensor.
+pub fn rows_tensor(rows: &[Vec<f32>; 2], device: &Device) -> Result<Tensor<2>, DisenDiffError> {
+    let hidden = rows[0].len();
+    if rows[1].len() != hidden {
+        return Err(DisenDiffError::Delta(
+            "the two rows differ in length".into(),
+        ));
+    }
+    let data: Vec<f32> = rows.iter().flatten().copied().collect();
+    Ok(Tensor::from_data(
+        TensorData::new(data, [2, hidden]),
+        device,
+    ))
+}
+
+/// Applies a delta to a loaded pipeline: the k/v weights into the UNet, the modifiers into the
+/// tokenizer and the text encoder's table. Refuses a delta trained on another base model (by
+/// the report's fingerprint) or one whose shapes do not fit.
+pub fn apply_to_pipeline(
+    sd: &mut StableDiffusion,
+    delta: &DeltaFiles,
+) -> Result<(), DisenDiffError> {
+    let hidden = sd
+        .text_encoder
+        .embeddings
+        .token_embedding
+        .weight
+        .val()
+        .dims()[1];
+    if delta.trained.rows[0].len() != hidden {
+        return Err(DisenDiffError::Delta(format!(
+            "the modifier rows have {} values but this text encoder's embeddings {hidden}: the \
+             delta is for another base model",
+            delta.trained.rows[0].len()
+        )));
+    }
+    if let Some(report) = &delta.report {
+        let now = probe(&sd.text_encoder, &sd.unet);
+        let dtype = sd.unet.conv_in.weight.val().dtype();
+        if !probe_matches(&report.base.probe, &now, dtype) {
+            return Err(DisenDiffError::Delta(format!(
+                "the delta was trained on another base model ({}) than {}: their weights \
+                 differ; pass --model with the model it was trained on",
+                report.base.model, sd.model_id
+            )));
+        }
+    }
+    sd.unet = apply_kv(sd.unet.clone(), &delta.trained.kv)?;
+    let rows_n = sd.text_encoder.vocab_size();
+    let (tokenizer, _) = extend_tokenizer(&sd.tokenizer, rows_n)?;
+    let rows = rows_tensor(&delta.trained.rows, &sd.device)?;
+    sd.text_encoder = extend_table(sd.text_encoder.clone(), rows);
+    sd.tokenizer = tokenizer;
+    Ok(())
+}
