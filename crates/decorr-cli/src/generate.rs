@@ -108,6 +108,11 @@ pub struct GenerateArgs {
     /// defaults to `decorrelated`; `--guidance cfg` then uses it for both branches.
     #[arg(long)]
     encoder: Option<PathBuf>,
+    /// A DisenDiff output (`--out` of `decorr disendiff`, or diffusers' Custom Diffusion folder):
+    /// its k/v weights go into the UNet and `<new1>`/`<new2>` into the text encoder, and each
+    /// prompt is sampled with the modifiers before its objects (the prompt recorded is that one).
+    #[arg(long, conflicts_with = "encoder", value_name = "OUT")]
+    disendiff: Option<PathBuf>,
     /// cfg, decorrelated (METHOD.md Eq. 6), pag (perturbed-attention guidance) or
     /// attend-and-excite (also `aae`). With --encoder, pag and attend-and-excite take the
     /// conditional embedding from the fine-tuned encoder (methods decorrelated+pag/+aae).
@@ -235,7 +240,18 @@ fn run_locked(args: GenerateArgs) -> Result<()> {
     }
     let mut sd = load(&args.model, args.encoder.as_deref())?;
     sd.timed = args.timings.is_some();
-    let method = method_name(guidance, args.encoder.is_some());
+    let mut method = method_name(guidance, args.encoder.is_some());
+    let mut prompts = prompts;
+    if let Some(dir) = &args.disendiff {
+        let delta = decorr_disendiff::read_out(dir)?;
+        decorr_disendiff::apply_to_pipeline(&mut sd, &delta)
+            .with_context(|| format!("--disendiff {}", dir.display()))?;
+        prompts = prompts
+            .iter()
+            .map(|p| disendiff_prompt(&sd, &delta, p))
+            .collect::<Result<_>>()?;
+        method = "disendiff";
+    }
     if guidance == Guidance::Cfg && args.encoder.is_some() {
         // One encoder for both branches: the fine-tuned one.
         let tuned = sd.tuned.as_ref().expect("loaded");
@@ -297,6 +313,38 @@ fn run_locked(args: GenerateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The prompt DisenDiff samples for `prompt`: as given when it has the modifiers, the run's
+/// sampling prompt for its own prompt, else the modifiers placed before the run's objects.
+fn disendiff_prompt(
+    sd: &StableDiffusion,
+    delta: &decorr_disendiff::DeltaFiles,
+    prompt: &str,
+) -> Result<String> {
+    if decorr_disendiff::MODIFIERS
+        .iter()
+        .all(|m| prompt.contains(m))
+    {
+        return Ok(prompt.to_string());
+    }
+    let Some(report) = &delta.report else {
+        bail!(
+            "this DisenDiff folder has no report.json naming its objects: write <new1> and <new2> \
+             into --prompt before the objects"
+        );
+    };
+    if prompt == report.prompt {
+        return Ok(report.sampling_prompt.clone());
+    }
+    decorr_disendiff::tokens::place_in(&sd.tokenizer, prompt, &report.objects).ok_or_else(|| {
+        anyhow::anyhow!(
+            "--prompt {prompt:?} does not name both objects the delta was trained on ({} and \
+             {}); name them, or write <new1>/<new2> into the prompt",
+            report.objects[0],
+            report.objects[1]
+        )
+    })
 }
 
 /// `--timings FILE`: the phase times of every batch, summed (steps listed in order).

@@ -2,6 +2,7 @@
 
 mod analyze;
 mod compare;
+mod disendiff;
 mod eval;
 mod finetune;
 mod fix;
@@ -49,6 +50,9 @@ enum Command {
     /// The paper's comparison: the pre-trained model, PAG, Attend-and-Excite and ours on the
     /// same seeds for prompts with object pairs, ready for `decorr eval run`.
     Compare(Box<compare::CompareArgs>),
+    /// DisenDiff, the last compared method: fine-tune the UNet's cross-attention k/v and two new
+    /// tokens for a prompt's object pair (diffusers' Custom Diffusion format).
+    Disendiff(Box<disendiff::DisenDiffArgs>),
     /// The human study of table 4: blind rating pages over the runs' images, and its report.
     Study(study::StudyArgs),
 }
@@ -72,6 +76,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fix(args) => fix::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Compare(args) => compare::run(*args),
+        Command::Disendiff(args) => disendiff::run(*args),
         Command::Study(args) => study::run(args),
     }
 }

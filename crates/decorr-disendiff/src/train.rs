@@ -128,6 +128,9 @@ pub struct Trained {
     pub rows: [Vec<f32>; 2],
 }
 
+/// AdamW's first and second moments of each trained tensor, by parameter path.
+pub type Moments = Vec<(String, Vec<f32>, Vec<f32>)>;
+
 /// The run in progress: models, optimiser state and accumulated gradients.
 pub struct Trainer {
     /// `None` only while the optimiser owns it (so its tensors are unique and update in place).
@@ -457,7 +460,7 @@ impl Trainer {
 
     /// The optimiser state by parameter path (`rows` for the modifier rows): step count and
     /// each trained tensor's moments, for a resumable save.
-    pub fn optimizer_state(&self) -> (usize, Vec<(String, Vec<f32>, Vec<f32>)>) {
+    pub fn optimizer_state(&self) -> (usize, Moments) {
         let mut out = Vec::new();
         for (path, id) in self.param_ids() {
             if let Some((m, v)) = self.optim.moments(&id) {
@@ -472,7 +475,7 @@ impl Trainer {
         &mut self,
         trained: &Trained,
         steps: usize,
-        moments: Vec<(String, Vec<f32>, Vec<f32>)>,
+        moments: Moments,
     ) -> Result<(), DisenDiffError> {
         let ids: HashMap<String, ParamId> = self.param_ids().into_iter().collect();
         let mut restored = Vec::new();

@@ -13,6 +13,7 @@
 
 pub mod charts;
 pub mod compare;
+pub mod disendiff;
 pub mod error;
 pub mod eval;
 pub mod finetune;
