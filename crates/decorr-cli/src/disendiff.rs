@@ -51,8 +51,8 @@ pub struct DisenDiffArgs {
     /// Training image size in pixels.
     #[arg(long, default_value_t = 512, value_parser = crate::flags::usize_in(16, 2048))]
     resolution: usize,
-    /// Side of the cross-attention maps L_attn reads (default: a quarter of the latent side,
-    /// SD 1.5's 16x16 layers at 512 px).
+    /// Side of the cross-attention maps L_attn reads (default: the second-smallest size the
+    /// UNet's cross-attentions run at: SD 1.5's 16x16 layers at 512 px).
     #[arg(long)]
     map_resolution: Option<usize>,
     /// Seed of the data order, augmentation, timesteps and noise.

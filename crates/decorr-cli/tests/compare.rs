@@ -334,8 +334,8 @@ fn compare_refuses_bad_pairs_and_methods_before_writing() {
     );
     let good = pairs_file(work.path());
     check(
-        base(&good, &["--methods", "sd,disendiff"]),
-        &["disendiff", "not implemented"],
+        base(&good, &["--methods", "sd,boat"]),
+        &["unknown method `boat`", "disendiff"],
     );
     check(
         base(&good, &["--methods", "aae"]),
@@ -364,4 +364,50 @@ fn the_example_pairs_file_runs() {
     let objects = json(&out.join("objects.json"));
     assert!(objects.as_object().unwrap().len() >= 5, "{objects}");
     assert_eq!(objects[PROMPT], serde_json::json!(["tracks", "train"]));
+}
+
+/// DisenDiff as a compared method: trained per pair with BASELINES' defaults (250 steps on 8
+/// generated images), then sampled with the modifiers in the prompt.
+#[test]
+fn compare_trains_and_samples_disendiff() {
+    let work = tempfile::tempdir().unwrap();
+    let pairs = work.path().join("pairs.jsonl");
+    std::fs::write(
+        &pairs,
+        format!("{{\"prompt\": \"{PROMPT}\", \"objects\": [\"tracks\", \"train\"]}}\n"),
+    )
+    .unwrap();
+    let out = work.path().join("out");
+    let o = compare(&pairs, &out, &["--methods", "sd,disendiff"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let folder = FOLDERS[0];
+    let report = json(&out.join("disendiff-train").join(folder).join("report.json"));
+    assert_eq!(report["steps_done"], 250);
+    assert_eq!(report["training_images"].as_array().unwrap().len(), 8);
+    let manifest = json(&out.join("disendiff").join(folder).join("manifest.json"));
+    let images = manifest["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2);
+    for im in images {
+        assert_eq!(im["method"], "disendiff", "{im}");
+        assert_eq!(im["prompt"], "rusty <new1> tracks with an old <new2> train");
+    }
+    // The images differ from the pre-trained model's for the same seed.
+    let a = std::fs::read(
+        out.join("sd")
+            .join(folder)
+            .join(images[0]["file"].as_str().unwrap()),
+    );
+    let b = std::fs::read(
+        out.join("disendiff")
+            .join(folder)
+            .join(images[0]["file"].as_str().unwrap()),
+    );
+    assert_ne!(a.unwrap(), b.unwrap());
+    // Resuming reuses the finished training.
+    let o = compare(&pairs, &out, &["--methods", "sd,disendiff"]);
+    assert!(
+        o.status.success() && text(&o).contains("already finished"),
+        "{}",
+        text(&o)
+    );
 }

@@ -43,8 +43,9 @@ pub struct DisenDiffConfig {
     pub weight_decay: f32,
     /// Training images' size in pixels (square).
     pub resolution: usize,
-    /// Side of the cross-attention maps `L_attn` reads; `None`: a quarter of the latent side
-    /// (16 at 512 px, SD 1.5's `input_blocks.7/8`, `output_blocks.3/4/5`).
+    /// Side of the cross-attention maps `L_attn` reads; `None`: the second-smallest size the
+    /// UNet's cross-attentions run at (16 at 512 px: SD 1.5's `input_blocks.7/8`,
+    /// `output_blocks.3/4/5`, BASELINES' 16x16 layers; a quarter of the latent side).
     pub map_resolution: Option<usize>,
     /// Seeds the data order, augmentation, timesteps and noise.
     pub seed: u64,
@@ -165,7 +166,19 @@ impl Trainer {
         device: &Device,
     ) -> Result<Trainer, DisenDiffError> {
         let train_device = device.clone().inner().autodiff();
-        let map_res = config.map_resolution.unwrap_or(latent_hw[0] / 4);
+        // Default: the second-smallest cross-attention size (SD 1.5: 16 of 8/16/32/64 at 512 px,
+        // the 16x16 layers BASELINES names; the tiny models: 8 of 4/8).
+        let mut sizes: Vec<usize> = unet
+            .attention_sites(latent_hw)
+            .into_iter()
+            .filter(|s| s.cross && s.height == s.width)
+            .map(|s| s.height)
+            .collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        let map_res = config
+            .map_resolution
+            .unwrap_or_else(|| sizes.get(1).or(sizes.first()).copied().unwrap_or(0));
         let map_layers: Vec<String> = unet
             .attention_sites(latent_hw)
             .into_iter()

@@ -211,19 +211,5 @@ fn a_delta_that_does_not_fit_is_refused() {
 }
 
 fn sd_clone(sd: &StableDiffusion) -> StableDiffusion {
-    StableDiffusion {
-        tokenizer: sd.tokenizer.clone(),
-        text_encoder: sd.text_encoder.clone(),
-        text_config: sd.text_config.clone(),
-        tuned: None,
-        unet: sd.unet.clone(),
-        unet_config: sd.unet_config.clone(),
-        vae: sd.vae.clone(),
-        vae_config: sd.vae_config.clone(),
-        scheduler_config: sd.scheduler_config.clone(),
-        model_id: sd.model_id.clone(),
-        device: sd.device.clone(),
-        precision: sd.precision,
-        timed: false,
-    }
+    sd.clone()
 }

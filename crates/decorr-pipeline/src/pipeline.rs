@@ -33,6 +33,7 @@ use crate::guidance::{
 use crate::rng::{TorchGenerator, randn_tensor_batch};
 
 /// A fine-tuned text encoder (what `decorr finetune` writes to `OUT/text_encoder`).
+#[derive(Clone)]
 pub struct TunedEncoder {
     pub model: ClipTextModel,
     pub path: PathBuf,
@@ -40,7 +41,9 @@ pub struct TunedEncoder {
     pub sha256: String,
 }
 
-/// A loaded checkpoint, ready to generate.
+/// A loaded checkpoint, ready to generate. Cloning shares the weights' buffers (a variant with
+/// a few tensors replaced, such as a DisenDiff delta, costs only those).
+#[derive(Clone)]
 pub struct StableDiffusion {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,

@@ -24,6 +24,7 @@ use std::str::FromStr;
 
 use decorr_core::ModelSource;
 use decorr_core::io::write_atomic;
+use decorr_disendiff::tokens::place_modifiers;
 use decorr_pipeline::{ExciteParams, GenerateParams, Guidance, PagParams, StableDiffusion};
 use decorr_trainer::{TargetSpec, resolve_target};
 use serde::{Deserialize, Serialize};
@@ -52,11 +53,25 @@ pub enum Method {
     Aae,
     /// The fine-tuned encoder with the decorrelated guidance (METHOD.md).
     Ours,
+    /// DisenDiff (BASELINES.md section 3): trained per pair, then sampled with CFG and the
+    /// modifiers in the prompt.
+    Disendiff,
 }
 
 impl Method {
     /// Every method, in the rows' order.
-    pub const ALL: [Method; 4] = [Method::Sd, Method::Pag, Method::Aae, Method::Ours];
+    pub const ALL: [Method; 5] = [
+        Method::Sd,
+        Method::Pag,
+        Method::Aae,
+        Method::Disendiff,
+        Method::Ours,
+    ];
+
+    /// Whether the method trains per prompt (its images of a prompt stay on one shard).
+    pub fn trains(self) -> bool {
+        matches!(self, Method::Ours | Method::Disendiff)
+    }
 
     /// The method's folder in OUT (`sd`, `pag`, `aae`, `ours`).
     pub fn folder(self) -> &'static str {
@@ -65,6 +80,7 @@ impl Method {
             Method::Pag => "pag",
             Method::Aae => "aae",
             Method::Ours => "ours",
+            Method::Disendiff => "disendiff",
         }
     }
 
@@ -74,13 +90,17 @@ impl Method {
             Method::Pag => Guidance::Pag,
             Method::Aae => Guidance::AttendAndExcite,
             Method::Ours => Guidance::Decorrelated,
+            Method::Disendiff => Guidance::Cfg,
         }
     }
 
     /// The `method` its manifests record (and `eval run`'s report rows show): `sd`, `pag`,
     /// `aae`, `decorrelated`.
     pub fn manifest_name(self) -> &'static str {
-        method_name(self.guidance(), self == Method::Ours)
+        match self {
+            Method::Disendiff => "disendiff",
+            m => method_name(m.guidance(), m == Method::Ours),
+        }
     }
 
     /// The grid's row label.
@@ -90,6 +110,7 @@ impl Method {
             Method::Pag => "PAG",
             Method::Aae => "Attend-and-Excite",
             Method::Ours => "decorrelated (ours)",
+            Method::Disendiff => "DisenDiff",
         }
     }
 }
@@ -108,14 +129,10 @@ impl FromStr for Method {
             "pag" => Ok(Method::Pag),
             "aae" | "attend-and-excite" => Ok(Method::Aae),
             "ours" | "decorrelated" => Ok(Method::Ours),
-            "disendiff" => Err(
-                "disendiff is not implemented yet (an issue of its own); the \
-                                methods are sd, pag, aae, ours"
-                    .into(),
-            ),
+            "disendiff" => Ok(Method::Disendiff),
             other => Err(format!(
-                "unknown method `{other}`; the methods are sd, pag, aae (attend-and-excite) and \
-                 ours (decorrelated)"
+                "unknown method `{other}`; the methods are sd, pag, aae (attend-and-excite), \
+                 disendiff and ours (decorrelated)"
             )),
         }
     }
@@ -260,7 +277,7 @@ impl CompareConfig {
             .enumerate()
             .filter(|(si, _)| match (self.shard, m) {
                 (None, _) => true,
-                (Some(s), Method::Ours) => s.owns(pi),
+                (Some(s), m) if m.trains() => s.owns(pi),
                 (Some(s), _) => s.owns(pi * n + si),
             })
             .map(|(_, &seed)| seed)
@@ -268,9 +285,10 @@ impl CompareConfig {
     }
     /// The shard that owes image (`m`, prompt `pi`, seed position `si`).
     fn owner(&self, m: Method, pi: usize, si: usize, count: usize) -> usize {
-        match m {
-            Method::Ours => pi % count,
-            _ => (pi * self.seeds.len() + si) % count,
+        if m.trains() {
+            pi % count
+        } else {
+            (pi * self.seeds.len() + si) % count
         }
     }
     fn params(&self, sd: &StableDiffusion, m: Method, p: &Prompt) -> Result<GenerateParams> {
@@ -319,6 +337,11 @@ pub fn run(
             let spec: TargetSpec = pair.objects[1].parse().expect("infallible");
             resolve_target(&tok, &spec).with_context(at)?;
         }
+        if c.methods.contains(&Method::Disendiff) {
+            place_modifiers(&sd.tokenizer, &pair.prompt, &pair.objects)
+                .map_err(|e| RunsError::Msg(format!("DisenDiff: {e}")))
+                .with_context(at)?;
+        }
         prompts.push(Prompt {
             index,
             pair,
@@ -337,7 +360,7 @@ pub fn run(
             sd.check(&params)
                 .map_err(RunsError::from)
                 .with_context(|| format!("{m} for {:?}", p.pair.prompt))?;
-            if m != Method::Ours {
+            if !m.trains() {
                 let run = run_record(&sd, &params, m.manifest_name());
                 check_folder(&c.method_dir(m, p), &run, &manifest_name)?;
             }
@@ -363,7 +386,7 @@ pub fn run(
             p.pair.objects[0],
             p.pair.objects[1]
         ));
-        for &m in c.methods.iter().filter(|&&m| m != Method::Ours) {
+        for &m in c.methods.iter().filter(|&&m| !m.trains()) {
             let seeds = c.seeds_of(m, p.index);
             if seeds.is_empty() {
                 continue;
@@ -380,6 +403,12 @@ pub fn run(
                 manifest_name: &manifest_name,
             };
             images += generate_into(&sd, &job, progress)?.images.len();
+        }
+        if c.methods.contains(&Method::Disendiff) {
+            let seeds = c.seeds_of(Method::Disendiff, p.index);
+            if !seeds.is_empty() {
+                images += disendiff_images(c, p, &sd, source, &seeds, progress)?;
+            }
         }
         if c.methods.contains(&Method::Ours) {
             let seeds = c.seeds_of(Method::Ours, p.index);
@@ -422,6 +451,75 @@ pub fn run(
 /// Ours' encoder for prompt `p`: reused when `OUT/encoders/NNN-prompt/` holds a finished
 /// fine-tuning of that prompt and target, else fine-tuned there (an unfinished one is
 /// replaced).
+/// DisenDiff for prompt `p`: trains (or resumes, or reuses) its delta in
+/// `OUT/disendiff-train/<prompt>` with BASELINES.md's defaults on images the pre-trained model
+/// generates for the prompt (the paper's setting; seeds 0..8, at the comparison's size), then
+/// samples `seeds` with the delta and the modifiers in the prompt.
+fn disendiff_images(
+    c: &CompareConfig,
+    p: &Prompt,
+    sd: &StableDiffusion,
+    source: &ModelSource,
+    seeds: &[u64],
+    progress: &mut dyn Progress,
+) -> Result<usize> {
+    let train_dir = c.out.join("disendiff-train").join(&p.folder);
+    let params = c.params(sd, Method::Sd, p)?;
+    let job = crate::disendiff::DisenDiffJob {
+        source,
+        device: &sd.device,
+        prompt: p.pair.prompt.clone(),
+        objects: p.pair.objects.to_vec(),
+        images: None,
+        seeds: (0..8).collect(),
+        sample_steps: params.steps,
+        guidance_scale: params.guidance_scale,
+        regularisation: Default::default(),
+        config: decorr_disendiff::DisenDiffConfig {
+            resolution: params.width.min(params.height),
+            ..Default::default()
+        },
+        save_every: 25,
+        out: train_dir.clone(),
+    };
+    match crate::disendiff::run(job, progress)? {
+        crate::disendiff::DisenDiffOutcome::Interrupted { steps } => {
+            return Err(RunsError::Interrupted(format!(
+                "interrupted while training DisenDiff for {:?} (step {steps} kept in {}); run \
+                 again to resume",
+                p.pair.prompt,
+                train_dir.display()
+            )));
+        }
+        crate::disendiff::DisenDiffOutcome::Done { .. }
+        | crate::disendiff::DisenDiffOutcome::AlreadyDone => {}
+    }
+    let delta =
+        decorr_disendiff::read_out(&train_dir).map_err(|e| RunsError::Msg(e.to_string()))?;
+    let mut tuned = sd.clone();
+    decorr_disendiff::apply_to_pipeline(&mut tuned, &delta)
+        .map_err(|e| RunsError::Msg(e.to_string()))?;
+    let sampling_prompt = delta
+        .report
+        .as_ref()
+        .map(|r| r.sampling_prompt.clone())
+        .unwrap_or_else(|| p.pair.prompt.clone());
+    let mut params = params;
+    params.prompt = sampling_prompt;
+    let dir = c.method_dir(Method::Disendiff, p);
+    let manifest_name = c.manifest_name();
+    let job = GenerateJob {
+        params: &params,
+        method: Method::Disendiff.manifest_name(),
+        seeds,
+        batch_size: c.sampling.batch_size,
+        out: &dir,
+        attention: None,
+        manifest_name: &manifest_name,
+    };
+    Ok(generate_into(&tuned, &job, progress)?.images.len())
+}
+
 fn encoder_for(
     c: &CompareConfig,
     p: &Prompt,
@@ -641,6 +739,12 @@ fn index_html(c: &CompareConfig, prompts: &[Prompt]) -> String {
                      <a href=\"encoders/{0}/losses.png\">losses</a>",
                     p.folder
                 )
+            } else if m == Method::Disendiff {
+                format!(
+                    "<br><a href=\"disendiff-train/{0}/report.json\">training</a>, \
+                     <a href=\"disendiff-train/{0}/losses.png\">losses</a>",
+                    p.folder
+                )
             } else {
                 String::new()
             };
@@ -722,15 +826,10 @@ mod tests {
     fn methods_parse_and_name_their_folders() {
         assert_eq!("aae".parse::<Method>().unwrap(), Method::Aae);
         assert_eq!("decorrelated".parse::<Method>().unwrap(), Method::Ours);
-        assert!(
-            "disendiff"
-                .parse::<Method>()
-                .unwrap_err()
-                .contains("not implemented")
-        );
+        assert!("disendiff".parse::<Method>().unwrap() == Method::Disendiff);
         assert!("x".parse::<Method>().unwrap_err().contains("sd, pag"));
         let names: Vec<&str> = Method::ALL.iter().map(|m| m.manifest_name()).collect();
-        assert_eq!(names, ["sd", "pag", "aae", "decorrelated"]);
+        assert_eq!(names, ["sd", "pag", "aae", "disendiff", "decorrelated"]);
     }
 
     #[test]
