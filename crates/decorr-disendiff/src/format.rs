@@ -12,9 +12,13 @@ use std::path::Path;
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use decorr_clip::ClipTextModel;
+use decorr_convert::tensor::{
+    DType as ConvertDType, StateDict, Tensor as ConvertTensor, to_safetensors_bytes,
+};
+use decorr_core::CoreError;
+use decorr_core::weights::{HostTensors, read_tensors_f32};
 use decorr_pipeline::StableDiffusion;
 use decorr_unet::UNet2DConditionModel;
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
 use crate::DisenDiffError;
@@ -104,24 +108,26 @@ fn probe_matches(stored: &[f32], now: &[f32], dtype: DType) -> bool {
     stored.len() == now.len() && stored.iter().zip(now).all(|(&a, &b)| round(a) == b)
 }
 
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn pt_metadata() -> Option<HashMap<String, String>> {
-    Some(HashMap::from([("format".to_string(), "pt".to_string())]))
-}
-
-fn serialize(tensors: Vec<(String, Vec<usize>, Vec<u8>)>) -> Result<Vec<u8>, DisenDiffError> {
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(k, shape, bytes)| {
-            TensorView::new(Dtype::F32, shape.clone(), bytes)
-                .map(|v| (k.clone(), v))
-                .map_err(|e| DisenDiffError::Output(format!("{k}: {e}")))
+/// f32 tensors as safetensors bytes with diffusers' `{"format": "pt"}` metadata (the
+/// converter's writer); also the saved optimiser state's format.
+pub fn f32_safetensors(
+    tensors: Vec<(String, Vec<usize>, &[f32])>,
+) -> Result<Vec<u8>, DisenDiffError> {
+    let dict: StateDict = tensors
+        .into_iter()
+        .map(|(k, shape, v)| {
+            let data = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (
+                k,
+                ConvertTensor {
+                    dtype: ConvertDType::F32,
+                    shape,
+                    data,
+                },
+            )
         })
-        .collect::<Result<_, _>>()?;
-    safetensors::serialize(views, pt_metadata()).map_err(|e| DisenDiffError::Output(e.to_string()))
+        .collect();
+    to_safetensors_bytes(&dict).map_err(|e| DisenDiffError::Output(e.to_string()))
 }
 
 /// diffusers' key of a trained weight: `...attn2.to_k.weight` ->
@@ -153,16 +159,16 @@ pub fn write_out(dir: &Path, trained: &Trained, report: &Report) -> Result<(), D
     let kv = trained
         .kv
         .iter()
-        .map(|(p, shape, v)| (file_key(p), shape.to_vec(), f32_bytes(v)))
+        .map(|(p, shape, v)| (file_key(p), shape.to_vec(), v.as_slice()))
         .collect();
     let write = |name: &str, bytes: &[u8]| {
         decorr_core::io::write_atomic(&dir.join(name), bytes)
             .map_err(|e| DisenDiffError::Output(e.to_string()))
     };
-    write(WEIGHTS_FILE, &serialize(kv)?)?;
+    write(WEIGHTS_FILE, &f32_safetensors(kv)?)?;
     for (m, row) in MODIFIERS.iter().zip(&trained.rows) {
-        let t = vec![(m.to_string(), vec![row.len()], f32_bytes(row))];
-        write(&token_file(m), &serialize(t)?)?;
+        let t = vec![(m.to_string(), vec![row.len()], row.as_slice())];
+        write(&token_file(m), &f32_safetensors(t)?)?;
     }
     let json = serde_json::to_vec_pretty(report).expect("a report serialises");
     write(REPORT_FILE, &json)
@@ -176,55 +182,30 @@ pub struct DeltaFiles {
     pub report: Option<Report>,
 }
 
-fn read_safetensors<T>(
-    path: &Path,
-    what: &str,
-    f: impl FnOnce(&SafeTensors) -> Result<T, DisenDiffError>,
-) -> Result<T, DisenDiffError> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        DisenDiffError::Delta(format!(
-            "cannot read {} ({what}): {e}; is it a DisenDiff output folder (decorr disendiff --out)?",
+/// Every tensor of `path` as f32 (`decorr_core`'s reader, which converts f16/bf16), with
+/// messages that say what the file was for; non-finite values are refused.
+fn read_f32(path: &Path, what: &str) -> Result<HostTensors, DisenDiffError> {
+    let tensors = read_tensors_f32(path).map_err(|e| match e {
+        CoreError::Io { source, .. } => DisenDiffError::Delta(format!(
+            "cannot read {} ({what}): {source}; is it a DisenDiff output folder (decorr \
+             disendiff --out)?",
             path.display()
-        ))
-    })?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-        DisenDiffError::Delta(format!(
-            "{} is not a valid safetensors file ({e}); re-run decorr disendiff",
+        )),
+        other => DisenDiffError::Delta(format!(
+            "{} is not a valid safetensors file ({other}); re-run decorr disendiff",
             path.display()
-        ))
+        )),
     })?;
-    f(&st)
-}
-
-fn tensor_f32(view: &TensorView, name: &str, path: &Path) -> Result<Vec<f32>, DisenDiffError> {
-    let bytes = view.data();
-    let vals: Vec<f32> = match view.dtype() {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(DisenDiffError::Delta(format!(
-                "{name} in {} is {other:?}; expected float32, float16 or bfloat16",
-                path.display()
-            )));
-        }
-    };
-    if vals.iter().any(|v| !v.is_finite()) {
+    if let Some((name, _)) = tensors
+        .iter()
+        .find(|(_, (_, v))| v.iter().any(|x| !x.is_finite()))
+    {
         return Err(DisenDiffError::Delta(format!(
             "{name} in {} holds NaN or infinity: the training diverged; re-run with a lower --lr",
             path.display()
         )));
     }
-    Ok(vals)
+    Ok(tensors)
 }
 
 /// Reads a DisenDiff (or diffusers Custom Diffusion, train_kv) output folder.
@@ -236,53 +217,44 @@ pub fn read_out(dir: &Path) -> Result<DeltaFiles, DisenDiffError> {
         )));
     }
     let wpath = dir.join(WEIGHTS_FILE);
-    let kv = read_safetensors(&wpath, "the k/v weights", |st| {
-        let mut kv = Vec::new();
-        for (key, view) in st.tensors() {
-            let path = param_path(&key).ok_or_else(|| {
-                DisenDiffError::Delta(format!(
-                    "{} holds {key}, which is not a cross-attention to_k/to_v weight of Custom \
-                     Diffusion (train_kv); only k/v deltas are supported",
-                    wpath.display()
-                ))
-            })?;
-            let shape = view.shape();
-            let [o, i] = shape else {
-                return Err(DisenDiffError::Delta(format!(
-                    "{key} in {} has shape {shape:?}; expected [out, in]",
-                    wpath.display()
-                )));
-            };
-            kv.push((path, [*o, *i], tensor_f32(&view, &key, &wpath)?));
-        }
-        kv.sort_by(|a, b| a.0.cmp(&b.0));
-        if kv.is_empty() {
+    let mut kv = Vec::new();
+    for (key, (shape, values)) in read_f32(&wpath, "the k/v weights")? {
+        let path = param_path(&key).ok_or_else(|| {
+            DisenDiffError::Delta(format!(
+                "{} holds {key}, which is not a cross-attention to_k/to_v weight of Custom \
+                 Diffusion (train_kv); only k/v deltas are supported",
+                wpath.display()
+            ))
+        })?;
+        let [o, i] = shape[..] else {
             return Err(DisenDiffError::Delta(format!(
-                "{} holds no weights",
+                "{key} in {} has shape {shape:?}; expected [out, in]",
                 wpath.display()
             )));
-        }
-        Ok(kv)
-    })?;
+        };
+        kv.push((path, [o, i], values));
+    }
+    kv.sort_by(|a, b| a.0.cmp(&b.0));
+    if kv.is_empty() {
+        return Err(DisenDiffError::Delta(format!(
+            "{} holds no weights",
+            wpath.display()
+        )));
+    }
     let mut rows = Vec::new();
     for m in MODIFIERS {
         let p = dir.join(token_file(m));
-        rows.push(read_safetensors(&p, "a modifier's embedding", |st| {
-            let view = st.tensor(m).map_err(|_| {
-                DisenDiffError::Delta(format!("{} holds no tensor named {m}", p.display()))
-            })?;
-            let v = tensor_f32(&view, m, &p)?;
-            let n = view.shape().iter().product::<usize>();
-            if view.shape().len() > 2 || n == 0 || (view.shape().len() == 2 && view.shape()[0] != 1)
-            {
-                return Err(DisenDiffError::Delta(format!(
-                    "{m} in {} has shape {:?}; expected one row [hidden]",
-                    p.display(),
-                    view.shape()
-                )));
-            }
-            Ok(v)
-        })?);
+        let mut t = read_f32(&p, "a modifier's embedding")?;
+        let (shape, v) = t.remove(m).ok_or_else(|| {
+            DisenDiffError::Delta(format!("{} holds no tensor named {m}", p.display()))
+        })?;
+        if shape.len() > 2 || v.is_empty() || (shape.len() == 2 && shape[0] != 1) {
+            return Err(DisenDiffError::Delta(format!(
+                "{m} in {} has shape {shape:?}; expected one row [hidden]",
+                p.display()
+            )));
+        }
+        rows.push(v);
     }
     if rows[0].len() != rows[1].len() {
         return Err(DisenDiffError::Delta(format!(

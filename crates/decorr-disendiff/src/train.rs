@@ -457,16 +457,24 @@ impl Trainer {
 
     /// The trained values now.
     pub fn trained(&self) -> Trained {
-        let mut v = KvCollect {
-            path: Vec::new(),
-            out: Vec::new(),
-        };
-        self.delta().unet.visit(&mut v);
+        let kv = self
+            .kv_params()
+            .into_iter()
+            .map(|(path, _, w)| {
+                // burn keeps Linear weights as [in, out]; diffusers as [out, in].
+                let [i, o] = w.dims();
+                (
+                    path,
+                    [o, i],
+                    decorr_core::readback::to_f32_vec(w.transpose()),
+                )
+            })
+            .collect();
         let rows = self.delta().rows.val();
         let hidden = rows.dims()[1];
         let data = decorr_core::readback::to_f32_vec(rows);
         Trained {
-            kv: v.out,
+            kv,
             rows: [data[..hidden].to_vec(), data[hidden..].to_vec()],
         }
     }
@@ -518,14 +526,24 @@ impl Trainer {
         self.delta.as_ref().expect("delta present")
     }
 
-    fn param_ids(&self) -> Vec<(String, ParamId)> {
-        let mut v = IdCollect {
+    fn kv_params(&self) -> Vec<(String, ParamId, Tensor<2>)> {
+        let mut v = KvParams {
             path: Vec::new(),
             out: Vec::new(),
         };
         self.delta().unet.visit(&mut v);
-        v.out.push(("rows".to_string(), self.delta().rows.id));
         v.out
+    }
+
+    /// The trained tensors' ids by path (`rows` for the modifier rows).
+    fn param_ids(&self) -> Vec<(String, ParamId)> {
+        let mut ids: Vec<(String, ParamId)> = self
+            .kv_params()
+            .into_iter()
+            .map(|(path, id, _)| (path, id))
+            .collect();
+        ids.push(("rows".to_string(), self.delta().rows.id));
+        ids
     }
 }
 
@@ -552,13 +570,13 @@ impl ModuleMapper for TrainKv {
     }
 }
 
-/// Collects the trained weights as diffusers lays them out (`[out, in]`).
-struct KvCollect {
+/// The trained k/v weights with their paths and ids (shared buffers, no copies).
+struct KvParams {
     path: Vec<String>,
-    out: Vec<(String, [usize; 2], Vec<f32>)>,
+    out: Vec<(String, ParamId, Tensor<2>)>,
 }
 
-impl ModuleVisitor for KvCollect {
+impl ModuleVisitor for KvParams {
     fn enter_module(&mut self, name: &str, _container_type: &str) {
         self.path.push(name.to_string());
     }
@@ -570,31 +588,8 @@ impl ModuleVisitor for KvCollect {
         if D == 2 && is_kv(&path) {
             let w = param.val();
             let dims = w.dims();
-            // burn keeps Linear weights as [in, out].
-            let t = w.reshape([dims[0], dims[1]]).transpose();
-            let data = decorr_core::readback::to_f32_vec(t);
-            self.out.push((path, [dims[1], dims[0]], data));
-        }
-    }
-}
-
-/// Trained parameters' ids by path.
-struct IdCollect {
-    path: Vec<String>,
-    out: Vec<(String, ParamId)>,
-}
-
-impl ModuleVisitor for IdCollect {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let path = self.path.join(".");
-        if is_kv(&path) {
-            self.out.push((path, param.id));
+            self.out
+                .push((path, param.id, w.reshape([dims[0], dims[1]])));
         }
     }
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Device, Tensor, TensorData};
 use decorr_core::ModelSource;
 use decorr_disendiff::augment::augment;
-use decorr_disendiff::format::{BaseInfo, Report, probe, read_out};
+use decorr_disendiff::format::{BaseInfo, Report, f32_safetensors, probe, read_out};
 use decorr_disendiff::tokens::{extend_tokenizer, initial_rows, place_modifiers};
 use decorr_disendiff::train::{Moments, posterior_sample, training_alphas_cumprod};
 use decorr_disendiff::{DisenDiffConfig, MODIFIERS, MicroBatch, MicroLosses, Trainer, write_out};
@@ -486,27 +486,16 @@ fn save(out: &Path, trainer: &Trainer, report: &Report) -> Result<()> {
 }
 
 fn write_moments(path: &Path, moments: &Moments) -> Result<()> {
-    let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
-    let owned: Vec<(String, Vec<usize>, Vec<u8>)> = moments
+    let tensors = moments
         .iter()
         .flat_map(|(p, m, v)| {
             [
-                (format!("{p}.m"), vec![m.len()], bytes(m)),
-                (format!("{p}.v"), vec![v.len()], bytes(v)),
+                (format!("{p}.m"), vec![m.len()], m.as_slice()),
+                (format!("{p}.v"), vec![v.len()], v.as_slice()),
             ]
         })
         .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
-        .iter()
-        .map(|(k, s, b)| {
-            (
-                k.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .expect("sized"),
-            )
-        })
-        .collect();
-    let data = safetensors::serialize(views, None).map_err(|e| msg(e.to_string()))?;
+    let data = f32_safetensors(tensors).map_err(|e| msg(e.to_string()))?;
     decorr_core::io::write_atomic(path, &data)?;
     Ok(())
 }
