@@ -13,9 +13,11 @@
 //! softmax per row ([`attention`]), linear maps in row tiles with the bias fused ([`linear`]),
 //! GEGLU's gate ([`geglu`], torch's vectorised erf) and layer norm ([`layer_norm`]) in one pass.
 //!
-//! Anything else (other backends, autodiff, other dtypes, other convolution shapes: 1x1,
-//! stride 2) takes burn's path; there the norms of half-precision tensors compute in f32. `DECORR_HOST_KERNELS=0` turns the fast paths off, for
-//! comparisons.
+//! Under autodiff on flex the convolutions, attention and group norms go through
+//! [`crate::host_autodiff`], which records hand-written backward steps for them. Anything else
+//! (other backends, other dtypes, other convolution shapes: 1x1, stride 2) takes burn's path;
+//! there the norms of half-precision tensors compute in f32. `DECORR_HOST_KERNELS=0` turns the
+//! fast paths off, for comparisons.
 
 use std::sync::{Mutex, OnceLock};
 
@@ -25,6 +27,8 @@ use burn::tensor::activation::silu;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
+
+use crate::host_autodiff;
 
 /// Whether the fast paths are on (`DECORR_HOST_KERNELS` unset or not `0`).
 pub fn enabled() -> bool {
@@ -69,47 +73,74 @@ fn with_scratch<R>(i: usize, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
 
 /// `conv.forward(x)`; 3x3, stride 1, padding 1 convolutions on flex take the host path.
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    conv3x3_host(conv, &x, 1).unwrap_or_else(|| conv.forward(x))
+    conv3x3_host(conv, &x, 1)
+        .or_else(|| host_autodiff::conv3x3(conv, &x, 1))
+        .unwrap_or_else(|| conv.forward(x))
 }
 
 /// `conv` applied to `x` resized 2x by nearest neighbour (diffusers' `Upsample2D`), with the
 /// resize folded into the convolution's padded copy: the 4x larger resized tensor is never
 /// written. `None` where [`conv2d`] would not take the host path.
 pub fn conv2d_upsampled(conv: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>> {
-    conv3x3_host(conv, x, 2)
+    conv3x3_host(conv, x, 2).or_else(|| host_autodiff::conv3x3(conv, x, 2))
 }
 
-/// The host path of a 3x3 convolution of `x` enlarged `up` times (nearest neighbour).
-fn conv3x3_host(conv: &Conv2d, x: &Tensor<4>, up: usize) -> Option<Tensor<4>> {
-    let shape_fits = enabled()
+/// Whether `conv` is a 3x3, stride 1, padding 1 convolution, the shape the host kernels take.
+pub(crate) fn conv3x3_fits(conv: &Conv2d) -> bool {
+    enabled()
         && conv.kernel_size == [3, 3]
         && conv.stride == [1, 1]
         && conv.dilation == [1, 1]
         && conv.groups == 1
-        && matches!(conv.padding, PaddingConfig2d::Explicit(1, 1, 1, 1));
-    if !shape_fits {
+        && matches!(conv.padding, PaddingConfig2d::Explicit(1, 1, 1, 1))
+}
+
+/// The host path of a 3x3 convolution of `x` enlarged `up` times (nearest neighbour).
+fn conv3x3_host(conv: &Conv2d, x: &Tensor<4>, up: usize) -> Option<Tensor<4>> {
+    if !conv3x3_fits(conv) {
         return None;
     }
     let bias = match &conv.bias {
         Some(b) => Some(flex_f32(&b.val())?),
         None => None,
     };
-    let weight = conv.weight.val();
-    let (xf, wf) = (flex_f32(x)?, flex_f32(&weight)?);
+    let (xf, wf) = (flex_f32(x)?, flex_f32(&conv.weight.val())?);
     let [b, ci, h, wd] = x.dims();
     let co = conv.weight.dims()[0];
-    let device = x.device();
-    let x = &xf.storage::<f32>()[..b * ci * h * wd];
-    let bias = bias.as_ref().map(|t| &t.storage::<f32>()[..co]);
+    let out = conv3x3_cached(
+        &xf.storage::<f32>()[..b * ci * h * wd],
+        &wf,
+        bias.as_ref().map(|t| &t.storage::<f32>()[..co]),
+        [b, ci, h, wd],
+        co,
+        up,
+    );
+    Some(Tensor::from_data(
+        TensorData::new(out, [b, co, h * up, wd * up]),
+        &x.device(),
+    ))
+}
+
+/// [`conv3x3`] with the weight `wf` (`[co, ci, 3, 3]`, contiguous f32, starting at its
+/// buffer's start) split per tap through the cache.
+pub(crate) fn conv3x3_cached(
+    x: &[f32],
+    wf: &FlexTensor,
+    bias: Option<&[f32]>,
+    [b, ci, h, wd]: [usize; 4],
+    co: usize,
+    up: usize,
+) -> Vec<f32> {
     let (oh, ow) = (h * up, wd * up);
     let channels_last = taps_channels_last(co, oh, ow);
-    let out = match cached_taps(&weight, &wf, co, ci, channels_last) {
+    match cached_taps(wf, co, ci, channels_last) {
         Some(taps) => {
             let mut out = vec![0f32; b * co * oh * ow];
             if !out.is_empty() {
                 let padded = b * (oh + 3) * (ow + 2) * ci;
+                let view = TapView::forward(&taps, channels_last);
                 with_scratch(0, padded, |xp| {
-                    conv3x3_in(x, &taps, bias, [b, ci, oh, ow], co, up, xp, &mut out)
+                    conv3x3_in(x, view, bias, [b, ci, oh, ow], co, up, xp, &mut out)
                 });
             }
             out
@@ -122,11 +153,70 @@ fn conv3x3_host(conv: &Conv2d, x: &Tensor<4>, up: usize) -> Option<Tensor<4>> {
             co,
             up,
         ),
+    }
+}
+
+/// The gradient of [`conv3x3_cached`]'s input: `dy` `[b, co, h * up, w * up]` convolved with
+/// the weight transposed (`ci` outputs from `co` inputs) and flipped in both directions, then,
+/// for `up` 2, each 2x2 block summed (the enlargement's gradient). The weight's split per tap
+/// is the forward's, read transposed through strides.
+pub(crate) fn conv3x3_input_grad(
+    dy: &[f32],
+    wf: &FlexTensor,
+    [b, ci, h, wd]: [usize; 4],
+    co: usize,
+    up: usize,
+) -> Vec<f32> {
+    let (oh, ow) = (h * up, wd * up);
+    assert_eq!(
+        dy.len(),
+        b * co * oh * ow,
+        "conv3x3 backward: gradient size"
+    );
+    let channels_last = taps_channels_last(co, oh, ow);
+    let mut full = vec![0f32; b * ci * oh * ow];
+    if full.is_empty() {
+        return full;
+    }
+    let padded = b * (oh + 3) * (ow + 2) * co;
+    let run = |taps: &[f32], full: &mut [f32]| {
+        let view = TapView {
+            taps,
+            channels_last,
+            transposed: true,
+        };
+        with_scratch(0, padded, |xp| {
+            conv3x3_in(dy, view, None, [b, co, oh, ow], ci, 1, xp, full)
+        });
     };
-    Some(Tensor::from_data(
-        TensorData::new(out, [b, co, h * up, wd * up]),
-        &device,
-    ))
+    match cached_taps(wf, co, ci, channels_last) {
+        Some(taps) => run(&taps, &mut full),
+        None => {
+            let mut taps = vec![0f32; 9 * co * ci];
+            taps_of(
+                &wf.storage::<f32>()[..co * ci * 9],
+                co,
+                ci,
+                channels_last,
+                &mut taps,
+            );
+            run(&taps, &mut full);
+        }
+    }
+    if up == 1 {
+        return full;
+    }
+    let mut dx = vec![0f32; b * ci * h * wd];
+    dx.par_chunks_mut(wd).enumerate().for_each(|(r, dst)| {
+        let (plane, y) = (r / h, r % h);
+        for dy_ in 0..up {
+            let src = &full[(plane * oh + y * up + dy_) * ow..][..ow];
+            for (x, d) in dst.iter_mut().enumerate() {
+                *d += src[x * up..(x + 1) * up].iter().sum::<f32>();
+            }
+        }
+    });
+    dx
 }
 
 /// Output columns per tile (whole rows of the padded width): enough for an efficient GEMM, few
@@ -135,13 +225,13 @@ const TILE_COLS: usize = 512;
 
 /// Raw output pointer shared by the tile jobs, each of which writes its own rows.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// The pointer `i` elements on. (A method, so closures capture the whole `Sync` wrapper.)
-    fn at(self, i: usize) -> *mut f32 {
+    pub(crate) fn at(self, i: usize) -> *mut f32 {
         self.0.wrapping_add(i)
     }
 }
@@ -185,8 +275,10 @@ pub fn conv3x3(
     let padded = b * (h + 3) * (w + 2) * ci;
     with_scratch(0, padded, |xp| {
         with_scratch(1, 9 * co * ci, |wk| {
-            taps_of(weight, co, ci, taps_channels_last(co, h, w), wk);
-            conv3x3_in(x, wk, bias, [b, ci, h, w], co, up, xp, &mut out)
+            let channels_last = taps_channels_last(co, h, w);
+            taps_of(weight, co, ci, channels_last, wk);
+            let view = TapView::forward(wk, channels_last);
+            conv3x3_in(x, view, bias, [b, ci, h, w], co, up, xp, &mut out)
         })
     });
     out
@@ -217,7 +309,7 @@ fn taps_of(weight: &[f32], co: usize, ci: usize, channels_last: bool, wk: &mut [
 /// that its buffer, and with it the cache key, stays that weight's for as long as the entry
 /// lives.
 struct Taps {
-    _weight: Tensor<4>,
+    _weight: FlexTensor,
     taps: std::sync::Arc<Vec<f32>>,
 }
 
@@ -230,10 +322,9 @@ type TapsKey = (usize, usize, bool);
 /// weights (2.2 GB) and its VAE about 70 M; weights beyond the cap are split per call.
 const TAPS_KEEP: usize = 3 << 28;
 
-/// The split of `weight` (whose flex tensor is `wf`), from the cache or made and cached; `None`
-/// when the cache is full.
+/// The split of the weight `wf`, from the cache or made and cached; `None` when the cache is
+/// full.
 fn cached_taps(
-    weight: &Tensor<4>,
     wf: &FlexTensor,
     co: usize,
     ci: usize,
@@ -255,11 +346,46 @@ fn cached_taps(
     cache.push((
         key,
         Taps {
-            _weight: weight.clone(),
+            _weight: wf.clone(),
             taps: taps.clone(),
         },
     ));
     Some(taps)
+}
+
+/// A convolution weight split per tap ([`taps_of`]), as [`conv3x3_in`] reads it.
+#[derive(Clone, Copy)]
+struct TapView<'a> {
+    taps: &'a [f32],
+    /// The split's layout: `[9][ci][co]` rather than `[9][co][ci]` of its forward convolution.
+    channels_last: bool,
+    /// Read as the input gradient's weight: the forward's transposed (its inputs are the
+    /// outputs here) and its taps in reverse order (the kernel flipped).
+    transposed: bool,
+}
+
+impl<'a> TapView<'a> {
+    fn forward(taps: &'a [f32], channels_last: bool) -> Self {
+        TapView {
+            taps,
+            channels_last,
+            transposed: false,
+        }
+    }
+
+    /// Tap `tap`'s weight as an `outputs x inputs` matrix: its start, and its (column, row)
+    /// strides for `outputs`, `inputs` channels of this convolution.
+    fn tap(&self, tap: usize, outputs: usize, inputs: usize) -> (*const f32, [usize; 2]) {
+        let t = if self.transposed { 8 - tap } else { tap };
+        let at = self.taps[t * outputs * inputs..].as_ptr();
+        // Transposing swaps the layouts: a `[ci][co]` split read as `[co'][ci']`.
+        let strides = if self.channels_last != self.transposed {
+            [outputs, 1]
+        } else {
+            [1, inputs]
+        };
+        (at, strides)
+    }
 }
 
 /// [`conv3x3`] with scratch space for the padded input `xp` and the weight per tap `wk`;
@@ -267,7 +393,7 @@ fn cached_taps(
 #[allow(clippy::too_many_arguments)]
 fn conv3x3_in(
     x: &[f32],
-    wk: &[f32],
+    wk: TapView,
     bias: Option<&[f32]>,
     [b, ci, h, w]: [usize; 4],
     co: usize,
@@ -275,6 +401,7 @@ fn conv3x3_in(
     xp: &mut [f32],
     out: &mut [f32],
 ) {
+    assert!(wk.taps.len() >= 9 * co * ci, "conv3x3: weight size");
     let pw = w + 2;
     let prows = h + 3;
     // Channels-last, zero-padded: `[b][h + 3][w + 2][ci]`, the image at rows 1..=h, cols 1..=w.
@@ -302,14 +429,13 @@ fn conv3x3_in(
         }
     });
     let rows = (TILE_COLS / pw).clamp(1, h);
-    // The weight per tap ([`taps_of`]) matches this layout.
     let channels_last = taps_channels_last(co, h, w);
     let xp = &*xp;
-    // Strides (column, row) of the accumulator and of the tap's weight.
-    let (acc_s, w_s) = if channels_last {
-        ([co, 1], [co, 1])
+    // Strides (column, row) of the accumulator.
+    let acc_s = if channels_last {
+        [co, 1]
     } else {
-        ([1, rows * pw], [1, ci])
+        [1, rows * pw]
     };
 
     let tiles = h.div_ceil(rows);
@@ -333,6 +459,7 @@ fn conv3x3_in(
                 let first = (y0 + tap / 3) * pw + tap % 3;
                 let input = &image[first * ci..];
                 assert!(input.len() >= cols * ci);
+                let (weight, w_s) = wk.tap(tap, co, ci);
                 // SAFETY: `acc` holds `co x cols` and the tap's weight `co x ci`, with the
                 // strides above; `input` `cols` pixels of `ci` channels (checked above),
                 // column-major.
@@ -345,7 +472,7 @@ fn conv3x3_in(
                         acc_s[0] as isize,
                         acc_s[1] as isize,
                         tap > 0,
-                        wk.as_ptr().add(tap * co * ci),
+                        weight,
                         w_s[0] as isize,
                         w_s[1] as isize,
                         input.as_ptr(),
@@ -502,6 +629,9 @@ pub fn attention(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, heads: usize) -> O
     if !enabled() {
         return None;
     }
+    if q.is_autodiff() {
+        return host_autodiff::attention(q, k, v, heads);
+    }
     let (qf, kf, vf) = (flex_f32(q)?, flex_f32(k)?, flex_f32(v)?);
     let [b, n, inner] = q.dims();
     let m = k.dims()[1];
@@ -564,6 +694,11 @@ pub fn attention_heads(
     out
 }
 
+/// Query rows per attention block for `m` keys ([`ATTENTION_SCORES`]).
+pub(crate) fn attention_rows(m: usize) -> usize {
+    (ATTENTION_SCORES / m).clamp(16, 512)
+}
+
 /// [`attention_heads`] with the keys transposed (`kt` `[b][inner][m]`), into `out`.
 fn attention_blocks(
     q: &[f32],
@@ -575,7 +710,7 @@ fn attention_blocks(
 ) {
     let d = inner / heads;
     let scale = (d as f32).powf(-0.5);
-    let rows = (ATTENTION_SCORES / m).clamp(16, 512).min(n);
+    let rows = attention_rows(m).min(n);
     let blocks = n.div_ceil(rows);
     let out_ptr = OutPtr(out.as_mut_ptr());
     (0..b * heads * blocks).into_par_iter().for_each_init(
@@ -653,7 +788,7 @@ fn attention_blocks(
 }
 
 /// Replaces the scores `row` by `exp(s - max)` and returns their sum.
-fn softmax_numerators(row: &mut [f32]) -> f32 {
+pub(crate) fn softmax_numerators(row: &mut [f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA.
@@ -709,6 +844,9 @@ pub fn group_norm(norm: &GroupNorm, x: Tensor<4>, then_silu: bool) -> Tensor<4> 
         && gamma.as_ref().is_some_and(on_host)
         && beta.as_ref().is_some_and(on_host);
     let (Some(gamma), Some(beta), true) = (gamma, beta, fits) else {
+        if let Some(y) = host_autodiff::group_norm(norm, &x, then_silu) {
+            return y;
+        }
         // Half precision: statistics in f32 (decorr_core::precision).
         return decorr_core::norm_f32(x, |x| {
             let y = norm.forward(x);
@@ -751,17 +889,7 @@ pub fn group_norm_in_place(
         return;
     }
     x.par_chunks_mut(len).enumerate().for_each(|(i, group)| {
-        // Two passes in f64: the mean, then the mean squared deviation.
-        let mean = group.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
-        let var = group
-            .iter()
-            .map(|&v| {
-                let d = v as f64 - mean;
-                d * d
-            })
-            .sum::<f64>()
-            / len as f64;
-        let rstd = 1.0 / (var + eps).sqrt();
+        let (mean, rstd) = group_stats(group, eps);
         let c0 = (i % groups) * cg;
         for (j, chan) in group.chunks_exact_mut(hw).enumerate() {
             let scale = (rstd * gamma[c0 + j] as f64) as f32;
@@ -769,6 +897,22 @@ pub fn group_norm_in_place(
             affine_silu(chan, scale, shift, then_silu);
         }
     });
+}
+
+/// A group's mean and `1 / sqrt(var + eps)` (biased variance), in two f64 passes: the mean,
+/// then the mean squared deviation.
+pub(crate) fn group_stats(group: &[f32], eps: f64) -> (f64, f64) {
+    let len = group.len() as f64;
+    let mean = group.iter().map(|&v| v as f64).sum::<f64>() / len;
+    let var = group
+        .iter()
+        .map(|&v| {
+            let d = v as f64 - mean;
+            d * d
+        })
+        .sum::<f64>()
+        / len;
+    (mean, 1.0 / (var + eps).sqrt())
 }
 
 /// `v = v * scale + shift`, then `v = v / (1 + exp(-v))` when `then_silu`.
@@ -926,7 +1070,7 @@ fn erf(x: f32) -> f32 {
 /// `2^n e^r` with `|r| <= ln2 / 2`, a degree-6 polynomial; within 2 ulp of the true value).
 /// Saturates to 0 below -87.3 and to `f32::MAX`-ish above 88.3, where SiLU no longer cares.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -950,12 +1094,12 @@ fn exp(x: f32) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use burn::nn::conv::Conv2dConfig;
     use burn::nn::{GroupNormConfig, PaddingConfig2d};
 
-    fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+    pub(crate) fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
         let a = a.into_data().convert::<f32>();
         let b = b.into_data().convert::<f32>();
         let (a, b) = (a.as_slice::<f32>().unwrap(), b.as_slice::<f32>().unwrap());
@@ -1070,7 +1214,7 @@ mod tests {
     }
 
     /// Deterministic, well-spread test values (tests run in parallel on one global RNG).
-    fn values<const D: usize>(
+    pub(crate) fn values<const D: usize>(
         shape: [usize; D],
         seed: u32,
         mean: f32,

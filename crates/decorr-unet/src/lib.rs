@@ -7,6 +7,7 @@ pub mod attention;
 pub mod blocks;
 pub mod config;
 pub mod host;
+pub mod host_autodiff;
 pub mod load;
 pub mod unet;
 pub mod vae;

@@ -1,0 +1,796 @@
+//! The host kernels of [`crate::host`] under burn's autodiff on flex, for training through the
+//! UNet (DisenDiff): a backend extension ([`HostKernels`]) whose flex arm runs the kernel and
+//! whose autodiff arm records a hand-written backward step. Without it, autodiff on flex runs a
+//! 3x3 convolution as im2col + GEMM and its input gradient as a transposed convolution,
+//! attention as separate matmul, exp, sum and divide passes (each with its own backward), and a
+//! group norm + SiLU as a dozen element-wise ops.
+//!
+//! Here: a convolution's input gradient is the same padded-copy-and-nine-GEMMs kernel as its
+//! forward, reading the weight's cached split per tap transposed and in reverse tap order;
+//! attention's backward recomputes each block of probabilities from q and k (nothing `n x m`
+//! is kept between forward and backward) and produces dq, dk, dv with five GEMMs per block; a
+//! group norm's backward is two passes per group.
+//!
+//! Weights (convolution weight and bias, group-norm scale and shift) are constants here: the
+//! callers keep burn's path when one of them requires a gradient.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
+use burn::nn::GroupNorm;
+use burn::nn::conv::Conv2d;
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+use crate::host::{self, OutPtr};
+
+/// Host kernels as backend operations, so that autodiff can record them.
+#[backend_extension(Flex, Autodiff)]
+pub trait HostKernels: Backend {
+    /// A 3x3, stride 1, padding 1 convolution of `x` `[b, ci, h, w]` enlarged `up` times
+    /// (nearest neighbour), `weight` `[co, ci, 3, 3]`, `bias` `[co]`.
+    fn conv3x3(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        up: usize,
+    ) -> FloatTensor<Self>;
+
+    /// Multi-head attention, `q` `[b, n, heads * d]`, `k`, `v` `[b, m, heads * d]`.
+    fn attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self>;
+
+    /// Group norm of `x` `[b, c, h, w]` (SiLU after when `silu`).
+    fn group_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> FloatTensor<Self>;
+}
+
+/// `t`'s f32 elements in order (copied only when `t` is not already contiguous).
+fn values(t: FlexTensor) -> FlexTensor {
+    t.to_contiguous()
+}
+
+fn slice(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32 tensor")
+}
+
+fn flex(data: Vec<f32>, shape: impl Into<burn::tensor::Shape>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(data, shape.into()))
+}
+
+impl HostKernels for Flex {
+    fn conv3x3(x: FlexTensor, weight: FlexTensor, bias: FlexTensor, up: usize) -> FlexTensor {
+        let (x, weight, bias) = (values(x), values(weight), values(bias));
+        let [b, ci, h, w] = dims4(&x);
+        let co = weight.layout().shape()[0];
+        let out = host::conv3x3_cached(
+            slice(&x),
+            &weight,
+            Some(slice(&bias)),
+            [b, ci, h, w],
+            co,
+            up,
+        );
+        flex(out, [b, co, h * up, w * up])
+    }
+
+    fn attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, heads: usize) -> FlexTensor {
+        let (q, k, v) = (values(q), values(k), values(v));
+        let [b, n, inner] = dims3(&q);
+        let m = k.layout().shape()[1];
+        let out = host::attention_heads(slice(&q), slice(&k), slice(&v), [b, n, m, inner], heads);
+        flex(out, [b, n, inner])
+    }
+
+    fn group_norm(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> FlexTensor {
+        let [b, c, h, w] = dims4(&x);
+        let mut data = slice(&values(x)).to_vec();
+        let (gamma, beta) = (values(gamma), values(beta));
+        host::group_norm_in_place(
+            &mut data,
+            slice(&gamma),
+            slice(&beta),
+            [b, c, h * w],
+            groups,
+            eps,
+            silu,
+        );
+        flex(data, [b, c, h, w])
+    }
+}
+
+fn dims4(t: &FlexTensor) -> [usize; 4] {
+    let s = t.layout().shape();
+    [s[0], s[1], s[2], s[3]]
+}
+
+fn dims3(t: &FlexTensor) -> [usize; 3] {
+    let s = t.layout().shape();
+    [s[0], s[1], s[2]]
+}
+
+impl<C: CheckpointStrategy> HostKernels for Autodiff<Flex, C> {
+    fn conv3x3(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        up: usize,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Conv3x3Backward;
+
+        impl Backward<Flex, 1> for Conv3x3Backward {
+            /// The weight, the input's dims and the enlargement.
+            type State = (FlexTensor, [usize; 4], usize);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [node] = ops.parents;
+                let grad = values(grads.consume::<Flex>(&ops.node));
+                let Some(node) = node else { return };
+                let (weight, dims, up) = ops.state;
+                let co = weight.layout().shape()[0];
+                let dx = host::conv3x3_input_grad(slice(&grad), &weight, dims, co, up);
+                grads.register::<Flex>(node.id, flex(dx, dims));
+            }
+        }
+
+        let (weight, bias) = (values(weight.into_primitive()), bias.into_primitive());
+        match Conv3x3Backward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let dims = dims4(x.primitive());
+                let out = Flex::conv3x3(x.into_primitive(), weight.clone(), bias, up);
+                prep.finish((weight, dims, up), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(Flex::conv3x3(x.into_primitive(), weight, bias, up))
+            }
+        }
+    }
+
+    fn attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct AttentionBackward;
+
+        impl Backward<Flex, 3> for AttentionBackward {
+            /// q, k, v and the number of heads.
+            type State = (FlexTensor, FlexTensor, FlexTensor, usize);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [nq, nk, nv] = ops.parents;
+                let grad = values(grads.consume::<Flex>(&ops.node));
+                let (q, k, v, heads) = ops.state;
+                let [b, n, inner] = dims3(&q);
+                let m = k.layout().shape()[1];
+                let (dq, dk, dv) = attention_backward(
+                    slice(&q),
+                    slice(&k),
+                    slice(&v),
+                    slice(&grad),
+                    [b, n, m, inner],
+                    heads,
+                );
+                for (node, d, len) in [(nq, dq, n), (nk, dk, m), (nv, dv, m)] {
+                    if let Some(node) = node {
+                        grads.register::<Flex>(node.id, flex(d, [b, len, inner]));
+                    }
+                }
+            }
+        }
+
+        match AttentionBackward
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (q, k, v) = (
+                    values(q.into_primitive()),
+                    values(k.into_primitive()),
+                    values(v.into_primitive()),
+                );
+                let out = Flex::attention(q.clone(), k.clone(), v.clone(), heads);
+                prep.finish((q, k, v, heads), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::attention(
+                q.into_primitive(),
+                k.into_primitive(),
+                v.into_primitive(),
+                heads,
+            )),
+        }
+    }
+
+    fn group_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct GroupNormBackward;
+
+        /// The input, scale and shift, the groups, epsilon and whether SiLU follows.
+        type NormState = (FlexTensor, FlexTensor, FlexTensor, usize, f64, bool);
+
+        impl Backward<Flex, 1> for GroupNormBackward {
+            type State = NormState;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [node] = ops.parents;
+                let grad = values(grads.consume::<Flex>(&ops.node));
+                let Some(node) = node else { return };
+                let (x, gamma, beta, groups, eps, silu) = ops.state;
+                let [b, c, h, w] = dims4(&x);
+                let dx = group_norm_backward(
+                    slice(&x),
+                    slice(&gamma),
+                    slice(&beta),
+                    slice(&grad),
+                    [b, c, h * w],
+                    groups,
+                    eps,
+                    silu,
+                );
+                grads.register::<Flex>(node.id, flex(dx, [b, c, h, w]));
+            }
+        }
+
+        let (gamma, beta) = (
+            values(gamma.into_primitive()),
+            values(beta.into_primitive()),
+        );
+        match GroupNormBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let x = values(x.into_primitive());
+                let out =
+                    Flex::group_norm(x.clone(), gamma.clone(), beta.clone(), groups, eps, silu);
+                prep.finish((x, gamma, beta, groups, eps, silu), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::group_norm(
+                x.into_primitive(),
+                gamma,
+                beta,
+                groups,
+                eps,
+                silu,
+            )),
+        }
+    }
+}
+
+/// Whether `t` is an f32 autodiff tensor on flex (the tensors [`HostKernels`] takes).
+fn traced_on_flex<const D: usize>(t: &Tensor<D>) -> bool {
+    host::enabled()
+        && t.is_autodiff()
+        && t.dtype() == DType::F32
+        && t.device().inner() == Device::flex()
+}
+
+/// Whether the parameter value `t` can be a constant of [`HostKernels`]: f32 on flex, no
+/// gradient asked, and contiguous from its buffer's start (so that a convolution weight's
+/// split per tap is cached under a stable buffer).
+fn constant<const D: usize>(t: &Tensor<D>) -> bool {
+    !t.is_require_grad()
+        && t.dtype() == DType::F32
+        && t.clone()
+            .inner()
+            .try_into_primitive::<Flex>()
+            .is_ok_and(|p| p.is_contiguous() && p.layout().start_offset() == 0)
+}
+
+/// [`host::conv2d`] (`up` 1) or [`host::conv2d_upsampled`] (`up` 2) of an autodiff tensor;
+/// `None` where the host kernels do not apply.
+pub fn conv3x3(conv: &Conv2d, x: &Tensor<4>, up: usize) -> Option<Tensor<4>> {
+    if !traced_on_flex(x) || !host::conv3x3_fits(conv) {
+        return None;
+    }
+    let (weight, bias) = (conv.weight.val(), conv.bias.as_ref()?.val());
+    if !constant(&weight) || !constant(&bias) {
+        return None;
+    }
+    Some(Tensor::from_dispatch(<Dispatch as HostKernels>::conv3x3(
+        x.clone().into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        up,
+    )))
+}
+
+/// [`host::attention`] of autodiff tensors; `None` where the host kernels do not apply.
+pub fn attention(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, heads: usize) -> Option<Tensor<3>> {
+    let [b, n, inner] = q.dims();
+    let m = k.dims()[1];
+    let fits = [q, k, v].iter().all(|t| traced_on_flex(t))
+        && k.dims() == [b, m, inner]
+        && v.dims() == [b, m, inner]
+        && heads > 0
+        && inner % heads == 0
+        && n > 0
+        && m > 0;
+    fits.then(|| {
+        Tensor::from_dispatch(<Dispatch as HostKernels>::attention(
+            q.clone().into_dispatch(),
+            k.clone().into_dispatch(),
+            v.clone().into_dispatch(),
+            heads,
+        ))
+    })
+}
+
+/// [`host::group_norm`] of an autodiff tensor; `None` where the host kernels do not apply.
+pub fn group_norm(norm: &GroupNorm, x: &Tensor<4>, then_silu: bool) -> Option<Tensor<4>> {
+    if !traced_on_flex(x) || !norm.affine {
+        return None;
+    }
+    let (gamma, beta) = (norm.gamma.as_ref()?.val(), norm.beta.as_ref()?.val());
+    if !constant(&gamma) || !constant(&beta) {
+        return None;
+    }
+    Some(Tensor::from_dispatch(
+        <Dispatch as HostKernels>::group_norm(
+            x.clone().into_dispatch(),
+            gamma.into_dispatch(),
+            beta.into_dispatch(),
+            norm.num_groups,
+            norm.epsilon,
+            then_silu,
+        ),
+    ))
+}
+
+/// The gradients of [`host::attention_heads`] with respect to `q`, `k` and `v`, given the
+/// output's gradient `dout` (`[b, n, heads * d]`). One job per head of an image; for each
+/// block of query rows it recomputes the probabilities `P` (scores GEMM and exact softmax, as
+/// the forward), then `dV += P^T dO`, `dP = dO V^T`, `dS = P (dP - rowsum(P dP)) / sqrt(d)`,
+/// `dQ = dS K` and `dK += dS^T Q`, reading and writing the heads in place through strides.
+pub fn attention_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+    [b, n, m, inner]: [usize; 4],
+    heads: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    assert!(heads > 0 && inner % heads == 0, "attention backward: heads");
+    assert_eq!(q.len(), b * n * inner, "attention backward: query size");
+    assert_eq!(
+        dout.len(),
+        b * n * inner,
+        "attention backward: gradient size"
+    );
+    assert_eq!(k.len(), b * m * inner, "attention backward: key size");
+    assert_eq!(v.len(), b * m * inner, "attention backward: value size");
+    let (mut dq, mut dk, mut dv) = (
+        vec![0f32; b * n * inner],
+        vec![0f32; b * m * inner],
+        vec![0f32; b * m * inner],
+    );
+    if n == 0 || m == 0 || inner == 0 {
+        return (dq, dk, dv);
+    }
+    let d = inner / heads;
+    let scale = (d as f32).powf(-0.5);
+    let rows = host::attention_rows(m).min(n);
+    let jobs = b * heads;
+    let par = if jobs < rayon::current_num_threads() {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    let (dq_p, dk_p, dv_p) = (
+        OutPtr(dq.as_mut_ptr()),
+        OutPtr(dk.as_mut_ptr()),
+        OutPtr(dv.as_mut_ptr()),
+    );
+    let (inner_s, m_s) = (inner as isize, m as isize);
+    (0..jobs).into_par_iter().for_each_init(
+        || (vec![0f32; rows * m], vec![0f32; rows * m]),
+        |(p, dp), job| {
+            let (img, h) = (job / heads, job % heads);
+            let (qh, doh) = (
+                &q[img * n * inner + h * d..],
+                &dout[img * n * inner + h * d..],
+            );
+            let (kh, vh) = (&k[img * m * inner + h * d..], &v[img * m * inner + h * d..]);
+            let dkh = dk_p.at(img * m * inner + h * d);
+            let dvh = dv_p.at(img * m * inner + h * d);
+            for r0 in (0..n).step_by(rows) {
+                let nr = rows.min(n - r0);
+                let (p, dp) = (&mut p[..nr * m], &mut dp[..nr * m]);
+                let (qb, dob) = (&qh[r0 * inner..], &doh[r0 * inner..]);
+                let dqb = dq_p.at((img * n + r0) * inner + h * d);
+                // SAFETY (all GEMMs below): the head's rows of q, dO (`nr x d` blocks), k, v
+                // (`m x d`) are read with row stride `inner` inside their slices; `p`, `dp`
+                // are `nr x m` row-major; this job alone writes head `h` of image `img` in
+                // dq, dk and dv (column block `h * d..`, row stride `inner`).
+                unsafe {
+                    // P = softmax(scale Q K^T).
+                    gemm::gemm(
+                        nr,
+                        m,
+                        d,
+                        p.as_mut_ptr(),
+                        1,
+                        m_s,
+                        false,
+                        qb.as_ptr(),
+                        1,
+                        inner_s,
+                        kh.as_ptr(),
+                        inner_s,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
+                }
+                for row in p.chunks_exact_mut(m) {
+                    let inv = 1.0 / host::softmax_numerators(row);
+                    row.iter_mut().for_each(|e| *e *= inv);
+                }
+                unsafe {
+                    // dV += P^T dO.
+                    gemm::gemm(
+                        m,
+                        d,
+                        nr,
+                        dvh,
+                        1,
+                        inner_s,
+                        r0 > 0,
+                        p.as_ptr(),
+                        m_s,
+                        1,
+                        dob.as_ptr(),
+                        1,
+                        inner_s,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
+                    // dP = dO V^T.
+                    gemm::gemm(
+                        nr,
+                        m,
+                        d,
+                        dp.as_mut_ptr(),
+                        1,
+                        m_s,
+                        false,
+                        dob.as_ptr(),
+                        1,
+                        inner_s,
+                        vh.as_ptr(),
+                        inner_s,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
+                }
+                for (prow, dprow) in p.chunks_exact(m).zip(dp.chunks_exact_mut(m)) {
+                    let dot: f32 = prow.iter().zip(dprow.iter()).map(|(a, b)| a * b).sum();
+                    for (g, &pv) in dprow.iter_mut().zip(prow) {
+                        *g = pv * (*g - dot) * scale;
+                    }
+                }
+                unsafe {
+                    // dQ = dS K.
+                    gemm::gemm(
+                        nr,
+                        d,
+                        m,
+                        dqb,
+                        1,
+                        inner_s,
+                        false,
+                        dp.as_ptr(),
+                        1,
+                        m_s,
+                        kh.as_ptr(),
+                        1,
+                        inner_s,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
+                    // dK += dS^T Q.
+                    gemm::gemm(
+                        m,
+                        d,
+                        nr,
+                        dkh,
+                        1,
+                        inner_s,
+                        r0 > 0,
+                        dp.as_ptr(),
+                        m_s,
+                        1,
+                        qb.as_ptr(),
+                        1,
+                        inner_s,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
+                }
+            }
+        },
+    );
+    (dq, dk, dv)
+}
+
+/// The gradient of [`host::group_norm_in_place`] with respect to its input `x` `[b, c, hw]`,
+/// given the output's gradient `dz`: per group, with `x^ = (x - mean) rstd` and `g` the
+/// gradient at `x^` (through SiLU when `silu`, times the scale),
+/// `dx = rstd (g - mean(g) - x^ mean(g x^))`. Statistics in f64, as the forward.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_backward(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    dz: &[f32],
+    [b, c, hw]: [usize; 3],
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Vec<f32> {
+    assert_eq!(x.len(), b * c * hw, "group_norm backward: input size");
+    assert_eq!(dz.len(), x.len(), "group_norm backward: gradient size");
+    assert!(gamma.len() == c && beta.len() == c && groups > 0 && c % groups == 0);
+    let mut dx = vec![0f32; x.len()];
+    let cg = c / groups;
+    let len = cg * hw;
+    if len == 0 {
+        return dx;
+    }
+    dx.par_chunks_mut(len).enumerate().for_each(|(i, dst)| {
+        let (xs, dzs) = (&x[i * len..(i + 1) * len], &dz[i * len..(i + 1) * len]);
+        let (mean, rstd) = host::group_stats(xs, eps);
+        let c0 = (i % groups) * cg;
+        let mean32 = mean as f32;
+        let (mut sg, mut sgx) = (0f64, 0f64);
+        for j in 0..cg {
+            let gm = gamma[c0 + j];
+            let scale = (rstd * gm as f64) as f32;
+            let shift = (beta[c0 + j] as f64 - mean * rstd * gm as f64) as f32;
+            let at = j * hw..(j + 1) * hw;
+            let (xc, dzc, dc) = (&xs[at.clone()], &dzs[at.clone()], &mut dst[at]);
+            let (mut s1, mut s2) = (0f32, 0f32);
+            for ((d, &xv), &g) in dc.iter_mut().zip(xc).zip(dzc) {
+                let dy = if silu {
+                    let y = xv * scale + shift;
+                    let s = 1.0 / (1.0 + host::exp(-y));
+                    g * (s * (1.0 + y * (1.0 - s)))
+                } else {
+                    g
+                };
+                *d = dy * gm;
+                s1 += *d;
+                s2 += *d * (xv - mean32);
+            }
+            sg += s1 as f64;
+            sgx += s2 as f64;
+        }
+        let a = sg / len as f64;
+        let bb = rstd * sgx / len as f64;
+        let (r, a, bb) = (rstd as f32, a as f32, bb as f32);
+        for (d, &xv) in dst.iter_mut().zip(xs) {
+            let xhat = (xv - mean32) * r;
+            *d = r * (*d - a - xhat * bb);
+        }
+    });
+    dx
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each kernel's output and input gradients against burn's own ops under autodiff (whose
+    //! gradients the DisenDiff parity tests check against PyTorch), for the loss
+    //! `sum(f(inputs) * r)` with fixed `r`.
+    use super::*;
+    use crate::host::tests::{max_diff, values};
+    use burn::module::{Module, Param};
+    use burn::nn::conv::Conv2dConfig;
+    use burn::nn::{GroupNormConfig, PaddingConfig2d};
+    use burn::tensor::activation::{silu, softmax};
+
+    fn device() -> Device {
+        Device::flex().autodiff()
+    }
+
+    /// `f`'s output and the gradients of `sum(f(xs) * r)` at each of `xs`.
+    fn run<const D: usize, const E: usize, const N: usize>(
+        xs: [Tensor<D>; N],
+        r: &Tensor<E>,
+        f: impl Fn([Tensor<D>; N]) -> Tensor<E>,
+    ) -> (Tensor<E>, [Tensor<D>; N]) {
+        let xs = xs.map(|x| x.require_grad());
+        let y = f(xs.clone());
+        let grads = (y.clone() * r.clone()).sum().backward();
+        (y.inner(), xs.map(|x| x.grad(&grads).expect("a gradient")))
+    }
+
+    #[test]
+    fn conv_gradient_matches_burn() {
+        let device = device();
+        // (batch, in, out, h, w): a channels-last split read transposed into a row-major
+        // accumulator, and the other way round.
+        for (b, ci, co, h, w) in [(2, 5, 7, 9, 11), (1, 3, 40, 2, 2), (1, 40, 3, 2, 2)] {
+            let conv = Conv2dConfig::new([ci, co], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(&device)
+                .no_grad();
+            let x = values([b, ci, h, w], 4, 0.0, &device);
+            for up in [1, 2] {
+                let r = values([b, co, h * up, w * up], 5, 0.0, &device);
+                let (y, [dx]) = run([x.clone()], &r, |[x]| {
+                    conv3x3(&conv, &x, up).expect("the host kernel applies")
+                });
+                let (ry, [rdx]) = run([x.clone()], &r, |[x]| {
+                    conv.forward(crate::blocks::nearest(x, h * up, w * up))
+                });
+                let (dy, dg) = (max_diff(y, ry), max_diff(dx, rdx));
+                assert!(
+                    dy < 1e-5 && dg < 1e-4,
+                    "{b}x{ci}->{co} {h}x{w} up {up}: {dy} {dg}"
+                );
+            }
+        }
+    }
+
+    /// burn's multi-head attention, as the UNet computes it without the host kernels.
+    fn burn_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, heads: usize) -> Tensor<3> {
+        let [b, n, inner] = q.dims();
+        let m = k.dims()[1];
+        let d = inner / heads;
+        let split = |t: Tensor<3>, len: usize| t.reshape([b, len, heads, d]).swap_dims(1, 2);
+        let s = split(q, n)
+            .matmul(split(k, m).swap_dims(2, 3))
+            .mul_scalar((d as f64).powf(-0.5));
+        softmax(s, 3)
+            .matmul(split(v, m))
+            .swap_dims(1, 2)
+            .reshape([b, n, inner])
+    }
+
+    #[test]
+    fn attention_gradients_match_burn() {
+        let device = device();
+        // (batch, queries, keys, width, heads); 600 queries against 3 keys are two blocks of
+        // rows, whose dk and dv accumulate.
+        for (b, n, m, inner, heads) in [(2, 7, 5, 12, 3), (1, 600, 3, 4, 2), (2, 9, 9, 8, 1)] {
+            let q = values([b, n, inner], 1, 0.0, &device);
+            let k = values([b, m, inner], 2, 0.0, &device);
+            let v = values([b, m, inner], 3, 0.0, &device);
+            let r = values([b, n, inner], 4, 0.0, &device);
+            let (y, g) = run([q.clone(), k.clone(), v.clone()], &r, |[q, k, v]| {
+                attention(&q, &k, &v, heads).expect("the host kernel applies")
+            });
+            let (ry, rg) = run([q, k, v], &r, |[q, k, v]| burn_attention(q, k, v, heads));
+            let dy = max_diff(y, ry);
+            assert!(dy < 1e-5, "{b}x{n}x{m}x{inner}/{heads}: output {dy}");
+            for (name, (g, rg)) in ["q", "k", "v"].iter().zip(g.into_iter().zip(rg)) {
+                let d = max_diff(g, rg);
+                assert!(d < 1e-4, "{b}x{n}x{m}x{inner}/{heads}: d{name} {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn group_norm_gradient_matches_burn() {
+        let device = device();
+        for (b, c, h, w, groups) in [(2, 6, 3, 4, 3), (1, 8, 5, 5, 8), (1, 4, 1, 1, 1)] {
+            let mut norm = GroupNormConfig::new(groups, c).init(&device);
+            norm.gamma = Some(Param::from_tensor(values([c], 6, 1.0, &device)));
+            norm.beta = Some(Param::from_tensor(values([c], 7, 0.0, &device)));
+            let norm = norm.no_grad();
+            // A mean well away from zero, as after a residual sum.
+            let x = values([b, c, h, w], 8, 3.0, &device);
+            let r = values([b, c, h, w], 9, 0.0, &device);
+            for then_silu in [false, true] {
+                let (y, [dx]) = run([x.clone()], &r, |[x]| {
+                    group_norm(&norm, &x, then_silu).expect("the host kernel applies")
+                });
+                let (ry, [rdx]) = run([x.clone()], &r, |[x]| {
+                    let y = norm.forward(x);
+                    if then_silu { silu(y) } else { y }
+                });
+                let (dy, dg) = (max_diff(y, ry), max_diff(dx, rdx));
+                assert!(
+                    dy < 1e-5 && dg < 1e-4,
+                    "{b}x{c}x{h}x{w}/{groups} silu {then_silu}: {dy} {dg}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn weights_that_require_a_gradient_keep_burns_path() {
+        let device = device();
+        let conv = Conv2dConfig::new([2, 2], [3, 3])
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .init(&device);
+        let x = values([1, 2, 4, 4], 1, 0.0, &device);
+        assert!(conv.weight.val().is_require_grad());
+        assert!(conv3x3(&conv, &x, 1).is_none());
+        assert!(conv3x3(&conv.no_grad(), &x, 1).is_some());
+        // Tensors outside autodiff take the inference kernels instead.
+        let plain = values([1, 2, 4, 4], 1, 0.0, &Device::flex());
+        assert!(
+            attention(
+                &plain.clone().reshape([1, 16, 2]),
+                &plain.clone().reshape([1, 16, 2]),
+                &plain.reshape([1, 16, 2]),
+                1
+            )
+            .is_none()
+        );
+    }
+}
