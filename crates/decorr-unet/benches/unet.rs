@@ -3,7 +3,8 @@
 //! Compare with `python ../shared/reference/pyref/bench.py unet|vae HW` on the same machine:
 //! `cargo bench -p decorr-unet --bench unet -- unet|vae HW [N]` (HW: latent size, 64 or 32);
 //! `conv HW N [C]` times one 3x3 convolution and one group norm + SiLU (C channels, default 320),
-//! `attn HW N [C]` one self- and one cross-attention.
+//! `attn HW N [C]` one self- and one cross-attention, `convgrad HW N [C [CI]]` one 3x3
+//! convolution and its input gradient (`decorr_unet::host_autodiff`'s backward).
 //! `DECORR_HOST_KERNELS=0` runs burn's own flex kernels instead of decorr's host fast paths.
 
 use std::time::Instant;
@@ -102,6 +103,31 @@ fn main() {
                 let _ = decorr_unet::host::group_norm(&norm, x.clone(), true).into_data();
             });
             println!("group norm + SiLU {hw}x{hw}: {g:.4} s");
+            t
+        }
+        // One 3x3 convolution's forward and its input gradient, as training runs them
+        // (batch 2, C channels out, CI in; default C).
+        "convgrad" => {
+            let c: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(320);
+            let ci: usize = args.get(4).and_then(|a| a.parse().ok()).unwrap_or(c);
+            let conv = decorr_unet::blocks::conv(ci, c, 3, &device);
+            let x = Tensor::<4>::random([2, ci, hw, hw], normal, &device);
+            let xs = x.into_data().try_into_vec::<f32>().unwrap();
+            let dy = Tensor::<4>::random([2, c, hw, hw], normal, &device);
+            let dys = dy.into_data().try_into_vec::<f32>().unwrap();
+            let w = conv
+                .weight
+                .val()
+                .try_into_primitive::<burn::backend::Flex>()
+                .ok()
+                .unwrap();
+            let t = time(n, || {
+                let _ = decorr_unet::host::conv3x3_cached(&xs, &w, None, [2, ci, hw, hw], c, 1);
+            });
+            let g = time(n, || {
+                let _ = decorr_unet::host::conv3x3_input_grad(&dys, &w, [2, ci, hw, hw], c, 1);
+            });
+            println!("input gradient {hw}x{hw}: {g:.4} s");
             t
         }
         // The attention of a level alone (batch 2, hw x hw query pixels, C channels in 8

@@ -11,7 +11,7 @@ use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{DType, Device, Tensor};
 
 use crate::blocks::{conv, group_norm};
-use crate::host;
+use crate::{host, host_autodiff};
 
 /// What a forward pass computes besides its output.
 #[derive(Debug, Clone, Default)]
@@ -442,7 +442,8 @@ impl Transformer2DModel {
         let x = host::group_norm(&self.norm, x, false);
         let to_seq = |t: Tensor<4>| t.reshape([b, c, h * w]).swap_dims(1, 2);
         let mut seq = match &self.proj_in {
-            Projection::Conv(p) => to_seq(p.forward(x)),
+            Projection::Conv(p) => host_autodiff::conv1x1_seq(p, &to_seq(x.clone()))
+                .unwrap_or_else(|| to_seq(p.forward(x))),
             Projection::Linear(p) => host::linear(p, to_seq(x)),
         };
         for (i, block) in self.transformer_blocks.iter().enumerate() {
@@ -454,7 +455,10 @@ impl Transformer2DModel {
         }
         let from_seq = |t: Tensor<3>| t.swap_dims(1, 2).reshape([b, c, h, w]);
         let out = match &self.proj_out {
-            Projection::Conv(p) => p.forward(from_seq(seq)),
+            Projection::Conv(p) => match host_autodiff::conv1x1_seq(p, &seq) {
+                Some(y) => from_seq(y),
+                None => p.forward(from_seq(seq)),
+            },
             Projection::Linear(p) => from_seq(host::linear(p, seq)),
         };
         out + residual

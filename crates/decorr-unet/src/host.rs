@@ -123,7 +123,7 @@ fn conv3x3_host(conv: &Conv2d, x: &Tensor<4>, up: usize) -> Option<Tensor<4>> {
 
 /// [`conv3x3`] with the weight `wf` (`[co, ci, 3, 3]`, contiguous f32, starting at its
 /// buffer's start) split per tap through the cache.
-pub(crate) fn conv3x3_cached(
+pub fn conv3x3_cached(
     x: &[f32],
     wf: &FlexTensor,
     bias: Option<&[f32]>,
@@ -160,7 +160,7 @@ pub(crate) fn conv3x3_cached(
 /// the weight transposed (`ci` outputs from `co` inputs) and flipped in both directions, then,
 /// for `up` 2, each 2x2 block summed (the enlargement's gradient). The weight's split per tap
 /// is the forward's, read transposed through strides.
-pub(crate) fn conv3x3_input_grad(
+pub fn conv3x3_input_grad(
     dy: &[f32],
     wf: &FlexTensor,
     [b, ci, h, wd]: [usize; 4],
@@ -509,6 +509,9 @@ fn conv3x3_in(
 /// in cache. flex runs a linear map as one GEMM split by the GEMM crate, then a separate pass
 /// for the bias.
 pub fn linear(lin: &Linear, x: Tensor<3>) -> Tensor<3> {
+    if x.is_autodiff() {
+        return host_autodiff::linear(lin, &x).unwrap_or_else(|| lin.forward(x));
+    }
     let w = lin.weight.val();
     let bias = match &lin.bias {
         Some(b) => match flex_f32(&b.val()) {
@@ -520,36 +523,46 @@ pub fn linear(lin: &Linear, x: Tensor<3>) -> Tensor<3> {
     if !enabled() || !on_host(&w) {
         return lin.forward(x);
     }
-    // The weight may be a transposed view (burn's column layout): read through its strides.
     let (Some(xf), Ok(wf)) = (flex_f32(&x), w.clone().try_into_primitive::<Flex>()) else {
         return lin.forward(x);
     };
     let [b, n, k] = x.dims();
-    let [wk, o] = w.dims();
-    let strides = wf.layout().strides();
-    let (rs, cs) = (strides[0], strides[1]);
-    if wk != k || wf.dtype() != DType::F32 || rs < 0 || cs < 0 {
-        return lin.forward(x);
-    }
-    let (rs, cs) = (rs as usize, cs as usize);
-    let start = wf.layout().start_offset();
-    let span = if k * o == 0 {
-        0
-    } else {
-        (k - 1) * rs + (o - 1) * cs + 1
-    };
-    let Some(weight) = wf.storage::<f32>().get(start..start + span) else {
+    let o = w.dims()[1];
+    let Some((weight, strides)) = strided_weight(&wf, k) else {
         return lin.forward(x);
     };
     let device = x.device();
     let out = linear_rows(
         &xf.storage::<f32>()[..b * n * k],
         weight,
-        [rs, cs],
+        strides,
         bias.as_ref().map(|t| &t.storage::<f32>()[..o]),
         [b * n, k, o],
     );
     Tensor::from_data(TensorData::new(out, [b, n, o]), &device)
+}
+
+/// A linear map's f32 weight `wf` (`[k, o]`, burn's layout) as the span of its buffer it covers
+/// and its (row, column) strides: it may be a transposed view (burn's column layout), read
+/// through its strides. `None` when its first dimension is not `k`, or its strides are negative.
+pub(crate) fn strided_weight(wf: &FlexTensor, k: usize) -> Option<(&[f32], [usize; 2])> {
+    let shape = wf.layout().shape();
+    let strides = wf.layout().strides();
+    if shape.len() != 2 || shape[0] != k || wf.dtype() != DType::F32 {
+        return None;
+    }
+    let o = shape[1];
+    let (rs, cs) = (
+        usize::try_from(strides[0]).ok()?,
+        usize::try_from(strides[1]).ok()?,
+    );
+    let start = wf.layout().start_offset();
+    let span = if k * o == 0 {
+        0
+    } else {
+        (k - 1) * rs + (o - 1) * cs + 1
+    };
+    Some((wf.storage::<f32>().get(start..start + span)?, [rs, cs]))
 }
 
 /// Input rows per [`linear`] job.
@@ -953,6 +966,9 @@ pub fn layer_norm(norm: &LayerNorm, x: Tensor<3>, eps: f64) -> Tensor<3> {
     let beta = norm.beta.as_ref().map(|b| b.val());
     let fits = enabled() && on_host(&x) && on_host(&gamma) && beta.as_ref().is_none_or(on_host);
     if !fits {
+        if let Some(y) = host_autodiff::layer_norm(norm, &x, eps) {
+            return y;
+        }
         return decorr_core::norm_f32(x, |x| norm.forward(x));
     }
     let device = x.device();
@@ -1010,23 +1026,31 @@ pub fn geglu(h: &Tensor<3>) -> Option<Tensor<3>> {
     if !enabled() {
         return None;
     }
+    if h.is_autodiff() {
+        return host_autodiff::geglu(h);
+    }
     let hf = flex_f32(h)?;
     let [b, n, two] = h.dims();
     if two % 2 != 0 {
         return None;
     }
     let half = two / 2;
-    let src = &hf.storage::<f32>()[..b * n * two];
-    let mut out = vec![0f32; b * n * half];
-    if half > 0 {
-        out.par_chunks_mut(half)
-            .zip(src.par_chunks(two))
-            .for_each(|(dst, row)| gated_gelu(dst, &row[..half], &row[half..]));
-    }
+    let out = geglu_rows(&hf.storage::<f32>()[..b * n * two], half);
     Some(Tensor::from_data(
         TensorData::new(out, [b, n, half]),
         &h.device(),
     ))
+}
+
+/// [`geglu`] on rows `[a | g]` of `2 * half` elements.
+pub(crate) fn geglu_rows(h: &[f32], half: usize) -> Vec<f32> {
+    let mut out = vec![0f32; h.len() / 2];
+    if half > 0 {
+        out.par_chunks_mut(half)
+            .zip(h.par_chunks(2 * half))
+            .for_each(|(dst, row)| gated_gelu(dst, &row[..half], &row[half..]));
+    }
+    out
 }
 
 /// `dst = a * gelu(g)`.
@@ -1056,7 +1080,7 @@ fn gated_gelu_portable(dst: &mut [f32], a: &[f32], g: &[f32]) {
 /// 7.1.26: `1 - t p(t) e^(-x^2)` with `t = 1 / (1 + 0.3275911 |x|)`, sign restored; within
 /// 1.5e-7 of the true value, 3e-7 in f32), so gelu agrees with torch's rather than with an exact erf.
 #[inline(always)]
-fn erf(x: f32) -> f32 {
+pub(crate) fn erf(x: f32) -> f32 {
     let t = 1.0 / (0.327_591_1 * x.abs() + 1.0);
     let p = 1.061_405_4_f32;
     let p = p * t - 1.453_152_1;

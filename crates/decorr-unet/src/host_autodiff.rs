@@ -20,8 +20,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
-use burn::nn::GroupNorm;
+use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, LayerNorm, Linear};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
@@ -39,6 +40,26 @@ pub trait HostKernels: Backend {
         bias: FloatTensor<Self>,
         up: usize,
     ) -> FloatTensor<Self>;
+
+    /// A linear map of `x` `[b, n, k]` with `weight` `[k, o]` (either layout) plus `bias`
+    /// `[o]`, or no bias when `bias` is empty (the extension macro does not route optional
+    /// tensors).
+    fn linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// Layer norm over the last dimension of `x` `[b, n, d]`, no shift when `beta` is empty.
+    fn layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self>;
+
+    /// GEGLU's gate: `[a | g]` `[b, n, 2i]` to `a * gelu(g)` `[b, n, i]`.
+    fn geglu(h: FloatTensor<Self>) -> FloatTensor<Self>;
 
     /// Multi-head attention, `q` `[b, n, heads * d]`, `k`, `v` `[b, m, heads * d]`.
     fn attention(
@@ -86,6 +107,37 @@ impl HostKernels for Flex {
             up,
         );
         flex(out, [b, co, h * up, w * up])
+    }
+
+    fn linear(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
+        let x = values(x);
+        let [b, n, k] = dims3(&x);
+        let (w, strides) = host::strided_weight(&weight, k).expect("a [k, o] f32 weight");
+        let o = weight.layout().shape()[1];
+        let bias = (bias.layout().num_elements() > 0).then(|| values(bias));
+        let out = host::linear_rows(
+            slice(&x),
+            w,
+            strides,
+            bias.as_ref().map(slice),
+            [b * n, k, o],
+        );
+        flex(out, [b, n, o])
+    }
+
+    fn layer_norm(x: FlexTensor, gamma: FlexTensor, beta: FlexTensor, eps: f64) -> FlexTensor {
+        let [b, n, d] = dims3(&x);
+        let mut data = slice(&values(x)).to_vec();
+        let gamma = values(gamma);
+        let beta = (beta.layout().num_elements() > 0).then(|| values(beta));
+        host::layer_norm_in_place(&mut data, slice(&gamma), beta.as_ref().map(slice), d, eps);
+        flex(data, [b, n, d])
+    }
+
+    fn geglu(h: FlexTensor) -> FlexTensor {
+        let h = values(h);
+        let [b, n, two] = dims3(&h);
+        flex(host::geglu_rows(slice(&h), two / 2), [b, n, two / 2])
     }
 
     fn attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, heads: usize) -> FlexTensor {
@@ -174,6 +226,135 @@ impl<C: CheckpointStrategy> HostKernels for Autodiff<Flex, C> {
             OpsKind::UnTracked(prep) => {
                 prep.finish(Flex::conv3x3(x.into_primitive(), weight, bias, up))
             }
+        }
+    }
+
+    fn linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LinearBackward;
+
+        impl Backward<Flex, 1> for LinearBackward {
+            /// The weight and the input's dims.
+            type State = (FlexTensor, [usize; 3]);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [node] = ops.parents;
+                let grad = values(grads.consume::<Flex>(&ops.node));
+                let Some(node) = node else { return };
+                let (weight, [b, n, k]) = ops.state;
+                let (w, [rs, cs]) = host::strided_weight(&weight, k).expect("the forward's weight");
+                let o = weight.layout().shape()[1];
+                // dx = dy W^T: the weight read as `[o, k]` through swapped strides.
+                let dx = host::linear_rows(slice(&grad), w, [cs, rs], None, [b * n, o, k]);
+                grads.register::<Flex>(node.id, flex(dx, [b, n, k]));
+            }
+        }
+
+        let (weight, bias) = (weight.into_primitive(), bias.into_primitive());
+        match LinearBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let dims = dims3(x.primitive());
+                let out = Flex::linear(x.into_primitive(), weight.clone(), bias);
+                prep.finish((weight, dims), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::linear(x.into_primitive(), weight, bias)),
+        }
+    }
+
+    fn layer_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct LayerNormBackward;
+
+        impl Backward<Flex, 1> for LayerNormBackward {
+            /// The input, the scale and epsilon.
+            type State = (FlexTensor, FlexTensor, f64);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [node] = ops.parents;
+                let grad = values(grads.consume::<Flex>(&ops.node));
+                let Some(node) = node else { return };
+                let (x, gamma, eps) = ops.state;
+                let dims = dims3(&x);
+                let dx = layer_norm_backward(slice(&x), slice(&gamma), slice(&grad), dims[2], eps);
+                grads.register::<Flex>(node.id, flex(dx, dims));
+            }
+        }
+
+        let (gamma, beta) = (values(gamma.into_primitive()), beta.into_primitive());
+        match LayerNormBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let x = values(x.into_primitive());
+                let out = Flex::layer_norm(x.clone(), gamma.clone(), beta, eps);
+                prep.finish((x, gamma, eps), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(Flex::layer_norm(x.into_primitive(), gamma, beta, eps))
+            }
+        }
+    }
+
+    fn geglu(h: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct GegluBackward;
+
+        impl Backward<Flex, 1> for GegluBackward {
+            /// The input.
+            type State = FlexTensor;
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut Gradients,
+                _: &mut Checkpointer,
+            ) {
+                let [node] = ops.parents;
+                let grad = values(grads.consume::<Flex>(&ops.node));
+                let Some(node) = node else { return };
+                let h = ops.state;
+                let dims = dims3(&h);
+                let dh = geglu_backward(slice(&h), slice(&grad), dims[2] / 2);
+                grads.register::<Flex>(node.id, flex(dh, dims));
+            }
+        }
+
+        match GegluBackward
+            .prepare::<C>([h.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let h = values(h.into_primitive());
+                let out = Flex::geglu(h.clone());
+                prep.finish(h, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::geglu(h.into_primitive())),
         }
     }
 
@@ -321,12 +502,61 @@ fn traced_on_flex<const D: usize>(t: &Tensor<D>) -> bool {
 /// gradient asked, and contiguous from its buffer's start (so that a convolution weight's
 /// split per tap is cached under a stable buffer).
 fn constant<const D: usize>(t: &Tensor<D>) -> bool {
+    constant_where(t, |p| p.is_contiguous() && p.layout().start_offset() == 0)
+}
+
+/// Whether `t` is an f32 flex parameter value without a gradient whose flex tensor passes `ok`.
+fn constant_where<const D: usize>(t: &Tensor<D>, ok: impl FnOnce(&FlexTensor) -> bool) -> bool {
     !t.is_require_grad()
         && t.dtype() == DType::F32
         && t.clone()
             .inner()
             .try_into_primitive::<Flex>()
-            .is_ok_and(|p| p.is_contiguous() && p.layout().start_offset() == 0)
+            .is_ok_and(|p| ok(&p))
+}
+
+/// [`host::linear`] of an autodiff tensor; `None` where the host kernels do not apply.
+pub fn linear(lin: &Linear, x: &Tensor<3>) -> Option<Tensor<3>> {
+    linear_of(x, lin.weight.val(), lin.bias.as_ref().map(|b| b.val()))
+}
+
+/// A 1x1 convolution (`proj_in`/`proj_out` of SD 1.x) of an autodiff tensor whose pixels are
+/// a sequence, `seq` `[b, h * w, ci]`: the linear map with the weight `[co, ci, 1, 1]` read as
+/// `[ci, co]`. `None` where the host kernels do not apply.
+pub fn conv1x1_seq(conv: &Conv2d, seq: &Tensor<3>) -> Option<Tensor<3>> {
+    let [co, ci, kh, kw] = conv.weight.dims();
+    let plain = [kh, kw] == [1, 1]
+        && conv.stride == [1, 1]
+        && conv.dilation == [1, 1]
+        && conv.groups == 1
+        && matches!(
+            conv.padding,
+            PaddingConfig2d::Explicit(0, 0, 0, 0) | PaddingConfig2d::Valid
+        );
+    if !plain || seq.dims()[2] != ci {
+        return None;
+    }
+    let weight = conv.weight.val().reshape([co, ci]).swap_dims(0, 1);
+    linear_of(seq, weight, conv.bias.as_ref().map(|b| b.val()))
+}
+
+/// `x` `[b, n, k]` times `weight` `[k, o]` plus `bias` through [`HostKernels::linear`].
+fn linear_of(x: &Tensor<3>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Option<Tensor<3>> {
+    if !traced_on_flex(x) {
+        return None;
+    }
+    let k = x.dims()[2];
+    if !constant_where(&weight, |w| host::strided_weight(w, k).is_some())
+        || !bias.as_ref().is_none_or(constant)
+    {
+        return None;
+    }
+    let bias = bias.unwrap_or_else(|| Tensor::empty([0], &Device::flex()));
+    Some(Tensor::from_dispatch(<Dispatch as HostKernels>::linear(
+        x.clone().into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+    )))
 }
 
 /// [`host::conv2d`] (`up` 1) or [`host::conv2d_upsampled`] (`up` 2) of an autodiff tensor;
@@ -345,6 +575,30 @@ pub fn conv3x3(conv: &Conv2d, x: &Tensor<4>, up: usize) -> Option<Tensor<4>> {
         bias.into_dispatch(),
         up,
     )))
+}
+
+/// [`host::layer_norm`] of an autodiff tensor; `None` where the host kernels do not apply.
+pub fn layer_norm(norm: &LayerNorm, x: &Tensor<3>, eps: f64) -> Option<Tensor<3>> {
+    let gamma = norm.gamma.val();
+    let beta = norm.beta.as_ref().map(|b| b.val());
+    if !traced_on_flex(x) || !constant(&gamma) || !beta.as_ref().is_none_or(constant) {
+        return None;
+    }
+    let beta = beta.unwrap_or_else(|| Tensor::empty([0], &Device::flex()));
+    Some(Tensor::from_dispatch(
+        <Dispatch as HostKernels>::layer_norm(
+            x.clone().into_dispatch(),
+            gamma.into_dispatch(),
+            beta.into_dispatch(),
+            eps,
+        ),
+    ))
+}
+
+/// [`host::geglu`] of an autodiff tensor; `None` where the host kernels do not apply.
+pub fn geglu(h: &Tensor<3>) -> Option<Tensor<3>> {
+    (traced_on_flex(h) && h.dims()[2].is_multiple_of(2))
+        .then(|| Tensor::from_dispatch(<Dispatch as HostKernels>::geglu(h.clone().into_dispatch())))
 }
 
 /// [`host::attention`] of autodiff tensors; `None` where the host kernels do not apply.
@@ -586,6 +840,84 @@ pub fn attention_backward(
     (dq, dk, dv)
 }
 
+/// The gradient of [`host::layer_norm_in_place`] with respect to its input (rows of `d`),
+/// given the output's gradient `dy`: per row, with `x^ = (x - mean) rstd` and `g = dy gamma`,
+/// `dx = rstd (g - mean(g) - x^ mean(g x^))`. Statistics in f64, as the forward.
+pub fn layer_norm_backward(x: &[f32], gamma: &[f32], dy: &[f32], d: usize, eps: f64) -> Vec<f32> {
+    assert!(
+        d > 0 && x.len().is_multiple_of(d),
+        "layer_norm backward: rows of d"
+    );
+    assert!(
+        gamma.len() == d && dy.len() == x.len(),
+        "layer_norm backward: sizes"
+    );
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(d)
+        .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
+        .for_each(|(dst, (row, g))| {
+            let (mean, rstd) = host::group_stats(row, eps);
+            let (mean, r) = (mean as f32, rstd as f32);
+            let (mut sg, mut sgx) = (0f32, 0f32);
+            for (((o, &xv), &gv), &gm) in dst.iter_mut().zip(row).zip(g).zip(gamma) {
+                *o = gv * gm;
+                sg += *o;
+                sgx += *o * (xv - mean) * r;
+            }
+            let (a, bb) = (sg / d as f32, sgx / d as f32);
+            for (o, &xv) in dst.iter_mut().zip(row) {
+                *o = r * (*o - a - (xv - mean) * r * bb);
+            }
+        });
+    dx
+}
+
+/// The gradient of [`host::geglu_rows`] with respect to its rows `[a | g]`, given the output's
+/// gradient `dy`: `da = dy gelu(g)`, `dg = dy a gelu'(g)` with
+/// `gelu'(g) = Phi(g) + g phi(g)` (the same erf as the forward).
+pub fn geglu_backward(h: &[f32], dy: &[f32], half: usize) -> Vec<f32> {
+    assert_eq!(h.len(), 2 * dy.len(), "geglu backward: sizes");
+    let mut dh = vec![0f32; h.len()];
+    if half == 0 {
+        return dh;
+    }
+    dh.par_chunks_mut(2 * half)
+        .zip(h.par_chunks(2 * half).zip(dy.par_chunks(half)))
+        .for_each(|(dst, (row, d))| geglu_grad_row(dst, row, d));
+    dh
+}
+
+/// One row of [`geglu_backward`].
+fn geglu_grad_row(dst: &mut [f32], row: &[f32], d: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { geglu_grad_row_avx2(dst, row, d) };
+    }
+    geglu_grad_row_portable(dst, row, d);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn geglu_grad_row_avx2(dst: &mut [f32], row: &[f32], d: &[f32]) {
+    geglu_grad_row_portable(dst, row, d);
+}
+
+#[inline(always)]
+fn geglu_grad_row_portable(dst: &mut [f32], row: &[f32], d: &[f32]) {
+    let inv_sqrt_2pi = 0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2;
+    let half = d.len();
+    let (a, g) = row.split_at(half);
+    let (da, dg) = dst.split_at_mut(half);
+    for i in 0..half {
+        let (av, gv) = (a[i], g[i]);
+        let cdf = 0.5 * (1.0 + host::erf(gv * std::f32::consts::FRAC_1_SQRT_2));
+        let pdf = inv_sqrt_2pi * host::exp(-0.5 * gv * gv);
+        da[i] = d[i] * gv * cdf;
+        dg[i] = d[i] * av * (cdf + gv * pdf);
+    }
+}
+
 /// The gradient of [`host::group_norm_in_place`] with respect to its input `x` `[b, c, hw]`,
 /// given the output's gradient `dz`: per group, with `x^ = (x - mean) rstd` and `g` the
 /// gradient at `x^` (through SiLU when `silu`, times the scale),
@@ -702,6 +1034,83 @@ mod tests {
                     "{b}x{ci}->{co} {h}x{w} up {up}: {dy} {dg}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn conv1x1_gradient_matches_burn() {
+        let device = device();
+        let (b, ci, co, h, w) = (2, 6, 5, 3, 4);
+        let conv = Conv2dConfig::new([ci, co], [1, 1]).init(&device).no_grad();
+        let x = values([b, ci, h, w], 1, 0.0, &device);
+        let r = values([b, h * w, co], 2, 0.0, &device);
+        let to_seq = |t: Tensor<4>, c| t.reshape([b, c, h * w]).swap_dims(1, 2);
+        let (y, [dx]) = run([x.clone()], &r, |[x]| {
+            conv1x1_seq(&conv, &to_seq(x, ci)).expect("the host kernel applies")
+        });
+        let (ry, [rdx]) = run([x], &r, |[x]| to_seq(conv.forward(x), co));
+        let (dy, dg) = (max_diff(y, ry), max_diff(dx, rdx));
+        assert!(dy < 1e-5 && dg < 1e-4, "{dy} {dg}");
+    }
+
+    #[test]
+    fn layer_norm_and_geglu_gradients_match_burn() {
+        let device = device();
+        for (bias, d) in [(true, 7), (false, 40)] {
+            let mut norm = burn::nn::LayerNormConfig::new(d)
+                .with_epsilon(1e-5)
+                .with_bias(bias)
+                .init(&device);
+            norm.gamma = Param::from_tensor(values([d], 1, 1.0, &device));
+            if bias {
+                norm.beta = Some(Param::from_tensor(values([d], 2, 0.0, &device)));
+            }
+            let norm = norm.no_grad();
+            let x = values([2, 5, d], 3, 2.0, &device);
+            let r = values([2, 5, d], 4, 0.0, &device);
+            let (y, [dx]) = run([x.clone()], &r, |[x]| {
+                layer_norm(&norm, &x, 1e-5).expect("the host kernel applies")
+            });
+            let (ry, [rdx]) = run([x], &r, |[x]| norm.forward(x));
+            let (dy, dg) = (max_diff(y, ry), max_diff(dx, rdx));
+            assert!(
+                dy < 1e-5 && dg < 1e-4,
+                "layer norm, bias {bias} d {d}: {dy} {dg}"
+            );
+        }
+        let h = values([2, 7, 12], 5, 0.0, &device);
+        let r = values([2, 7, 6], 6, 0.0, &device);
+        let (y, [dh]) = run([h.clone()], &r, |[h]| {
+            geglu(&h).expect("the host kernel applies")
+        });
+        let (ry, [rdh]) = run([h], &r, |[h]| {
+            h.clone().narrow(2, 0, 6) * burn::tensor::activation::gelu(h.narrow(2, 6, 6))
+        });
+        let (dy, dg) = (max_diff(y, ry), max_diff(dh, rdh));
+        assert!(dy < 1e-5 && dg < 1e-4, "geglu: {dy} {dg}");
+    }
+
+    #[test]
+    fn linear_gradient_matches_burn() {
+        let device = device();
+        for (b, n, k, o, bias, layout) in [
+            (2, 37, 5, 8, true, burn::nn::LinearLayout::Row),
+            (1, 1100, 16, 3, false, burn::nn::LinearLayout::Row),
+            (2, 9, 6, 4, true, burn::nn::LinearLayout::Col),
+        ] {
+            let lin = burn::nn::LinearConfig::new(k, o)
+                .with_bias(bias)
+                .with_layout(layout)
+                .init(&device)
+                .no_grad();
+            let x = values([b, n, k], 1, 0.0, &device);
+            let r = values([b, n, o], 2, 0.0, &device);
+            let (y, [dx]) = run([x.clone()], &r, |[x]| {
+                linear(&lin, &x).expect("the host kernel applies")
+            });
+            let (ry, [rdx]) = run([x], &r, |[x]| lin.forward(x));
+            let (dy, dg) = (max_diff(y, ry), max_diff(dx, rdx));
+            assert!(dy < 1e-5 && dg < 1e-4, "{b}x{n}x{k}->{o}: {dy} {dg}");
         }
     }
 
