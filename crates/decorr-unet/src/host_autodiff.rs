@@ -1,18 +1,22 @@
 //! The host kernels of [`crate::host`] under burn's autodiff on flex, for training through the
-//! UNet (DisenDiff): a backend extension ([`HostKernels`]) whose flex arm runs the kernel and
-//! whose autodiff arm records a hand-written backward step. Without it, autodiff on flex runs a
-//! 3x3 convolution as im2col + GEMM and its input gradient as a transposed convolution,
-//! attention as separate matmul, exp, sum and divide passes (each with its own backward), and a
-//! group norm + SiLU as a dozen element-wise ops.
+//! UNet (DisenDiff; Attend-and-Excite's latent gradient): a backend extension
+//! ([`HostKernels`]) whose flex arm runs the kernel and whose autodiff arm records a
+//! hand-written backward step. Without it, autodiff on flex runs a 3x3 convolution as im2col +
+//! GEMM and its input gradient as a transposed convolution, attention as separate matmul, exp,
+//! sum and divide passes (each with its own backward), a linear map as a GEMM plus a bias pass,
+//! and the norms and GEGLU as a dozen element-wise ops each way.
 //!
 //! Here: a convolution's input gradient is the same padded-copy-and-nine-GEMMs kernel as its
 //! forward, reading the weight's cached split per tap transposed and in reverse tap order;
 //! attention's backward recomputes each block of probabilities from q and k (nothing `n x m`
 //! is kept between forward and backward) and produces dq, dk, dv with five GEMMs per block; a
-//! group norm's backward is two passes per group.
+//! linear map's input gradient is the same row-tiled GEMM with the weight read transposed; the
+//! norms' and GEGLU's backward are one or two passes over their input.
 //!
-//! Weights (convolution weight and bias, group-norm scale and shift) are constants here: the
-//! callers keep burn's path when one of them requires a gradient.
+//! Weights (convolution and linear weights and biases, norm scales and shifts) are constants
+//! here: the callers keep burn's path when one of them requires a gradient (DisenDiff's trained
+//! k/v projections), so only the input's gradient is computed, and a convolution keeps only
+//! its weight for the backward, not its input.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
