@@ -186,6 +186,50 @@ fn dims3(t: &FlexTensor) -> [usize; 3] {
     [s[0], s[1], s[2]]
 }
 
+/// The backward step of an operation whose only tracked input is its first: the function
+/// from the kept state and the output's gradient (contiguous) to the input's gradient.
+struct InputBackward<S>(fn(S, &[f32]) -> FlexTensor);
+
+impl<S> std::fmt::Debug for InputBackward<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InputBackward")
+    }
+}
+
+impl<S: Clone + Send + std::fmt::Debug + 'static> Backward<Flex, 1> for InputBackward<S> {
+    type State = S;
+
+    fn backward(self, ops: Ops<S, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let grad = values(grads.consume::<Flex>(&ops.node));
+        if let Some(node) = node {
+            grads.register::<Flex>(node.id, (self.0)(ops.state, slice(&grad)));
+        }
+    }
+}
+
+/// `forward(x)` recorded with the backward step `grad`, which gets `keep(x)` (computed only
+/// when `x` is tracked) and the output's gradient.
+fn record<C: CheckpointStrategy, S: Clone + Send + std::fmt::Debug + 'static>(
+    x: FloatTensor<Autodiff<Flex, C>>,
+    keep: impl FnOnce(&FlexTensor) -> S,
+    forward: impl FnOnce(FlexTensor) -> FlexTensor,
+    grad: fn(S, &[f32]) -> FlexTensor,
+) -> FloatTensor<Autodiff<Flex, C>> {
+    match InputBackward(grad)
+        .prepare::<C>([x.node()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let x = values(x.into_primitive());
+            let state = keep(&x);
+            prep.finish(state, forward(x))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(x.into_primitive())),
+    }
+}
+
 impl<C: CheckpointStrategy> HostKernels for Autodiff<Flex, C> {
     fn conv3x3(
         x: FloatTensor<Self>,
@@ -193,44 +237,18 @@ impl<C: CheckpointStrategy> HostKernels for Autodiff<Flex, C> {
         bias: FloatTensor<Self>,
         up: usize,
     ) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct Conv3x3Backward;
-
-        impl Backward<Flex, 1> for Conv3x3Backward {
-            /// The weight, the input's dims and the enlargement.
-            type State = (FlexTensor, [usize; 4], usize);
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 1>,
-                grads: &mut Gradients,
-                _: &mut Checkpointer,
-            ) {
-                let [node] = ops.parents;
-                let grad = values(grads.consume::<Flex>(&ops.node));
-                let Some(node) = node else { return };
-                let (weight, dims, up) = ops.state;
-                let co = weight.layout().shape()[0];
-                let dx = host::conv3x3_input_grad(slice(&grad), &weight, dims, co, up);
-                grads.register::<Flex>(node.id, flex(dx, dims));
-            }
-        }
-
         let (weight, bias) = (values(weight.into_primitive()), bias.into_primitive());
-        match Conv3x3Backward
-            .prepare::<C>([x.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let dims = dims4(x.primitive());
-                let out = Flex::conv3x3(x.into_primitive(), weight.clone(), bias, up);
-                prep.finish((weight, dims, up), out)
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(Flex::conv3x3(x.into_primitive(), weight, bias, up))
-            }
-        }
+        let kept = weight.clone();
+        record::<C, _>(
+            x,
+            // Only the weight: the input gradient does not need the input.
+            |x| (kept, dims4(x), up),
+            |x| Flex::conv3x3(x, weight, bias, up),
+            |(weight, dims, up), dy| {
+                let co = weight.layout().shape()[0];
+                flex(host::conv3x3_input_grad(dy, &weight, dims, co, up), dims)
+            },
+        )
     }
 
     fn linear(
@@ -238,44 +256,22 @@ impl<C: CheckpointStrategy> HostKernels for Autodiff<Flex, C> {
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct LinearBackward;
-
-        impl Backward<Flex, 1> for LinearBackward {
-            /// The weight and the input's dims.
-            type State = (FlexTensor, [usize; 3]);
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 1>,
-                grads: &mut Gradients,
-                _: &mut Checkpointer,
-            ) {
-                let [node] = ops.parents;
-                let grad = values(grads.consume::<Flex>(&ops.node));
-                let Some(node) = node else { return };
-                let (weight, [b, n, k]) = ops.state;
+        let (weight, bias) = (weight.into_primitive(), bias.into_primitive());
+        let kept = weight.clone();
+        record::<C, _>(
+            x,
+            |x| (kept, dims3(x)),
+            |x| Flex::linear(x, weight, bias),
+            |(weight, [b, n, k]), dy| {
                 let (w, [rs, cs]) = host::strided_weight(&weight, k).expect("the forward's weight");
                 let o = weight.layout().shape()[1];
                 // dx = dy W^T: the weight read as `[o, k]` through swapped strides.
-                let dx = host::linear_rows(slice(&grad), w, [cs, rs], None, [b * n, o, k]);
-                grads.register::<Flex>(node.id, flex(dx, [b, n, k]));
-            }
-        }
-
-        let (weight, bias) = (weight.into_primitive(), bias.into_primitive());
-        match LinearBackward
-            .prepare::<C>([x.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let dims = dims3(x.primitive());
-                let out = Flex::linear(x.into_primitive(), weight.clone(), bias);
-                prep.finish((weight, dims), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::linear(x.into_primitive(), weight, bias)),
-        }
+                flex(
+                    host::linear_rows(dy, w, [cs, rs], None, [b * n, o, k]),
+                    [b, n, k],
+                )
+            },
+        )
     }
 
     fn layer_norm(
@@ -284,82 +280,25 @@ impl<C: CheckpointStrategy> HostKernels for Autodiff<Flex, C> {
         beta: FloatTensor<Self>,
         eps: f64,
     ) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct LayerNormBackward;
-
-        impl Backward<Flex, 1> for LayerNormBackward {
-            /// The input, the scale and epsilon.
-            type State = (FlexTensor, FlexTensor, f64);
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 1>,
-                grads: &mut Gradients,
-                _: &mut Checkpointer,
-            ) {
-                let [node] = ops.parents;
-                let grad = values(grads.consume::<Flex>(&ops.node));
-                let Some(node) = node else { return };
-                let (x, gamma, eps) = ops.state;
-                let dims = dims3(&x);
-                let dx = layer_norm_backward(slice(&x), slice(&gamma), slice(&grad), dims[2], eps);
-                grads.register::<Flex>(node.id, flex(dx, dims));
-            }
-        }
-
         let (gamma, beta) = (values(gamma.into_primitive()), beta.into_primitive());
-        match LayerNormBackward
-            .prepare::<C>([x.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let x = values(x.into_primitive());
-                let out = Flex::layer_norm(x.clone(), gamma.clone(), beta, eps);
-                prep.finish((x, gamma, eps), out)
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(Flex::layer_norm(x.into_primitive(), gamma, beta, eps))
-            }
-        }
+        let kept = gamma.clone();
+        record::<C, _>(
+            x,
+            |x| (x.clone(), kept, eps),
+            |x| Flex::layer_norm(x, gamma, beta, eps),
+            |(x, gamma, eps), dy| {
+                let dims = dims3(&x);
+                let dx = layer_norm_backward(slice(&x), slice(&gamma), dy, dims[2], eps);
+                flex(dx, dims)
+            },
+        )
     }
 
     fn geglu(h: FloatTensor<Self>) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct GegluBackward;
-
-        impl Backward<Flex, 1> for GegluBackward {
-            /// The input.
-            type State = FlexTensor;
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 1>,
-                grads: &mut Gradients,
-                _: &mut Checkpointer,
-            ) {
-                let [node] = ops.parents;
-                let grad = values(grads.consume::<Flex>(&ops.node));
-                let Some(node) = node else { return };
-                let h = ops.state;
-                let dims = dims3(&h);
-                let dh = geglu_backward(slice(&h), slice(&grad), dims[2] / 2);
-                grads.register::<Flex>(node.id, flex(dh, dims));
-            }
-        }
-
-        match GegluBackward
-            .prepare::<C>([h.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let h = values(h.into_primitive());
-                let out = Flex::geglu(h.clone());
-                prep.finish(h, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::geglu(h.into_primitive())),
-        }
+        record::<C, _>(h, FlexTensor::clone, Flex::geglu, |h, dy| {
+            let dims = dims3(&h);
+            flex(geglu_backward(slice(&h), dy, dims[2] / 2), dims)
+        })
     }
 
     fn attention(
@@ -433,64 +372,30 @@ impl<C: CheckpointStrategy> HostKernels for Autodiff<Flex, C> {
         eps: f64,
         silu: bool,
     ) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct GroupNormBackward;
-
-        /// The input, scale and shift, the groups, epsilon and whether SiLU follows.
-        type NormState = (FlexTensor, FlexTensor, FlexTensor, usize, f64, bool);
-
-        impl Backward<Flex, 1> for GroupNormBackward {
-            type State = NormState;
-
-            fn backward(
-                self,
-                ops: Ops<Self::State, 1>,
-                grads: &mut Gradients,
-                _: &mut Checkpointer,
-            ) {
-                let [node] = ops.parents;
-                let grad = values(grads.consume::<Flex>(&ops.node));
-                let Some(node) = node else { return };
-                let (x, gamma, beta, groups, eps, silu) = ops.state;
+        let (gamma, beta) = (
+            values(gamma.into_primitive()),
+            values(beta.into_primitive()),
+        );
+        let kept = (gamma.clone(), beta.clone());
+        record::<C, _>(
+            x,
+            |x| (x.clone(), kept, (groups, eps, silu)),
+            |x| Flex::group_norm(x, gamma, beta, groups, eps, silu),
+            |(x, (gamma, beta), (groups, eps, silu)), dy| {
                 let [b, c, h, w] = dims4(&x);
                 let dx = group_norm_backward(
                     slice(&x),
                     slice(&gamma),
                     slice(&beta),
-                    slice(&grad),
+                    dy,
                     [b, c, h * w],
                     groups,
                     eps,
                     silu,
                 );
-                grads.register::<Flex>(node.id, flex(dx, [b, c, h, w]));
-            }
-        }
-
-        let (gamma, beta) = (
-            values(gamma.into_primitive()),
-            values(beta.into_primitive()),
-        );
-        match GroupNormBackward
-            .prepare::<C>([x.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let x = values(x.into_primitive());
-                let out =
-                    Flex::group_norm(x.clone(), gamma.clone(), beta.clone(), groups, eps, silu);
-                prep.finish((x, gamma, beta, groups, eps, silu), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(Flex::group_norm(
-                x.into_primitive(),
-                gamma,
-                beta,
-                groups,
-                eps,
-                silu,
-            )),
-        }
+                flex(dx, [b, c, h, w])
+            },
+        )
     }
 }
 
