@@ -115,13 +115,8 @@ pub fn run(args: CompareArgs) -> Result<()> {
         shard: args.shard,
         merge: args.merge,
     };
-    let fresh = !args.out.exists();
-    let result = run_config(&args, &config);
     // A run that failed before writing anything leaves no folder behind.
-    if result.is_err() && fresh {
-        crate::output::remove_if_empty(&args.out);
-    }
-    result
+    crate::output::removed_if_failed_fresh(&args.out, || run_config(&args, &config))
 }
 
 fn run_config(args: &CompareArgs, config: &CompareConfig) -> Result<()> {

@@ -73,14 +73,8 @@ pub struct DisenDiffArgs {
 }
 
 pub fn run(args: DisenDiffArgs) -> Result<()> {
-    let out = args.out.clone();
-    let fresh = !out.exists();
-    let result = run_locked(args);
     // A run that failed before writing anything leaves no folder behind.
-    if result.is_err() && fresh {
-        crate::output::remove_if_empty(&out);
-    }
-    result
+    crate::output::removed_if_failed_fresh(&args.out.clone(), || run_locked(args))
 }
 
 fn run_locked(args: DisenDiffArgs) -> Result<()> {

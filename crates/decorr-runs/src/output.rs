@@ -90,6 +90,20 @@ pub fn remove_if_empty(out: &Path) {
     }
 }
 
+/// Runs `run`, which writes the folder `out`; when it fails and `out` did not exist before, the
+/// folder goes again if the run left nothing in it ([`remove_if_empty`]).
+pub fn removed_if_failed_fresh<T, E>(
+    out: &Path,
+    run: impl FnOnce() -> std::result::Result<T, E>,
+) -> std::result::Result<T, E> {
+    let fresh = !out.exists();
+    let result = run();
+    if result.is_err() && fresh {
+        remove_if_empty(out);
+    }
+    result
+}
+
 /// The output locks of a run that writes `out` (`generate`, `eval run`): the folder's own lock, a shard's lock (never held by
 /// another shard), or for `--merge` the folder's and every shard's that exists.
 pub fn lock_output(
