@@ -429,7 +429,11 @@ fn conv3x3_in(
         }
     });
     let rows = (TILE_COLS / pw).clamp(1, h);
-    let channels_last = taps_channels_last(co, h, w);
+    // An input gradient reading a row-major split transposed gets it column-major, which the
+    // GEMM packs slowly as a row-major accumulator's left operand; a channels-last accumulator
+    // turns the product around (measured on SD 1.5's shapes: 8x8, 2560 from 1280 channels,
+    // 0.046 s against 0.033 s; the forward takes 0.027 s).
+    let channels_last = (wk.transposed && !wk.channels_last) || taps_channels_last(co, h, w);
     let xp = &*xp;
     // Strides (column, row) of the accumulator.
     let acc_s = if channels_last {
