@@ -13,8 +13,9 @@
 //! softmax per row ([`attention`]), linear maps in row tiles with the bias fused ([`linear`]),
 //! GEGLU's gate ([`geglu`], torch's vectorised erf) and layer norm ([`layer_norm`]) in one pass.
 //!
-//! Under autodiff on flex the convolutions, attention and group norms go through
-//! [`crate::host_autodiff`], which records hand-written backward steps for them. Anything else
+//! Under autodiff on flex the same kernels (3x3 convolutions, attention, linear maps, the norms,
+//! GEGLU) go through [`crate::host_autodiff`], which records hand-written backward steps for
+//! them. Anything else
 //! (other backends, other dtypes, other convolution shapes: 1x1, stride 2) takes burn's path;
 //! there the norms of half-precision tensors compute in f32. `DECORR_HOST_KERNELS=0` turns the
 //! fast paths off, for comparisons.
