@@ -82,6 +82,9 @@ fn trains_resumes_and_samples() {
         "rusty <new1> tracks with an old <new2> train"
     );
     assert_eq!(report["micro_losses"].as_array().unwrap().len(), 8);
+    let times = report["step_seconds"].as_array().unwrap();
+    assert_eq!(times.len(), 4);
+    assert!(times.iter().all(|t| t.as_f64().unwrap() > 0.0), "{times:?}");
     assert!(a.join("losses.png").is_file());
 
     // Two steps, then the same command with four: the same stream, the same delta.
@@ -90,6 +93,9 @@ fn trains_resumes_and_samples() {
     let two = delta_values(&b);
     let o = train(model.path(), &b, "4", &[]);
     assert!(text(&o).contains("resumed at step 2"), "{}", text(&o));
+    let resumed: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(b.join("report.json")).unwrap()).unwrap();
+    assert_eq!(resumed["step_seconds"].as_array().unwrap().len(), 4, "kept across the resume");
     let (va, vb) = (delta_values(&a), delta_values(&b));
     let d = va
         .iter()

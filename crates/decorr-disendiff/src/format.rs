@@ -73,7 +73,13 @@ pub struct Report {
     /// The training images (file names in `train_images/`) and regularisation images.
     pub training_images: Vec<String>,
     pub regularisation: String,
+    /// Training time in seconds, resumed runs added up (loading and image generation left out).
     pub seconds: f64,
+    /// Each optimiser step's wall time in seconds: its `grad_accum` micro-steps (each reads its
+    /// losses back, so the device has finished) and the update, saving OUT left out. Empty in
+    /// reports written before it was recorded.
+    #[serde(default)]
+    pub step_seconds: Vec<f64>,
 }
 
 /// How many leading values of each probed tensor [`probe`] keeps.

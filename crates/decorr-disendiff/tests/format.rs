@@ -36,6 +36,7 @@ fn report() -> decorr_disendiff::Report {
         training_images: vec![],
         regularisation: "none".into(),
         seconds: 0.0,
+        step_seconds: vec![],
     }
 }
 

@@ -395,6 +395,7 @@ pub fn run(job: DisenDiffJob, progress: &mut dyn Progress) -> Result<DisenDiffOu
             Regularisation::None => "none".into(),
         },
         seconds: 0.0,
+        step_seconds: Vec::new(),
     };
     let mut resumed_from = 0;
     if let Some((d, r)) = earlier {
@@ -406,6 +407,7 @@ pub fn run(job: DisenDiffJob, progress: &mut dyn Progress) -> Result<DisenDiffOu
         report.micro_losses = r.micro_losses;
         report.step_losses = r.step_losses;
         report.seconds = r.seconds;
+        report.step_seconds = r.step_seconds;
         progress.note(&format!(
             "resuming {} from step {resumed_from}",
             job.out.display()
@@ -418,6 +420,7 @@ pub fn run(job: DisenDiffJob, progress: &mut dyn Progress) -> Result<DisenDiffOu
     progress.advance(resumed_from as u64);
     let mut interrupted = false;
     let mut step_micro: Vec<MicroLosses> = Vec::new();
+    let mut step_start = std::time::Instant::now();
     while trainer.steps_done() < cfg.max_train_steps {
         if progress.should_stop() && step_micro.is_empty() {
             interrupted = true;
@@ -431,6 +434,7 @@ pub fn run(job: DisenDiffJob, progress: &mut dyn Progress) -> Result<DisenDiffOu
             let mean = step_micro.iter().map(|l| l.total).sum::<f64>() / step_micro.len() as f64;
             report.micro_losses.append(&mut step_micro);
             report.step_losses.push(mean);
+            report.step_seconds.push(step_start.elapsed().as_secs_f64());
             progress.advance(1);
             progress.message(&format!("loss {mean:.4}"));
             let s = trainer.steps_done();
@@ -441,6 +445,7 @@ pub fn run(job: DisenDiffJob, progress: &mut dyn Progress) -> Result<DisenDiffOu
                 report.interrupted = s < cfg.max_train_steps;
                 save(&job.out, &trainer, &report)?;
             }
+            step_start = std::time::Instant::now();
         }
     }
     progress.end();
