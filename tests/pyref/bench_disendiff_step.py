@@ -4,7 +4,13 @@ reference for the Rust DisenDiff trainer's step time (issue 18's algorithm, ../s
 section 3; tests/fixtures/disendiff/README.md describes it step by step).
 
     /opt/pyref-venv/bin/python tests/pyref/bench_disendiff_step.py [--json PATH] [--steps 5] [--warmup 2]
-        [--threads 2] [--configs default,foreach,fused] [--extra]
+        [--threads 2] [--configs default,foreach,fused] [--extra] [--device cpu|cuda] [--pixels 256]
+
+On a GPU (tests/pyref/gpu_check.py runs it so): --device cuda --pixels 512 --configs
+fused,fused_sdpa,fused_sdpa_fp16; each part is timed after torch.cuda.synchronize(), and each
+configuration reports torch.cuda.max_memory_allocated. --pixels P scales the latents (P / 8), the map
+size (P / 32: the same five layers, SD's 16x16 ones at 512 px) and the far mask's geometry. The text
+below describes the default, 256 px on the CPU.
 
 What one micro-step is (batch 2, 256x256 px = 32x32 latents, float32, CPU), exactly the fixture's
 `micro_step` (imported from tests/pyref/make_disendiff_fixtures.py, which has no side effects on
@@ -32,6 +38,8 @@ Configurations (`--configs`, each a fresh AdamW from the same initial parameters
             default covers cuda/xpu/mtia only), so this is the single-tensor for-loop implementation.
   foreach   foreach=True (torch's multi-tensor path; on CPU a per-tensor fallback of the _foreach ops)
   fused     fused=True (torch's fused CPU AdamW kernel)
+  fused_sdpa_fp16 (CUDA only) fused_sdpa with the forward under torch.autocast fp16, parameters and AdamW
+            in fp32 (diffusers' training scripts' --mixed_precision fp16; no loss scaling: timing only)
 `--extra` adds: `fused_sdpa` (the same math with F.scaled_dot_product_attention in every attention layer
 whose probabilities are not kept: all attn1, and attn2 outside the 5 map layers, still with the key-0
 detach; the map layers keep the fixture's eager processor) and `fused_nomkldnn`
@@ -62,7 +70,10 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.environ.get("DECORR_PYREF", os.path.join(ROOT, "..", "shared", "reference", "pyref")))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sd15_configs import TEXT_FULL, UNET_FULL  # noqa: E402
+try:
+    from sd15_configs import TEXT_FULL, UNET_FULL  # noqa: E402
+except ImportError:  # a lent GPU machine has no ../shared: gpu_check.py carries a copy of the configs
+    from gpu_check import TEXT_FULL, UNET_FULL  # noqa: E402
 import make_disendiff_fixtures as fx  # noqa: E402  (constants and functions only; main() is not run)
 import diffusers, transformers  # noqa: E402
 from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
@@ -71,10 +82,21 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 MAP_LAYERS = sorted(f"{b}.attentions.{i}.transformer_blocks.0.attn2" for b, n in
                     (("down_blocks.2", 2), ("up_blocks.1", 3)) for i in range(n))
-HW, B = 32, 2
+HW, B = 32, 2                                         # latents; --pixels sets HW = pixels / 8
 TIMESTEPS = [999, 500]
 CAPTIONS = [fx.TARGET, "a far away " + fx.TARGET]
 FAR = dict(px=256, factor=8, r=128, cx=80, cy=160)    # BASELINES "Augmentation" mask rule at 256 px
+
+
+def set_pixels(px):
+    """Latents px / 8; maps at px / 32 (the second-smallest cross-attention size: SD's 16x16 layers
+    at 512 px, the same five layers at any size); the far mask's geometry scaled with the image."""
+    global HW
+    assert px % 32 == 0, px
+    HW = px // 8
+    fx.STANDIN_RES = px // 32
+    k = px / 256
+    FAR.update(px=px, r=round(128 * k), cx=round(80 * k), cy=round(160 * k))
 
 
 def rss_gb():
@@ -147,9 +169,15 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--configs", default="default,foreach,fused")
     ap.add_argument("--extra", action="store_true", help="also fused_sdpa and fused_nomkldnn")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--pixels", type=int, default=256, help="image side (default 256; 512 is the method's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)   # after the fixture module's set_num_threads(1)
     configs = args.configs.split(",") + (["fused_sdpa", "fused_nomkldnn"] if args.extra else [])
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    set_pixels(args.pixels)
     watch = CompileWatch()
     compile_at_start = watch.busy()
 
@@ -160,6 +188,7 @@ def main():
     te = CLIPTextModel(CLIPTextConfig(**TEXT_FULL, attn_implementation="eager")).float()
     base = te.get_input_embeddings().weight.detach().clone()
     te.resize_token_embeddings(len(tok), mean_resizing=False)
+    te.to(dev)
     emb = te.get_input_embeddings().weight
     with torch.no_grad():
         assert emb.shape == (49410, 768) and torch.equal(emb[:49408], base)
@@ -173,7 +202,7 @@ def main():
     te.embeddings.register_forward_hook(hook, with_kwargs=True)
 
     torch.manual_seed(1)
-    unet = UNet2DConditionModel(**UNET_FULL).float()
+    unet = UNet2DConditionModel(**UNET_FULL).float().to(dev)
     unet.requires_grad_(False)
     kv = {n: p for n, p in unet.named_parameters() if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))}
     for p in kv.values():
@@ -184,7 +213,7 @@ def main():
     params = [emb] + [kv[n] for n in kv_names]
     init = [p.detach().clone() for p in params]
     store = {}
-    fx.KERNEL = fx.gaussian_kernel()
+    fx.KERNEL = fx.gaussian_kernel().to(dev)
     sched = DDPMScheduler.from_config(json.load(open(os.path.join(ROOT, fx.REL["scheduler"]))))
     assert sched.config.beta_schedule == "scaled_linear" and sched.config.num_train_timesteps == 1000
 
@@ -198,6 +227,7 @@ def main():
     mask = torch.stack([torch.ones(HW, HW), far_mask()])
     data = {"micro0.input_ids": ids, "micro0.z0": z0, "micro0.noise": noise,
             "micro0.timesteps": torch.tensor(TIMESTEPS, dtype=torch.long), "micro0.mask": mask}
+    data = {k: v.to(dev) for k, v in data.items()}
     build_s = time.perf_counter() - t_build
     rss_after_build = rss_gb()
 
@@ -211,8 +241,13 @@ def main():
             kw["foreach"] = True
         else:
             assert cfg == "default", cfg
-        attn = "sdpa" if cfg == "fused_sdpa" else "eager"
+        attn = "sdpa" if cfg.startswith("fused_sdpa") else "eager"
         mkldnn = cfg != "fused_nomkldnn"
+        # fused_sdpa_fp16: the forward under CUDA autocast in fp16 (parameters and AdamW in fp32, as
+        # diffusers' training scripts with --mixed_precision fp16; no loss scaling: a timing, not a run)
+        amp = cfg == "fused_sdpa_fp16"
+        assert cfg in ("default", "foreach", "fused", "fused_sdpa", "fused_nomkldnn", "fused_sdpa_fp16"), cfg
+        assert not amp or cuda, "fused_sdpa_fp16 needs --device cuda"
         with torch.no_grad():
             for p, p0 in zip(params, init):
                 p.copy_(p0)
@@ -222,15 +257,23 @@ def main():
         watch.seen = watch.busy()
         parts = dict(step=[], forward_loss=[], backward=[], optimizer=[])
         first = None
+        if cuda:
+            sync()
+            torch.cuda.reset_peak_memory_stats()
         with torch.backends.mkldnn.flags(enabled=mkldnn):
             for i in range(args.warmup + args.steps):
+                sync()
                 t0 = time.perf_counter()
-                r = fx.micro_step(0, data, te, hook, unet, store, sched, modifier_ids, MAP_LAYERS)
+                with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                    r = fx.micro_step(0, data, te, hook, unet, store, sched, modifier_ids, MAP_LAYERS)
+                sync()
                 t1 = time.perf_counter()
                 r["total"].backward()
+                sync()
                 t2 = time.perf_counter()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                sync()
                 t3 = time.perf_counter()
                 if first is None:
                     first = {k: r[k].item() for k in ("l_rec", "l_attn", "total")}
@@ -242,7 +285,8 @@ def main():
                       f"(fwd+loss {t1 - t0:.3f}, bwd {t2 - t1:.3f}, opt {t3 - t2:.4f})", file=sys.stderr, flush=True)
         st = opt.state_dict()["param_groups"][0]
         results[cfg] = dict(adamw=dict(foreach=st.get("foreach"), fused=st.get("fused")), attention=attn,
-                            mkldnn=mkldnn, first_step_loss=first,
+                            mkldnn=mkldnn, autocast_fp16=amp, first_step_loss=first,
+                            cuda_peak_gib=round(torch.cuda.max_memory_allocated() / 1024 ** 3, 3) if cuda else None,
                             compile_seen_during=watch.seen, **{k: stats(v) for k, v in parts.items()})
         del opt
     watch.stop.set()
@@ -252,7 +296,7 @@ def main():
         bench="disendiff_micro_step",
         versions=dict(torch=torch.__version__, diffusers=diffusers.__version__, transformers=transformers.__version__,
                       python=platform.python_version()),
-        setting=dict(device="cpu", dtype="float32", torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+        setting=dict(device=str(dev), gpu=torch.cuda.get_device_name(dev) if cuda else None, dtype="float32", torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
                      batch=B, pixels=HW * 8, latents=HW, timesteps=TIMESTEPS, captions=CAPTIONS,
                      input_ids_unpadded=[r[:r.tolist().index(49407) + 1].tolist() for r in ids],
                      map_layers=MAP_LAYERS, heads=unet.get_submodule(MAP_LAYERS[0]).heads,

@@ -31,11 +31,22 @@ What it does, in order:
    visible, as in some containers; this includes the CUDA/Vulkan context, unlike the diffusers
    figure). Each run has a timeout so that the whole check fits --budget-s; a run that times
    out or fails is reported as such and the check goes on.
-4. One table (per-step median and mean without the first step, ratios to diffusers fp16 and
+4. DisenDiff training (issue 18; only with --disendiff-steps N, N >= 2): PyTorch's micro-step
+   (tests/pyref/bench_disendiff_step.py --device cuda --pixels 512, configurations fused,
+   fused_sdpa, fused_sdpa_fp16: AdamW fused, eager or SDPA attention, fp32 or fp16 autocast) and
+   `decorr disendiff` on the same weights (--backend: the first of --configs; f32, as training
+   always is) for N optimiser steps at the default batch 2 x accumulation 4 at --height px, on
+   two noise PNGs as training images; its report.json's step_seconds (the first step, with its
+   shader compilation, left out). PyTorch's optimiser step = 4 x (forward+loss + backward) +
+   AdamW, from the micro-step's part medians. The expected time of the default run (250 steps,
+   plus 8 generated training images of --steps steps: the first decorr generate run's total, or
+   diffusers fp16's for the PyTorch side) is printed for both.
+5. One table (per-step median and mean without the first step, ratios to diffusers fp16 and
    fp32, totals, peak memory) and the images' max differences in /255 units; everything as
    JSON (--json) and the images as PNGs (--out-dir: 5 files by default; decorr's own output goes into
    the log, so that a lent machine's $OUT stays within the 8 files that come back).
-   Exit status 1 when a decorr run failed, timed out or had no time left, or diffusers failed.
+   Exit status 1 when a decorr run failed, timed out or had no time left, or diffusers or a
+   DisenDiff run failed.
 
 Here (no GPU; CPU torch with diffusers installed, on one thread, decorr on flex, tiny models,
 16x16, 5 steps; fp16 on CPU torch is tried and skipped if it fails):
@@ -48,6 +59,10 @@ device command is `bash tests/pyref/gpu_check.sh`, which installs the carried di
 and runs this with --decorr .gpu/decorr):
 
     python3 tests/pyref/gpu_check.py --decorr .gpu/decorr --json OUT/gpu-check.json --out-dir OUT
+
+For issue 18's DisenDiff figure, a second call on the lent machine, with one generate run so that
+it fits the budget: `bash tests/pyref/gpu_check.sh --configs vulkan:f16 --disendiff-steps 3`
+(the weights are built again: a fresh call has a fresh $OUT and temporary folder).
 
 Time budget: --budget-s (default 450 s) bounds the whole script, so that with the wheel install
 and the machine's start a lent-machine session stays under 8 minutes. On an H100/H200 the
@@ -326,25 +341,9 @@ def tail(path, n=15):
         return []
 
 
-def decorr_run(a, weights, dtype, backend, work, timeout_s):
-    """One `decorr generate`; returns a result dict (the image as uint8 under "_png")."""
-    res = dict(config=f"decorr {backend} {dtype}", side="decorr", dtype=dtype, backend=backend)
-    if timeout_s < 10:
-        res.update(status="skipped", reason=f"out of time budget ({timeout_s:.0f} s left for it)")
-        log(f"  SKIPPED: {res['reason']}")
-        return res
-    tag = f"{backend}-{dtype}"
-    out = os.path.join(work, f"decorr-{tag}")
-    shutil.rmtree(out, ignore_errors=True)  # a fresh folder: generate would skip a finished image
-    timings = os.path.join(work, f"decorr-{tag}-timings.json")
-    if os.path.exists(timings):
-        os.remove(timings)
-    logf = os.path.join(work, f"decorr-{tag}.log")  # printed below, not in --out-dir
-    cmd = [a.decorr, "generate", "--weights", weights, "--backend", backend, "--dtype", dtype,
-           "--prompt", a.prompt, "--seed", str(a.seed), "--num-images", "1",
-           "--steps", str(a.steps), "--scheduler", "ddim", "--height", str(a.height),
-           "--width", str(a.width), "--guidance-scale", str(a.guidance_scale),
-           "--out", out, "--timings", timings, "--quiet"]
+def run_process(cmd, logf, timeout_s, res):
+    """Runs cmd (output into logf) with a timeout, polling its peak GPU memory and host RSS into
+    res (with the command, process_s, rc and the log's last 40 lines); returns (rc, timed_out)."""
     res["command"] = shlex.join(cmd)
     res["timeout_s"] = round(timeout_s, 1)
     log(f"  $ {res['command']}")
@@ -376,8 +375,31 @@ def decorr_run(a, weights, dtype, backend, work, timeout_s):
     res["peak_note"] = note
     if poller.rss_kib is not None:
         res["host_peak_rss_gib"] = round(poller.rss_kib / 1024 ** 2, 3)
-    lines = tail(logf, 40)
-    res["log_tail"] = lines
+    res["log_tail"] = tail(logf, 40)
+    return rc, timed_out
+
+
+def decorr_run(a, weights, dtype, backend, work, timeout_s):
+    """One `decorr generate`; returns a result dict (the image as uint8 under "_png")."""
+    res = dict(config=f"decorr {backend} {dtype}", side="decorr", dtype=dtype, backend=backend)
+    if timeout_s < 10:
+        res.update(status="skipped", reason=f"out of time budget ({timeout_s:.0f} s left for it)")
+        log(f"  SKIPPED: {res['reason']}")
+        return res
+    tag = f"{backend}-{dtype}"
+    out = os.path.join(work, f"decorr-{tag}")
+    shutil.rmtree(out, ignore_errors=True)  # a fresh folder: generate would skip a finished image
+    timings = os.path.join(work, f"decorr-{tag}-timings.json")
+    if os.path.exists(timings):
+        os.remove(timings)
+    logf = os.path.join(work, f"decorr-{tag}.log")  # printed below, not in --out-dir
+    cmd = [a.decorr, "generate", "--weights", weights, "--backend", backend, "--dtype", dtype,
+           "--prompt", a.prompt, "--seed", str(a.seed), "--num-images", "1",
+           "--steps", str(a.steps), "--scheduler", "ddim", "--height", str(a.height),
+           "--width", str(a.width), "--guidance-scale", str(a.guidance_scale),
+           "--out", out, "--timings", timings, "--quiet"]
+    rc, timed_out = run_process(cmd, logf, timeout_s, res)
+    lines = res["log_tail"]
     if timed_out:
         res.update(status="timeout", reason=f"killed after {timeout_s:.0f} s")
     elif rc != 0:
@@ -413,6 +435,138 @@ def decorr_run(a, weights, dtype, backend, work, timeout_s):
         res.update(status="failed", reason=f"no image at {png}")
     res.setdefault("status", "ok")
     return res
+
+
+# ---------------------------------------------------------------------------------------------
+# DisenDiff training (issue 18)
+
+DD_ACCUM = 4                  # decorr disendiff's default accumulation (batch 2 per micro-step)
+DD_DEFAULT_STEPS = 250        # the default run: 250 optimiser steps ...
+DD_DEFAULT_IMAGES = 8         # ... on 8 generated training images
+
+
+def skipped(res, timeout_s, need):
+    if timeout_s >= need:
+        return False
+    res.update(status="skipped", reason=f"out of time budget ({timeout_s:.0f} s left for it)")
+    log(f"  SKIPPED: {res['reason']}")
+    return True
+
+
+def failed(res, rc, timed_out, timeout_s):
+    """Marks res failed or timed out from a run_process result; True when it was."""
+    if timed_out:
+        res.update(status="timeout", reason=f"killed after {timeout_s:.0f} s")
+    elif rc != 0:
+        res.update(status="failed", reason=f"exit status {rc}")
+    else:
+        return False
+    log(f"  {res['status'].upper()}: {res['reason']}")
+    for line in res["log_tail"][-15:]:
+        log(f"    | {line}")
+    return True
+
+
+def disendiff_torch(a, device, work, timeout_s):
+    """PyTorch's DisenDiff micro-step on the full-size model (bench_disendiff_step.py) in each
+    configuration; an optimiser step is DD_ACCUM micro-steps' forward+loss and backward plus
+    AdamW, from the part medians."""
+    res = dict(config="PyTorch DisenDiff", side="diffusers")
+    if skipped(res, timeout_s, 30):
+        return res
+    js = os.path.join(work, "disendiff-torch.json")
+    cuda = device.type == "cuda"
+    configs = "fused,fused_sdpa" + (",fused_sdpa_fp16" if cuda else "")
+    cmd = [sys.executable, os.path.join(REPO, "tests", "pyref", "bench_disendiff_step.py"),
+           "--device", device.type, "--pixels", str(64 if a.tiny else a.height),
+           "--configs", configs, "--json", js]
+    cmd += ["--steps", "1", "--warmup", "0", "--threads", "1"] if not cuda else \
+        ["--steps", "3", "--warmup", "2"]
+    rc, timed_out = run_process(cmd, os.path.join(work, "disendiff-torch.log"), timeout_s, res)
+    if failed(res, rc, timed_out, timeout_s):
+        return res
+    with open(js) as f:
+        bench = json.load(f)
+    res["setting"] = bench["setting"]
+    res["configs"] = {}
+    for name, c in bench["configs"].items():
+        micro = c["forward_loss"]["median_s"] + c["backward"]["median_s"]
+        res["configs"][name] = dict(
+            micro_step_s=round(micro, 4), optimizer_s=c["optimizer"]["median_s"],
+            step_s=round(DD_ACCUM * micro + c["optimizer"]["median_s"], 4),
+            peak_gib=c.get("cuda_peak_gib"), first_step_loss=c["first_step_loss"])
+    best = min(res["configs"], key=lambda k: res["configs"][k]["step_s"])
+    res.update(status="ok", best=best, step_s=res["configs"][best]["step_s"])
+    for name, c in res["configs"].items():
+        log(f"  {name}: {c['step_s']:.3f} s per optimiser step (micro-step {c['micro_step_s']:.3f} "
+            f"s x {DD_ACCUM} + AdamW {c['optimizer_s']:.4f} s), peak "
+            + ("n/a" if c["peak_gib"] is None else f"{c['peak_gib']:.2f} GiB"))
+    return res
+
+
+def disendiff_decorr(a, weights, backend, work, timeout_s):
+    """`decorr disendiff` for --disendiff-steps optimiser steps on two noise PNGs; its
+    report.json's step_seconds (saving every step, so that a timeout keeps the finished ones)."""
+    res = dict(config=f"decorr {backend} f32 DisenDiff", side="decorr", backend=backend)
+    if skipped(res, timeout_s, 30):
+        return res
+    images = os.path.join(work, "disendiff-images")
+    os.makedirs(images, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        px = rng.integers(0, 256, size=(a.height, a.width, 3), dtype=np.uint8)
+        Image.fromarray(px).save(os.path.join(images, f"{i}.png"))
+    out = os.path.join(work, "disendiff-out")
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [a.decorr, "disendiff", "--weights", weights, "--backend", backend,
+           "--prompt", a.prompt, "--objects", a.disendiff_objects, "--images", images,
+           "--max-train-steps", str(a.disendiff_steps), "--grad-accum", str(DD_ACCUM),
+           "--resolution", str(a.height), "--save-every", "1", "--out", out, "--quiet"]
+    rc, timed_out = run_process(cmd, os.path.join(work, "disendiff-decorr.log"), timeout_s, res)
+    res["step_s"] = []
+    try:
+        with open(os.path.join(out, "report.json")) as f:
+            report = json.load(f)
+        res["step_s"] = [round(x, 4) for x in report.get("step_seconds", [])]
+        res["step_losses"] = report.get("step_losses")
+    except (OSError, ValueError) as e:
+        if rc == 0 and not timed_out:
+            res.update(status="failed", reason=f"no readable report.json ({e})")
+    failed(res, rc, timed_out, timeout_s)  # a timeout still reports the steps it finished
+    med, mean = stats(res["step_s"])
+    if med is None:
+        if "status" not in res:
+            res.update(status="failed", reason="report.json has no step_seconds (a decorr "
+                       "built before they were recorded?)" if not res["step_s"] else
+                       "one step timed; need 2 (the first has the shader compilation)")
+            log(f"  FAILED: {res['reason']}")
+        return res
+    res.setdefault("status", "ok")
+    res.update(step_median_s=round(med, 4), step_mean_s=round(mean, 4))
+    log(f"  {med:.3f} s per optimiser step (median of {len(res['step_s']) - 1}, the first "
+        f"{res['step_s'][0]:.1f} s left out), process {res['process_s']:.1f} s, peak {peak_text(res)}")
+    return res
+
+
+def disendiff_expected(dd_torch, dd_decorr, runs, comparable):
+    """The default run's expected time on this GPU: 250 optimiser steps plus 8 training images
+    (decorr: its first generate run; PyTorch: diffusers fp16). With --tiny the two sides train
+    different models (PyTorch's bench is full-size only), so no ratio."""
+    gen = {r["config"]: r.get("total_s") for r in runs if r.get("status") == "ok"}
+    ours_gen = next((t for c, t in gen.items() if c.startswith("decorr")), None)
+    out = {}
+    for side, step, image in (("decorr", dd_decorr.get("step_median_s"), ours_gen),
+                              ("pytorch", dd_torch.get("step_s"), gen.get("diffusers fp16"))):
+        if step is None:
+            out[side] = None
+            continue
+        train = DD_DEFAULT_STEPS * step
+        images = DD_DEFAULT_IMAGES * image if image is not None else None
+        out[side] = dict(train_s=round(train, 1), images_s=None if images is None else round(images, 1),
+                         total_min=round((train + (images or 0.0)) / 60, 1))
+    if comparable and out.get("decorr") and out.get("pytorch"):
+        out["ratio_train"] = round(out["decorr"]["train_s"] / out["pytorch"]["train_s"], 2)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,6 +646,11 @@ def main():
     p.add_argument("--height", type=int, help="default 512; 16 with --tiny")
     p.add_argument("--width", type=int, help="default 512; 16 with --tiny")
     p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--disendiff-steps", type=int, default=0,
+                   help="also time DisenDiff training: PyTorch's step and N >= 2 optimiser steps of "
+                   "`decorr disendiff` (default 0: not run; 3 is enough for a median of 2)")
+    p.add_argument("--disendiff-objects", default="tracks,train",
+                   help="the two object words of --prompt DisenDiff trains for")
     p.add_argument("--budget-s", type=float, default=450.0,
                    help="time for the whole script; the decorr runs' timeouts come from it")
     p.add_argument("--json", help="write all results here")
@@ -506,6 +665,8 @@ def main():
     configs = [tuple(c.split(":", 1)) for c in a.configs.split(",") if c]
     if any(len(c) != 2 for c in configs):
         p.error("--configs: BACKEND:DTYPE,... e.g. vulkan:f16,wgpu:f16")
+    if a.disendiff_steps == 1 or a.disendiff_steps < 0:
+        p.error("--disendiff-steps: 0 (off) or at least 2 (the first step is left out)")
     backend = ",".join(dict.fromkeys(b for b, _ in configs))
     device = torch.device(a.torch_device or ("cuda" if torch.cuda.is_available() and not a.tiny
                                              else "cpu"))
@@ -535,7 +696,9 @@ def main():
     log(f"  torch {env['torch']} on {device}" + (f" ({env['gpu']})" if env["gpu"] else "")
         + f", diffusers {env['diffusers']}, transformers {env['transformers']}, decorr {backend}")
 
-    report = dict(args=vars(a), env=env, runs=[], diffs={})
+    report = dict(args=vars(a), env=env, runs=[], diffs={}, disendiff=None)
+    # the DisenDiff stage's two runs share the decorr runs' time
+    extra = 2 if a.disendiff_steps else 0
     # the weights (unless --weights-dir), decorr's output folders and logs
     tmp = tempfile.mkdtemp(prefix="gpu-check-")
     try:
@@ -591,7 +754,7 @@ def main():
             log("decorr: not run (no --decorr given)")
         for i, (be, dt) in enumerate(configs if a.decorr else []):
             left = deadline - time.perf_counter() - 15  # keep 15 s for the report
-            timeout_s = left / (len(configs) - i)
+            timeout_s = left / (len(configs) - i + extra)
             log(f"decorr {dt} on {be}: {a.steps} steps ...")
             if os.access(a.decorr, os.X_OK):
                 r = decorr_run(a, weights, dt, be, tmp, timeout_s)
@@ -608,7 +771,25 @@ def main():
                     f"step median {fmt(med)} s, mean {fmt(mean)} s, peak {peak_text(r)}")
             runs.append(r)
 
-        # 4. report
+        # 4. DisenDiff training
+        if a.disendiff_steps:
+            left = deadline - time.perf_counter() - 15
+            log(f"DisenDiff, PyTorch: the micro-step at {64 if a.tiny else a.height} px ...")
+            dd_torch = disendiff_torch(a, device, tmp, left / 2)
+            dd_decorr = dict(config="decorr DisenDiff", side="decorr", status="failed",
+                             reason="no --decorr given")
+            if a.decorr and not os.access(a.decorr, os.X_OK):
+                dd_decorr["reason"] = f"{a.decorr} is not an executable file"
+            elif a.decorr:
+                be = configs[0][0]
+                left = deadline - time.perf_counter() - 15
+                log(f"DisenDiff, decorr on {be}: {a.disendiff_steps} optimiser steps at "
+                    f"{a.height} px ...")
+                dd_decorr = disendiff_decorr(a, weights, be, tmp, left)
+            expected = disendiff_expected(dd_torch, dd_decorr, runs, comparable=not a.tiny)
+            report["disendiff"] = dict(pytorch=dd_torch, decorr=dd_decorr, expected_default_run=expected)
+
+        # 5. report
         same = {"f32": "fp32", "f16": "fp16", "bf16": "fp16"}
         pairs = [(f"decorr {be} {dt} vs diffusers {same[dt]}", f"decorr-{be}-{dt}",
                   f"diffusers-{same[dt]}") for be, dt in configs if dt in same]
@@ -639,6 +820,26 @@ def main():
                     f"pixels over 2: {100 * d['frac_over_2']:.3f}%")
             else:
                 log(f"  {name}: {d.get('error') if isinstance(d, dict) else d}")
+        if report["disendiff"]:
+            dd = report["disendiff"]
+            log()
+            log(f"DisenDiff training at {a.height} px, batch 2 x accumulation {DD_ACCUM}, f32, "
+                "per optimiser step" + (" (--tiny: PyTorch's is the full-size model at 64 px, "
+                                       "not comparable):" if a.tiny else ":"))
+            t, o = dd["pytorch"], dd["decorr"]
+            log(f"  PyTorch, best ({t.get('best', 'n/a')}): {fmt(t.get('step_s'), '.3f')} s"
+                + ("" if t.get("status") == "ok" else f"  {t['status'].upper()}: {t.get('reason')}"))
+            log(f"  {o['config']}: {fmt(o.get('step_median_s'), '.3f')} s"
+                + ("" if o.get("status") == "ok" else f"  {o['status'].upper()}: {o.get('reason')}"))
+            e = dd["expected_default_run"]
+            for side in ("decorr", "pytorch"):
+                if e.get(side):
+                    x = e[side]
+                    log(f"  expected default run, {side}: {x['total_min']} min ({DD_DEFAULT_STEPS} "
+                        f"steps {x['train_s']} s + {DD_DEFAULT_IMAGES} images "
+                        f"{fmt(x['images_s'], '.1f')} s)")
+            if "ratio_train" in e:
+                log(f"  training, decorr / PyTorch's best: {e['ratio_train']}x")
     finally:
         report["elapsed_s"] = round(time.perf_counter() - start, 1)
         if a.json:
@@ -646,7 +847,8 @@ def main():
             with open(a.json, "w") as f:
                 json.dump(report, f, indent=2, default=str)
         shutil.rmtree(tmp, ignore_errors=True)
-    bad = [r["config"] for r in report["runs"] if r.get("status") in ("failed", "timeout")
+    dd_runs = list(report["disendiff"].values())[:2] if report["disendiff"] else []
+    bad = [r["config"] for r in report["runs"] + dd_runs if r.get("status") in ("failed", "timeout")
            or (r["side"] == "decorr" and r.get("status") == "skipped")]
     log(f"elapsed {report['elapsed_s']:.0f} s (budget {a.budget_s:.0f} s)"
         + (f"; JSON: {a.json}" if a.json else "")

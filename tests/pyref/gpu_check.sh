@@ -5,6 +5,7 @@
 #   here:   bash tests/pyref/gpu_check_prepare.sh          # fills .gpu/ and .gl/ (ignored)
 #   there:  bash tests/pyref/gpu_check.sh [gpu_check.py options, e.g. --steps 20]
 #           (run from the repo root with carry [".gpu", ".gl"]; OUT defaults to ./gpu-check-out)
+#   DisenDiff's GPU time (issue 18), a second call: ... gpu_check.sh --configs vulkan:f16 --disendiff-steps 3
 #
 # It installs the carried wheels (.gpu/whl: diffusers and what the machine lacks) into
 # /tmp/site, makes Vulkan reachable (the loader from .gl/*.deb when the machine has none; the
