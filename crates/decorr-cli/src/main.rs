@@ -63,9 +63,25 @@ fn main() {
         .format_timestamp(None)
         .init();
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", message(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes, as `{:#}` prints them, without a cause whose text an outer message
+/// already quotes (the crates' errors name their `source` in their own text).
+fn message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.is_empty() {
+            out = text;
+        } else if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -78,5 +94,28 @@ fn run(cli: Cli) -> Result<()> {
         Command::Compare(args) => compare::run(*args),
         Command::Disendiff(args) => disendiff::run(*args),
         Command::Study(args) => study::run(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::message;
+
+    /// An error that quotes its source in its own text, as the crates' `Io`/`Write` errors do.
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot write out: {source}")]
+    struct Quoting {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_cause_already_quoted_is_not_repeated() {
+        let io = || std::io::Error::new(std::io::ErrorKind::AlreadyExists, "File exists");
+        let e = anyhow::Error::new(Quoting { source: io() });
+        assert_eq!(format!("{e:#}"), "cannot write out: File exists: File exists");
+        assert_eq!(message(&e), "cannot write out: File exists");
+        // A context whose cause adds something keeps it.
+        let e = anyhow::Error::new(io()).context("saving OUT");
+        assert_eq!(message(&e), "saving OUT: File exists");
     }
 }

@@ -70,6 +70,20 @@ fn a_locked_output_folder_is_refused_naming_the_holder() {
     assert!(o.status.success(), "{}", text(&o));
 }
 
+/// An OUT that is a file is refused in plain words, the file untouched, the cause said once.
+#[test]
+fn an_output_path_that_is_a_file_is_refused() {
+    let model = tiny_sd();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("notes.txt");
+    std::fs::write(&out, "mine").unwrap();
+    let o = quick_generate(model.path(), &out, &[]);
+    assert!(!o.status.success());
+    let msg = text(&o);
+    assert!(msg.contains("is a file, not a folder"), "{msg}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "mine");
+}
+
 /// Two `generate` processes with different parameters start on one folder at once: exactly one
 /// succeeds, and every image there is described by the manifest's parameters.
 #[test]

@@ -31,6 +31,9 @@ pub enum CoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// An output folder's path names a file.
+    #[error("{0} is a file, not a folder; choose another output folder")]
+    NotAFolder(PathBuf),
     /// Another process holds an output folder's lock.
     #[error(
         "{path} is in use by another decorr run (PID {pid}); wait for it to finish, or choose \

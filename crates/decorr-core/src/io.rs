@@ -152,6 +152,9 @@ impl OutputLock {
             path: dir.to_path_buf(),
             source,
         };
+        if dir.exists() && !dir.is_dir() {
+            return Err(CoreError::NotAFolder(dir.to_path_buf()));
+        }
         std::fs::create_dir_all(dir).map_err(werr)?;
         let path = dir.join(name);
         let mut file = std::fs::OpenOptions::new()

@@ -27,8 +27,9 @@ pub struct Placement {
     /// The two object words, as they appear in the prompt.
     pub objects: [String; 2],
     /// The prompt with `<new1>` right before the first object's word and `<new2>` before the
-    /// second's: the class token is then the token after its modifier, as `L_attn` reads it
-    /// (our choice; BASELINES.md ambiguity 3). Sampling uses this prompt.
+    /// second's (at a word's first occurrence): the class token is then the token after its
+    /// modifier, as `L_attn` reads it (our choice; BASELINES.md ambiguity 3). Sampling uses this
+    /// prompt.
     pub sampling_prompt: String,
     /// The target images' caption: [`TEMPLATE`] + the sampling prompt.
     pub caption: String,
