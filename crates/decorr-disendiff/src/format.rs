@@ -197,10 +197,8 @@ fn read_f32(path: &Path, what: &str) -> Result<HostTensors, DisenDiffError> {
              disendiff --out)?",
             path.display()
         )),
-        other => DisenDiffError::Delta(format!(
-            "{} is not a valid safetensors file ({other}); re-run decorr disendiff",
-            path.display()
-        )),
+        // The core error names the file and what is wrong with it.
+        other => DisenDiffError::Delta(format!("{other}; re-run decorr disendiff")),
     })?;
     if let Some((name, _)) = tensors
         .iter()
