@@ -113,8 +113,11 @@ class CompileWatch:
     @staticmethod
     def busy():
         for cmd in (["pgrep", "-x", "cargo"], ["pgrep", "rustc"]):
-            if subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
-                return True
+            try:
+                if subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
+                    return True
+            except OSError:   # no pgrep (a bare lent machine): nothing to watch
+                return False
         return False
 
     def run(self):
@@ -188,13 +191,14 @@ def main():
     te = CLIPTextModel(CLIPTextConfig(**TEXT_FULL, attn_implementation="eager")).float()
     base = te.get_input_embeddings().weight.detach().clone()
     te.resize_token_embeddings(len(tok), mean_resizing=False)
-    te.to(dev)
     emb = te.get_input_embeddings().weight
     with torch.no_grad():
         assert emb.shape == (49410, 768) and torch.equal(emb[:49408], base)
         for m, new_id in zip(fx.MODIFIERS, modifier_ids):
             emb[new_id] = base[fx.INIT_ROWS[m]]
     del base
+    te.to(dev)
+    emb = te.get_input_embeddings().weight
     te.requires_grad_(False)
     emb.requires_grad_(True)
     te.train()
