@@ -379,12 +379,34 @@ def run_process(cmd, logf, timeout_s, res):
     return rc, timed_out
 
 
+def skipped(res, timeout_s, need):
+    """Marks res skipped when less than `need` seconds are left for it; True when it was."""
+    if timeout_s >= need:
+        return False
+    res.update(status="skipped", reason=f"out of time budget ({timeout_s:.0f} s left for it)")
+    log(f"  SKIPPED: {res['reason']}")
+    return True
+
+
+def failed(res, rc, timed_out, timeout_s, hint="", show_log=True):
+    """Marks res failed or timed out from a run_process result (hint added to the reason), logs
+    it with the log's last lines unless the caller prints the log itself; True when it was."""
+    if timed_out:
+        res.update(status="timeout", reason=f"killed after {timeout_s:.0f} s")
+    elif rc != 0:
+        res.update(status="failed", reason=f"exit status {rc}{hint}")
+    else:
+        return False
+    log(f"  {res['config']}: {res['status'].upper()}: {res['reason']}")
+    for line in res["log_tail"][-15:] if show_log else []:
+        log(f"    | {line}")
+    return True
+
+
 def decorr_run(a, weights, dtype, backend, work, timeout_s):
     """One `decorr generate`; returns a result dict (the image as uint8 under "_png")."""
     res = dict(config=f"decorr {backend} {dtype}", side="decorr", dtype=dtype, backend=backend)
-    if timeout_s < 10:
-        res.update(status="skipped", reason=f"out of time budget ({timeout_s:.0f} s left for it)")
-        log(f"  SKIPPED: {res['reason']}")
+    if skipped(res, timeout_s, 10):
         return res
     tag = f"{backend}-{dtype}"
     out = os.path.join(work, f"decorr-{tag}")
@@ -400,17 +422,11 @@ def decorr_run(a, weights, dtype, backend, work, timeout_s):
            "--out", out, "--timings", timings, "--quiet"]
     rc, timed_out = run_process(cmd, logf, timeout_s, res)
     lines = res["log_tail"]
-    if timed_out:
-        res.update(status="timeout", reason=f"killed after {timeout_s:.0f} s")
-    elif rc != 0:
-        text = "\n".join(tail(logf, 200))
-        missing = [f for f in ("--dtype", "--timings") if f"unexpected argument '{f}'" in text]
-        reason = f"exit status {rc}"
-        if missing:
-            reason += f": this decorr has no {' / '.join(missing)} flag (built before it landed?)"
-        res.update(status="failed", reason=reason)
-    if timed_out or rc != 0:
-        log(f"  decorr {dtype}: {res['status'].upper()}: {res['reason']}")
+    text = "\n".join(tail(logf, 200)) if rc != 0 else ""
+    missing = [f for f in ("--dtype", "--timings") if f"unexpected argument '{f}'" in text]
+    hint = f": this decorr has no {' / '.join(missing)} flag (built before it landed?)" \
+        if missing else ""
+    failed(res, rc, timed_out, timeout_s, hint, show_log=False)  # the whole tail follows
     if lines:
         log(f"  decorr's output{' (last 40 lines)' if len(lines) == 40 else ''}:")
     for line in lines:
@@ -443,28 +459,6 @@ def decorr_run(a, weights, dtype, backend, work, timeout_s):
 DD_ACCUM = 4                  # decorr disendiff's default accumulation (batch 2 per micro-step)
 DD_DEFAULT_STEPS = 250        # the default run: 250 optimiser steps ...
 DD_DEFAULT_IMAGES = 8         # ... on 8 generated training images
-
-
-def skipped(res, timeout_s, need):
-    if timeout_s >= need:
-        return False
-    res.update(status="skipped", reason=f"out of time budget ({timeout_s:.0f} s left for it)")
-    log(f"  SKIPPED: {res['reason']}")
-    return True
-
-
-def failed(res, rc, timed_out, timeout_s):
-    """Marks res failed or timed out from a run_process result; True when it was."""
-    if timed_out:
-        res.update(status="timeout", reason=f"killed after {timeout_s:.0f} s")
-    elif rc != 0:
-        res.update(status="failed", reason=f"exit status {rc}")
-    else:
-        return False
-    log(f"  {res['status'].upper()}: {res['reason']}")
-    for line in res["log_tail"][-15:]:
-        log(f"    | {line}")
-    return True
 
 
 def disendiff_torch(a, device, work, timeout_s):
@@ -847,7 +841,8 @@ def main():
             with open(a.json, "w") as f:
                 json.dump(report, f, indent=2, default=str)
         shutil.rmtree(tmp, ignore_errors=True)
-    dd_runs = list(report["disendiff"].values())[:2] if report["disendiff"] else []
+    dd = report["disendiff"]
+    dd_runs = [dd["pytorch"], dd["decorr"]] if dd else []
     bad = [r["config"] for r in report["runs"] + dd_runs if r.get("status") in ("failed", "timeout")
            or (r["side"] == "decorr" and r.get("status") == "skipped")]
     log(f"elapsed {report['elapsed_s']:.0f} s (budget {a.budget_s:.0f} s)"
