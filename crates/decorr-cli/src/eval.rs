@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::Device;
 use clap::{Args, Subcommand};
 use decorr_core::io::write_atomic;
-use decorr_core::{BackendKind, select_device};
+use decorr_core::BackendKind;
 use decorr_eval::bertscore::{Baseline, ScoreOptions};
 use decorr_eval::fid::{frechet_distance, stats_of_path};
 use decorr_eval::inception::{FidInception, load_inception};
@@ -40,17 +40,18 @@ enum EvalCommand {
 
 #[derive(Args, Debug, Clone)]
 struct DeviceArgs {
-    /// Compute backend: flex (CPU, always built), wgpu, cuda (cargo features of decorr-cli).
-    #[arg(long, default_value = "flex")]
+    /// Compute backend: flex (CPU, always built); wgpu, vulkan, cuda, and tch (LibTorch: its
+    /// CUDA GPU, else Apple's MPS, else the CPU) or tch-cpu, each a cargo feature of decorr-cli.
+    #[arg(long, env = "DECORR_BACKEND", default_value = "flex")]
     backend: BackendKind,
-    /// GPU index for cuda.
-    #[arg(long, default_value_t = 0)]
+    /// GPU index for cuda and tch.
+    #[arg(long, env = "DECORR_GPU", default_value_t = 0)]
     gpu: usize,
 }
 
 impl DeviceArgs {
     fn device(&self) -> Result<Device> {
-        Ok(select_device(self.backend, self.gpu)?)
+        crate::device::select(self.backend, self.gpu)
     }
 }
 
@@ -301,6 +302,8 @@ fn fid(a: FidArgs) -> Result<()> {
 // ---------------------------------------------------------------- run
 
 fn eval_run(a: RunArgs) -> Result<()> {
+    // Refuses a backend not compiled in before anything runs, and says which device tch took.
+    a.device.device()?;
     let config = EvalRunConfig {
         runs: a.runs,
         reference_images: a.reference_images,

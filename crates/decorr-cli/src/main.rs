@@ -2,6 +2,7 @@
 
 mod analyze;
 mod compare;
+mod device;
 mod disendiff;
 mod eval;
 mod finetune;

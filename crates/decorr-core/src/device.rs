@@ -1,6 +1,8 @@
 //! Run-time choice of the burn device and of the precision models run in. The CPU backend
 //! `flex` is always compiled; `wgpu`, `vulkan` and `cuda` are cargo features (each with burn's
-//! kernel fusion and autotuning), so a default (test) build stays lean.
+//! kernel fusion and autotuning), and so is `tch` (LibTorch: PyTorch's own kernels, linked from
+//! a PyTorch install), so a default (test) build stays lean. [`device_from_env`] is how tests
+//! and benchmarks run on another backend (`DECORR_BACKEND`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -23,6 +25,11 @@ pub enum BackendKind {
     Vulkan,
     /// CUDA, device index 0 unless given.
     Cuda,
+    /// LibTorch (PyTorch's kernels: cuDNN, cuBLAS, SDPA): its CUDA device when PyTorch sees
+    /// one, else Apple's MPS when there is one, else the CPU.
+    Tch,
+    /// LibTorch on the CPU, whatever GPU there is.
+    TchCpu,
 }
 
 impl BackendKind {
@@ -38,12 +45,21 @@ impl BackendKind {
         if cfg!(feature = "cuda") {
             v.push(BackendKind::Cuda);
         }
+        if cfg!(feature = "tch") {
+            v.extend([BackendKind::Tch, BackendKind::TchCpu]);
+        }
         v
     }
 
-    /// Whether this backend runs on a GPU (where half precision is the default).
-    pub fn is_gpu(self) -> bool {
-        self != BackendKind::Flex
+    /// The cargo feature of decorr-cli that compiles this backend in.
+    pub fn feature(self) -> &'static str {
+        match self {
+            BackendKind::Flex => "(none)",
+            BackendKind::Wgpu => "wgpu",
+            BackendKind::Vulkan => "vulkan",
+            BackendKind::Cuda => "cuda",
+            BackendKind::Tch | BackendKind::TchCpu => "tch",
+        }
     }
 }
 
@@ -54,6 +70,8 @@ impl fmt::Display for BackendKind {
             BackendKind::Wgpu => "wgpu",
             BackendKind::Vulkan => "vulkan",
             BackendKind::Cuda => "cuda",
+            BackendKind::Tch => "tch",
+            BackendKind::TchCpu => "tch-cpu",
         })
     }
 }
@@ -66,6 +84,8 @@ impl FromStr for BackendKind {
             "wgpu" => Ok(BackendKind::Wgpu),
             "vulkan" => Ok(BackendKind::Vulkan),
             "cuda" => Ok(BackendKind::Cuda),
+            "tch" | "libtorch" => Ok(BackendKind::Tch),
+            "tch-cpu" | "libtorch-cpu" => Ok(BackendKind::TchCpu),
             other => Err(CoreError::UnknownBackend(other.to_string())),
         }
     }
@@ -79,7 +99,7 @@ pub fn select_device(kind: BackendKind, index: usize) -> Result<Device, CoreErro
             .iter()
             .map(|b| b.to_string())
             .collect();
-        CoreError::BackendNotCompiled(kind.to_string(), avail.join(", "))
+        CoreError::BackendNotCompiled(kind.to_string(), kind.feature(), avail.join(", "))
     };
     match kind {
         BackendKind::Flex => Ok(Device::flex()),
@@ -118,7 +138,91 @@ pub fn select_device(kind: BackendKind, index: usize) -> Result<Device, CoreErro
                 Err(not_compiled())
             }
         }
+        BackendKind::Tch | BackendKind::TchCpu => {
+            #[cfg(feature = "tch")]
+            {
+                tch_device(kind == BackendKind::TchCpu, index)
+            }
+            #[cfg(not(feature = "tch"))]
+            {
+                let _ = index;
+                Err(not_compiled())
+            }
+        }
     }
+}
+
+/// LibTorch's device: CUDA `index` when PyTorch sees CUDA devices (an index past them is
+/// refused), else MPS where PyTorch has it, else the CPU; the CPU alone with `cpu_only`.
+#[cfg(feature = "tch")]
+#[allow(deprecated)] // burn-tch is deprecated upstream in favour of cubecl; we use it on purpose.
+fn tch_device(cpu_only: bool, index: usize) -> Result<Device, CoreError> {
+    if cpu_only {
+        return Ok(Device::libtorch());
+    }
+    let count = tch::Cuda::device_count().max(0) as usize;
+    if count > 0 {
+        if index >= count {
+            return Err(CoreError::NoSuchGpu(index, count));
+        }
+        return Ok(Device::libtorch_cuda(index));
+    }
+    if tch::utils::has_mps() {
+        return Ok(Device::libtorch_mps());
+    }
+    Ok(Device::libtorch())
+}
+
+/// Whether `device` computes on a CPU (flex, or LibTorch's CPU device): there f32 is the
+/// default precision, half precision elsewhere.
+pub fn is_cpu(device: &Device) -> bool {
+    #[cfg(feature = "tch")]
+    #[allow(deprecated)]
+    if *device == Device::libtorch() {
+        return true;
+    }
+    *device == Device::flex()
+}
+
+/// What runs the maths, in words for the user: "LibTorch, CUDA device 0", "flex (CPU)".
+pub fn describe(device: &Device) -> String {
+    #[cfg(feature = "tch")]
+    #[allow(deprecated)]
+    {
+        if *device == Device::libtorch() {
+            return format!("LibTorch {} on the CPU", tch_version());
+        }
+        if *device == Device::libtorch_mps() {
+            return format!("LibTorch {} on Apple's MPS", tch_version());
+        }
+        for i in 0..tch::Cuda::device_count().max(0) as usize {
+            if *device == Device::libtorch_cuda(i) {
+                return format!("LibTorch {} on CUDA device {i}", tch_version());
+            }
+        }
+    }
+    if *device == Device::flex() {
+        return "flex (CPU)".into();
+    }
+    format!("{device:?}")
+}
+
+/// The PyTorch version whose libtorch this binary links (tch 0.22 wants 2.9.0).
+#[cfg(feature = "tch")]
+fn tch_version() -> &'static str {
+    "2.9"
+}
+
+/// The device named by `DECORR_BACKEND` (default flex; GPU index `DECORR_GPU`, default 0): what
+/// the parity tests and benchmarks run on, so that one test build checks another backend
+/// (`DECORR_BACKEND=tch-cpu cargo test --features decorr-core/tch ...`). Panics on a name that
+/// is unknown or not compiled in: it is read by tests, not by users' commands.
+pub fn device_from_env() -> Device {
+    let kind: BackendKind = std::env::var("DECORR_BACKEND")
+        .map(|s| s.parse().expect("DECORR_BACKEND"))
+        .unwrap_or_default();
+    let index = std::env::var("DECORR_GPU").map_or(0, |s| s.parse().expect("DECORR_GPU"));
+    select_device(kind, index).expect("DECORR_BACKEND")
 }
 
 /// The floating-point precision a model's weights and activations are kept in.
@@ -132,11 +236,11 @@ pub enum Precision {
 impl Precision {
     /// What diffusers users run: half precision on a GPU, f32 on the CPU (where f16 has no
     /// fast kernels and decorr's host kernels are f32).
-    pub fn default_for(backend: BackendKind) -> Precision {
-        if backend.is_gpu() {
-            Precision::F16
-        } else {
+    pub fn default_for(device: &Device) -> Precision {
+        if is_cpu(device) {
             Precision::F32
+        } else {
+            Precision::F16
         }
     }
 
@@ -207,8 +311,7 @@ mod tests {
         assert_eq!("BF16".parse::<Precision>().unwrap(), Precision::Bf16);
         let err = "f8".parse::<Precision>().unwrap_err().to_string();
         assert!(err.contains("f8") && err.contains("f16"), "{err}");
-        assert_eq!(Precision::default_for(BackendKind::Flex), Precision::F32);
-        assert_eq!(Precision::default_for(BackendKind::Cuda), Precision::F16);
+        assert_eq!(Precision::default_for(&Device::flex()), Precision::F32);
         // flex computes in every precision (slowly in half).
         for p in [Precision::F32, Precision::F16, Precision::Bf16] {
             p.check(&Device::flex(), BackendKind::Flex).unwrap();
@@ -220,5 +323,31 @@ mod tests {
     fn missing_feature_names_the_fix() {
         let err = select_device(BackendKind::Cuda, 0).unwrap_err().to_string();
         assert!(err.contains("--features cuda"), "{err}");
+    }
+
+    #[cfg(not(feature = "tch"))]
+    #[test]
+    fn missing_tch_names_its_feature() {
+        let err = select_device(BackendKind::TchCpu, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--features tch ") && err.contains("tch-cpu"), "{err}");
+    }
+
+    #[test]
+    fn tch_names_parse() {
+        assert_eq!("tch".parse::<BackendKind>().unwrap(), BackendKind::Tch);
+        assert_eq!("TCH-CPU".parse::<BackendKind>().unwrap(), BackendKind::TchCpu);
+        assert_eq!(BackendKind::TchCpu.to_string(), "tch-cpu");
+    }
+
+    /// LibTorch's CPU device: f32 by default, described as LibTorch on the CPU.
+    #[cfg(feature = "tch")]
+    #[test]
+    fn tch_cpu_is_a_cpu() {
+        let d = select_device(BackendKind::TchCpu, 0).unwrap();
+        assert!(is_cpu(&d));
+        assert_eq!(Precision::default_for(&d), Precision::F32);
+        assert!(describe(&d).contains("LibTorch"), "{}", describe(&d));
     }
 }

@@ -6,12 +6,14 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
     #[error(
-        "backend `{0}` is not compiled into this build; rebuild with `--features {0}` \
-         (available here: {1})"
+        "backend `{0}` is not compiled into this build; rebuild with `--features {1}` \
+         (available here: {2})"
     )]
-    BackendNotCompiled(String, String),
-    #[error("unknown backend `{0}`; expected one of: flex, wgpu, vulkan, cuda")]
+    BackendNotCompiled(String, &'static str, String),
+    #[error("unknown backend `{0}`; expected one of: flex, wgpu, vulkan, cuda, tch, tch-cpu")]
     UnknownBackend(String),
+    #[error("--gpu {0}: PyTorch sees {1} CUDA device(s), numbered from 0")]
+    NoSuchGpu(usize, usize),
     #[error("unknown precision `{0}`; expected one of: f32, f16, bf16")]
     UnknownPrecision(String),
     #[error(

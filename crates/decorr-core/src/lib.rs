@@ -14,7 +14,7 @@ pub mod readback;
 pub mod source;
 pub mod weights;
 
-pub use device::{BackendKind, Precision, select_device};
+pub use device::{BackendKind, Precision, describe, device_from_env, is_cpu, select_device};
 pub use error::CoreError;
 pub use precision::{cast_module, norm_f32};
 pub use source::{AsModelFile, DEFAULT_MODEL, MemoryModel, ModelFile, ModelSource};
