@@ -15,7 +15,8 @@
 //!
 //! Under autodiff on flex the same kernels (3x3 convolutions, attention, linear maps, the norms,
 //! GEGLU) go through [`crate::host_autodiff`], which records hand-written backward steps for
-//! them. Anything else
+//! them. On LibTorch (`tch` feature) group norms, linear maps, GEGLU and attention go to torch's
+//! fused kernels instead ([`crate::libtorch`]). Anything else
 //! (other backends, other dtypes, other convolution shapes: 1x1, stride 2) takes burn's path;
 //! there the norms of half-precision tensors compute in f32. `DECORR_HOST_KERNELS=0` turns the
 //! fast paths off, for comparisons.
@@ -517,6 +518,10 @@ pub fn linear(lin: &Linear, x: Tensor<3>) -> Tensor<3> {
     if x.is_autodiff() {
         return host_autodiff::linear(lin, &x).unwrap_or_else(|| lin.forward(x));
     }
+    #[cfg(feature = "tch")]
+    if let Some(y) = crate::libtorch::linear(lin, &x) {
+        return y;
+    }
     let w = lin.weight.val();
     let bias = match &lin.bias {
         Some(b) => match flex_f32(&b.val()) {
@@ -649,6 +654,10 @@ pub fn attention(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, heads: usize) -> O
     }
     if q.is_autodiff() {
         return host_autodiff::attention(q, k, v, heads);
+    }
+    #[cfg(feature = "tch")]
+    if let Some(out) = crate::libtorch::attention(q, k, v, heads) {
+        return Some(out);
     }
     let (qf, kf, vf) = (flex_f32(q)?, flex_f32(k)?, flex_f32(v)?);
     let [b, n, inner] = q.dims();
@@ -865,6 +874,10 @@ pub fn group_norm(norm: &GroupNorm, x: Tensor<4>, then_silu: bool) -> Tensor<4> 
         if let Some(y) = host_autodiff::group_norm(norm, &x, then_silu) {
             return y;
         }
+        #[cfg(feature = "tch")]
+        if let Some(y) = crate::libtorch::group_norm(norm, &x, then_silu) {
+            return y;
+        }
         // Half precision: statistics in f32 (decorr_core::precision).
         return decorr_core::norm_f32(x, |x| {
             let y = norm.forward(x);
@@ -1033,6 +1046,10 @@ pub fn geglu(h: &Tensor<3>) -> Option<Tensor<3>> {
     }
     if h.is_autodiff() {
         return host_autodiff::geglu(h);
+    }
+    #[cfg(feature = "tch")]
+    if let Some(out) = crate::libtorch::geglu(h) {
+        return Some(out);
     }
     let hf = flex_f32(h)?;
     let [b, n, two] = h.dims();

@@ -1,13 +1,17 @@
 //! The image side of Stable Diffusion in burn: the denoising UNet ([`unet`]), the VAE ([`vae`]),
 //! their shared blocks ([`blocks`], [`attention`]), configs read from diffusers' `config.json`
-//! ([`config`]) and loading ([`load`]). Verified against diffusers on tiny random models and a
-//! full-size SD 1.5 configuration (README, "Verification").
+//! ([`config`]) and loading ([`load`]); the CPU fast paths on flex ([`host`], and under
+//! autodiff [`host_autodiff`]) and torch's fused kernels on LibTorch (`libtorch`, `tch`
+//! feature). Verified against diffusers on tiny random models and a full-size SD 1.5
+//! configuration (README, "Verification").
 
 pub mod attention;
 pub mod blocks;
 pub mod config;
 pub mod host;
 pub mod host_autodiff;
+#[cfg(feature = "tch")]
+pub mod libtorch;
 pub mod load;
 pub mod unet;
 pub mod vae;
