@@ -1,5 +1,5 @@
 //! Benchmark: full-size SD 1.5 text encoder (random weights), forward of one 77-token prompt on
-//! flex, median of N runs. Compare with `python ../shared/reference/pyref/bench.py text_fwd` run
+//! flex (or `DECORR_BACKEND`), median of N runs. Compare with `python ../shared/reference/pyref/bench.py text_fwd` run
 //! on the same machine: `cargo bench -p decorr-clip --bench text_forward [-- RUNS]`.
 
 use std::time::Instant;
@@ -14,7 +14,8 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(10);
-    let device = Device::flex();
+    // DECORR_BACKEND picks another backend (tch, tch-cpu with --features decorr-core/tch).
+    let device = decorr_core::device_from_env();
     device.seed(0);
     let model = ClipTextModel::new(&ClipTextConfig::sd15(), &device);
     let tok = ClipTokenizer::embedded()
@@ -44,6 +45,9 @@ fn main() {
         attention_layers: (0..12).collect(),
         ..Default::default()
     });
-    println!("text encoder forward 1x77 (flex, {runs} runs, median): {plain:.4} s");
+    println!(
+        "text encoder forward 1x77 ({}, {runs} runs, median): {plain:.4} s",
+        decorr_core::describe(&device)
+    );
     println!("  ... returning all 12 attention maps:                 {with_attn:.4} s");
 }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use decorr_clip::{ClipTokenizer, ForwardOptions, load_text_encoder, load_tokenizer};
 use decorr_core::ModelSource;
 
@@ -74,7 +74,7 @@ fn max_abs_diff<const D: usize>(ours: Tensor<D>, reference: &RefTensor) -> f32 {
 
 /// Compare every hidden state and attention map of the encoder in `dir` with its reference.
 fn check_encoder(dir: &Path) -> (f32, f32) {
-    let device = Device::flex();
+    let device = decorr_core::device_from_env();
     let source = ModelSource::Local(dir.to_path_buf());
     let enc = load_text_encoder(&source, &device).unwrap();
     let reference = read_reference(&dir.join("text_encoder/reference.safetensors"));

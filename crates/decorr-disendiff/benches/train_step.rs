@@ -1,6 +1,7 @@
 //! Benchmark: one DisenDiff micro-step with its optimiser step (text encoder and UNet forward,
 //! both losses, backward into the 32 k/v weights and the two rows, AdamW) at batch 2 on
-//! full-size SD 1.5 with random weights at 256 px (32x32 latents), on flex; median and minimum
+//! full-size SD 1.5 with random weights at 256 px (32x32 latents), on flex (or
+//! `DECORR_BACKEND`); median and minimum
 //! over N steps, and the process's peak resident memory. Compare with
 //! `python tests/pyref/bench_disendiff_step.py` on the same machine:
 //! `cargo bench -p decorr-disendiff --bench train_step [-- N]`.
@@ -32,7 +33,8 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(5);
-    let device = Device::flex();
+    // DECORR_BACKEND picks another backend (tch-cpu, tch: `--features decorr-unet/tch`).
+    let device = decorr_core::device_from_env();
     device.seed(0);
     let text = ClipTextModel::new(&ClipTextConfig::sd15(), &device);
     let unet = UNet2DConditionModel::new(&UNetConfig::sd15(), &device);
@@ -76,7 +78,8 @@ fn main() {
         mask: Tensor::ones([2, 32, 32], &device),
     };
     println!(
-        "DisenDiff micro-step + AdamW, SD 1.5 random weights, batch 2, 32x32 latents, flex, {} threads",
+        "DisenDiff micro-step + AdamW, SD 1.5 random weights, batch 2, 32x32 latents, {}, {} threads",
+        decorr_core::describe(&device),
         rayon::current_num_threads()
     );
     let mut times = Vec::new();

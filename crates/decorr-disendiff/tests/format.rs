@@ -5,7 +5,6 @@
 
 mod common;
 
-use burn::tensor::Device;
 use common::*;
 use decorr_core::ModelSource;
 use decorr_disendiff::format::{WEIGHTS_FILE, read_out, token_file};
@@ -43,7 +42,7 @@ fn report() -> decorr_disendiff::Report {
 #[test]
 fn our_files_match_diffusers_files() {
     let refs = refs();
-    let device = Device::flex();
+    let device = decorr_core::device_from_env();
     let lr = cases()["large_lr"]["lr"].as_f64().unwrap();
     let mut tr = trainer(lr);
     for i in 0..6 {
@@ -114,7 +113,7 @@ fn tiny_pipeline() -> (tempfile::TempDir, StableDiffusion) {
     }
     let sd = StableDiffusion::load(
         &ModelSource::Local(dir.path().to_path_buf()),
-        &Device::flex(),
+        &decorr_core::device_from_env(),
     )
     .unwrap();
     (dir, sd)

@@ -8,7 +8,6 @@
 
 mod common;
 
-use burn::tensor::Device;
 use common::*;
 use decorr_disendiff::tokens::{modifier_positions, place_modifiers};
 
@@ -24,7 +23,7 @@ fn rel(a: f64, b: f64) -> f64 {
 fn first_micro_step_matches_pytorch() {
     let refs = refs();
     let cases = cases();
-    let device = Device::flex();
+    let device = decorr_core::device_from_env();
     let tr = trainer(8e-5);
     let b = batch(&refs, 0, &device);
     let fw = tr.forward(&b).unwrap();
@@ -99,7 +98,7 @@ fn first_micro_step_matches_pytorch() {
 #[test]
 fn gradients_match_pytorch() {
     let refs = refs();
-    let device = Device::flex();
+    let device = decorr_core::device_from_env();
     let tr = trainer(8e-5);
     let b = batch(&refs, 0, &device);
     let w = 0.01;
@@ -138,7 +137,7 @@ fn gradients_match_pytorch() {
 fn run_three_steps(lr: f64, prefix: &str, losses_key: Option<&str>) {
     let refs = refs();
     let cases = cases();
-    let device = Device::flex();
+    let device = decorr_core::device_from_env();
     let mut tr = trainer(lr);
     let init = tr.trained();
     let expected = match losses_key {
@@ -205,7 +204,7 @@ fn three_adamw_steps_at_a_large_lr_match_pytorch() {
 #[test]
 fn vae_posterior_sample_matches() {
     let refs = refs();
-    let device = Device::flex();
+    let device = decorr_core::device_from_env();
     let vae = decorr_unet::load_vae(
         &decorr_core::ModelSource::Local(fixtures().join("vae_tiny")),
         &device,

@@ -23,7 +23,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn device() -> Device {
-    Device::flex()
+    decorr_core::device_from_env()
 }
 
 /// `(shape, i64 values, f32 values)` of every tensor of a reference safetensors file.

@@ -29,7 +29,7 @@ fn reference() -> Value {
 }
 
 fn device() -> Device {
-    Device::flex()
+    decorr_core::device_from_env()
 }
 
 fn ids_of(v: &Value) -> Vec<Vec<i64>> {

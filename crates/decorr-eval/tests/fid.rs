@@ -82,7 +82,7 @@ fn weight_names_and_shapes_follow_pytorch_fid_state_dict() {
 
 #[test]
 fn features_match_pytorch_fid() {
-    let device = Device::flex();
+    let device = decorr_core::device_from_env();
     let model = synthetic_model(&device);
     let (shape, want) = read_f32(&fixtures().join("features.safetensors"), "features");
     assert_eq!(shape, vec![7, FEATURE_DIM]);
@@ -271,7 +271,7 @@ fn pth_values_equal_the_generated_weights() {
         }
         assert_eq!(checked, 10, "{file}");
         // Loading the partial file names what is missing.
-        let e = load_inception(&path, &Device::flex())
+        let e = load_inception(&path, &decorr_core::device_from_env())
             .unwrap_err()
             .to_string();
         assert!(
@@ -305,7 +305,7 @@ fn loading_reports_bad_tensors_by_name() {
     );
     let path = dir.path().join("w.safetensors");
     decorr_convert::tensor::write_safetensors(&path, &sd).unwrap();
-    let e = load_inception(&path, &Device::flex())
+    let e = load_inception(&path, &decorr_core::device_from_env())
         .unwrap_err()
         .to_string();
     eprintln!("{e}");
@@ -325,12 +325,12 @@ fn loading_reports_bad_tensors_by_name() {
     let mut sd = synthetic_state_dict();
     sd.insert("fc.weight".into(), host(&[1000, 1], &vec![0.0; 1000]));
     decorr_convert::tensor::write_safetensors(&path, &sd).unwrap();
-    let e = load_inception(&path, &Device::flex())
+    let e = load_inception(&path, &decorr_core::device_from_env())
         .unwrap_err()
         .to_string();
     assert!(e.contains("torchvision's ImageNet"), "{e}");
 
-    let e = load_inception(&dir.path().join("nope.pth"), &Device::flex())
+    let e = load_inception(&dir.path().join("nope.pth"), &decorr_core::device_from_env())
         .unwrap_err()
         .to_string();
     assert!(e.contains("pt_inception-2015-12-05-6726825d.pth"), "{e}");
@@ -349,7 +349,7 @@ fn write_png(path: &Path, w: u32, h: u32, seed: u8) {
 
 #[test]
 fn folder_errors_name_the_problem() {
-    let device = Device::flex();
+    let device = decorr_core::device_from_env();
     let model = synthetic_model(&device);
     let dir = tempfile::tempdir().unwrap();
     // No images (other files and upper-case extensions do not count, as in pytorch-fid).
@@ -443,7 +443,7 @@ fn stats_errors() {
 #[test]
 #[ignore]
 fn pipeline_timing_on_real_size_images() {
-    let device = Device::flex();
+    let device = decorr_core::device_from_env();
     let model = synthetic_model(&device);
     let dir = tempfile::tempdir().unwrap();
     let n = 4;
@@ -491,7 +491,7 @@ fn full_legacy_weight_file_gives_reference_features() {
         eprintln!("DECORR_FID_SYNTHETIC_PTH is not set; skipped");
         return;
     };
-    let device = Device::flex();
+    let device = decorr_core::device_from_env();
     let t = Instant::now();
     let model = load_inception(Path::new(&path), &device).unwrap();
     eprintln!("loaded {} in {:?}", Path::new(&path).display(), t.elapsed());

@@ -1,11 +1,11 @@
 //! Benchmark: one full image (text encoding, N DDIM steps with CFG at batch 2, VAE decode) on
-//! flex with random full-size SD 1.5 weights; seconds per step, total, peak RSS. Compare with
+//! flex (or `DECORR_BACKEND`) with random full-size SD 1.5 weights; seconds per step, total, peak RSS. Compare with
 //! `python ../shared/reference/pyref/bench.py loop HW N` on the same machine:
 //! `cargo bench -p decorr-pipeline --bench sample_loop -- HW [N] [cfg|pag|aae]` (HW: latent
 //! size, 32 = 256 px). `pag` (scale 3, `mid`) and `aae` (tokens 2 and 6, the defaults) compare
 //! with `python tests/pyref/bench_guidance.py pag|aae HW N` (diffusers' own pipelines).
-//! `DECORR_BACKEND=wgpu` (built with `--features wgpu`) runs it on a GPU backend instead, and
-//! `DECORR_DTYPE=f16` in half precision.
+//! `DECORR_BACKEND=wgpu` (built with `--features wgpu`) runs it on a GPU backend instead
+//! (`tch`/`tch-cpu` with `--features tch`: LibTorch), and `DECORR_DTYPE=f16` in half precision.
 
 // Tests read results back freely; clippy.toml keeps the library to decorr_core::readback.
 #![allow(clippy::disallowed_methods)]
@@ -40,11 +40,8 @@ fn main() {
         .skip(1)
         .find(|a| a.parse::<usize>().is_err() && !a.starts_with('-'))
         .map_or(Guidance::Cfg, |g| g.parse().expect("cfg, pag or aae"));
-    let backend: decorr_core::BackendKind = std::env::var("DECORR_BACKEND")
-        .unwrap_or_else(|_| "flex".into())
-        .parse()
-        .expect("DECORR_BACKEND: flex, wgpu or cuda");
-    let device: Device = decorr_core::select_device(backend, 0).expect("backend compiled in");
+    let device: Device = decorr_core::device_from_env();
+    let backend = decorr_core::describe(&device);
     device.seed(0);
     let sd = StableDiffusion {
         tokenizer: ClipTokenizer::embedded(),

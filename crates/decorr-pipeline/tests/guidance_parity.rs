@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 use decorr_core::ModelSource;
 use decorr_core::weights::{HostTensors, read_tensors_f32};
 use decorr_pipeline::{ExciteParams, GenerateParams, Guidance, PagParams, StableDiffusion};
@@ -89,7 +89,7 @@ fn step_of(refs: &HostTensors, key: &str, i: usize) -> Vec<f32> {
 #[test]
 fn pag_and_attend_and_excite_match_diffusers() {
     let dir = assemble();
-    let device = Device::flex();
+    let device = decorr_core::device_from_env();
     let sd = StableDiffusion::load(&ModelSource::Local(dir.path().to_path_buf()), &device).unwrap();
     let refs = read_tensors_f32(&fixtures().join("guidance/reference.safetensors")).unwrap();
     let cases: Value = serde_json::from_str(

@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 use decorr_core::weights::{HostTensors, read_tensors_f32};
 use decorr_core::{ModelSource, Precision};
 use decorr_pipeline::{GenerateParams, Guidance, StableDiffusion};
@@ -39,18 +39,21 @@ fn pipeline_matches_diffusers() {
 
 /// Half precision (text encoders and UNet; the VAE stays f32) against the same f32 reference:
 /// f16 within 2/255 per pixel (measured 1.5/255 at most), bf16 (8 mantissa bits) within 12/255
-/// (measured 9.7/255, the decorrelated guidance).
+/// (measured 9.7/255 on flex, the decorrelated guidance). On LibTorch bf16 is within 16/255
+/// (measured 14.1/255): torch's bf16 kernels round every intermediate to bf16, where flex keeps
+/// its norms in f32 and rounds once per operation.
 #[test]
 fn half_precision_matches_diffusers_f32() {
     parity_in(Precision::F16, 2.0 / 255.0);
-    parity_in(Precision::Bf16, 12.0 / 255.0);
+    let torch = std::env::var("DECORR_BACKEND").is_ok_and(|b| b.starts_with("tch"));
+    parity_in(Precision::Bf16, if torch { 16.0 } else { 12.0 } / 255.0);
 }
 
 /// Every fixture case in `precision`, the image within `image_tol` of diffusers' (f32); the
 /// embeddings and final latents within 1e-5 in f32, else only reported.
 fn parity_in(precision: Precision, image_tol: f32) {
     let dir = assemble();
-    let device = Device::flex();
+    let device = decorr_core::device_from_env();
     let sd = StableDiffusion::load(&ModelSource::Local(dir.path().to_path_buf()), &device)
         .unwrap()
         .with_tuned_encoder(&fixtures().join("pipeline/tuned_text_encoder"))
@@ -148,7 +151,7 @@ fn parity_in(precision: Precision, image_tol: f32) {
 #[test]
 fn bad_inputs_are_explained() {
     let (dir, sd) = common::tiny();
-    let device = Device::flex();
+    let device = decorr_core::device_from_env();
     let base = common::quick_params(&sd);
     let err = |p: GenerateParams| common::error_of(&sd, p);
     let e = err(GenerateParams {
@@ -193,7 +196,7 @@ fn bad_inputs_are_explained() {
 #[test]
 fn cross_attention_is_recorded_per_step_and_token() {
     let dir = assemble();
-    let device = Device::flex();
+    let device = decorr_core::device_from_env();
     let sd = StableDiffusion::load(&ModelSource::Local(dir.path().to_path_buf()), &device).unwrap();
     let p = GenerateParams {
         prompt: "rusty tracks with an old train".into(),

@@ -1,5 +1,5 @@
 //! Benchmark: one decorrelation fine-tuning step (forward to layer 11's attention, backward,
-//! AdamW) on the full-size SD 1.5 text encoder with random weights, on flex, per parameter
+//! AdamW) on the full-size SD 1.5 text encoder with random weights, on flex (or `DECORR_BACKEND`), per parameter
 //! preset; median over N steps. Compare with `python ../shared/reference/pyref/bench.py
 //! text_train` on the same machine: `cargo bench -p decorr-trainer --bench train_step [-- N]
 //! [all|attn|qk ...]` (every preset unless some are named).
@@ -30,7 +30,8 @@ fn main() {
     if presets.is_empty() {
         presets = vec![ParamPreset::All, ParamPreset::Attn, ParamPreset::Qk];
     }
-    let device = Device::flex();
+    // DECORR_BACKEND picks another backend (tch, tch-cpu with --features decorr-core/tch).
+    let device = decorr_core::device_from_env();
     device.seed(0);
     let tokenized = ClipTokenizer::embedded()
         .encode("rusty tracks with an old train")
@@ -54,7 +55,8 @@ fn main() {
             .collect();
         gaps.sort_by(f64::total_cmp);
         println!(
-            "fine-tuning step, full-size SD 1.5 text encoder, preset {preset:?} (flex, median of {}): {:.4} s",
+            "fine-tuning step, full-size SD 1.5 text encoder, preset {preset:?} ({}, median of {}): {:.4} s",
+            decorr_core::describe(&device),
             gaps.len(),
             gaps[gaps.len() / 2]
         );

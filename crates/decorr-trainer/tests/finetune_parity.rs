@@ -10,7 +10,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::Device;
 use decorr_clip::{ClipTokenizer, load_text_encoder, save_text_encoder};
 use decorr_core::ModelSource;
 use decorr_trainer::{
@@ -81,7 +80,7 @@ fn check_run(name: &str, preset: ParamPreset, model_dir: &Path, record: &Path) {
     let targets: Vec<u64> = prompts.iter().map(|p| p.target as u64).collect();
     assert_eq!(serde_json::json!(targets), s["targets"], "target tokens");
 
-    let device = Device::flex();
+    let device = decorr_core::device_from_env();
     let enc = load_text_encoder(&ModelSource::Local(model_dir.to_path_buf()), &device).unwrap();
     let out = finetune(enc.model, &prompts, &config, &device, &mut Silent).unwrap();
 

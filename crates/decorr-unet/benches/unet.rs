@@ -1,5 +1,5 @@
 //! Benchmark: full-size SD 1.5 UNet forward (batch 2, 77-token context) and VAE decode with
-//! random weights on flex; median of N runs after one warm-up, and the process's peak RSS.
+//! random weights on flex (or `DECORR_BACKEND`); median of N runs after one warm-up, and the process's peak RSS.
 //! Compare with `python ../shared/reference/pyref/bench.py unet|vae HW` on the same machine:
 //! `cargo bench -p decorr-unet --bench unet -- unet|vae HW [N]` (HW: latent size, 64 or 32);
 //! `conv HW N [C]` times one 3x3 convolution and one group norm + SiLU (C channels, default 320),
@@ -69,7 +69,8 @@ fn main() {
     let mode = args.first().map_or("unet", String::as_str).to_string();
     let hw: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(64);
     let n: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(3);
-    let device = Device::flex();
+    // DECORR_BACKEND picks another backend (tch-cpu, tch: `--features decorr-unet/tch`).
+    let device = decorr_core::device_from_env();
     device.seed(0);
     let normal = Distribution::Normal(0.0, 1.0);
     let t = match mode.as_str() {
@@ -214,7 +215,8 @@ fn main() {
         other => panic!("unknown mode {other}: unet, vae, conv, attn, linear or grad"),
     };
     println!(
-        "{mode} {hw}x{hw} (flex, median of {n}): {t:.3} s, peak RSS {:.2} GB",
+        "{mode} {hw}x{hw} ({}, median of {n}): {t:.3} s, peak RSS {:.2} GB",
+        decorr_core::describe(&device),
         peak_rss_gb()
     );
 }

@@ -6,20 +6,20 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Distribution, Tensor};
 use decorr_core::ModelSource;
 use decorr_unet::{AttentionOptions, Capture, UNet2DConditionModel, load_unet};
 
 fn unet() -> UNet2DConditionModel {
     let dir: PathBuf =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/unet_tiny_a");
-    load_unet(&ModelSource::Local(dir), &Device::flex())
+    load_unet(&ModelSource::Local(dir), &decorr_core::device_from_env())
         .unwrap()
         .model
 }
 
 fn inputs(b: usize) -> (Tensor<4>, Tensor<3>) {
-    let device = Device::flex();
+    let device = decorr_core::device_from_env();
     device.seed(3);
     (
         Tensor::random([b, 4, 8, 8], Distribution::Normal(0.0, 1.0), &device),
@@ -35,7 +35,7 @@ fn max_abs<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
 fn perturbed_self_attention_is_to_out_of_to_v() {
     let unet = unet();
     let block = &unet.mid_block.as_ref().unwrap().attentions[0].transformer_blocks[0];
-    let device = Device::flex();
+    let device = decorr_core::device_from_env();
     let h = Tensor::<3>::random([2, 16, 32], Distribution::Normal(0.0, 1.0), &device);
     let ours = block.attn1.forward_identity(h.clone());
     let want = block.attn1.to_out[0].forward(block.attn1.to_v.forward(h));
@@ -88,8 +88,16 @@ fn perturbed_self_attention_is_to_out_of_to_v() {
             },
         )
         .sample;
-    assert!(max_abs(two.clone().narrow(0, 0, 1), plain) < 1e-6);
-    assert!(max_abs(two.narrow(0, 1, 1), mid) < 1e-6);
+    let (d_plain, d_mid) = (
+        max_abs(two.clone().narrow(0, 0, 1), plain),
+        max_abs(two.narrow(0, 1, 1), mid),
+    );
+    // flex gives the same bits; torch's kernels block a batch of two differently from one
+    // (1.7e-6 measured on LibTorch's CPU device), hence 1e-5 on outputs of magnitude ~1.
+    assert!(
+        d_plain < 1e-5 && d_mid < 1e-5,
+        "batch of two against one at a time: plain {d_plain:.1e}, perturbed {d_mid:.1e}"
+    );
 }
 
 #[test]

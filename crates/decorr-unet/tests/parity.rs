@@ -38,7 +38,7 @@ fn max_diff<const D: usize>(ours: Tensor<D>, refs: &Tensors, key: &str) -> f32 {
 }
 
 fn check_unet(name: &str) {
-    let device = Device::flex();
+    let device = decorr_core::device_from_env();
     let dir = fixtures().join(name);
     let unet = load_unet(&ModelSource::Local(dir.clone()), &device).unwrap();
     let refs = read_tensors_f32(&dir.join("reference.safetensors")).unwrap();
@@ -130,7 +130,7 @@ fn unet_sd2_like_fp16_variant_matches_diffusers() {
 }
 
 fn check_vae(folder: &Path, refs_dir: &Path) {
-    let device = Device::flex();
+    let device = decorr_core::device_from_env();
     let vae = load_vae(&ModelSource::Local(folder.to_path_buf()), &device).unwrap();
     assert!((vae.config.scaling_factor - 0.18215).abs() < 1e-12);
     let refs = read_tensors_f32(&refs_dir.join("reference.safetensors")).unwrap();
@@ -178,7 +178,7 @@ fn vae_with_old_attention_names_loads() {
 #[ignore = "needs DECORR_FULL_SD15 (3.7 GB written by the fixture script)"]
 fn full_size_sd15_matches_diffusers() {
     let dir = PathBuf::from(std::env::var("DECORR_FULL_SD15").expect("set DECORR_FULL_SD15=DIR"));
-    let device = Device::flex();
+    let device = decorr_core::device_from_env();
     let unet = load_unet(&ModelSource::Local(dir.clone()), &device).unwrap();
     let refs = read_tensors_f32(&dir.join("unet_reference.safetensors")).unwrap();
     let t = std::time::Instant::now();

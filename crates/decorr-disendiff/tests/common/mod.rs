@@ -92,7 +92,7 @@ pub fn config(lr: f64) -> DisenDiffConfig {
 
 /// A trainer on the tiny models, as the reference sets them up.
 pub fn trainer(lr: f64) -> Trainer {
-    let device = Device::flex();
+    let device = decorr_core::device_from_env();
     let text = decorr_clip::load_text_encoder_dir(
         &fixtures().join("clip_tiny_train/text_encoder"),
         &device,

@@ -29,11 +29,12 @@ pub fn assemble() -> tempfile::TempDir {
     tmp
 }
 
-/// The tiny checkpoint, loaded on flex (the folder must outlive it).
+/// The tiny checkpoint, loaded on the test device (`DECORR_BACKEND`, default flex; the folder
+/// must outlive it).
 pub fn tiny() -> (tempfile::TempDir, StableDiffusion) {
     let dir = assemble();
     let source = decorr_core::ModelSource::Local(dir.path().to_path_buf());
-    let sd = StableDiffusion::load(&source, &burn::tensor::Device::flex()).unwrap();
+    let sd = StableDiffusion::load(&source, &decorr_core::device_from_env()).unwrap();
     (dir, sd)
 }
 
