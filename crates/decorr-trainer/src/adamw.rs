@@ -1,8 +1,10 @@
 //! torch's AdamW (`torch.optim.AdamW`, single-tensor path: decoupled decay, bias-corrected
 //! moments) as one fused pass per parameter on the host. burn's AdamW computes the same update
 //! through a dozen element-wise tensor ops, each a full pass over memory; on a CPU device those
-//! passes were most of a fine-tuning step over ~80M parameters. Devices whose tensors do not live
-//! in host memory keep burn's optimiser ([`crate::finetune`] picks).
+//! passes were most of a fine-tuning step over ~80M parameters. LibTorch's CPU tensors (`tch`
+//! feature) are updated through their data pointers, the parameter into a fresh tensor (the
+//! old one may be shared by a kept snapshot). Devices whose tensors do not live in host memory
+//! keep burn's optimiser ([`crate::finetune`] picks).
 
 use std::collections::HashMap;
 
@@ -86,12 +88,26 @@ impl ModuleMapper for StepMapper<'_> {
         };
         let require_grad = tensor.is_require_grad();
         let inner = tensor.inner();
+        #[cfg(feature = "tch")]
+        let (inner, grad) = match torch_cpu::update(self, id, inner, grad) {
+            Ok(updated) => return self.wrap(id, updated, require_grad, mapper),
+            Err(unchanged) => unchanged,
+        };
         let device = inner.device();
         // Unique tensors move out of flex without a copy; parameters are f32 (cast on load).
         let mut p = inner.into_data().convert::<f32>();
         let g = grad.into_data().convert::<f32>();
         let g = g.as_slice::<f32>().expect("f32 gradient");
         let ps = p.as_mut_slice::<f32>().expect("f32 parameter");
+        self.update(id, ps, g);
+        self.wrap(id, Tensor::from_data(p, &device), require_grad, mapper)
+    }
+}
+
+impl StepMapper<'_> {
+    /// One AdamW step of parameter `id`'s values `ps` in place, with gradient `g`; moments are
+    /// created at zero on the first step. Records whether every gradient element was finite.
+    fn update(&mut self, id: ParamId, ps: &mut [f32], g: &[f32]) {
         let n = ps.len();
         let o = &mut *self.opt;
         // Scalars as torch forms them (python floats), cast once to the tensor's f32.
@@ -126,11 +142,103 @@ impl ModuleMapper for StepMapper<'_> {
             })
             .reduce(|| true, |a, b| a && b);
         self.finite &= finite;
-        let mut updated = Tensor::<D>::from_inner(Tensor::from_data(p, &device));
+    }
+
+    /// The updated inner tensor as parameter `id` again, trainable if it was.
+    fn wrap<const D: usize>(
+        &self,
+        id: ParamId,
+        updated: Tensor<D>,
+        require_grad: bool,
+        mapper: burn::module::ParamMapper<Tensor<D>>,
+    ) -> Param<Tensor<D>> {
+        let mut updated = Tensor::<D>::from_inner(updated);
         if require_grad {
             updated = updated.require_grad();
         }
         Param::from_mapped_value(id, updated, mapper)
+    }
+}
+
+/// The update on LibTorch's CPU tensors, in host memory like flex's but behind torch's data
+/// pointers: no copy of the gradient, one `clone` of the parameter (torch's parallel memcpy).
+#[cfg(feature = "tch")]
+mod torch_cpu {
+    // burn-tch is deprecated upstream in favour of cubecl; decorr uses it on purpose.
+    #![allow(deprecated)]
+
+    use burn::backend::LibTorch;
+    use burn::backend::libtorch::TchTensor;
+    use burn::module::ParamId;
+    use burn::tensor::Tensor;
+
+    /// The contiguous f32 CPU torch tensor behind `t`, if `t` is one.
+    fn cpu_f32<const D: usize>(t: &Tensor<D>) -> Option<tch::Tensor> {
+        let p = t.clone().try_into_primitive::<LibTorch>().ok()?.tensor;
+        (p.device() == tch::Device::Cpu && p.kind() == tch::Kind::Float && p.is_contiguous())
+            .then_some(p)
+    }
+
+    /// The updated parameter, or both tensors back untouched when they are not LibTorch CPU
+    /// f32 tensors.
+    pub(super) fn update<const D: usize>(
+        mapper: &mut super::StepMapper<'_>,
+        id: ParamId,
+        param: Tensor<D>,
+        grad: Tensor<D>,
+    ) -> Result<Tensor<D>, (Tensor<D>, Tensor<D>)> {
+        let (Some(p), Some(g)) = (cpu_f32(&param), cpu_f32(&grad)) else {
+            return Err((param, grad));
+        };
+        let n = p.numel();
+        if g.numel() != n {
+            return Err((param, grad));
+        }
+        let out = p.copy();
+        // SAFETY: both are contiguous f32 CPU tensors of n elements, alive for the call; `out`
+        // is a fresh tensor no one else holds, `g` is only read.
+        let (ps, gs) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, n),
+                std::slice::from_raw_parts(g.data_ptr() as *const f32, n),
+            )
+        };
+        mapper.update(id, ps, gs);
+        Ok(Tensor::from_primitive::<LibTorch>(TchTensor::new(out)))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::adamw::HostAdamW;
+        use burn::optim::GradientsParams;
+        use burn::tensor::Device;
+
+        /// LibTorch CPU tensors are updated through their pointers into a new tensor (the
+        /// input, which a snapshot may share, keeps its values); flex tensors are handed back.
+        #[test]
+        fn libtorch_cpu_tensors_take_the_pointer_path() {
+            let device = Device::libtorch();
+            let p = Tensor::<1>::from_floats([1.0, -2.0, 3.0], &device);
+            let g = Tensor::<1>::from_floats([0.5, 0.5, -0.5], &device);
+            let mut opt = HostAdamW::new(0.9, 0.999, 1e-8, 0.0);
+            opt.step = 1;
+            let mut grads = GradientsParams::new();
+            let mut mapper = super::super::StepMapper {
+                opt: &mut opt,
+                grads: &mut grads,
+                lr: 0.1,
+                finite: true,
+            };
+            let out = update(&mut mapper, ParamId::new(), p.clone(), g).expect("pointer path");
+            // First step: m/sqrt(v) = sign(g), so each value moves by lr against its gradient.
+            let v = out.into_data().to_vec::<f32>().unwrap();
+            let want = [0.9, -2.1, 3.1];
+            assert!(v.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-5), "{v:?}");
+            assert_eq!(p.into_data().to_vec::<f32>().unwrap(), [1.0, -2.0, 3.0]);
+            let flex = Tensor::<1>::from_floats([1.0], &Device::flex());
+            assert!(update(&mut mapper, ParamId::new(), flex.clone(), flex).is_err());
+        }
     }
 }
 
@@ -152,7 +260,8 @@ mod tests {
     /// (burn divides by `sqrt(v_hat) + eps`, torch by `sqrt(v)/sqrt(bc2) + eps`), hence 1e-5.
     #[test]
     fn matches_burn_adamw_over_steps() {
-        let device = Device::flex().autodiff();
+        // The test device (`DECORR_BACKEND`): LibTorch's CPU tensors take the pointer path.
+        let device = decorr_core::device_from_env().autodiff();
         device.seed(3);
         let start = LinearConfig::new(5, 4).init(&device);
         let (lr, wd) = (0.05, 0.3);
@@ -198,7 +307,7 @@ mod tests {
 
     #[test]
     fn non_finite_gradient_is_reported() {
-        let device = Device::flex().autodiff();
+        let device = decorr_core::device_from_env().autodiff();
         let l = LinearConfig::new(2, 2).init(&device);
         let x = Tensor::<2>::from_data(TensorData::from([[f32::NAN, 1.0]]), &device);
         let g = GradientsParams::from_grads(l.forward(x).sum().backward(), &l);

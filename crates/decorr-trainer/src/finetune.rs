@@ -447,8 +447,9 @@ pub fn finetune_prepared(
             .valid()
             .merged(row_map.as_ref(), steps, config.lr, config.weight_decay)
     };
-    // Same update either way; the fused host pass only where tensors live in host memory.
-    let mut optim = if plain == Device::flex() {
+    // Same update either way; the fused host pass only where tensors live in host memory
+    // (flex; LibTorch's CPU device with the `tch` feature).
+    let mut optim = if decorr_core::is_cpu(&plain) {
         Optim::Host(HostAdamW::new(
             config.beta1,
             config.beta2,
