@@ -19,9 +19,10 @@ What it does, in order:
    the measured run; per-step times from `callback_on_step_end` after `torch.cuda.synchronize()`
    (the first step measured from the UNet's first call), the call's wall time, and
    `torch.cuda.max_memory_allocated` (weights included) after `reset_peak_memory_stats`.
-3. decorr (the binary given by --decorr, built with --features vulkan): `decorr generate` in
-   each --configs BACKEND:DTYPE (default vulkan:f16, wgpu:f16, vulkan:f32: Vulkan's SPIR-V
-   compiler against wgpu's WGSL one, and half against full precision), on the same folder,
+3. decorr (the binary given by --decorr, built with --features vulkan,tch): `decorr generate` in
+   each --configs BACKEND:DTYPE (default tch:f16, vulkan:f16, tch:f32: PyTorch's own kernels
+   through LibTorch against cubecl's Vulkan path, and half against full precision; wgpu:f16
+   for wgpu's WGSL compiler), on the same folder,
    prompt and seed (--seed S --num-images 1: OUT/seed-S.png), DDIM, no warm-up run (the first
    step, with its shader compilation and autotuning, is left out of the per-step figures),
    `--timings` for its per-step times (each after a device sync; decorr's f16 keeps the VAE
@@ -31,7 +32,7 @@ What it does, in order:
    visible, as in some containers; this includes the CUDA/Vulkan context, unlike the diffusers
    figure). Each run has a timeout so that the whole check fits --budget-s; a run that times
    out or fails is reported as such and the check goes on.
-4. DisenDiff training (issue 18; only with --disendiff-steps N, N >= 2): PyTorch's micro-step
+4. DisenDiff training (only with --disendiff-steps N, N >= 2): PyTorch's micro-step
    (tests/pyref/bench_disendiff_step.py --device cuda --pixels 512, configurations fused,
    fused_sdpa, fused_sdpa_fp16: AdamW fused, eager or SDPA attention, fp32 or fp16 autocast) and
    `decorr disendiff` on the same weights (--backend: the first of --configs; f32, as training
@@ -628,7 +629,7 @@ def main():
     p.add_argument("--tiny", action="store_true",
                    help="assets/sd-tiny, CPU torch, decorr on flex, 16x16, 5 steps (no GPU needed)")
     p.add_argument("--configs", help="decorr's runs as BACKEND:DTYPE,... (default "
-                   "vulkan:f16,wgpu:f16,vulkan:f32: which GPU build is fastest; "
+                   "tch:f16,vulkan:f16,tch:f32: which GPU backend is fastest; "
                    "flex:f16,flex:f32 with --tiny)")
     p.add_argument("--torch-device", help="diffusers' device (default cuda when there is one; "
                    "cpu with --tiny)")
@@ -655,7 +656,7 @@ def main():
     a.steps = a.steps or (5 if a.tiny else 50)
     a.height = a.height or (16 if a.tiny else 512)
     a.width = a.width or (16 if a.tiny else 512)
-    a.configs = a.configs or ("flex:f16,flex:f32" if a.tiny else "vulkan:f16,wgpu:f16,vulkan:f32")
+    a.configs = a.configs or ("flex:f16,flex:f32" if a.tiny else "tch:f16,vulkan:f16,tch:f32")
     configs = [tuple(c.split(":", 1)) for c in a.configs.split(",") if c]
     if any(len(c) != 2 for c in configs):
         p.error("--configs: BACKEND:DTYPE,... e.g. vulkan:f16,wgpu:f16")

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check's entry point on a lent NVIDIA machine (issue 16): decorr against diffusers on
+# The GPU check's entry point on a lent NVIDIA machine: decorr against diffusers on
 # random full-size SD 1.5, per-step times, totals, peak memory and the images' max difference.
 #
 #   here:   bash tests/pyref/gpu_check_prepare.sh          # fills .gpu/ and .gl/ (ignored)
 #   there:  bash tests/pyref/gpu_check.sh [gpu_check.py options, e.g. --steps 20]
 #           (run from the repo root with carry [".gpu", ".gl"]; OUT defaults to ./gpu-check-out)
-#   DisenDiff's GPU time (issue 18), a second call: ... gpu_check.sh --configs vulkan:f16 --disendiff-steps 3
+#   DisenDiff's GPU time, a second call: ... gpu_check.sh --configs vulkan:f16 --disendiff-steps 3
+#   LibTorch beside Vulkan: ... gpu_check.sh --configs tch:f16,vulkan:f16,tch:f32 --disendiff-steps 3
 #
 # It installs the carried wheels (.gpu/whl: diffusers and what the machine lacks) into
 # /tmp/site, makes Vulkan reachable (the loader from .gl/*.deb when the machine has none; the
@@ -64,6 +65,14 @@ print("python", sys.version.split()[0], "torch", torch.__version__,
         python3 -c 'import lzma, shutil, sys
 shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' .gpu/decorr.xz "$decorr" \
             && chmod +x "$decorr"
+    fi
+    # A tch build loads libtorch: the machine's own (the version it was built against, see
+    # gpu_check_prepare.sh), found through python3's torch.
+    if [ -x "$decorr" ] && ldd "$decorr" 2>/dev/null | grep -q libtorch; then
+        torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+        export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        echo "tch build: libtorch from $torch_lib"
+        ldd "$decorr" | grep -E "libtorch|libc10" || true
     fi
     if [ -x "$decorr" ]; then
         "$decorr" --version || true

@@ -3,9 +3,15 @@
 # prints what the lent machine's call will carry (the working tree that travels is limited to
 # 64 MiB in all, tracked files included).
 #
-#   bash tests/pyref/gpu_check_prepare.sh [--no-build] [--features wgpu|cuda|...]
+#   bash tests/pyref/gpu_check_prepare.sh [--no-build] [--features wgpu|cuda|...] [--torch VERSION]
 #
-# - .gpu/decorr: `cargo build --release --locked -p decorr-cli --features vulkan` (wgpu and Vulkan), stripped
+# - .gpu/decorr: `cargo build --release --locked -p decorr-cli --features vulkan,tch` (wgpu, Vulkan and
+#   LibTorch), stripped. The tch part links the libtorch of PyTorch VERSION (default 2.11.0: the
+#   lent machines' python3 has torch 2.11.0+cu130, and libtorch's C++ symbols change between
+#   releases, so the binary must be built against the version it will load there, not the 2.9.0
+#   the bindings name; LIBTORCH_BYPASS_VERSION_CHECK lets them build against it). PyTorch VERSION is
+#   installed here into ~/.cache/decorr/torch-VERSION (reused); gpu_check.sh points the loader at
+#   the machine's own torch/lib. `--features vulkan` alone leaves LibTorch out.
 #   (--no-build takes target/release/decorr as it is). If the carried total would pass 64 MiB
 #   it is xz-compressed to .gpu/decorr.xz instead (gpu_check.sh unpacks it to /tmp).
 # - .gpu/whl/: diffusers 0.42.1 (the version our fixtures were made with) and the pure-Python
@@ -19,11 +25,13 @@ set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 
 build=1
-features=vulkan
+features=vulkan,tch
+torch_version=2.11.0
 while [ $# -gt 0 ]; do
     case "$1" in
         --no-build) build=0 ;;
         --features) features=$2; shift ;;
+        --torch) torch_version=$2; shift ;;
         -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
@@ -38,6 +46,16 @@ done
 
 # 1. the binary
 if [ "$build" = 1 ]; then
+    if [[ ",$features," == *,tch,* ]]; then
+        venv="$HOME/.cache/decorr/torch-$torch_version"
+        if ! "$venv/bin/python" -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" 2>/dev/null; then
+            rm -rf "$venv"
+            python3 -m venv "$venv"
+            "$venv/bin/python" -m pip install --quiet "torch==$torch_version"
+        fi
+        export LIBTORCH_USE_PYTORCH=1 VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH"
+        [ "$torch_version" = 2.9.0 ] || export LIBTORCH_BYPASS_VERSION_CHECK=1
+    fi
     cargo build --release --locked -p decorr-cli --features "$features"
 fi
 mkdir -p .gpu

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""decorr on LibTorch's CPU device (tch-cpu) and on flex against PyTorch at its best, one workload
+after the other in one run on this machine (2 threads), with each side's peak resident memory:
+the CPU table of README's Benchmarks.
+
+    python tests/pyref/bench_backends.py [--only unet32,unet64,cfg,pag,aae,finetune,disendiff]
+        [--backends tch-cpu,flex] [--steps 50] [--json PATH]
+
+Run it with the Python whose torch is the one decorr links (2.9.0, with diffusers 0.42.1 and
+transformers) first on PATH, and LIBTORCH_USE_PYTORCH=1: it builds the benches once with
+`cargo bench --no-run --features decorr-unet/tch,decorr-trainer/tch` and runs their binaries (DECORR_BACKEND picks the
+backend). Workloads (ours / PyTorch's script):
+  unet32, unet64   decorr-unet `unet HW 3`            / pyref bench.py unet HW 3 (SDPA, inference_mode)
+  cfg, pag, aae    decorr-pipeline `sample_loop 32 N` / bench_guidance.py (diffusers' pipelines)
+  finetune         decorr-trainer `train_step 5 all`  / pyref bench_finetune.py (best of default and
+                                                        fused AdamW, 77 tokens or the causal prefix)
+  disendiff        decorr-disendiff `train_step 5`    / bench_disendiff_step.py (best of its configs)
+Ratios are ours / PyTorch's (lower is faster). The pyref scripts live in ../shared/reference/pyref
+(DECORR_PYREF overrides).
+"""
+import argparse, json, os, re, subprocess, sys, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PYREF = os.environ.get("DECORR_PYREF", os.path.join(ROOT, "..", "shared", "reference", "pyref"))
+PY = sys.executable
+
+
+def build():
+    """Builds the four bench binaries with one feature set; returns {name: path}."""
+    cmd = ["cargo", "bench", "--no-run", "--locked", "--message-format=json", "--features", "decorr-unet/tch,decorr-trainer/tch",
+           "-p", "decorr-unet", "-p", "decorr-pipeline", "-p", "decorr-trainer", "-p", "decorr-disendiff"]
+    out = subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True).stdout
+    exes = {}
+    for line in out.splitlines():
+        m = json.loads(line)
+        if m.get("reason") == "compiler-artifact" and m.get("executable") and "bench" in m["target"]["kind"]:
+            exes[(m["package_id"].split("#")[0].rsplit("/", 1)[-1], m["target"]["name"])] = m["executable"]
+    return {"unet": exes[("decorr-unet", "unet")], "sample_loop": exes[("decorr-pipeline", "sample_loop")],
+            "finetune": exes[("decorr-trainer", "train_step")], "disendiff": exes[("decorr-disendiff", "train_step")]}
+
+
+def timed(cmd, env=None):
+    """Runs cmd under GNU time; returns (stdout+stderr, wall s, peak RSS GB)."""
+    t0 = time.perf_counter()
+    p = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M"] + cmd, cwd=ROOT, env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.perf_counter() - t0
+    text = p.stdout
+    if p.returncode != 0:
+        sys.exit(f"failed ({p.returncode}): {' '.join(cmd)}\n{text[-3000:]}")
+    rss = int(re.findall(r"MAXRSS_KB (\d+)", text)[-1]) / 1e6
+    return text, wall, rss
+
+
+def seconds(text, pattern):
+    m = re.findall(pattern, text)
+    if not m:
+        sys.exit(f"no match for {pattern!r} in:\n{text[-2000:]}")
+    return float(m[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="unet32,unet64,cfg,pag,aae,finetune,disendiff")
+    p.add_argument("--backends", default="tch-cpu,flex")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--json")
+    a = p.parse_args()
+    exes = build()
+    backends = [b for b in a.backends.split(",") if b]
+    rows = []
+    for w in a.only.split(","):
+        if w.startswith("unet"):
+            hw = w[4:]
+            ref = ([PY, os.path.join(PYREF, "bench.py"), "unet", hw, "3"], r'"median_s": ([\d.]+)')
+            ours = ([exes["unet"], "unet", hw, "3"], r"median of \d+\): ([\d.]+) s")
+            what = f"UNet call, batch 2, {hw}x{hw} latents"
+        elif w in ("cfg", "pag", "aae"):
+            ref = ([PY, os.path.join(ROOT, "tests/pyref/bench_guidance.py"), w, "32", str(a.steps)], r"total ([\d.]+) s")
+            ours = ([exes["sample_loop"], "32", str(a.steps), w], r"total ([\d.]+) s")
+            what = f"{w.upper()} image, {a.steps} DDIM steps, 256 px (total)"
+        elif w == "finetune":
+            ref = ([PY, os.path.join(PYREF, "bench_finetune.py"), "5"], None)
+            ours = ([exes["finetune"], "5", "all"], r"median of \d+\): ([\d.]+) s")
+            what = "`fix` fine-tuning step (text encoder, all parameters)"
+        elif w == "disendiff":
+            dd_json = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bench-disendiff-{os.getpid()}.json")
+            ref = ([PY, os.path.join(ROOT, "tests/pyref/bench_disendiff_step.py"), "--steps", "4", "--warmup", "1",
+                    "--configs", "fused,fused_sdpa", "--json", dd_json], None)
+            ours = ([exes["disendiff"], "5"], r"median ([\d.]+) s")
+            what = "DisenDiff micro-step + AdamW, batch 2, 256 px"
+        else:
+            sys.exit(f"unknown workload {w}")
+        row = dict(workload=w, what=what)
+        text, _, rss = timed(ref[0])
+        if w == "finetune":
+            row["torch_s"] = min(json.loads(l[7:])["median_s"] for l in text.splitlines() if l.startswith("RESULT "))
+        elif w == "disendiff":
+            with open(dd_json) as f:
+                row["torch_s"] = json.load(f)["reference_at_its_best"]["step"]["median_s"]
+            os.remove(dd_json)
+        else:
+            row["torch_s"] = seconds(text, ref[1])
+        row["torch_rss_gb"] = rss
+        print(f"[{w}] PyTorch: {row['torch_s']:.3f} s, {rss:.2f} GB", flush=True)
+        for b in backends:
+            env = dict(os.environ, DECORR_BACKEND=b)
+            text, _, rss = timed(ours[0], env)
+            row[f"{b}_s"] = seconds(text, ours[1])
+            row[f"{b}_rss_gb"] = rss
+            print(f"[{w}] {b}: {row[f'{b}_s']:.3f} s ({row[f'{b}_s'] / row['torch_s']:.2f}x), {rss:.2f} GB", flush=True)
+        rows.append(row)
+    print()
+    head = "| workload | PyTorch 2.9.0 | " + " | ".join(f"decorr {b}" for b in backends) + " |"
+    print(head)
+    print("|" + "---|" * (2 + len(backends)))
+    for r in rows:
+        cells = [f"{r[f'{b}_s']:.2f} s ({r[f'{b}_s'] / r['torch_s']:.2f}x), {r[f'{b}_rss_gb']:.1f} GB" for b in backends]
+        print(f"| {r['what']} | {r['torch_s']:.2f} s, {r['torch_rss_gb']:.1f} GB | " + " | ".join(cells) + " |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
