@@ -104,9 +104,7 @@ impl ModelArgs {
     /// The sampling precision: `--dtype`, or the backend's default; refused when `device`
     /// cannot compute in it.
     pub fn precision(&self, device: &Device) -> Result<Precision> {
-        let p = self
-            .dtype
-            .unwrap_or_else(|| Precision::default_for(device));
+        let p = self.dtype.unwrap_or_else(|| Precision::default_for(device));
         p.check(device, self.backend)?;
         Ok(p)
     }

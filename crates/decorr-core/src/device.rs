@@ -331,13 +331,19 @@ mod tests {
         let err = select_device(BackendKind::TchCpu, 0)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("--features tch ") && err.contains("tch-cpu"), "{err}");
+        assert!(
+            err.contains("--features tch`") && err.contains("tch-cpu"),
+            "{err}"
+        );
     }
 
     #[test]
     fn tch_names_parse() {
         assert_eq!("tch".parse::<BackendKind>().unwrap(), BackendKind::Tch);
-        assert_eq!("TCH-CPU".parse::<BackendKind>().unwrap(), BackendKind::TchCpu);
+        assert_eq!(
+            "TCH-CPU".parse::<BackendKind>().unwrap(),
+            BackendKind::TchCpu
+        );
         assert_eq!(BackendKind::TchCpu.to_string(), "tch-cpu");
     }
 

@@ -330,9 +330,12 @@ fn loading_reports_bad_tensors_by_name() {
         .to_string();
     assert!(e.contains("torchvision's ImageNet"), "{e}");
 
-    let e = load_inception(&dir.path().join("nope.pth"), &decorr_core::device_from_env())
-        .unwrap_err()
-        .to_string();
+    let e = load_inception(
+        &dir.path().join("nope.pth"),
+        &decorr_core::device_from_env(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("pt_inception-2015-12-05-6726825d.pth"), "{e}");
 }
 

@@ -161,7 +161,9 @@ impl StepMapper<'_> {
 }
 
 /// The update on LibTorch's CPU tensors, in host memory like flex's but behind torch's data
-/// pointers: no copy of the gradient, one `clone` of the parameter (torch's parallel memcpy).
+/// pointers: the gradient read in place, the parameter updated in a fresh copy (torch's
+/// parallel memcpy), as a kept snapshot may share the old one. Strided tensors take the
+/// `into_data` path.
 #[cfg(feature = "tch")]
 mod torch_cpu {
     // burn-tch is deprecated upstream in favour of cubecl; decorr uses it on purpose.
@@ -234,7 +236,10 @@ mod torch_cpu {
             // First step: m/sqrt(v) = sign(g), so each value moves by lr against its gradient.
             let v = out.into_data().to_vec::<f32>().unwrap();
             let want = [0.9, -2.1, 3.1];
-            assert!(v.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-5), "{v:?}");
+            assert!(
+                v.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-5),
+                "{v:?}"
+            );
             assert_eq!(p.into_data().to_vec::<f32>().unwrap(), [1.0, -2.0, 3.0]);
             let flex = Tensor::<1>::from_floats([1.0], &Device::flex());
             assert!(update(&mut mapper, ParamId::new(), flex.clone(), flex).is_err());

@@ -88,8 +88,7 @@ pub fn attention(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, heads: usize) -> O
     let (qt, kt, vt) = (torch(q)?, torch(k)?, torch(v)?);
     let [b, n, inner] = q.dims();
     let m = k.dims()[1];
-    if heads == 0 || inner % heads != 0 || k.dims() != [b, m, inner] || v.dims() != [b, m, inner]
-    {
+    if heads == 0 || inner % heads != 0 || k.dims() != [b, m, inner] || v.dims() != [b, m, inner] {
         return None;
     }
     let d = (inner / heads) as i64;
@@ -107,5 +106,9 @@ pub fn attention(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, heads: usize) -> O
         None,
         false,
     );
-    Some(wrap(o.transpose(1, 2).reshape([b as i64, n as i64, inner as i64])))
+    Some(wrap(o.transpose(1, 2).reshape([
+        b as i64,
+        n as i64,
+        inner as i64,
+    ])))
 }
