@@ -40,8 +40,8 @@ pub struct ModelArgs {
     #[arg(long, env = "DECORR_GPU", default_value_t = 0)]
     pub gpu: usize,
     /// Precision of the text encoder(s) and the UNet: f32, f16 or bf16. Default: f16 on a GPU,
-    /// f32 on the CPU (flex, tch-cpu), as diffusers users run. The VAE decodes in f32; fine-tuning runs
-    /// in f32 (`finetune` refuses another --dtype, `fix` samples in it).
+    /// f32 on the CPU (flex, tch-cpu), as diffusers users run. The VAE decodes in f32;
+    /// fine-tuning runs in f32 (`finetune` refuses another --dtype, `fix` samples in it).
     #[arg(long)]
     pub dtype: Option<Precision>,
 }

@@ -184,20 +184,20 @@ pub fn is_cpu(device: &Device) -> bool {
     *device == Device::flex()
 }
 
-/// What runs the maths, in words for the user: "LibTorch, CUDA device 0", "flex (CPU)".
+/// What runs the maths, in words for the user: "LibTorch on CUDA device 0", "flex (CPU)".
 pub fn describe(device: &Device) -> String {
     #[cfg(feature = "tch")]
     #[allow(deprecated)]
     {
         if *device == Device::libtorch() {
-            return format!("LibTorch {} on the CPU", tch_version());
+            return "LibTorch on the CPU".into();
         }
         if *device == Device::libtorch_mps() {
-            return format!("LibTorch {} on Apple's MPS", tch_version());
+            return "LibTorch on Apple's MPS".into();
         }
         for i in 0..tch::Cuda::device_count().max(0) as usize {
             if *device == Device::libtorch_cuda(i) {
-                return format!("LibTorch {} on CUDA device {i}", tch_version());
+                return format!("LibTorch on CUDA device {i}");
             }
         }
     }
@@ -205,12 +205,6 @@ pub fn describe(device: &Device) -> String {
         return "flex (CPU)".into();
     }
     format!("{device:?}")
-}
-
-/// The PyTorch version whose libtorch this binary links (tch 0.22 wants 2.9.0).
-#[cfg(feature = "tch")]
-fn tch_version() -> &'static str {
-    "2.9"
 }
 
 /// The device named by `DECORR_BACKEND` (default flex; GPU index `DECORR_GPU`, default 0): what
