@@ -9,9 +9,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::Device;
 use clap::{Args, Subcommand};
-use decorr_core::BackendKind;
 use decorr_core::io::write_atomic;
 use decorr_eval::bertscore::{Baseline, ScoreOptions};
 use decorr_eval::fid::{frechet_distance, stats_of_path};
@@ -19,6 +17,7 @@ use decorr_eval::inception::{FidInception, load_inception};
 use decorr_runs::eval::{DEFAULT_SCORER, EvalOutcome, EvalRunConfig, inception_path, load_scorer};
 use serde::{Deserialize, Serialize};
 
+use crate::device::DeviceArgs;
 use crate::progress::Bar;
 use crate::shard::Shard;
 
@@ -36,23 +35,6 @@ enum EvalCommand {
     Fid(FidArgs),
     /// Evaluate `decorr generate` folders: captions, BERTScore, FID, omission rate; the report.
     Run(Box<RunArgs>),
-}
-
-#[derive(Args, Debug, Clone)]
-struct DeviceArgs {
-    /// Compute backend: flex (CPU, always built); wgpu, vulkan, cuda, and tch (LibTorch: its
-    /// CUDA GPU, else Apple's MPS, else the CPU) or tch-cpu, each a cargo feature of decorr-cli.
-    #[arg(long, env = "DECORR_BACKEND", default_value = "flex")]
-    backend: BackendKind,
-    /// GPU index for cuda and tch.
-    #[arg(long, env = "DECORR_GPU", default_value_t = 0)]
-    gpu: usize,
-}
-
-impl DeviceArgs {
-    fn device(&self) -> Result<Device> {
-        crate::device::select(self.backend, self.gpu)
-    }
 }
 
 #[derive(Args, Debug)]

@@ -351,7 +351,7 @@ fn write_timings(
     let sum = |f: fn(&decorr_pipeline::Timings) -> f64| batches.iter().map(f).sum::<f64>();
     let step_s: Vec<f64> = batches.iter().flat_map(|t| t.step_s.clone()).collect();
     let json = serde_json::json!({
-        "backend": model.backend.to_string(),
+        "backend": model.device.backend.to_string(),
         "dtype": sd.precision.to_string(),
         "batches": batches.len(),
         "steps": batches.first().map_or(0, |t| t.step_s.len()),

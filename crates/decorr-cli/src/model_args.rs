@@ -7,7 +7,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use burn::tensor::Device;
 use clap::Args;
-use decorr_core::{BackendKind, DEFAULT_MODEL, ModelSource, Precision};
+use decorr_core::{DEFAULT_MODEL, ModelSource, Precision};
+
+use crate::device::DeviceArgs;
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -32,13 +34,8 @@ pub struct ModelArgs {
     /// Hub revision (branch, tag or commit) for --model.
     #[arg(long, default_value = "main")]
     pub revision: String,
-    /// Compute backend: flex (CPU, always built); wgpu, vulkan, cuda, and tch (LibTorch: its
-    /// CUDA GPU, else Apple's MPS, else the CPU) or tch-cpu, each a cargo feature of decorr-cli.
-    #[arg(long, env = "DECORR_BACKEND", default_value = "flex")]
-    pub backend: BackendKind,
-    /// GPU index for cuda and tch.
-    #[arg(long, env = "DECORR_GPU", default_value_t = 0)]
-    pub gpu: usize,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Precision of the text encoder(s) and the UNet: f32, f16 or bf16. Default: f16 on a GPU,
     /// f32 on the CPU (flex, tch-cpu), as diffusers users run. The VAE decodes in f32;
     /// fine-tuning runs in f32 (`finetune` refuses another --dtype, `fix` samples in it).
@@ -86,7 +83,7 @@ impl ModelArgs {
     }
 
     pub fn device(&self) -> Result<Device> {
-        crate::device::select(self.backend, self.gpu)
+        self.device.device()
     }
 
     /// Fine-tuning runs in f32 (an AdamW step of lr 1e-5 is below f16's resolution of most
@@ -105,7 +102,7 @@ impl ModelArgs {
     /// cannot compute in it.
     pub fn precision(&self, device: &Device) -> Result<Precision> {
         let p = self.dtype.unwrap_or_else(|| Precision::default_for(device));
-        p.check(device, self.backend)?;
+        p.check(device, self.device.backend)?;
         Ok(p)
     }
 }
