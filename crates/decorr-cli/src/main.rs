@@ -113,7 +113,10 @@ mod tests {
     fn a_cause_already_quoted_is_not_repeated() {
         let io = || std::io::Error::new(std::io::ErrorKind::AlreadyExists, "File exists");
         let e = anyhow::Error::new(Quoting { source: io() });
-        assert_eq!(format!("{e:#}"), "cannot write out: File exists: File exists");
+        assert_eq!(
+            format!("{e:#}"),
+            "cannot write out: File exists: File exists"
+        );
         assert_eq!(message(&e), "cannot write out: File exists");
         // A context whose cause adds something keeps it.
         let e = anyhow::Error::new(io()).context("saving OUT");

@@ -95,7 +95,11 @@ fn trains_resumes_and_samples() {
     assert!(text(&o).contains("resumed at step 2"), "{}", text(&o));
     let resumed: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(b.join("report.json")).unwrap()).unwrap();
-    assert_eq!(resumed["step_seconds"].as_array().unwrap().len(), 4, "kept across the resume");
+    assert_eq!(
+        resumed["step_seconds"].as_array().unwrap().len(),
+        4,
+        "kept across the resume"
+    );
     let (va, vb) = (delta_values(&a), delta_values(&b));
     let d = va
         .iter()

@@ -6,7 +6,6 @@
 
 use std::time::Instant;
 
-use burn::tensor::Device;
 use decorr_clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
 use decorr_trainer::{
     ParamPreset, TargetSpec, TrainConfig, TrainObserver, TrainPrompt, finetune, resolve_target,

@@ -99,15 +99,16 @@ impl ModuleMapper for StepMapper<'_> {
         let g = grad.into_data().convert::<f32>();
         let g = g.as_slice::<f32>().expect("f32 gradient");
         let ps = p.as_mut_slice::<f32>().expect("f32 parameter");
-        self.update(id, ps, g);
+        self.update(id, None, ps, g);
         self.wrap(id, Tensor::from_data(p, &device), require_grad, mapper)
     }
 }
 
 impl StepMapper<'_> {
-    /// One AdamW step of parameter `id`'s values `ps` in place, with gradient `g`; moments are
-    /// created at zero on the first step. Records whether every gradient element was finite.
-    fn update(&mut self, id: ParamId, ps: &mut [f32], g: &[f32]) {
+    /// One AdamW step of parameter `id` with gradient `g`: its values are read from `from`, or
+    /// from `ps` itself when `from` is `None`, and written to `ps`. Moments are created at zero
+    /// on the first step. Records whether every gradient element was finite.
+    fn update(&mut self, id: ParamId, from: Option<&[f32]>, ps: &mut [f32], g: &[f32]) {
         let n = ps.len();
         let o = &mut *self.opt;
         // Scalars as torch forms them (python floats), cast once to the tensor's f32.
@@ -122,25 +123,35 @@ impl StepMapper<'_> {
             .moments
             .entry(id)
             .or_insert_with(|| (vec![0.0; n], vec![0.0; n]));
-        let finite = ps
-            .par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK))
-            .zip(m.par_chunks_mut(CHUNK))
-            .zip(v.par_chunks_mut(CHUNK))
-            .map(|(((p, g), m), v)| {
+        let kernel =
+            |p0: Option<&[f32]>, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
                 let mut finite = true;
                 for i in 0..p.len() {
                     let gi = g[i];
                     finite &= gi.is_finite();
-                    p[i] *= decay;
+                    let pi = p0.map_or(p[i], |p0| p0[i]) * decay;
                     m[i] += (gi - m[i]) * one_minus_b1; // lerp
                     v[i] = v[i] * beta2 + gi * gi * one_minus_b2;
                     let denom = v[i].sqrt() / bc2_sqrt + eps;
-                    p[i] -= step_size * (m[i] / denom);
+                    p[i] = pi - step_size * (m[i] / denom);
                 }
                 finite
-            })
-            .reduce(|| true, |a, b| a && b);
+            };
+        let chunks = ps
+            .par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK));
+        let finite = match from {
+            // Reading the old values while writing the new ones saves the copy's extra pass.
+            Some(from) => chunks
+                .zip(from.par_chunks(CHUNK))
+                .map(|((((p, g), m), v), p0)| kernel(Some(p0), p, g, m, v))
+                .reduce(|| true, |a, b| a && b),
+            None => chunks
+                .map(|(((p, g), m), v)| kernel(None, p, g, m, v))
+                .reduce(|| true, |a, b| a && b),
+        };
         self.finite &= finite;
     }
 
@@ -161,8 +172,8 @@ impl StepMapper<'_> {
 }
 
 /// The update on LibTorch's CPU tensors, in host memory like flex's but behind torch's data
-/// pointers: the gradient read in place, the parameter updated in a fresh copy (torch's
-/// parallel memcpy), as a kept snapshot may share the old one. Strided tensors take the
+/// pointers: the gradient and the old parameter read in place, the new parameter written into
+/// a fresh tensor in the same pass, as a kept snapshot may share the old one. Strided tensors take the
 /// `into_data` path.
 #[cfg(feature = "tch")]
 mod torch_cpu {
@@ -196,16 +207,17 @@ mod torch_cpu {
         if g.numel() != n {
             return Err((param, grad));
         }
-        let out = p.copy();
-        // SAFETY: both are contiguous f32 CPU tensors of n elements, alive for the call; `out`
-        // is a fresh tensor no one else holds, `g` is only read.
-        let (ps, gs) = unsafe {
+        let out = p.empty_like();
+        // SAFETY: all three are contiguous f32 CPU tensors of n elements, alive for the call;
+        // `out` is a fresh tensor no one else holds, `p` and `g` are only read.
+        let (ps, p0, gs) = unsafe {
             (
                 std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, n),
+                std::slice::from_raw_parts(p.data_ptr() as *const f32, n),
                 std::slice::from_raw_parts(g.data_ptr() as *const f32, n),
             )
         };
-        mapper.update(id, ps, gs);
+        mapper.update(id, Some(p0), ps, gs);
         Ok(Tensor::from_primitive::<LibTorch>(TchTensor::new(out)))
     }
 
