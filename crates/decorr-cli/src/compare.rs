@@ -71,7 +71,7 @@ pub struct CompareArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Output folder (created; resumable).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::out_folder)]
     out: PathBuf,
     /// Make only shard K of N (0-based): the baselines' (prompt, seed) items j with j % N = K,
     /// and ours' fine-tuning and images of the prompts i with i % N = K.

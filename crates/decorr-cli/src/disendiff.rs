@@ -65,7 +65,7 @@ pub struct DisenDiffArgs {
     model: ModelArgs,
     /// Output folder: pytorch_custom_diffusion_weights.safetensors, <new1>.safetensors,
     /// <new2>.safetensors, report.json, losses.png. Running again resumes an unfinished run.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::out_folder)]
     out: PathBuf,
     /// No progress bar.
     #[arg(long)]

@@ -149,7 +149,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
     /// Output folder (report files, caches, partial results).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::out_folder)]
     out: PathBuf,
     #[command(flatten)]
     device: DeviceArgs,

@@ -49,7 +49,7 @@ pub struct FinetuneArgs {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
     /// Output folder (text_encoder/, report.json, losses.png).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::out_folder)]
     pub(crate) out: PathBuf,
     /// Replace an existing OUT.
     #[arg(long)]

@@ -67,7 +67,7 @@ pub struct FixArgs {
     methods: GuidanceArgs,
     #[command(flatten)]
     model: ModelArgs,
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::out_folder)]
     out: PathBuf,
     /// Print a JSON summary (paths, selected epoch, attention before/after) on stdout.
     #[arg(long)]

@@ -17,6 +17,15 @@ pub const MAX_IMAGES: u64 = 1_000_000;
 /// Largest guidance scale (the pipeline's own bound).
 pub const MAX_GUIDANCE_SCALE: f64 = decorr_pipeline::pipeline::MAX_GUIDANCE_SCALE;
 
+/// An output folder, with symbolic links followed: a run writes into the folder a link names
+/// (replacing it on `--overwrite` there), never replacing the link by a folder of its own.
+pub fn out_folder(s: &str) -> Result<std::path::PathBuf, String> {
+    if s.is_empty() {
+        return Err("an empty path; name the output folder".into());
+    }
+    Ok(decorr_core::io::resolve_links(std::path::Path::new(s)))
+}
+
 /// A `usize` in `min..=max`.
 pub fn usize_in(min: u64, max: u64) -> RangedU64ValueParser<usize> {
     RangedU64ValueParser::<usize>::new().range(min..=max)

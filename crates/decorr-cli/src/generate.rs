@@ -138,7 +138,7 @@ pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Output folder (created; resumable).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::out_folder)]
     out: PathBuf,
     /// Print the manifest as JSON on stdout at the end.
     #[arg(long)]
@@ -208,6 +208,7 @@ fn run_locked(args: GenerateArgs) -> Result<()> {
     let seeds = crate::flags::seed_range(args.seed, args.num_images)?;
     let prompts = prompts_of(&args)?;
     let folders = prompt_folders(&args.out, &prompts);
+    decorr_runs::generate::check_out_folder(&args.out)?;
     // One run at a time per output; the shards of an array job share the folder by design, so
     // each locks its own part, and --merge waits for none of them to be running.
     let _locks = crate::output::lock_output(&args.out, args.shard, args.merge)?;

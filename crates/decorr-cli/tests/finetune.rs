@@ -232,6 +232,30 @@ fn existing_out_is_refused_unless_overwrite() {
     assert_eq!(beside, vec![std::ffi::OsString::from("out")]);
 }
 
+/// `--out LINK --overwrite` replaces the folder the link names, not the link: the linked
+/// folder holds the new encoder, the link stays a link, under the umask's permissions.
+#[cfg(unix)]
+#[test]
+fn a_linked_out_is_written_through() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real");
+    let link = dir.path().join("link");
+    assert!(train(&real, "1", &[]).status.success());
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let o = train(&link, "2", &["--overwrite"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(real.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["epochs"].as_array().unwrap().len(), 2, "the linked folder is new");
+    // The staging folder was private (0700); the result is not.
+    let mode = std::fs::metadata(&real).unwrap().permissions().mode() & 0o777;
+    assert_ne!(mode, 0o700, "{mode:o}");
+    let mode = std::fs::metadata(real.join("report.json")).unwrap().permissions().mode() & 0o777;
+    assert_ne!(mode, 0o600, "{mode:o}");
+}
+
 #[test]
 fn bad_input_gives_clear_errors_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();

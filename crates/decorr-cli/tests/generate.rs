@@ -608,6 +608,71 @@ fn attention_maps_accept_the_first_word() {
 
 /// `--dtype` is recorded and a resume in another precision is refused; `--timings` writes one
 /// time per denoising step; `finetune` refuses half precision before touching anything.
+/// generate writes only into a new or empty folder or one of its own runs: never into `.`,
+/// a folder of the user's or another command's output, and nothing there is touched.
+#[test]
+fn generate_refuses_folders_it_did_not_make() {
+    let model = tiny_sd();
+    let tmp = tempfile::tempdir().unwrap();
+    let mine = tmp.path().join("mine");
+    std::fs::create_dir_all(mine.join("data/sub")).unwrap();
+    std::fs::write(mine.join("notes.txt"), "mine").unwrap();
+    // Named like decorr's temps and burn's, with PIDs that are not running.
+    std::fs::write(mine.join("data/.decorr-tmp-4000000-mine"), "mine").unwrap();
+    std::fs::write(mine.join("data/sub/backup.4000000-1.tmp"), "mine").unwrap();
+    let fix_like = tmp.path().join("fixed");
+    std::fs::create_dir_all(&fix_like).unwrap();
+    std::fs::write(fix_like.join("fix.json"), "{}").unwrap();
+    for (out, foreign) in [(&mine, "data"), (&fix_like, "fix.json")] {
+        let o = quick_generate(model.path(), out, &[]);
+        let t = text(&o);
+        assert!(!o.status.success(), "{t}");
+        assert!(t.contains(foreign) && t.contains("not a generate output"), "{t}");
+    }
+    assert!(mine.join("data/.decorr-tmp-4000000-mine").exists());
+    assert!(mine.join("data/sub/backup.4000000-1.tmp").exists());
+    let names: Vec<_> = std::fs::read_dir(&mine)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2, "nothing added: {names:?}");
+    // An interrupted run's images without a manifest are its own: it continues.
+    let run = tmp.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(run.join("seed-000009.png"), "partial run").unwrap();
+    let o = quick_generate(model.path(), &run, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+/// An output file that is a link is written through it (the link stays); a FIFO or device
+/// gets the bytes as a stream and is not replaced.
+#[cfg(unix)]
+#[test]
+fn output_files_follow_links_and_stream_to_devices() {
+    let model = tiny_sd();
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("t.json");
+    let link = tmp.path().join("link.json");
+    std::fs::write(&target, "old").unwrap();
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let o = quick_generate(
+        model.path(),
+        &tmp.path().join("a"),
+        &["--timings", link.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+    assert!(std::fs::read_to_string(&target).unwrap().contains("step_s"));
+    let o = quick_generate(
+        model.path(),
+        &tmp.path().join("b"),
+        &["--timings", "/dev/null"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+}
+
 #[test]
 fn precision_is_recorded_and_timings_are_written() {
     let model = tiny_sd();

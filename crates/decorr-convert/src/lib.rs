@@ -518,6 +518,8 @@ struct TempOut {
 
 impl TempOut {
     fn new(target: &Path) -> Result<Self, ConvertError> {
+        // A link is followed: the folder appears where it points, the link stays.
+        let target = &decorr_core::io::resolve_links(target);
         if target.exists() {
             return Err(ConvertError::OutputExists(target.to_path_buf()));
         }
@@ -530,7 +532,7 @@ impl TempOut {
             source,
         };
         std::fs::create_dir_all(&parent).map_err(io)?;
-        // Named `.decorr-tmp-PID-*`, so what a killed conversion left is recognised and removed.
+        // Named `.decorr-tmp-PID-MAKER-*`, so what a killed conversion left is recognised and removed.
         decorr_core::io::remove_stale_temps(&parent, 0);
         let dir = decorr_core::io::temp_dir_beside(target).map_err(io)?;
         Ok(Self {
@@ -552,11 +554,7 @@ impl TempOut {
     fn commit(self) -> Result<(), ConvertError> {
         let target = self.target.clone();
         let tmp = self.dir.keep();
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755));
-        }
+        let _ = decorr_core::io::make_readable(&tmp);
         std::fs::rename(&tmp, &target).map_err(|source| {
             let _ = std::fs::remove_dir_all(&tmp);
             ConvertError::Io {
@@ -912,6 +910,7 @@ pub fn convert_diffusers_to_single_file(
 /// Stream tensors to a temp file next to `out`, then rename it into place (as
 /// `decorr_core::io::write_atomic`, without holding the serialized bytes in memory).
 fn write_file_atomic(out: &Path, tensors: &StateDict) -> Result<(), ConvertError> {
+    let out = &decorr_core::io::output_file(out)?;
     let dir = match out.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),

@@ -33,6 +33,12 @@ pub enum CoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// An output path names something decorr will not replace by a file.
+    #[error(
+        "cannot write {path}: it is {kind}, not a regular file; decorr writes each output to a \
+         temp file and renames it into place, which would replace it. Choose a file path"
+    )]
+    NotRegularOutput { path: PathBuf, kind: &'static str },
     /// An output folder's path names a file.
     #[error("{0} is a file, not a folder; choose another output folder")]
     NotAFolder(PathBuf),

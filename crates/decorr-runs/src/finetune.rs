@@ -331,10 +331,10 @@ fn check_finetune_folder(out: &Path) -> Result<()> {
                 | "text_encoder/model.safetensors"
                 | "report.json"
                 | "losses.png"
-        ) || rel
-            .rsplit('/')
-            .next()
-            .is_some_and(decorr_core::io::is_scratch)
+        ) || rel.rsplit('/').next().is_some_and(|name| {
+            decorr_core::io::is_scratch(name)
+                || (rel.starts_with("text_encoder/") && decorr_core::io::is_burn_scratch(name))
+        })
     };
     for dir in [out.to_path_buf(), out.join("text_encoder")] {
         let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -381,6 +381,8 @@ fn swap_in(staging: tempfile::TempDir, out: &Path) -> Result<()> {
     }
     let _ = staging.keep();
     drop(old); // removes the previous result
+    // The staging folder was created private; the result gets the umask's permissions.
+    decorr_core::io::make_readable(out)?;
     Ok(())
 }
 

@@ -304,6 +304,57 @@ pub fn run_record(sd: &StableDiffusion, p: &GenerateParams, method: &str) -> Run
     }
 }
 
+/// Refuses an existing `--out` that is not a `decorr generate` output: a run writes only into a
+/// new or empty folder or one holding nothing but what generate writes (images, attention
+/// figures, Attend-and-Excite logs, manifests, prompt folders `NNN-...` of the same), so that
+/// `--out .` or another command's output folder is never filled with images, manifests and
+/// locks.
+pub fn check_out_folder(out: &Path) -> Result<()> {
+    let Some(names) = crate::output::contents(out)? else {
+        return Ok(());
+    };
+    /// Whether `name` is `PREFIX` + digits + `SUFFIX`.
+    fn numbered(name: &str, prefix: &str, suffix: &str) -> bool {
+        name.strip_prefix(prefix)
+            .and_then(|r| r.strip_suffix(suffix))
+            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+    }
+    let generated = |n: &str| {
+        n == MANIFEST
+            || (n.starts_with("manifest.shard-") && n.ends_with(".json"))
+            || numbered(n, "seed-", ".png")
+            || numbered(n, "attention-", ".png")
+            || numbered(n, "excite-", ".json")
+    };
+    let prompt_folder = |n: &str| {
+        let b = n.as_bytes();
+        b.len() > 4 && b[..3].iter().all(u8::is_ascii_digit) && b[3] == b'-'
+    };
+    let foreign = |dir: &Path, n: &str| -> Option<String> {
+        if generated(n) {
+            return None;
+        }
+        let sub = dir.join(n);
+        if prompt_folder(n) && sub.is_dir() {
+            let inner = crate::output::contents(&sub).ok().flatten()?;
+            return inner
+                .into_iter()
+                .find(|m| !generated(m))
+                .map(|m| format!("{n}/{m}"));
+        }
+        Some(n.to_string())
+    };
+    if let Some(name) = names.iter().find_map(|n| foreign(out, n)) {
+        bail!(
+            "{} already holds {name}, which decorr generate does not write, so it is not a \
+             generate output folder; choose a new or empty --out (or the folder of an earlier \
+             generate run to continue it)",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 /// Refuses, before anything is generated, a folder whose images were made with other
 /// parameters than `run` (naming the fields that differ).
 pub fn check_folder(out: &Path, run: &RunRecord, manifest_name: &str) -> Result<()> {
