@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use decorr_core::io::{OutputLock, write_atomic};
 use decorr_pipeline::{GenerateParams, Guidance, StableDiffusion};
-use decorr_trainer::{TargetSpec, TrainPrompt, prepare, resolve_target};
+use decorr_trainer::{Focus, TargetSpec, TrainPrompt, prepare, resolve_target};
 use serde::Serialize;
 
 use crate::finetune::FinetuneArgs;
@@ -72,6 +72,10 @@ pub struct FixArgs {
     /// Print a JSON summary (paths, selected epoch, attention before/after) on stdout.
     #[arg(long)]
     json: bool,
+    /// Fine-tune even when the target attends to itself more than to any earlier token (no
+    /// unidirectional correlation, so the method has nothing to lower); without it fix stops.
+    #[arg(long)]
+    anyway: bool,
 }
 
 /// A baseline `fix --compare` adds.
@@ -211,22 +215,88 @@ pub fn run(args: FixArgs) -> Result<()> {
              (by default it excites the target and its correlated token)"
         );
     }
+    // The fine-tuning's own flags, checked before OUT is touched.
+    FinetuneArgs::settings_of(
+        args.layer,
+        args.epochs,
+        args.steps_per_epoch,
+        args.lr,
+        0.01,
+        args.tau,
+        &args.params,
+    )?;
+    args.model.training_precision()?;
     let out = &args.out;
     let wanted = settings(&args);
     // Decided before anything is loaded or written: a re-run either continues exactly what OUT
     // holds or stops here, naming what differs.
     let resuming = check_out(out, &wanted)?;
     let _lock = OutputLock::acquire(out)?;
+    let result = prepare_and_run(&args, &seeds, &wanted);
+    if result.is_err() && !resuming && !holds_usable(out) {
+        // Nothing usable was written: the settings file would only block the corrected run.
+        let _ = std::fs::remove_file(out.join(SETTINGS));
+        crate::output::remove_if_empty(out);
+    }
+    result
+}
+
+/// Whether a fix folder holds something a re-run would reuse: a fine-tuned encoder or images.
+fn holds_usable(out: &Path) -> bool {
+    let ft = out.join("finetune");
+    if ft.join("text_encoder/config.json").is_file() {
+        return true;
+    }
+    std::fs::read_dir(out).into_iter().flatten().flatten().any(|e| {
+        std::fs::read_dir(e.path()).into_iter().flatten().flatten().any(|f| {
+            let name = f.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("seed-") && name.ends_with(".png")
+        })
+    })
+}
+
+/// Everything that can be checked on the loaded model before anything is written: the target
+/// in the prompt, the layer, the correlation the method lowers (stopping when there is none,
+/// unless `--anyway`), the baselines; then the run.
+fn prepare_and_run(args: &FixArgs, seeds: &[u64], wanted: &serde_json::Value) -> Result<()> {
+    let out = &args.out;
     // Load everything first: with no weights this stops at once with the how-to.
-    let sd = match load(&args.model, None) {
-        Ok(sd) => sd,
-        Err(e) => {
-            if !resuming {
-                crate::output::remove_if_empty(out);
-            }
-            return Err(e);
+    let sd = load(&args.model, None)?;
+    let tokenized = sd.tokenizer.encode(&args.prompt)?;
+    let target = resolve_target(&tokenized, &args.target)
+        .with_context(|| format!("--target {} (of the prompt {:?})", args.target, args.prompt))?;
+    let states = prepare(
+        &sd.text_encoder,
+        &[TrainPrompt {
+            tokenized: tokenized.clone(),
+            target,
+        }],
+        args.layer,
+        &sd.device,
+    )
+    .with_context(|| format!("--layer {}", args.layer))?;
+    let focus = states[0].focus.clone();
+    let row = &states[0].a_pre[focus.target];
+    let (to_corr, to_self) = (row[focus.corr], row[focus.target]);
+    if to_corr <= to_self {
+        let msg = format!(
+            "nothing to fix: in {:?}, {:?} attends to itself ({to_self:.3}) more than to any \
+             earlier token (most to {:?}, {to_corr:.3}) at layer {}, so there is no \
+             unidirectional correlation for the fine-tuning to lower (`decorr analyze` shows \
+             the whole table). If {:?} still goes missing, the cause is elsewhere; pass \
+             --anyway to fine-tune regardless",
+            args.prompt,
+            tokenized.token_text(focus.target),
+            tokenized.token_text(focus.corr),
+            args.layer,
+            tokenized.token_text(focus.target),
+        );
+        if !args.anyway {
+            bail!(msg);
         }
-    };
+        eprintln!("note: {msg}; going on (--anyway)");
+    }
     // The baselines' settings are checked (layers, resolution, objects, and what their folders
     // already hold) before the fine-tuning, so that a bad flag costs nothing.
     let mut compare = args.compare.clone();
@@ -234,7 +304,7 @@ pub fn run(args: FixArgs) -> Result<()> {
     compare.dedup();
     let mut baselines = Vec::new();
     for &m in &compare {
-        let checked = baseline_params(&sd, &args, m).and_then(|p| {
+        let checked = baseline_params(&sd, args, m, &focus).and_then(|p| {
             sd.check(&p)?;
             check_folder(
                 &out.join(m.name()),
@@ -243,27 +313,43 @@ pub fn run(args: FixArgs) -> Result<()> {
             )?;
             Ok(p)
         });
-        match checked {
-            Ok(p) => baselines.push((m, p)),
-            Err(e) => {
-                if !resuming {
-                    crate::output::remove_if_empty(out);
-                }
-                return Err(e.context(format!("--compare {}", m.name())));
-            }
-        }
+        baselines.push((
+            m,
+            checked.map_err(|e| e.context(format!("--compare {}", m.name())))?,
+        ));
     }
     write_atomic(
         &out.join(SETTINGS),
-        serde_json::to_string_pretty(&wanted)?.as_bytes(),
+        serde_json::to_string_pretty(wanted)?.as_bytes(),
     )?;
+    run_checked(args, seeds, sd, baselines)
+}
+
+/// The fix itself, once every check passed and `fix.json` is written.
+fn run_checked(
+    args: &FixArgs,
+    seeds: &[u64],
+    sd: StableDiffusion,
+    baselines: Vec<(Compared, GenerateParams)>,
+) -> Result<()> {
+    let out = &args.out;
+    let seeds = seeds.to_vec();
     let ft_dir = out.join("finetune");
     let report_path = ft_dir.join("report.json");
 
     let finished = std::fs::read_to_string(&report_path)
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .filter(|r| r["finished"] == true && ft_dir.join("text_encoder/config.json").is_file());
+        .filter(|r| {
+            r["finished"] == true
+                && [
+                    "text_encoder/config.json",
+                    "text_encoder/model.safetensors",
+                    "losses.png",
+                ]
+                .iter()
+                .all(|f| ft_dir.join(f).is_file())
+        });
     if finished.is_some() {
         eprintln!(
             "{}: fine-tuning already finished, reusing it",
@@ -473,19 +559,14 @@ fn fix_job<'a>(
 /// The sampling parameters of a `--compare` baseline. Attend-and-Excite excites the pair the
 /// fix is about, the correlated token `c` and the target `t` (as the fine-tuning resolves them),
 /// unless `--excite`/`--excite-indices` name other objects.
-fn baseline_params(sd: &StableDiffusion, args: &FixArgs, m: Compared) -> Result<GenerateParams> {
+fn baseline_params(
+    sd: &StableDiffusion,
+    args: &FixArgs,
+    m: Compared,
+    focus: &Focus,
+) -> Result<GenerateParams> {
     let mut p = params(sd, &args.prompt, &args.sample, &args.methods, m.guidance())?;
     if m == Compared::Aae && p.excite.token_indices.is_empty() {
-        let tokenized = sd.tokenizer.encode(&args.prompt)?;
-        let target = resolve_target(&tokenized, &args.target)
-            .with_context(|| format!("--target {}", args.target))?;
-        let states = prepare(
-            &sd.text_encoder,
-            &[TrainPrompt { tokenized, target }],
-            args.layer,
-            &sd.device,
-        )?;
-        let focus = &states[0].focus;
         p.excite.token_indices = vec![focus.corr, focus.target];
     }
     Ok(p)

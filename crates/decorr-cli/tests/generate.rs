@@ -226,6 +226,7 @@ fn fix_runs_end_to_end_and_writes_every_promised_file() {
         "0..2",
         "--layer",
         "1",
+        "--anyway", // the tiny random model has no real correlation
         "--epochs",
         "2",
         "--steps-per-epoch",
@@ -280,6 +281,16 @@ fn fix_runs_end_to_end_and_writes_every_promised_file() {
         std::fs::read(dir.join("pretrained/seed-000000.png")).unwrap(),
         std::fs::read(dir.join("fixed/seed-000000.png")).unwrap()
     );
+    // A deleted attention map (the page links it) is made again with its image.
+    std::fs::remove_file(dir.join("fixed/attention-000001.png")).unwrap();
+    let o = decorr(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("attention-000001.png beside it is missing; making it again"),
+        "{}",
+        text(&o)
+    );
+    assert!(dir.join("fixed/attention-000001.png").is_file());
     // A second run reuses the fine-tuning and every image.
     let o = decorr(&args);
     assert!(
@@ -287,6 +298,29 @@ fn fix_runs_end_to_end_and_writes_every_promised_file() {
         "{}",
         text(&o)
     );
+}
+
+/// A mistake that can be checked on the loaded model (a target not in the prompt, a layer the
+/// model lacks) stops fix before it writes anything, so the corrected run is not refused.
+#[test]
+fn fix_mistakes_leave_nothing_behind() {
+    let model = tiny_sd();
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("fix");
+    let w = model.path().to_str().unwrap();
+    let d = dir.to_str().unwrap();
+    let base = ["fix", "--weights", w, "--prompt", PROMPT, "--quiet", "--out", d];
+    for (extra, needles) in [
+        (
+            &["--target", "boat", "--layer", "1"][..],
+            &["--target boat", "boat"][..],
+        ),
+        (&["--target", "train"][..], &["--layer 11", "layer"][..]),
+    ] {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        assert_fails(&args, needles);
+        assert!(!dir.exists(), "{extra:?} left {:?}", std::fs::read_dir(&dir).ok().map(|d| d.count()));
+    }
 }
 
 #[test]

@@ -203,6 +203,7 @@ fn fix_args<'a>(model: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a st
         "0..1",
         "--layer",
         "1",
+        "--anyway", // the tiny random model has no real correlation
         "--epochs",
         "1",
         "--steps-per-epoch",
@@ -313,7 +314,11 @@ fn resume_redoes_truncated_or_foreign_images_and_removes_stale_temps() {
     std::fs::write(out.join(name(0)), &orig[0][..orig[0].len() / 2]).unwrap();
     std::fs::copy(other.join(name(1)), out.join(name(1))).unwrap();
     std::fs::write(out.join(name(2)), &orig[1]).unwrap();
-    let stale = out.join(".decorr-tmp-4294967-a1b2c3");
+    // A PID above Linux's pid_max: a dead run of this host, boot and PID namespace.
+    let stale = out.join(format!(
+        "{}a1b2c3",
+        decorr_core::io::temp_prefix_of(4_294_967)
+    ));
     std::fs::write(&stale, vec![0u8; 1000]).unwrap();
     let o = quick_generate(model.path(), &out, &[]);
     assert!(o.status.success(), "{}", text(&o));

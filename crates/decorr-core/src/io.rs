@@ -131,7 +131,13 @@ const TEMP_PREFIX: &str = ".decorr-tmp-";
 
 /// This process's temp name prefix: `.decorr-tmp-PID-MAKER-`.
 fn temp_prefix() -> String {
-    format!("{TEMP_PREFIX}{}-{}-", std::process::id(), maker())
+    temp_prefix_of(std::process::id())
+}
+
+/// The temp name prefix of decorr process `pid` on this host, boot and PID namespace (tests
+/// make a killed run's leftovers with it).
+pub fn temp_prefix_of(pid: u32) -> String {
+    format!("{TEMP_PREFIX}{pid}-{}-", maker())
 }
 
 /// A temp file in `dir` named after this process (`.decorr-tmp-PID-MAKER-XXXXXX`), removed on

@@ -422,14 +422,35 @@ pub fn generate_into(
         seed,
         run: run.clone(),
     };
-    // An image already there counts as done only if it decodes whole and its own record is this
-    // run's; anything else (truncated, another prompt's, edited) is made again.
+    // The files written beside each image (before it), which pages link: a seed whose image is
+    // there but one of these is not is made again.
+    let side_files = |seed: u64| {
+        let mut files = Vec::new();
+        if !tokens.is_empty() {
+            files.push(format!("attention-{seed:06}.png"));
+        }
+        if p.guidance == Guidance::AttendAndExcite {
+            files.push(excite_file(seed));
+        }
+        files
+    };
+    // An image already there counts as done only if it decodes whole, its own record is this
+    // run's and its side files are there; anything else (truncated, another prompt's, edited,
+    // a deleted map) is made again.
     let mut todo = Vec::new();
     for &seed in seeds {
         let path = out.join(image_file(seed));
+        let missing = side_files(seed).into_iter().find(|f| !out.join(f).is_file());
+        let why = if !path.exists() {
+            None
+        } else if let Err(why) = check_image(&path, &record(seed)) {
+            Some(why)
+        } else {
+            missing.map(|f| format!("{f} beside it is missing"))
+        };
         if !path.exists() {
             todo.push(seed);
-        } else if let Err(why) = check_image(&path, &record(seed)) {
+        } else if let Some(why) = why {
             progress.note(&format!("{}: {why}; making it again", path.display()));
             manifest.images.retain(|i| i.seed != seed);
             todo.push(seed);
