@@ -332,6 +332,21 @@ fn compare_refuses_bad_pairs_and_methods_before_writing() {
         base(&horse, &[]),
         &["`horse` is not in the prompt", "rusty, tracks"],
     );
+    let same = work.path().join("same.jsonl");
+    std::fs::write(
+        &same,
+        format!("{{\"prompt\": \"{PROMPT}\", \"objects\": [\"train\", \"train\"]}}\n"),
+    )
+    .unwrap();
+    check(base(&same, &[]), &["same token", "two different objects"]);
+    let long = work.path().join("long.jsonl");
+    let long_prompt = format!("{}and an old boat", "a cat ".repeat(40));
+    std::fs::write(
+        &long,
+        format!("{{\"prompt\": \"{long_prompt}\", \"objects\": [\"cat\", \"boat\"]}}\n"),
+    )
+    .unwrap();
+    check(base(&long, &[]), &["`boat` is in the prompt but after the cut", "84"]);
     let good = pairs_file(work.path());
     check(
         base(&good, &["--methods", "sd,boat"]),

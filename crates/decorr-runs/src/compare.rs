@@ -333,6 +333,15 @@ pub fn run(
         let tok = sd.tokenizer.encode(&pair.prompt)?;
         let at = || format!("the pair of {:?}", pair.prompt);
         let objects = excite_indices(&tok, &pair.objects).with_context(at)?;
+        if objects[0] == objects[1] {
+            bail!(
+                "{}: both objects ({:?} and {:?}) are the same token of the prompt; name two \
+                 different objects (`word#2` picks a word's second occurrence)",
+                at(),
+                pair.objects[0],
+                pair.objects[1]
+            );
+        }
         if c.methods.contains(&Method::Ours) {
             let spec: TargetSpec = pair.objects[1].parse().expect("infallible");
             resolve_target(&tok, &spec).with_context(at)?;

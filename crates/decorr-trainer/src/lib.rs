@@ -23,6 +23,16 @@ pub enum MethodError {
     #[error("target `{target}` is not a word of the prompt; its words are: {words}")]
     TargetNotInPrompt { target: String, words: String },
     #[error(
+        "`{target}` is in the prompt but after the cut: CLIP's text encoder takes 75 tokens and \
+         the prompt has {total}, so its last {cut} token(s) were dropped; shorten the prompt so \
+         that `{target}` comes within the first 75 tokens"
+    )]
+    TargetCut {
+        target: String,
+        total: usize,
+        cut: usize,
+    },
+    #[error(
         "`{target}` occurs {count} time(s) in the prompt, so there is no occurrence {asked}; \
          pick one of 1..={count}"
     )]

@@ -115,6 +115,20 @@ pub fn resolve_token(tok: &Tokenized, spec: &TargetSpec) -> Result<usize, Method
                 .map(|i| i + wanted.len() - 1)
                 .collect();
             if hits.is_empty() {
+                // A word the 75-token cut dropped is in the prompt, just not in what CLIP sees.
+                if tok.truncated > 0 {
+                    let all: Vec<String> = split_words(&tok.prompt)
+                        .into_iter()
+                        .map(|r| tok.prompt[r].to_lowercase())
+                        .collect();
+                    if (0..all.len()).any(|i| all[i..].starts_with(&wanted)) {
+                        return Err(MethodError::TargetCut {
+                            target: word.clone(),
+                            total: tok.eos_index() - 1 + tok.truncated,
+                            cut: tok.truncated,
+                        });
+                    }
+                }
                 return Err(not_found());
             }
             let k = occurrence.unwrap_or(1);
@@ -167,6 +181,20 @@ mod tests {
             resolve("an old train with rusty tracks", word("old train", None)).unwrap(),
             3
         );
+    }
+
+    /// A word past the 75-token cut is named as cut, not as missing from the prompt.
+    #[test]
+    fn a_word_after_the_cut_is_reported_as_cut() {
+        let prompt = format!("{} and a boat", "a cat ".repeat(40));
+        let tok = ClipTokenizer::embedded().encode(&prompt).unwrap();
+        assert!(tok.truncated > 0);
+        let err = resolve_target(&tok, &TargetSpec::word("boat")).unwrap_err();
+        assert!(matches!(err, MethodError::TargetCut { cut, total, .. }
+            if cut == tok.truncated && total == 83), "{err}");
+        assert!(err.to_string().contains("shorten the prompt"), "{err}");
+        let err = resolve_target(&tok, &TargetSpec::word("horse")).unwrap_err();
+        assert!(matches!(err, MethodError::TargetNotInPrompt { .. }), "{err}");
     }
 
     #[test]
