@@ -53,7 +53,7 @@ pub struct DisenDiffArgs {
     resolution: usize,
     /// Side of the cross-attention maps L_attn reads (default: the second-smallest size the
     /// UNet's cross-attentions run at: SD 1.5's 16x16 layers at 512 px).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::usize_in(1, 1024))]
     map_resolution: Option<usize>,
     /// Seed of the data order, augmentation, timesteps and noise.
     #[arg(long, default_value_t = 0)]

@@ -57,7 +57,7 @@ struct BertscoreArgs {
     /// transformers < 4.24 (scores differ noticeably; say which one you report).
     #[arg(long)]
     prefix_space: bool,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::flags::usize_in(1, crate::flags::MAX_BATCH))]
     batch_size: usize,
     /// JSONL, one `{"candidate": ..., "reference": ...}` per line.
     #[arg(long)]
@@ -84,7 +84,7 @@ struct FidArgs {
     /// Save the reference side's statistics here (pytorch-fid `--save-stats` format) for reuse.
     #[arg(long)]
     save_real_stats: Option<PathBuf>,
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = crate::flags::usize_in(1, crate::flags::MAX_BATCH))]
     batch_size: usize,
     #[arg(long)]
     json: PathBuf,
@@ -115,10 +115,10 @@ struct RunArgs {
     #[arg(long)]
     caption_instruction: Option<String>,
     /// Requests in flight at once.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = crate::flags::usize_in(1, 256))]
     concurrency: usize,
     /// Seconds one request may take.
-    #[arg(long, default_value_t = 120.0)]
+    #[arg(long, default_value_t = 120.0, value_parser = crate::flags::seconds)]
     timeout: f64,
     /// Captions made elsewhere: JSONL `{"image": FILE, "caption": TEXT}` (used before asking).
     #[arg(long)]
@@ -146,7 +146,7 @@ struct RunArgs {
     /// Compute nothing per image: join the shards' partial results and write the report.
     #[arg(long)]
     merge: bool,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = crate::flags::usize_in(1, crate::flags::MAX_BATCH))]
     batch_size: usize,
     /// Output folder (report files, caches, partial results).
     #[arg(long, value_parser = crate::flags::out_folder)]
@@ -181,11 +181,9 @@ struct ScoredPair<'a> {
 }
 
 fn bertscore(a: BertscoreArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.pairs)
-        .with_context(|| format!("reading --pairs {}", a.pairs.display()))?;
+    // A regular file of at most 16 MiB, without a leading byte-order mark.
+    let text = decorr_core::input::read_text(&a.pairs, "the --pairs file (JSON lines)")?;
     let mut pairs = Vec::new();
-    // A byte-order mark at the start (some Windows editors write one) is not JSON.
-    let text = decorr_core::io::strip_bom(&text);
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;

@@ -14,6 +14,8 @@ pub const MAX_STEPS: u64 = 1000;
 pub const MAX_SIDE: u64 = decorr_pipeline::pipeline::MAX_SIDE as u64;
 /// Most images one `generate`/`fix` run makes per prompt.
 pub const MAX_IMAGES: u64 = 1_000_000;
+/// Most images in one batch (of a model call or an evaluation pass).
+pub const MAX_BATCH: u64 = 4096;
 /// Largest guidance scale (the pipeline's own bound).
 pub const MAX_GUIDANCE_SCALE: f64 = decorr_pipeline::pipeline::MAX_GUIDANCE_SCALE;
 
@@ -38,6 +40,15 @@ fn number(s: &str) -> Result<f64, String> {
         .map_err(|_| format!("`{s}` is not a number"))?;
     if !v.is_finite() {
         return Err(format!("{s} is not a finite number"));
+    }
+    Ok(v)
+}
+
+/// Seconds, from 1 to a day (a timeout).
+pub fn seconds(s: &str) -> Result<f64, String> {
+    let v = number(s)?;
+    if !(1.0..=86_400.0).contains(&v) {
+        return Err(format!("{s} is not in 1..=86400 (seconds, up to a day)"));
     }
     Ok(v)
 }

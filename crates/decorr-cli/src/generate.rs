@@ -48,7 +48,7 @@ pub struct SampleArgs {
     #[arg(long, default_value_t = 0.0, value_parser = crate::flags::unit_interval)]
     pub eta: f64,
     /// Images per UNet batch (memory vs speed; images do not depend on it).
-    #[arg(long, default_value_t = 1, value_parser = crate::flags::usize_in(1, 4096))]
+    #[arg(long, default_value_t = 1, value_parser = crate::flags::usize_in(1, crate::flags::MAX_BATCH))]
     pub batch_size: usize,
     /// Compute attention in slices of N (batch x head) rows to bound memory (GPU backends;
     /// on the CPU, attention already runs in blocks of query rows and ignores it).

@@ -86,3 +86,33 @@ fn activations_beyond_the_memory_limit_name_the_flags() {
     );
     assert!(!out.exists(), "nothing written");
 }
+
+/// Count flags are bounded by the argument parser, naming the flag and the allowed range,
+/// before anything is read or allocated.
+#[test]
+fn count_flags_are_bounded() {
+    for (args, flag) in [
+        (
+            &["eval", "fid", "--real", "r", "--fake", "f", "--json", "j.json", "--batch-size", "0"][..],
+            "--batch-size",
+        ),
+        (
+            &["eval", "run", "--runs", "r", "--out", "o", "--batch-size", "18446744073709551615"][..],
+            "--batch-size",
+        ),
+        (
+            &["eval", "run", "--runs", "r", "--out", "o", "--concurrency", "100000"][..],
+            "--concurrency",
+        ),
+        (
+            &["eval", "run", "--runs", "r", "--out", "o", "--timeout=-1"][..],
+            "--timeout",
+        ),
+        (
+            &["generate", "--prompt", "a", "--out", "o", "--batch-size", "5000"][..],
+            "--batch-size",
+        ),
+    ] {
+        assert_fails(args, &[flag, "1..=", "invalid value"]);
+    }
+}
