@@ -1,10 +1,15 @@
 //! `decorr study`: create (comparisons present in every run, images without metadata, refusals),
 //! the JSON API's answers and refusals, durability across a killed server, concurrency without
 //! lost or duplicated answers, blindness (nothing a rater can fetch names a method, a run folder
-//! or a seed), and the report's numbers against the answers given.
+//! or a seed), and the report's numbers against the answers given; the server's limits (no
+//! client holds a connection), CSV cells no spreadsheet runs, more than 26 methods, missing
+//! image files, bounded count flags, and the README's study example as written.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -12,7 +17,7 @@ mod common;
 use common::{assert_fails, decorr, text};
 #[path = "common/study_support.rs"]
 mod study_support;
-use study_support::{StudyServer, create, create_args, token_of};
+use study_support::{StudyServer, create, create_args, renamed_run, token_of};
 
 const PROMPTS: [&str; 2] = ["rusty tracks with an old train", "a cat with a hat"];
 
@@ -32,8 +37,13 @@ struct Server {
 
 impl Server {
     fn start(study: &Path, host: &str) -> Server {
+        Server::start_with(study, host, &[])
+    }
+
+    /// [`Server::start`] with more `serve` arguments.
+    fn start_with(study: &Path, host: &str, extra: &[&str]) -> Server {
         let log = study.with_file_name(format!("serve-{host}.log"));
-        let inner = StudyServer::start(study, host, log);
+        let inner = StudyServer::start_with(study, host, log, extra);
         Server {
             base: inner.base.clone(),
             raters: inner
@@ -541,4 +551,591 @@ fn serve_warns_off_loopback_and_report_matches_the_answers() {
     for f in ["report.md", "report.csv", "report.png"] {
         assert!(study.join(f).is_file(), "{f}");
     }
+}
+
+/// The export's rows as a spreadsheet reads them (quoted cells, `""` inside), header first.
+fn parse_csv(text: &str) -> Vec<Vec<String>> {
+    let (mut rows, mut row, mut cell) = (Vec::new(), Vec::new(), String::new());
+    let (mut quoted, mut chars) = (false, text.chars().peekable());
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                chars.next();
+                cell.push('"');
+            }
+            (true, '"') => quoted = false,
+            (true, c) => cell.push(c),
+            (false, '"') => quoted = true,
+            (false, ',') => row.push(std::mem::take(&mut cell)),
+            (false, '\n') => {
+                row.push(std::mem::take(&mut cell));
+                rows.push(std::mem::take(&mut row));
+            }
+            (false, c) => cell.push(c),
+        }
+    }
+    rows
+}
+
+/// Whether a spreadsheet would run the cell as a formula.
+fn live_formula(cell: &str) -> bool {
+    cell.starts_with(['=', '+', '-', '@', '\t', '\r'])
+}
+
+/// Reads `s` until the server closes it (EOF or reset), returning what came and when; `None`
+/// when it was still open after `wait`.
+fn read_until_closed(s: &mut TcpStream, wait: Duration) -> Option<(Vec<u8>, Instant)> {
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Some((got, Instant::now())),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return None;
+            }
+            Err(_) => return Some((got, Instant::now())),
+        }
+    }
+}
+
+#[test]
+fn serve_closes_silent_half_sent_idle_and_slow_connections_and_bounds_their_number() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = make_runs(tmp.path(), 0, 1);
+    let study = tmp.path().join("study");
+    create(&runs, &study, &["--raters", "1"]);
+    // Short bounds: 1 s for headers (and idle keep-alive), 1 s per request, 3 connections.
+    let s = Server::start_with(
+        &study,
+        "127.0.0.1",
+        &[
+            "--header-timeout",
+            "1",
+            "--request-timeout",
+            "1",
+            "--max-connections",
+            "3",
+        ],
+    );
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let connect = || TcpStream::connect(&addr).unwrap();
+    // Well past the 1 s bound, far below "never".
+    let wait = Duration::from_secs(6);
+    let opened = Instant::now();
+    let mut silent = connect();
+    let mut half = connect();
+    half.write_all(b"GET /assets/style.css HTTP/1.1\r\nHost: x\r\nAccept: ")
+        .unwrap();
+    let mut third = connect();
+    // A fourth while three are open: told the server is busy, and closed at once.
+    let mut fourth = connect();
+    let (busy, _) = read_until_closed(&mut fourth, wait).expect("the 4th connection stays open");
+    let busy = String::from_utf8_lossy(&busy);
+    assert!(busy.starts_with("HTTP/1.1 503"), "{busy}");
+    assert!(
+        opened.elapsed() < Duration::from_millis(900),
+        "503 took {:?}",
+        opened.elapsed()
+    );
+    for (what, conn) in [
+        ("silent", &mut silent),
+        ("half-sent", &mut half),
+        ("third", &mut third),
+    ] {
+        let (got, at) = read_until_closed(conn, wait)
+            .unwrap_or_else(|| panic!("a {what} connection was still open after {wait:?}"));
+        let took = at - opened;
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+            "{what}: closed after {took:?}, the bound is 1 s"
+        );
+        assert!(
+            !String::from_utf8_lossy(&got).contains(" 200 "),
+            "{what} was answered"
+        );
+    }
+
+    // Idle after a response (keep-alive): closed after the same bound.
+    let mut idle = connect();
+    idle.write_all(b"GET /assets/style.css HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let asked = Instant::now();
+    let (got, at) = read_until_closed(&mut idle, wait)
+        .unwrap_or_else(|| panic!("an idle keep-alive connection was still open after {wait:?}"));
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 200"), "{got:.200}");
+    assert!(
+        !got.to_lowercase().contains("connection: close"),
+        "{got:.300}"
+    );
+    assert!(
+        at - asked < Duration::from_secs(4),
+        "idle for {:?}",
+        at - asked
+    );
+
+    // A body sent too slowly: 408 within the request bound.
+    let mut slow = connect();
+    let token = &s.raters[0].1;
+    slow.write_all(
+        format!(
+            "POST /api/{token}/answer HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n\
+             content-length: 100\r\n\r\n{{\"item\": "
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let sent = Instant::now();
+    let (got, at) = read_until_closed(&mut slow, wait)
+        .unwrap_or_else(|| panic!("a slow body held its connection past {wait:?}"));
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 408"), "{got:.300}");
+    assert!(
+        at - sent < Duration::from_secs(4),
+        "slow body for {:?}",
+        at - sent
+    );
+
+    // And the server still serves.
+    let next = s.json(&format!("/api/{token}/next"));
+    assert_eq!(next["position"], 1);
+    assert!(s.csv().is_empty(), "the slow body stored something");
+}
+
+#[test]
+fn csv_cells_that_a_spreadsheet_would_run_are_exported_as_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A prompt, a rater and a method name that a spreadsheet would run as formulas.
+    let prompt = "=1+1 a cat with a hat";
+    let runs = study_support::make_runs(tmp.path(), &[prompt], 0, 1);
+    let method = "@SUM(1+1)";
+    let renamed = tmp.path().join("run-at");
+    renamed_run(&runs[1], &renamed, method);
+    let rater = "=HYPERLINK(\"http://x\",\"y\")";
+    let study = tmp.path().join("study");
+    create(
+        &[runs[0].clone(), renamed],
+        &study,
+        &["--rater", rater, "--rater", "+cmd", "--rater=-x\tz"],
+    );
+    let s = Server::start(&study, "127.0.0.1");
+    for (_, token) in &s.raters {
+        let next = s.json(&format!("/api/{token}/next"));
+        let (status, body) = s.post(token, &answer_for(&next, |_| (3, 4)));
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, export) = s.get(&format!("/admin/{}/export.csv", s.admin));
+    assert_eq!(status, 200);
+    drop(s);
+    let rows = parse_csv(&export);
+    assert_eq!(rows.len(), 1 + 3 * 2, "{export}");
+    for row in &rows {
+        assert_eq!(row.len(), rows[0].len(), "{row:?}");
+        for cell in row {
+            assert!(!live_formula(cell), "a live formula {cell:?} in\n{export}");
+        }
+    }
+    // The text is all there, behind the quote mark.
+    let column = |name: &str| rows[0].iter().position(|c| c == name).unwrap();
+    let cells = |name: &str| -> std::collections::BTreeSet<String> {
+        rows[1..].iter().map(|r| r[column(name)].clone()).collect()
+    };
+    assert_eq!(
+        cells("rater"),
+        [format!("'{rater}"), "'+cmd".into(), "'-x\tz".into()].into()
+    );
+    assert_eq!(cells("prompt"), [format!("'{prompt}")].into());
+    assert_eq!(
+        cells("method"),
+        ["sd".to_string(), format!("'{method}")].into()
+    );
+
+    // The report's CSV too.
+    let o = decorr(&[
+        "study",
+        "report",
+        study.to_str().unwrap(),
+        "--resamples",
+        "100",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let report = std::fs::read_to_string(study.join("report.csv")).unwrap();
+    let rows = parse_csv(&report);
+    assert_eq!(rows.len(), 3, "{report}");
+    assert!(rows.iter().flatten().all(|c| !live_formula(c)), "{report}");
+    assert_eq!(rows[2][0], format!("'{method}"));
+}
+
+#[test]
+fn a_study_of_more_than_26_methods_names_its_slots_beyond_z_and_can_be_answered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = study_support::make_runs(tmp.path(), &[PROMPTS[0]], 0, 1);
+    let methods: Vec<String> = (1..=28).map(|k| format!("method{k:02}")).collect();
+    let many: Vec<PathBuf> = methods
+        .iter()
+        .map(|m| {
+            let dir = tmp.path().join(m);
+            renamed_run(&runs[0], &dir, m);
+            dir
+        })
+        .collect();
+    let study = tmp.path().join("study");
+    create(&many, &study, &["--raters", "1"]);
+    let s = Server::start(&study, "127.0.0.1");
+    let token = &s.raters[0].1;
+    let next = s.json(&format!("/api/{token}/next"));
+    let slots: Vec<&str> = next["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|im| im["slot"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = ('A'..='Z')
+        .map(String::from)
+        .chain(["AA".into(), "AB".into()])
+        .collect();
+    assert_eq!(slots, expected);
+    // A slot past the last is refused, naming the slots; a full answer is taken.
+    let wrong = answer_for(&next, |_| (3, 3)).replace("\"AB\"", "\"AC\"");
+    let (status, body) = s.post(token, &wrong);
+    assert_eq!(status, 422, "{body}");
+    let error: Value = serde_json::from_str(&body).unwrap();
+    let error = error["error"].as_str().unwrap();
+    assert!(
+        error.contains("\"AC\" is not in this comparison") && error.ends_with("Z, AA, AB)"),
+        "{error}"
+    );
+    let (status, body) = s.post(token, &answer_for(&next, |i| (1 + (i % 5) as u8, 2)));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(s.json(&format!("/api/{token}/next"))["finished"], true);
+    let rows = s.csv();
+    assert_eq!(rows.len(), 28);
+    let by_slot: std::collections::BTreeMap<&str, &str> = rows
+        .iter()
+        .map(|r| (r[7].as_str(), r[8].as_str()))
+        .collect();
+    assert_eq!(by_slot.len(), 28, "one row per slot: {rows:?}");
+    assert!(by_slot.contains_key("AA") && by_slot.contains_key("AB"));
+    let shown: std::collections::BTreeSet<&str> = by_slot.values().copied().collect();
+    assert_eq!(shown.len(), 28, "every method once");
+    drop(s);
+    let o = decorr(&[
+        "study",
+        "report",
+        study.to_str().unwrap(),
+        "--resamples",
+        "100",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(study.join("report.json")).unwrap()).unwrap();
+    for m in &methods {
+        assert_eq!(r["methods"][m]["alignment"]["n"], 1, "{m}");
+    }
+}
+
+#[test]
+fn serve_refuses_a_study_with_missing_images_and_names_one_that_vanishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = make_runs(tmp.path(), 0, 1);
+    let study = tmp.path().join("study");
+    create(&runs, &study, &["--raters", "1"]);
+    let images: Vec<PathBuf> = std::fs::read_dir(study.join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(images.len(), 4);
+
+    // Missing at start: refused before listening, naming the file.
+    let gone = &images[0];
+    let kept = std::fs::read(gone).unwrap();
+    std::fs::remove_file(gone).unwrap();
+    let args = ["study", "serve", study.to_str().unwrap(), "--port", "0"];
+    let name = gone.file_name().unwrap().to_str().unwrap();
+    assert_fails(
+        &args,
+        &["1 of the study's 4 images are missing", name, "restore"],
+    );
+    let o = decorr(&args);
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("serving"),
+        "{}",
+        text(&o)
+    );
+    std::fs::write(gone, kept).unwrap();
+
+    // Removed while serving: a 404 with a message for the rater, the path in the log.
+    let s = Server::start(&study, "127.0.0.1");
+    let token = &s.raters[0].1;
+    let next = s.json(&format!("/api/{token}/next"));
+    let url = next["images"][0]["url"].as_str().unwrap();
+    assert_eq!(s.get_bytes(url)[..4], *b"\x89PNG");
+    let file = study.join("images").join(url.rsplit('/').next().unwrap());
+    std::fs::remove_file(&file).unwrap();
+    let (status, body) = s.get(url);
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("image is missing"), "{body}");
+    assert!(
+        !body.contains(study.to_str().unwrap()),
+        "the path is the server's: {body}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.inner.log().contains(file.to_str().unwrap()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = s.inner.log();
+    assert!(
+        log.contains(file.to_str().unwrap()) && log.contains("missing"),
+        "{log}"
+    );
+    // The rest goes on.
+    let (status, body) = s.post(token, &answer_for(&next, |_| (3, 3)));
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn count_flags_are_bounded_with_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = [tmp.path().join("a"), tmp.path().join("b")];
+    let out = tmp.path().join("study");
+    let refused = |extra: &[&str], needles: &[&str]| {
+        let started = Instant::now();
+        assert_fails(&create_args(&runs, &out, extra), needles);
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{extra:?} took long"
+        );
+    };
+    refused(
+        &["--raters", "18446744073709551615"],
+        &["--raters", "10000"],
+    );
+    refused(&["--raters", "100000000"], &["--raters", "10000"]);
+    refused(
+        &["--raters", "99999999999999999999999"],
+        &["--raters", "10000"],
+    );
+    refused(&["--raters", "0"], &["--raters", "1 to 10000"]);
+    refused(&["--raters=-3"], &["--raters", "whole number"]);
+    refused(&["--raters", "many"], &["--raters", "whole number"]);
+    refused(
+        &["--raters", "2", "--prompts-per-pair", "0"],
+        &["--prompts-per-pair", "1 to 1000000"],
+    );
+    refused(
+        &[
+            "--raters",
+            "2",
+            "--seeds-per-prompt",
+            "18446744073709551615",
+        ],
+        &["--seeds-per-prompt", "1000000"],
+    );
+    refused(
+        &["--raters", "2", "--repeat", "100000000000"],
+        &["--repeat", "1000000"],
+    );
+    assert!(!out.exists());
+    let study = out.to_str().unwrap();
+    for (flag, value, bound) in [
+        ("--resamples", "100000000000", "1000000"),
+        ("--resamples", "0", "1 to 1000000"),
+    ] {
+        assert_fails(&["study", "report", study, flag, value], &[flag, bound]);
+    }
+    for (flag, value, bound) in [
+        ("--max-connections", "0", "1 to 100000"),
+        ("--max-connections", "18446744073709551616", "100000"),
+        ("--header-timeout", "0", "1 to 3600"),
+        ("--request-timeout", "99999999999", "3600"),
+    ] {
+        assert_fails(&["study", "serve", study, flag, value], &[flag, bound]);
+    }
+}
+
+/// The README's `decorr study` section.
+fn readme_study_section() -> String {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+            .unwrap();
+    let start = readme
+        .find("\n## `decorr study`")
+        .expect("README has a study section");
+    let rest = &readme[start + 1..];
+    let end = rest[1..].find("\n## ").map_or(rest.len(), |i| i + 1);
+    rest[..end].to_string()
+}
+
+/// The README's example commands (its `sh` block), continuation lines joined, comments apart.
+fn readme_example(section: &str) -> (Vec<String>, Vec<Vec<String>>) {
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("the study section has a sh block");
+    let (mut comments, mut commands) = (Vec::new(), Vec::new());
+    let mut line = String::new();
+    for l in block.lines() {
+        let l = l.trim();
+        if l.starts_with('#') {
+            comments.push(l.trim_start_matches('#').trim().to_string());
+            continue;
+        }
+        let l = l.split(" # ").next().unwrap().trim();
+        if let Some(l) = l.strip_suffix('\\') {
+            line.push_str(l);
+            continue;
+        }
+        line.push_str(l);
+        if !line.trim().is_empty() {
+            commands.push(line.split_whitespace().map(str::to_string).collect());
+        }
+        line.clear();
+    }
+    (comments, commands)
+}
+
+#[test]
+fn the_readme_study_example_makes_the_comparisons_it_states() {
+    let section = readme_study_section();
+    let (comments, commands) = readme_example(&section);
+    let comment = comments.join(" ");
+    // "... `decorr compare --pairs FILE ... --out cmp` ...: A pairs x B prompt x C seeds = N
+    // comparisons"
+    let words: Vec<&str> = comment
+        .split(|c: char| c.is_whitespace() || c == '`' || c == '(' || c == ')' || c == ',')
+        .filter(|w| !w.is_empty())
+        .collect();
+    let at = words
+        .iter()
+        .position(|w| *w == "comparisons")
+        .unwrap_or_else(|| panic!("no `N comparisons` in the example's comment: {comment}"));
+    let num = |i: usize| -> usize {
+        words[i]
+            .parse()
+            .unwrap_or_else(|_| panic!("{:?} in {comment:?} is not a number", words[i]))
+    };
+    let n = num(at - 1);
+    assert_eq!(words[at - 2], "=", "{comment}");
+    let (pairs, prompts, seeds) = (num(at - 10), num(at - 7), num(at - 4));
+    let [pairs_word, x1, prompts_word, x2, seeds_word] =
+        [at - 9, at - 8, at - 6, at - 5, at - 3].map(|i| words[i]);
+    assert!(
+        pairs_word.starts_with("pair")
+            && prompts_word.starts_with("prompt")
+            && seeds_word.starts_with("seed")
+            && [x1, x2] == ["x", "x"],
+        "expected `A pairs x B prompts x C seeds = N comparisons` in {comment:?}"
+    );
+    assert_eq!(
+        pairs * prompts * seeds,
+        n,
+        "the README's own product: {comment}"
+    );
+    let pairs_file = words[words.iter().position(|w| *w == "--pairs").expect("--pairs") + 1];
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let listed = std::fs::read_to_string(root.join(pairs_file)).unwrap();
+    let listed = listed
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .count();
+    assert_eq!(
+        listed, pairs,
+        "{pairs_file} has {listed} pairs; the README says {pairs}"
+    );
+
+    // `decorr compare` on the README's pairs with its default seeds, on the tiny models and
+    // cheap settings (the count depends on the pairs and seeds only).
+    let work = tempfile::tempdir().unwrap();
+    let cmp = work.path().join("cmp");
+    let sd_tiny = root.join("assets/sd-tiny");
+    let o = decorr(&[
+        "compare",
+        "--pairs",
+        root.join(pairs_file).to_str().unwrap(),
+        "--weights",
+        sd_tiny.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--scheduler",
+        "ddim",
+        "--width",
+        "16",
+        "--height",
+        "16",
+        "--layer",
+        "1",
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "1",
+        "--lr",
+        "1e-3",
+        "--excite-attn-res",
+        "8",
+        "--quiet",
+        "--out",
+        cmp.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // The README's commands, with its folders in the work folder.
+    let local = |arg: &str| -> String {
+        if arg == "study" || arg.starts_with("cmp/") {
+            work.path().join(arg).to_str().unwrap().to_string()
+        } else {
+            arg.to_string()
+        }
+    };
+    let run = |command: &[String]| {
+        assert_eq!(command[0], "decorr", "{command:?}");
+        let args: Vec<String> = command[1..]
+            .iter()
+            .enumerate()
+            .map(|(i, a)| if i < 2 { a.clone() } else { local(a) })
+            .collect();
+        decorr(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let of = |verb: &str| {
+        commands
+            .iter()
+            .find(|c| c.len() > 2 && c[1] == "study" && c[2] == verb)
+            .unwrap_or_else(|| panic!("no `decorr study {verb}` in the README's example"))
+    };
+    let create = of("create");
+    let o = run(create);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains(&format!(": {n} comparisons of 4 methods")),
+        "the README says {n} comparisons:\n{out}"
+    );
+    assert!(
+        !out.contains("note:"),
+        "the README's example gets fewer than it asks for:\n{out}"
+    );
+
+    // Served, each rater has the comparisons and the repeats.
+    let repeat: u64 = create[create.iter().position(|a| a == "--repeat").unwrap() + 1]
+        .parse()
+        .unwrap();
+    let study = work.path().join("study");
+    let s = Server::start(&study, "127.0.0.1");
+    assert_eq!(s.raters.len(), 3);
+    for (_, token) in &s.raters {
+        let next = s.json(&format!("/api/{token}/next"));
+        assert_eq!(next["total"].as_u64(), Some(n as u64 + repeat));
+    }
+    drop(s);
+    assert_eq!(of("serve")[3], "study", "the README serves its study");
+    let o = run(of("report"));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(study.join("report.md").is_file());
 }

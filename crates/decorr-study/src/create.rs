@@ -35,6 +35,13 @@ pub struct CreateConfig {
     pub out: PathBuf,
 }
 
+/// Most raters in a study (`--raters`, or `--rater` names): each gets a token and a row per
+/// comparison, so a mistyped count must stop before any of that is built.
+pub const MAX_RATERS: usize = 10_000;
+/// Most of `--prompts-per-pair`, `--seeds-per-prompt` and `--repeat` (a generate run makes at
+/// most a million images per prompt).
+pub const MAX_COUNT: usize = 1_000_000;
+
 /// What was made.
 #[derive(Debug, Clone)]
 pub struct Created {
@@ -87,6 +94,33 @@ pub fn create(c: &CreateConfig) -> Result<Created, StudyError> {
     }
     if c.prompts_per_pair == 0 || c.seeds_per_prompt == 0 {
         bail!("--prompts-per-pair and --seeds-per-prompt must be at least 1");
+    }
+    for (flag, v, min) in [
+        ("--prompts-per-pair", c.prompts_per_pair, 1),
+        ("--seeds-per-prompt", c.seeds_per_prompt, 1),
+        ("--repeat", c.repeat, 0),
+    ] {
+        if v > MAX_COUNT {
+            bail!(
+                "{flag} {v} is more than {MAX_COUNT}, the most it takes; give {flag} \
+                 {min}..={MAX_COUNT}"
+            );
+        }
+    }
+    // Checked before any name is made: `--raters 100000000` must not build them first.
+    if c.raters > MAX_RATERS {
+        bail!(
+            "--raters {} is more than {MAX_RATERS}, the most raters a study takes; give --raters \
+             1..={MAX_RATERS} (or split the raters into several studies)",
+            c.raters
+        );
+    }
+    if c.rater_names.len() > MAX_RATERS {
+        bail!(
+            "{} --rater names are more than {MAX_RATERS}, the most raters a study takes; give at \
+             most {MAX_RATERS} (or split the raters into several studies)",
+            c.rater_names.len()
+        );
     }
     let names: Vec<String> = if c.rater_names.is_empty() {
         if c.raters == 0 {
@@ -283,6 +317,8 @@ pub fn create(c: &CreateConfig) -> Result<Created, StudyError> {
     conn.pragma_update(None, "wal_checkpoint", "TRUNCATE")?;
     drop(conn);
     let tmp = tmp.keep();
+    // The temp folder was created private; the study gets the umask's permissions.
+    decorr_core::io::make_readable(&tmp).map_err(|e| StudyError::Msg(e.to_string()))?;
     if let Err(e) = std::fs::rename(&tmp, &c.out) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(StudyError::Msg(format!(
@@ -312,15 +348,14 @@ fn pairs_of(
             .map(|p| (p.clone(), p.clone()))
             .collect());
     };
-    let text = std::fs::read_to_string(f)
-        .map_err(|e| StudyError::Msg(format!("reading --objects-file {}: {e}", f.display())))?;
-    let map: BTreeMap<String, [String; 2]> =
-        serde_json::from_str(decorr_core::io::strip_bom(&text)).map_err(|e| {
-            StudyError::Msg(format!(
-                "{}: expected {{\"PROMPT\": [\"FIRST\", \"TARGET\"], ...}} ({e})",
-                f.display()
-            ))
-        })?;
+    let text = decorr_core::input::read_text(f, "the --objects-file")
+        .map_err(|e| StudyError::Msg(e.to_string()))?;
+    let map: BTreeMap<String, [String; 2]> = serde_json::from_str(&text).map_err(|e| {
+        StudyError::Msg(format!(
+            "{}: expected {{\"PROMPT\": [\"FIRST\", \"TARGET\"], ...}} ({e})",
+            f.display()
+        ))
+    })?;
     let missing: Vec<&str> = prompts
         .iter()
         .filter(|p| !map.contains_key(p.as_str()))
@@ -346,4 +381,79 @@ fn copy_without_metadata(src: &Path, dst: &Path) -> Result<(), StudyError> {
         .to_rgb8();
     img.save_with_format(dst, image::ImageFormat::Png)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(out: &Path) -> CreateConfig {
+        CreateConfig {
+            runs: vec![out.join("a"), out.join("b")],
+            objects_file: None,
+            prompts_per_pair: 2,
+            seeds_per_prompt: 5,
+            rater_names: Vec::new(),
+            raters: 2,
+            repeat: 0,
+            seed: 0,
+            out: out.join("study"),
+        }
+    }
+
+    /// Each bound is checked before anything is read or built (the runs do not even exist).
+    #[test]
+    fn counts_past_their_bounds_are_refused_naming_the_flag() {
+        let tmp = tempfile::tempdir().unwrap();
+        let refused = |c: CreateConfig, needles: &[&str]| {
+            let e = create(&c).expect_err("refused").to_string();
+            for n in needles {
+                assert!(e.contains(n), "{n:?} not in {e}");
+            }
+            assert!(!c.out.exists());
+        };
+        let base = config(tmp.path());
+        refused(
+            CreateConfig {
+                raters: usize::MAX,
+                ..base.clone()
+            },
+            &["--raters", "10000"],
+        );
+        refused(
+            CreateConfig {
+                raters: 0,
+                rater_names: (0..=MAX_RATERS).map(|i| format!("r{i}")).collect(),
+                ..base.clone()
+            },
+            &["--rater", "10001", "10000"],
+        );
+        for (flag, c) in [
+            (
+                "--prompts-per-pair",
+                CreateConfig {
+                    prompts_per_pair: usize::MAX,
+                    ..base.clone()
+                },
+            ),
+            (
+                "--seeds-per-prompt",
+                CreateConfig {
+                    seeds_per_prompt: MAX_COUNT + 1,
+                    ..base.clone()
+                },
+            ),
+            (
+                "--repeat",
+                CreateConfig {
+                    repeat: usize::MAX,
+                    ..base.clone()
+                },
+            ),
+        ] {
+            refused(c, &[flag, "1000000"]);
+        }
+        // Within the bounds, the runs are what is wrong.
+        refused(base, &["no such folder"]);
+    }
 }

@@ -32,7 +32,7 @@ CREATE TABLE images(id INTEGER PRIMARY KEY, item_id INTEGER NOT NULL REFERENCES 
                     UNIQUE(item_id, method_id));
 CREATE TABLE raters(id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, token TEXT NOT NULL UNIQUE);
 -- What a rater sees, in order: a comparison (again, for repeat_of), its methods placed in
--- slots A, B, ... (placement: JSON array of method ids, slot order).
+-- slots A, B, ..., Z, AA, AB, ... (placement: JSON array of method ids, slot order).
 CREATE TABLE tasks(id INTEGER PRIMARY KEY, rater_id INTEGER NOT NULL REFERENCES raters(id),
                    position INTEGER NOT NULL, item_id INTEGER NOT NULL REFERENCES items(id),
                    repeat_of INTEGER REFERENCES tasks(id), public_id TEXT NOT NULL UNIQUE,
@@ -255,6 +255,13 @@ pub fn rater_sees_image(conn: &Connection, rater: i64, image: &str) -> Result<bo
         )
         .optional()?
         .is_some())
+}
+
+/// The public id of every image (its file is `images/<id>.png`).
+pub fn image_ids(conn: &Connection) -> Result<Vec<String>, StudyError> {
+    let mut st = conn.prepare("SELECT public_id FROM images ORDER BY id")?;
+    let ids = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    Ok(ids)
 }
 
 /// Every rater with their progress: (name, token, done, total).

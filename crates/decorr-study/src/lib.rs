@@ -51,6 +51,11 @@ pub enum StudyError {
     InvalidConfidence(f64),
     #[error("a bootstrap needs at least one resample")]
     NoResamples,
+    #[error(
+        "{resamples} bootstrap resamples is more than {max}, the most a bootstrap takes (each \
+         resample's mean is held in memory); 10000 is usual"
+    )]
+    TooManyResamples { resamples: usize, max: usize },
     /// A user-facing problem: what is wrong and how to fix it.
     #[error("{0}")]
     Msg(String),
@@ -66,6 +71,26 @@ pub enum StudyError {
     Json(#[from] serde_json::Error),
 }
 
+/// Most bootstrap resamples: 8 MB of means, a hundred times the usual 10000 (a bound, so that a
+/// mistyped count is an error, not an abort on allocation).
+pub const MAX_RESAMPLES: usize = 1_000_000;
+
+/// One CSV cell: a text that a spreadsheet would run as a formula (starting with `=`, `+`, `-`,
+/// `@`, a tab or a carriage return: a rater's name or a prompt is anyone's text) gets a leading
+/// `'`, as OWASP advises, and a cell holding a separator, a quote or a line break is quoted.
+pub fn csv_cell(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{s}")
+    } else {
+        s.to_string()
+    };
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s
+    }
+}
+
 /// `Err(StudyError::Msg(format!(...)))`.
 macro_rules! bail {
     ($($t:tt)*) => {
@@ -73,3 +98,30 @@ macro_rules! bail {
     };
 }
 pub(crate) use bail;
+
+#[cfg(test)]
+mod tests {
+    use super::csv_cell;
+
+    #[test]
+    fn csv_cells_that_a_spreadsheet_would_run_are_neutralised() {
+        for (text, cell) in [
+            (
+                "=HYPERLINK(\"http://x\",\"y\")",
+                "\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\"",
+            ),
+            ("+1", "'+1"),
+            ("-2+3", "'-2+3"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("\t=1", "'\t=1"),
+            ("\r=1", "\"'\r=1\""),
+            ("a cat, a hat", "\"a cat, a hat\""),
+            ("say \"hi\"", "\"say \"\"hi\"\"\""),
+            ("a = b", "a = b"),
+            ("rater-01", "rater-01"),
+            ("", ""),
+        ] {
+            assert_eq!(csv_cell(text), cell, "{text:?}");
+        }
+    }
+}

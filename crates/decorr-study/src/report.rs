@@ -426,11 +426,7 @@ pub fn csv(r: &Report) -> String {
             let [lo, hi] = s.ci95.unwrap_or([f64::NAN; 2]);
             format!("{},{},{},{},{}", s.mean, s.std, s.n, lo, hi)
         };
-        let name = if m.contains([',', '"']) {
-            format!("\"{}\"", m.replace('"', "\"\""))
-        } else {
-            m.clone()
-        };
+        let name = crate::csv_cell(m);
         s.push_str(&format!(
             "{name},{},{},{}\n",
             f(&row.alignment),

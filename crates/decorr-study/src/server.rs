@@ -14,17 +14,27 @@
 //!
 //! Raters see random ids only; a wrong token is a plain 404, bad input a 4xx with a message
 //! (`{"error": ...}`) and nothing stored.
+//!
+//! [`serve`] accepts connections itself (hyper's HTTP/1 server under axum's router) so that no
+//! client can hold the server open: [`Limits`] bound the time to send a request's headers (idle
+//! keep-alive connections included), the time to send the rest of a request, and the number of
+//! open connections.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use rusqlite::Connection;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -41,6 +51,33 @@ const RATE_JS: &str = include_str!("../assets/rate.js");
 const ADMIN_JS: &str = include_str!("../assets/admin.js");
 const STYLE_CSS: &str = include_str!("../assets/style.css");
 
+/// What one client may hold of the server (`decorr study serve --header-timeout
+/// --request-timeout --max-connections`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// From a connection's start, or from the end of its previous response, until a request's
+    /// headers are in: a connection that sends nothing, half a header or nothing more after a
+    /// response is closed then.
+    pub header_timeout: Duration,
+    /// From a request's headers to its response (the body included): a body sent too slowly gets
+    /// a 408 and the connection is closed.
+    pub request_timeout: Duration,
+    /// Connections open at once; one more is answered 503 and closed.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    /// A page loads in well under a second, and a browser opens up to 6 connections per rater:
+    /// 10 s for headers (and idle keep-alive), 30 s per request, 512 connections.
+    fn default() -> Self {
+        Limits {
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 512,
+        }
+    }
+}
+
 /// The server's state: one connection (SQLite serialises writers anyway), used off the async
 /// threads.
 #[derive(Clone)]
@@ -50,17 +87,50 @@ pub struct AppState {
     admin: String,
 }
 
-/// Opens the study in `dir` for serving.
+/// Opens the study in `dir` for serving, refusing one whose image files are not all there (a
+/// rater would meet the gap mid-study).
 pub fn state(dir: &Path) -> Result<AppState, StudyError> {
     let conn = db::open(dir)?;
     let Some(admin) = db::meta(&conn, "admin_token")? else {
         bail!("{} has no admin token: not a complete study", dir.display());
     };
+    let images = dir.join(IMAGES_DIR);
+    check_images(&conn, &images)?;
     Ok(AppState {
         db: Arc::new(Mutex::new(conn)),
-        images: dir.join(IMAGES_DIR),
+        images,
         admin,
     })
+}
+
+/// Every image the database lists is a file in `images`; else an error naming the missing ones.
+fn check_images(conn: &Connection, images: &Path) -> Result<(), StudyError> {
+    let listed = db::image_ids(conn)?;
+    let missing: Vec<PathBuf> = listed
+        .iter()
+        .map(|id| images.join(format!("{id}.png")))
+        .filter(|p| !p.is_file())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    const SHOWN: usize = 5;
+    let mut names: Vec<String> = missing
+        .iter()
+        .take(SHOWN)
+        .map(|p| p.display().to_string())
+        .collect();
+    if missing.len() > SHOWN {
+        names.push(format!("and {} more", missing.len() - SHOWN));
+    }
+    bail!(
+        "{} of the study's {} images are missing: {}; the study folder is incomplete: restore \
+         {} from a copy of the study, or make the study again with `decorr study create`",
+        missing.len(),
+        listed.len(),
+        names.join(", "),
+        images.display()
+    );
 }
 
 /// The links to print: one per rater (name, URL path) and the admin page's path.
@@ -91,25 +161,123 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves the study in `dir` on `addr` until Ctrl-C; `ready` is called with the bound address.
+/// Serves the study in `dir` on `addr` within `limits` until Ctrl-C; `ready` is called with the
+/// bound address. The study is checked before anything is bound.
 pub async fn serve(
     dir: &Path,
     addr: SocketAddr,
+    limits: Limits,
     ready: impl FnOnce(SocketAddr),
 ) -> Result<(), StudyError> {
-    let app = router(state(dir)?);
+    serve_until(dir, addr, limits, ready, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await
+}
+
+/// [`serve`] until `shutdown` completes; then idle connections close at once and requests in
+/// flight get [`SHUTDOWN_GRACE`] to finish (an unacknowledged answer is not lost: its commit is
+/// whole or absent, and its rater sends it again).
+async fn serve_until(
+    dir: &Path,
+    addr: SocketAddr,
+    limits: Limits,
+    ready: impl FnOnce(SocketAddr),
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), StudyError> {
+    if limits.max_connections == 0 || limits.header_timeout.is_zero() {
+        bail!("the server needs at least one connection and a header timeout above zero");
+    }
+    if limits.request_timeout.is_zero() {
+        bail!("the server needs a request timeout above zero");
+    }
+    let app = router(state(dir)?).layer(middleware::from_fn_with_state(
+        limits.request_timeout,
+        time_limit,
+    ));
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         StudyError::Msg(format!(
             "cannot listen on {addr}: {e} (another server on that port? choose --port)"
         ))
     })?;
     ready(listener.local_addr()?);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => r,
+            () = &mut shutdown => break,
+        };
+        let stream = match stream {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, or a connection reset before it was accepted: wait a
+                // little instead of spinning, and keep serving.
+                log::warn!("study server: accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Full: say so without waiting on the client (a write that does not fit the
+            // socket's fresh buffer is dropped), then close.
+            let _ = stream.try_write(BUSY);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let conn =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                log::debug!("study server: connection closed: {e}");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    let grace = SHUTDOWN_GRACE.min(limits.request_timeout);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        log::warn!("study server: closing connections still open after {grace:?}");
+    }
     Ok(())
+}
+
+/// How long Ctrl-C waits for requests in flight (an answer commits in milliseconds; a client
+/// still sending its headers is not waited for longer).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// The reply to a connection over `Limits::max_connections`.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
+    retry-after: 5\r\nconnection: close\r\ncontent-length: 42\r\n\r\n\
+    the server is busy; try again in a moment\n";
+
+/// Bounds a request from its headers to its response: a client sending its body slowly gets a
+/// 408 instead of holding the connection.
+async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => {
+            let mut r = bad(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request was not complete within {} s; send it again",
+                    limit.as_secs_f64()
+                ),
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
+    }
 }
 
 fn not_found() -> Response {
@@ -204,10 +372,18 @@ async fn asset(UrlPath(file): UrlPath<String>) -> Response {
     with_headers(body.into_response(), ty)
 }
 
-const SLOTS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ";
-
-fn slot_name(i: usize) -> String {
-    (SLOTS[i % SLOTS.len()] as char).to_string()
+/// The label of slot `i` (0-based), as spreadsheet columns go: A..Z, then AA, AB, ..., AZ, BA, ...
+/// so that a study of more than 26 methods still has one name per slot.
+pub fn slot_name(i: usize) -> String {
+    let mut name = Vec::new();
+    let mut n = i + 1;
+    while n > 0 {
+        n -= 1;
+        name.push(b'A' + (n % 26) as u8);
+        n /= 26;
+    }
+    name.reverse();
+    String::from_utf8(name).expect("ASCII")
 }
 
 /// The JSON of a task for `token`'s rater.
@@ -411,8 +587,9 @@ async fn image(
     }
     let public = public.to_string();
     let (p, dir) = (public.clone(), s.images.clone());
+    let path = dir.join(format!("{public}.png"));
     match with_db(&s, move |c| db::rater_sees_image(c, id, &p)).await {
-        Ok(true) => match tokio::fs::read(dir.join(format!("{public}.png"))).await {
+        Ok(true) => match tokio::fs::read(&path).await {
             Ok(bytes) => {
                 let mut r = with_headers(bytes.into_response(), "image/png");
                 r.headers_mut().insert(
@@ -421,7 +598,20 @@ async fn image(
                 );
                 r
             }
-            Err(e) => internal(e),
+            // Checked at start, so removed since: the log names the file, the rater gets a
+            // message (not the path, which is the server's business).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                log::error!(
+                    "study server: the image {} is missing (removed while serving?); restore it \
+                     from a copy of the study",
+                    path.display()
+                );
+                bad(
+                    StatusCode::NOT_FOUND,
+                    "this image is missing on the server; please tell the study's organiser",
+                )
+            }
+            Err(e) => internal(format!("reading the image {}: {e}", path.display())),
         },
         Ok(false) => not_found(),
         Err(r) => r,
@@ -448,15 +638,6 @@ async fn admin_progress(State(s): State<AppState>, UrlPath(admin): UrlPath<Strin
     }
 }
 
-/// One CSV field, quoted when needed.
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
-
 /// Every answer as CSV (the admin's export: methods named, one row per rated image).
 pub fn answers_csv(conn: &Connection) -> Result<String, StudyError> {
     let mut out = String::from(
@@ -465,15 +646,15 @@ pub fn answers_csv(conn: &Connection) -> Result<String, StudyError> {
     for a in db::answers(conn)? {
         out.push_str(
             &[
-                csv_field(&a.rater),
+                crate::csv_cell(&a.rater),
                 a.position.to_string(),
                 a.item.to_string(),
-                csv_field(&a.pair),
-                csv_field(&a.prompt),
+                crate::csv_cell(&a.pair),
+                crate::csv_cell(&a.prompt),
                 a.seed.to_string(),
                 u8::from(a.is_repeat).to_string(),
                 slot_name(a.slot),
-                csv_field(&a.method),
+                crate::csv_cell(&a.method),
                 a.alignment.to_string(),
                 a.fidelity.to_string(),
                 a.answered_at.clone(),
@@ -499,5 +680,32 @@ async fn export_csv(State(s): State<AppState>, UrlPath(admin): UrlPath<String>) 
             r
         }
         Err(r) => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_named_as_spreadsheet_columns_one_name_each() {
+        let names: Vec<String> = [0, 1, 25, 26, 27, 51, 52, 701, 702]
+            .iter()
+            .map(|&i| slot_name(i))
+            .collect();
+        assert_eq!(names, ["A", "B", "Z", "AA", "AB", "AZ", "BA", "ZZ", "AAA"]);
+        let many: std::collections::BTreeSet<String> = (0..2000).map(slot_name).collect();
+        assert_eq!(many.len(), 2000, "a name repeats");
+    }
+
+    #[test]
+    fn the_busy_reply_is_a_complete_response() {
+        let text = std::str::from_utf8(BUSY).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{text}"
+        );
     }
 }

@@ -527,6 +527,12 @@ pub fn bootstrap_mean_ci(
     if resamples == 0 {
         return Err(StudyError::NoResamples);
     }
+    if resamples > crate::MAX_RESAMPLES {
+        return Err(StudyError::TooManyResamples {
+            resamples,
+            max: crate::MAX_RESAMPLES,
+        });
+    }
     if !(confidence > 0.0 && confidence < 1.0) {
         return Err(StudyError::InvalidConfidence(confidence));
     }
@@ -605,6 +611,17 @@ fn splitmix64(state: &mut u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bootstrap_past_the_bound_is_an_error_not_an_allocation() {
+        let got = bootstrap_mean_ci(&[1.0, 2.0], 100_000_000_000, 0.95, 0);
+        assert!(
+            matches!(got, Err(StudyError::TooManyResamples { max, .. }) if max == crate::MAX_RESAMPLES),
+            "{got:?}"
+        );
+        assert!(bootstrap_mean_ci(&[1.0, 2.0], crate::MAX_RESAMPLES + 1, 0.95, 0).is_err());
+        assert!(bootstrap_mean_ci(&[1.0, 2.0], crate::MAX_RESAMPLES, 0.95, 0).is_ok());
+    }
 
     #[test]
     fn splitmix64_matches_its_reference_outputs() {

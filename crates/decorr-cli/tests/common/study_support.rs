@@ -76,6 +76,11 @@ impl StudyServer {
     /// Starts the server on `host` and a free port, stderr to `log`; fails after a minute
     /// without its links.
     pub fn start(study: &Path, host: &str, log: PathBuf) -> StudyServer {
+        Self::start_with(study, host, log, &[])
+    }
+
+    /// [`StudyServer::start`] with more `serve` arguments (its limits).
+    pub fn start_with(study: &Path, host: &str, log: PathBuf, extra: &[&str]) -> StudyServer {
         let mut child = Command::new(env!("CARGO_BIN_EXE_decorr"))
             .args([
                 "study",
@@ -86,6 +91,7 @@ impl StudyServer {
                 "--host",
                 host,
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -142,6 +148,28 @@ impl Drop for StudyServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A copy of the run folder `src` (a `decorr generate --out`) at `dst` whose manifests name
+/// `method` instead: another method's run for tests that need many, without generating them.
+pub fn renamed_run(src: &Path, dst: &Path, method: &str) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let (from, to) = (e.path(), dst.join(e.file_name()));
+        if from.is_dir() {
+            renamed_run(&from, &to, method);
+        } else if e.file_name() == "manifest.json" {
+            let mut m: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&from).unwrap()).unwrap();
+            for image in m["images"].as_array_mut().unwrap() {
+                image["method"] = method.into();
+            }
+            std::fs::write(&to, m.to_string()).unwrap();
+        } else if !e.file_name().to_string_lossy().starts_with(".decorr") {
+            std::fs::copy(&from, &to).unwrap();
+        }
     }
 }
 
