@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use decorr_clip::{ClipTextConfig, ClipTextModel, ClipTokenizer, ForwardOptions};
 
 fn main() {

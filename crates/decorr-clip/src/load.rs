@@ -42,12 +42,11 @@ pub fn load_text_encoder(source: &ModelSource, device: &Device) -> Result<TextEn
 /// Load a text encoder from a folder that holds `config.json` and the weights directly (what
 /// `decorr finetune` writes to `OUT/text_encoder`, or a transformers `save_pretrained` folder).
 pub fn load_text_encoder_dir(dir: &Path, device: &Device) -> Result<TextEncoder, ClipError> {
+    // "There" rather than "a file": a FIFO or a device is refused by name when read.
+    let there = |p: &Path| decorr_core::input::exists_at_all(p);
     let config_path = dir.join("config.json");
-    let weights_path = WEIGHT_FILES
-        .iter()
-        .map(|f| dir.join(f))
-        .find(|p| p.is_file());
-    match (config_path.is_file(), weights_path) {
+    let weights_path = WEIGHT_FILES.iter().map(|f| dir.join(f)).find(|p| there(p));
+    match (there(&config_path), weights_path) {
         (true, Some(weights_path)) => load_files(
             ModelFile::Path(config_path),
             ModelFile::Path(weights_path),
@@ -90,6 +89,7 @@ fn load_files(
 
 /// The checkpoint's own `tokenizer/` if it has one, else the embedded CLIP vocabulary (the
 /// same one every SD 1.x/2.x checkpoint ships), padding with the pad token its config names.
+/// A `tokenizer/` missing `vocab.json` or `merges.txt` is an error, not a fallback.
 pub fn load_tokenizer(source: &ModelSource) -> Result<ClipTokenizer, ClipError> {
     let tok = load_vocabulary(source)?;
     match pad_token(source)? {
@@ -102,7 +102,7 @@ pub fn load_tokenizer(source: &ModelSource) -> Result<ClipTokenizer, ClipError> 
 /// `!`; SD 1.x names EOS), as a string or as transformers' `{"content": ...}` form.
 fn pad_token(source: &ModelSource) -> Result<Option<String>, ClipError> {
     for name in ["special_tokens_map.json", "tokenizer_config.json"] {
-        let Some(f) = source.find_file_optional("tokenizer", &[name]) else {
+        let Some(f) = source.find_file_opt("tokenizer", &[name])? else {
             continue;
         };
         let text = read_text(&f)?;
@@ -128,22 +128,74 @@ fn read_text(f: &ModelFile) -> Result<String, ClipError> {
         .map_err(|e| ClipError::Tokenizer(e.to_string()))
 }
 
-/// The vocabulary: `vocab.json` + `merges.txt`, `tokenizer.json`, or the embedded one.
+/// The vocabulary: `vocab.json` + `merges.txt`, `tokenizer.json`, or, only where the checkpoint
+/// has no `tokenizer/` at all, the embedded one (with a note on stderr). A partial folder is an
+/// error naming the missing file: a checkpoint's own vocabulary may add tokens, and tokenizing
+/// with another one would quietly give wrong ids.
 fn load_vocabulary(source: &ModelSource) -> Result<ClipTokenizer, ClipError> {
-    let vocab = source.find_file_optional("tokenizer", &["vocab.json"]);
-    let merges = source.find_file_optional("tokenizer", &["merges.txt"]);
-    if let (Some(v), Some(m)) = (vocab, merges) {
-        return ClipTokenizer::from_vocab_merges(&read_text(&v)?, &read_text(&m)?);
-    }
-    match source.find_file_optional("tokenizer", &["tokenizer.json"]) {
-        Some(f) => ClipTokenizer::from_tokenizer_json_str(&read_text(&f)?, &f.to_string()),
-        None => {
-            log::info!(
-                "no tokenizer/ in {}; using the embedded CLIP vocabulary",
-                source.describe()
-            );
+    let find = |name: &str| source.find_file_opt("tokenizer", &[name]);
+    let (vocab, merges) = (find("vocab.json")?, find("merges.txt")?);
+    // Looked up only when needed: on the hub each look-up may be a request.
+    let json = match (&vocab, &merges) {
+        (Some(_), Some(_)) => None,
+        _ => find("tokenizer.json")?,
+    };
+    match (vocab, merges, json) {
+        (Some(v), Some(m), _) => ClipTokenizer::from_vocab_merges(&read_text(&v)?, &read_text(&m)?)
+            .map_err(|e| ClipError::Tokenizer(format!("{v} and {m}: {}", strip_prefix(&e)))),
+        (_, _, Some(f)) => ClipTokenizer::from_tokenizer_json_str(&read_text(&f)?, &f.to_string()),
+        (Some(v), None, None) => Err(ClipError::Tokenizer(crate::tokenizer::partial(
+            &folder_of(&v),
+            "vocab.json",
+            "merges.txt",
+        ))),
+        (None, Some(m), None) => Err(ClipError::Tokenizer(crate::tokenizer::partial(
+            &folder_of(&m),
+            "merges.txt",
+            "vocab.json",
+        ))),
+        (None, None, None) if source.has_folder("tokenizer") => Err(ClipError::Tokenizer(format!(
+            "the tokenizer/ folder of {} holds neither vocab.json + merges.txt nor \
+                 tokenizer.json; copy the checkpoint's whole tokenizer/ folder, or remove the \
+                 empty one to use the embedded CLIP vocabulary",
+            source.describe()
+        ))),
+        (None, None, None) => {
+            note_embedded(source);
             Ok(ClipTokenizer::embedded())
         }
+    }
+}
+
+/// A tokenizer error's text without the `tokenizer: ` its Display adds (it is wrapped again).
+fn strip_prefix(e: &ClipError) -> String {
+    match e {
+        ClipError::Tokenizer(m) => m.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The folder holding `f` (`WEIGHTS/tokenizer`), for messages.
+fn folder_of(f: &ModelFile) -> String {
+    let name = f.to_string();
+    match name.rsplit_once(['/', ' ']) {
+        Some((dir, _)) if !dir.is_empty() => dir.to_string(),
+        _ => name,
+    }
+}
+
+/// Says once per checkpoint, at the default log level, that the embedded vocabulary stands in
+/// for a missing `tokenizer/` (a checkpoint with added tokens would need its own).
+fn note_embedded(source: &ModelSource) {
+    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let what = source.describe();
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    if !said.contains(&what) {
+        eprintln!(
+            "note: no tokenizer/ in {what}; using the embedded CLIP vocabulary (the one SD 1.x \
+             and 2.x checkpoints ship)"
+        );
+        said.push(what);
     }
 }
 

@@ -40,6 +40,23 @@ const PIPELINE: &str = r#"{
 const EMBEDDED_VOCAB: &str = include_str!("../../../assets/clip/vocab.json");
 const EMBEDDED_MERGES: &str = include_str!("../../../assets/clip/merges.txt");
 
+/// A tokenizer file's text: a regular file of at most 16 MiB (`decorr_core::input`).
+fn read_file(path: &Path) -> Result<String, ClipError> {
+    decorr_core::input::read_text(path, "a tokenizer file")
+        .map_err(|e| ClipError::Tokenizer(e.to_string()))
+}
+
+/// The message for a tokenizer folder `dir` that holds `has` but not `lacks`: the two belong
+/// together, and the embedded vocabulary is no stand-in for a checkpoint's own (added tokens).
+pub(crate) fn partial(dir: &str, has: &str, lacks: &str) -> String {
+    format!(
+        "{dir} holds {has} but no {lacks}; a tokenizer needs vocab.json and merges.txt together \
+         (or a tokenizer.json): copy the checkpoint's whole tokenizer/ folder. The embedded CLIP \
+         vocabulary is used only where there is no tokenizer/ at all, since a checkpoint's own \
+         may add tokens"
+    )
+}
+
 /// A prompt word and the tokens it became.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Word {
@@ -158,12 +175,11 @@ impl ClipTokenizer {
         Self::wrap(inner)
     }
 
-    /// From a `tokenizer.json` (as written by transformers' `save_pretrained`).
+    /// From a `tokenizer.json` (as written by transformers' `save_pretrained`): a regular file
+    /// of at most 16 MiB of text.
     pub fn from_tokenizer_json(path: &Path) -> Result<Self, ClipError> {
-        let inner = Tokenizer::from_file(path).map_err(|e| {
-            ClipError::Tokenizer(format!("cannot read tokenizer {}: {e}", path.display()))
-        })?;
-        Self::wrap(inner)
+        let text = read_file(path)?;
+        Self::from_tokenizer_json_str(&text, &path.display().to_string())
     }
 
     /// From the text of a `tokenizer.json`; `name` says where it came from, for messages.
@@ -174,24 +190,28 @@ impl ClipTokenizer {
     }
 
     /// From a tokenizer folder: `vocab.json` + `merges.txt` (what SD repos ship), else
-    /// `tokenizer.json`.
+    /// `tokenizer.json`. A folder with only one of `vocab.json` and `merges.txt` is an error
+    /// naming the missing one, and a file there that is no regular file (a FIFO, a device) is
+    /// refused by name rather than skipped.
     pub fn from_dir(dir: &Path) -> Result<Self, ClipError> {
+        let there = |name: &str| decorr_core::input::exists_at_all(&dir.join(name));
         let (v, m) = (dir.join("vocab.json"), dir.join("merges.txt"));
-        if v.is_file() && m.is_file() {
-            let read = |p: &Path| {
-                std::fs::read_to_string(p)
-                    .map_err(|e| ClipError::Tokenizer(format!("cannot read {}: {e}", p.display())))
-            };
-            return Self::from_vocab_merges(&read(&v)?, &read(&m)?);
+        if there("vocab.json") && there("merges.txt") {
+            return Self::from_vocab_merges(&read_file(&v)?, &read_file(&m)?);
         }
-        let j = dir.join("tokenizer.json");
-        if j.is_file() {
-            return Self::from_tokenizer_json(&j);
+        if there("tokenizer.json") {
+            return Self::from_tokenizer_json(&dir.join("tokenizer.json"));
         }
-        Err(ClipError::Tokenizer(format!(
-            "{} holds neither vocab.json + merges.txt nor tokenizer.json",
-            dir.display()
-        )))
+        Err(ClipError::Tokenizer(
+            match (there("vocab.json"), there("merges.txt")) {
+                (true, _) => partial(&dir.display().to_string(), "vocab.json", "merges.txt"),
+                (_, true) => partial(&dir.display().to_string(), "merges.txt", "vocab.json"),
+                _ => format!(
+                    "{} holds neither vocab.json + merges.txt nor tokenizer.json",
+                    dir.display()
+                ),
+            },
+        ))
     }
 
     fn wrap(mut inner: Tokenizer) -> Result<Self, ClipError> {

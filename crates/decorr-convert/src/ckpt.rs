@@ -195,7 +195,7 @@ pub fn read_ckpt(path: &Path) -> Result<StateDict, ConvertError> {
         path: path.to_path_buf(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(io)?;
+    let file = decorr_core::input::open(path, "a checkpoint file")?;
     let len = file.metadata().map_err(io)?.len();
     read_zip(std::io::BufReader::new(file), len, path)
 }
@@ -346,10 +346,7 @@ const LEGACY_PROTOCOL: i64 = 1001;
 /// of the sorted storage keys, then for each key an 8-byte little-endian element count and the
 /// raw little-endian storage bytes. The same restricted unpickler as [`read_ckpt`] is used.
 pub fn read_legacy(path: &Path) -> Result<StateDict, ConvertError> {
-    let data = std::fs::read(path).map_err(|source| ConvertError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let data = decorr_core::input::read_bytes(path, "a checkpoint file", None)?;
     read_legacy_bytes(&data, path)
 }
 

@@ -225,7 +225,8 @@ pub fn read_state_dict(path: &Path) -> Result<StateDict, ConvertError> {
         source,
     };
     let mut head = [0u8; 9];
-    let mut f = std::fs::File::open(path).map_err(io)?;
+    // A FIFO or a device is refused by name (decorr_core::input), never waited on.
+    let mut f = decorr_core::input::open(path, "a checkpoint file")?;
     let mut n = 0;
     while n < head.len() {
         let r = f.read(&mut head[n..]).map_err(io)?;
@@ -264,11 +265,9 @@ struct Configs {
     family: Family,
 }
 
+/// A config's text: a regular file of at most 16 MiB (decorr_core::input).
 fn read_text(path: &Path) -> Result<String, ConvertError> {
-    std::fs::read_to_string(path).map_err(|source| ConvertError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    Ok(decorr_core::input::read_text(path, "a checkpoint config")?)
 }
 
 fn parse_json(text: &str, path: &Path) -> Result<serde_json::Value, ConvertError> {

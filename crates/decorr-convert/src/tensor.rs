@@ -128,10 +128,7 @@ pub type StateDict = BTreeMap<String, Tensor>;
 
 /// Read every tensor of a safetensors file.
 pub fn read_safetensors(path: &Path) -> Result<StateDict, ConvertError> {
-    let bytes = std::fs::read(path).map_err(|source| ConvertError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = decorr_core::input::read_bytes(path, "a weights file", None)?;
     read_safetensors_bytes(&bytes, path)
 }
 

@@ -77,6 +77,27 @@ pub enum CoreError {
         file: String,
         message: String,
     },
+    /// A hub checkpoint's file is neither in the hub cache nor downloadable (`HF_HUB_OFFLINE`,
+    /// no network, no such file). `reason` says which and why, `advice` how to get it; callers
+    /// that know every folder they need (the CLI) give their own advice instead.
+    #[error("{reason}; {advice}")]
+    HubUnavailable {
+        repo: String,
+        revision: String,
+        reason: String,
+        advice: String,
+    },
+    /// An input path (prompt file, JSON, config, image, weights) names something other than a
+    /// regular file: reading a FIFO blocks forever, a device such as /dev/zero never ends.
+    #[error(
+        "{path} is {kind}, not a regular file; {what} must be a regular file (a symbolic link to \
+         one is fine): check the path"
+    )]
+    NotRegularFile {
+        path: PathBuf,
+        kind: &'static str,
+        what: String,
+    },
     /// The hub server answered something decorr will not use as a cache path: not a failed
     /// download to retry under another file name, but a server not to trust.
     #[error("hub download of `{file}` from `{repo}` refused: {message}")]

@@ -40,7 +40,8 @@ fn hf_home() -> PathBuf {
 /// The access token: `HF_TOKEN`, else the file `huggingface-cli login` writes.
 fn token() -> Option<String> {
     let from_env = std::env::var("HF_TOKEN").ok();
-    let t = from_env.or_else(|| std::fs::read_to_string(hf_home().join("token")).ok())?;
+    let t = from_env
+        .or_else(|| crate::input::read_text(&hf_home().join("token"), "the hub token file").ok())?;
     let t = t.trim();
     (!t.is_empty()).then(|| t.to_string())
 }
@@ -120,6 +121,13 @@ fn repo_dir(cache: &Path, repo: &str) -> PathBuf {
 /// looked up directly; a branch or tag through `refs/REV`, whose content must be a commit hash
 /// (anything else is ignored, so a tampered ref cannot point outside the cache).
 pub fn cached(cache: &Path, repo: &str, revision: &str, file: &str) -> Option<PathBuf> {
+    let p = cached_path(cache, repo, revision, file)?;
+    p.is_file().then_some(p)
+}
+
+/// Where `file` of `repo@revision` lies in the cache's snapshot, whether or not it is there;
+/// `None` where a name is not valid or the revision's ref is missing or not a commit.
+fn cached_path(cache: &Path, repo: &str, revision: &str, file: &str) -> Option<PathBuf> {
     validate_repo_id(repo).ok()?;
     validate_revision(revision).ok()?;
     validate_file(file).ok()?;
@@ -127,7 +135,8 @@ pub fn cached(cache: &Path, repo: &str, revision: &str, file: &str) -> Option<Pa
     let commit = if is_hex(revision, &[40]) {
         revision.to_string()
     } else {
-        let c = std::fs::read_to_string(dir.join("refs").join(revision)).ok()?;
+        let c =
+            crate::input::read_text(&dir.join("refs").join(revision), "a hub cache ref").ok()?;
         let c = c.trim().to_string();
         if !is_hex(&c, &[40]) {
             log::warn!(
@@ -138,8 +147,33 @@ pub fn cached(cache: &Path, repo: &str, revision: &str, file: &str) -> Option<Pa
         }
         c
     };
-    let p = dir.join("snapshots").join(commit).join(file);
-    p.is_file().then_some(p)
+    Some(dir.join("snapshots").join(commit).join(file))
+}
+
+/// The cached folder `dir` of `repo@revision` (`tokenizer`, say), if the cache holds one:
+/// whether a checkpoint has that folder at all, where nothing can be listed online.
+pub fn cached_folder(cache: &Path, repo: &str, revision: &str, dir: &str) -> Option<PathBuf> {
+    validate_file(dir).ok()?;
+    // The folder's path is the path of a file named like it, as `cached` resolves it.
+    let probe = cached_path(cache, repo, revision, dir)?;
+    probe.is_dir().then_some(probe)
+}
+
+/// The `huggingface-cli` command that downloads `includes` (repo paths or globs, `unet/*`; none:
+/// the whole repo) of `repo@revision` into a folder `DIR` to pass to `--weights`.
+pub fn download_command(repo: &str, revision: &str, includes: &[&str]) -> String {
+    let mut cmd = format!("huggingface-cli download {repo}");
+    if revision != "main" {
+        cmd.push_str(&format!(" --revision {revision}"));
+    }
+    if !includes.is_empty() {
+        cmd.push_str(" --include");
+        for i in includes {
+            cmd.push_str(&format!(" \"{i}\""));
+        }
+    }
+    cmd.push_str(" --local-dir DIR");
+    cmd
 }
 
 /// What the hub says about a file before it is downloaded.

@@ -397,11 +397,13 @@ pub fn make_readable(path: &Path) -> Result<(), CoreError> {
 fn umask() -> u32 {
     static UMASK: OnceLock<u32> = OnceLock::new();
     *UMASK.get_or_init(|| {
-        let proc = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Umask:"))
-                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
-        });
+        let proc = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            });
         proc.unwrap_or_else(|| {
             // SAFETY: umask only swaps the process's mask; the old one is put back at once.
             unsafe {
@@ -482,7 +484,13 @@ mod tests {
         ] {
             assert!(is_scratch(scratch), "{scratch}");
         }
-        for result in ["report.json", ".tmpabc", "notes.tmp", "seed-000001.png", "m.12-0.tmp"] {
+        for result in [
+            "report.json",
+            ".tmpabc",
+            "notes.tmp",
+            "seed-000001.png",
+            "m.12-0.tmp",
+        ] {
             assert!(!is_scratch(result), "{result}");
         }
         assert!(is_burn_scratch("model.safetensors.12-0.tmp"));
@@ -524,12 +532,20 @@ mod tests {
             let dangling = dir.path().join("dangling.json");
             std::os::unix::fs::symlink("made.json", &dangling).unwrap();
             write_atomic(&dangling, b"made").unwrap();
-            assert_eq!(std::fs::read(dir.path().join("made.json")).unwrap(), b"made");
+            assert_eq!(
+                std::fs::read(dir.path().join("made.json")).unwrap(),
+                b"made"
+            );
             assert!(std::fs::symlink_metadata(&dangling).unwrap().is_symlink());
             // A character device is a stream: /dev/null takes it and stays a device.
             write_atomic(Path::new("/dev/null"), b"x").unwrap();
             use std::os::unix::fs::FileTypeExt;
-            assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+            assert!(
+                std::fs::metadata("/dev/null")
+                    .unwrap()
+                    .file_type()
+                    .is_char_device()
+            );
             // A FIFO gets the bytes through a reader; it stays a FIFO.
             let fifo = dir.path().join("fifo");
             let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
@@ -544,7 +560,10 @@ mod tests {
             assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
         }
         let err = write_atomic(dir.path(), b"x").unwrap_err().to_string();
-        assert!(err.contains("a folder") && err.contains("Choose a file path"), "{err}");
+        assert!(
+            err.contains("a folder") && err.contains("Choose a file path"),
+            "{err}"
+        );
     }
 
     #[cfg(unix)]

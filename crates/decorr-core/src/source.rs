@@ -9,7 +9,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::{CoreError, hub};
+use crate::{CoreError, hub, input};
 
 /// The hub repo used when the user names no weights.
 pub const DEFAULT_MODEL: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
@@ -64,6 +64,12 @@ impl MemoryModel {
             name: format!("{} {rel}", self.description),
             bytes: bytes.clone(),
         })
+    }
+
+    /// Whether any file lies under `dir/`.
+    pub fn has_folder(&self, dir: &str) -> bool {
+        let prefix = format!("{dir}/");
+        self.files.keys().any(|k| k.starts_with(&prefix))
     }
 
     /// Total size of the files in bytes.
@@ -146,41 +152,26 @@ impl ModelFile {
         self
     }
 
-    /// The file's bytes (read from disk, or borrowed from memory).
+    /// The file's bytes (read from disk, or borrowed from memory). For weights: a file on disk
+    /// must be a regular file, of any size.
     pub fn read_bytes(&self) -> Result<Cow<'_, [u8]>, CoreError> {
         match self {
-            ModelFile::Path(p) => {
-                std::fs::read(p)
-                    .map(Cow::Owned)
-                    .map_err(|source| CoreError::Io {
-                        path: p.clone(),
-                        source,
-                    })
-            }
+            ModelFile::Path(p) => input::read_bytes(p, "a weights file", None).map(Cow::Owned),
             ModelFile::Memory { bytes, .. } => Ok(Cow::Borrowed(bytes.as_slice())),
         }
     }
 
     /// The file as UTF-8 text, without a leading byte-order mark (editors on Windows add one;
-    /// JSON parsers refuse it).
+    /// JSON parsers refuse it). A file on disk must be a regular file of at most
+    /// [`input::TEXT_CAP`] bytes.
     pub fn read_to_string(&self) -> Result<String, CoreError> {
-        let text = match self {
-            ModelFile::Path(p) => std::fs::read_to_string(p).map_err(|source| CoreError::Io {
-                path: p.clone(),
-                source,
-            }),
+        const WHAT: &str = "a checkpoint's config or tokenizer file";
+        match self {
+            ModelFile::Path(p) => input::read_text(p, WHAT),
             ModelFile::Memory { bytes, .. } => {
-                String::from_utf8(bytes.to_vec()).map_err(|e| CoreError::Io {
-                    path: self.error_path(),
-                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-                })
+                input::text_of(&self.error_path(), bytes.to_vec(), WHAT)
             }
-        };
-        text.map(|mut t| {
-            let bom = t.len() - crate::io::strip_bom(&t).len();
-            t.drain(..bom);
-            t
-        })
+        }
     }
 }
 
@@ -264,9 +255,43 @@ impl ModelSource {
     }
 
     /// Like [`find`](Self::find) but `None` when no candidate exists (optional files such as a
-    /// checkpoint's own tokenizer).
+    /// checkpoint's own tokenizer), whatever the reason.
     pub fn find_optional(&self, component: &str, candidates: &[&str]) -> Option<PathBuf> {
         self.find(component, candidates).ok()
+    }
+
+    /// Like [`find_file`](Self::find_file), with `Ok(None)` only where no candidate is there at
+    /// all: not on disk, not in memory, not in the hub cache with `HF_HUB_OFFLINE` set, or not
+    /// on the hub (HTTP 404). A candidate that is there but unreadable (a FIFO, a link to a
+    /// device), or a download that fails for another reason, is an error: an optional file
+    /// must not silently be taken for absent.
+    pub fn find_file_opt(
+        &self,
+        component: &str,
+        candidates: &[&str],
+    ) -> Result<Option<ModelFile>, CoreError> {
+        match self {
+            ModelSource::Local(root) => {
+                Ok(locate_local(root, component, candidates)?.map(ModelFile::Path))
+            }
+            ModelSource::Hub { repo, revision } => {
+                Ok(locate_hub(repo, revision, component, candidates)?.map(ModelFile::Path))
+            }
+            ModelSource::Memory(m) => Ok(m.find(component, candidates).ok()),
+        }
+    }
+
+    /// Whether the checkpoint has a `component/` folder at all: on disk, in memory, or in the
+    /// hub cache's copy of the revision (a hub repo not cached cannot be listed: `false`).
+    /// Tells a partial folder (an error) from none (a documented fallback).
+    pub fn has_folder(&self, component: &str) -> bool {
+        match self {
+            ModelSource::Local(root) => input::exists_at_all(&root.join(component)),
+            ModelSource::Hub { repo, revision } => {
+                hub::cached_folder(&hub::cache_dir(), repo, revision, component).is_some()
+            }
+            ModelSource::Memory(m) => m.has_folder(component),
+        }
     }
 
     /// Like [`find`](Self::find), for any source: the file on disk or in memory.
@@ -283,6 +308,31 @@ impl ModelSource {
     }
 }
 
+/// The places [`find_local`] looks, in order: `root/component/c`, then `root/c` (a root that is
+/// the component folder itself).
+fn local_candidates(root: &Path, component: &str, candidates: &[&str]) -> Vec<PathBuf> {
+    let dirs = [root.join(component), root.to_path_buf()];
+    dirs.iter()
+        .flat_map(|d| candidates.iter().map(move |c| d.join(c)))
+        .collect()
+}
+
+/// The first candidate on disk, `None` when none is there. One that is there but is no regular
+/// file (a FIFO, a link to a device, a dangling link) is an error naming it, not "absent".
+fn locate_local(
+    root: &Path,
+    component: &str,
+    candidates: &[&str],
+) -> Result<Option<PathBuf>, CoreError> {
+    for p in local_candidates(root, component, candidates) {
+        if input::exists_at_all(&p) {
+            input::check_regular(&p, "a checkpoint file")?;
+            return Ok(Some(p));
+        }
+    }
+    Ok(None)
+}
+
 fn find_local(root: &Path, component: &str, candidates: &[&str]) -> Result<PathBuf, CoreError> {
     if !root.exists() {
         return Err(CoreError::NotFound(format!(
@@ -291,17 +341,13 @@ fn find_local(root: &Path, component: &str, candidates: &[&str]) -> Result<PathB
             root.display()
         )));
     }
-    let dirs = [root.join(component), root.to_path_buf()];
-    let mut looked = Vec::new();
-    for dir in &dirs {
-        for c in candidates {
-            let p = dir.join(c);
-            if p.is_file() {
-                return Ok(p);
-            }
-            looked.push(p.display().to_string());
-        }
+    if let Some(p) = locate_local(root, component, candidates)? {
+        return Ok(p);
     }
+    let looked: Vec<String> = local_candidates(root, component, candidates)
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
     Err(CoreError::NotFound(format!(
         "no {component} file found; looked for:\n  {}\nPoint --weights at a diffusers folder \
          (e.g. a local copy of {DEFAULT_MODEL}) or convert a single-file checkpoint with \
@@ -309,6 +355,51 @@ fn find_local(root: &Path, component: &str, candidates: &[&str]) -> Result<PathB
         looked.join("\n  ")
     )))
 }
+
+/// `candidates` of `component` as repo paths, for messages: `unet/a` (or `unet/b`).
+fn repo_files(component: &str, candidates: &[&str]) -> String {
+    let names: Vec<String> = candidates
+        .iter()
+        .map(|c| format!("`{}`", in_repo(component, c)))
+        .collect();
+    match names.split_first() {
+        Some((first, [])) => first.clone(),
+        Some((first, rest)) => format!("{first} (or {})", rest.join(", ")),
+        None => String::new(),
+    }
+}
+
+/// A file of `component` as a path in the repo; an empty component names files at the repo's
+/// root (a scoring model's repo, say).
+fn in_repo(component: &str, c: &str) -> String {
+    if component.is_empty() {
+        c.to_string()
+    } else {
+        format!("{component}/{c}")
+    }
+}
+
+/// The first candidate from the hub cache or a download; `None` when none is there: not cached
+/// with `HF_HUB_OFFLINE` set, or HTTP 404 for each. Any other failed download is an error.
+fn locate_hub(
+    repo: &str,
+    revision: &str,
+    component: &str,
+    candidates: &[&str],
+) -> Result<Option<PathBuf>, CoreError> {
+    match find_hub(repo, revision, component, candidates) {
+        Ok(p) => Ok(Some(p)),
+        Err(CoreError::HubUnavailable { reason, .. })
+            if hub::offline() || reason.contains(NO_SUCH_FILE) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What a download's reason says when the hub answered 404 for every candidate.
+const NO_SUCH_FILE: &str = "the hub answered HTTP 404 (no such repo, revision or file)";
 
 fn find_hub(
     repo: &str,
@@ -320,47 +411,51 @@ fn find_hub(
     hub::validate_repo_id(repo)?;
     hub::validate_revision(revision)?;
     let cache = hub::cache_dir();
-    // An empty component names files at the repo's root (a scoring model's repo, say).
-    let in_repo = |c: &str| {
-        if component.is_empty() {
-            c.to_string()
-        } else {
-            format!("{component}/{c}")
-        }
-    };
     for c in candidates {
-        if let Some(p) = hub::cached(&cache, repo, revision, &in_repo(c)) {
+        if let Some(p) = hub::cached(&cache, repo, revision, &in_repo(component, c)) {
             return Ok(p);
         }
     }
-    let how = format!(
-        "download it once with `huggingface-cli download {repo} --include '{component}/*'` \
-         (or `git clone https://huggingface.co/{repo}`) and pass the folder to --weights"
-    );
+    let includes: Vec<String> = if component.is_empty() {
+        vec![]
+    } else {
+        vec![format!("{component}/*")]
+    };
+    let includes: Vec<&str> = includes.iter().map(String::as_str).collect();
+    let unavailable = |reason: String| CoreError::HubUnavailable {
+        repo: repo.to_string(),
+        revision: revision.to_string(),
+        reason,
+        advice: format!(
+            "download it once with `{}` (with every other folder the program loads), then pass \
+             --weights DIR",
+            hub::download_command(repo, revision, &includes)
+        ),
+    };
+    let files = repo_files(component, candidates);
     if hub::offline() {
-        return Err(CoreError::NotFound(format!(
-            "HF_HUB_OFFLINE is set and {repo}@{revision} has no {component}/{{{}}} in the hub \
-             cache at {}; {how}",
-            candidates.join(","),
+        return Err(unavailable(format!(
+            "HF_HUB_OFFLINE is set and the hub cache at {} has no {files} of {repo}@{revision}",
             cache.display()
         )));
     }
     let api = hub::Hub::from_env();
-    let mut last = String::new();
+    let mut reasons = Vec::new();
     for c in candidates {
-        let file = in_repo(c);
-        match api.get(repo, revision, &file) {
+        match api.get(repo, revision, &in_repo(component, c)) {
             Ok(p) => return Ok(p),
-            // A refused server answer is not "try the next name": stop with it.
-            Err(e @ CoreError::HubRefused { .. }) => return Err(e),
-            Err(e) => last = e.to_string(),
+            // A failed download of this name: the next one may be there.
+            Err(CoreError::Hub { message, .. }) => reasons.push(message),
+            // A refused server answer, or a cache that cannot be written: stop with it.
+            Err(e) => return Err(e),
         }
     }
-    Err(CoreError::Hub {
-        repo: format!("{repo}@{revision}"),
-        file: format!("{component}/{{{}}}", candidates.join(",")),
-        message: format!("{last}; if this machine has no network, {how}"),
-    })
+    // The hub's own words for a missing file (hub.rs): "HTTP 404, no such repo ...".
+    let reason = match reasons.iter().find(|m| !m.contains("HTTP 404")) {
+        Some(m) => format!("cannot download {files} of {repo}@{revision}: {m}"),
+        None => format!("{NO_SUCH_FILE} for {files} of {repo}@{revision}"),
+    };
+    Err(unavailable(reason))
 }
 
 #[cfg(test)]
@@ -442,6 +537,43 @@ mod tests {
         );
     }
 
+    /// A candidate that is there but is no regular file is named as such, never "not found",
+    /// and is an error for an optional file too.
+    #[cfg(unix)]
+    #[test]
+    fn special_files_are_not_taken_for_missing_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let unet = dir.path().join("unet");
+        std::fs::create_dir_all(&unet).unwrap();
+        let c = std::ffi::CString::new(unet.join("config.json").to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        std::fs::create_dir_all(dir.path().join("vae")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join("vae/config.json")).unwrap();
+        let src = ModelSource::Local(dir.path().to_path_buf());
+        for (component, kind) in [("unet", "a FIFO"), ("vae", "a character device")] {
+            let err = src
+                .find_file(component, &["config.json"])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("{component}/config.json is {kind}"))
+                    && err.contains("not a regular file")
+                    && !err.contains("no unet file found"),
+                "{err}"
+            );
+            assert!(src.find_file_opt(component, &["config.json"]).is_err());
+            // Reading it directly does not block or fill the memory either.
+            let f = ModelFile::Path(dir.path().join(component).join("config.json"));
+            assert!(f.read_to_string().unwrap_err().to_string().contains(kind));
+        }
+        assert_eq!(
+            src.find_file_opt("text_encoder", &["config.json"]).unwrap(),
+            None
+        );
+        assert!(src.has_folder("unet") && !src.has_folder("tokenizer"));
+    }
+
     /// The offline path reads the hub cache's layout: refs/<rev> holds a commit, snapshots/<commit>/ the files.
     #[test]
     fn hub_cache_offline() {
@@ -463,11 +595,30 @@ mod tests {
             src.find("text_encoder", &["config.json"]).unwrap(),
             snap.join("config.json")
         );
-        let err = src.find("unet", &["config.json"]).unwrap_err().to_string();
+        let err = src
+            .find("unet", &["config.json", "b.json"])
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.contains("HF_HUB_OFFLINE") && err.contains("huggingface-cli download"),
+            err.contains("HF_HUB_OFFLINE")
+                && err.contains("`unet/config.json` (or `unet/b.json`)")
+                && err.contains(
+                    "huggingface-cli download org/tiny --include \"unet/*\" --local-dir DIR"
+                )
+                && err.contains("--weights DIR"),
             "{err}"
         );
+        // One message, not a chain that repeats itself, and no template braces left over.
+        assert!(
+            !err.contains('{') && err.matches("org/tiny@main").count() == 1,
+            "{err}"
+        );
+        // Absent from the cache: `None` for an optional file, and a folder not there at all.
+        assert_eq!(
+            src.find_file_opt("tokenizer", &["vocab.json"]).unwrap(),
+            None
+        );
+        assert!(src.has_folder("text_encoder") && !src.has_folder("tokenizer"));
         // A revision that would climb out of the cache is refused before anything is read.
         let evil = ModelSource::Hub {
             repo: "org/tiny".into(),

@@ -38,12 +38,14 @@ pub fn load_safetensors<M: Module>(
     let file = file.to_model_file();
     let store = match &file {
         ModelFile::Path(path) => {
-            if !path.is_file() {
+            if !crate::input::exists_at_all(path) {
                 return Err(CoreError::NotFound(format!(
                     "weights file {} does not exist",
                     path.display()
                 )));
             }
+            // Large by nature: no size cap, but a FIFO or a device is refused by name.
+            crate::input::check_regular(path, "a weights file")?;
             SafetensorsStore::from_file(path)
         }
         // burn's store owns its buffer: the copy lives while this component loads.
@@ -130,7 +132,7 @@ pub fn check_finite(file: &(impl AsModelFile + ?Sized)) -> Result<(), CoreError>
     };
     match &file {
         ModelFile::Path(p) => {
-            let f = std::fs::File::open(p).map_err(io)?;
+            let f = crate::input::open(p, "a weights file")?;
             scan_finite(std::io::BufReader::with_capacity(1 << 16, f), &path).map_err(io)?
         }
         ModelFile::Memory { bytes, .. } => scan_finite(bytes.as_slice(), &path).map_err(io)?,
@@ -251,10 +253,7 @@ pub fn read_tensors_f32(path: &Path) -> Result<HostTensors, CoreError> {
         path: path.to_path_buf(),
         message,
     };
-    let bytes = std::fs::read(path).map_err(|source| CoreError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = crate::input::read_bytes(path, "a weights file", None)?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
     let mut out = HostTensors::new();
     for (name, view) in st.tensors() {

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 use decorr_clip::{ClipTextConfig, ClipTextModel, ClipTokenizer};
 use decorr_disendiff::tokens::{extend_tokenizer, initial_rows, place_modifiers};
 use decorr_disendiff::{DisenDiffConfig, MicroBatch, Trainer};

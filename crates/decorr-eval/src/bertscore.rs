@@ -130,7 +130,8 @@ pub fn load_tokenizer_dir(
             dir.display()
         )));
     }
-    let tokenizer = Tokenizer::from_file(&path).map_err(|e| EvalError::BadFile {
+    let text = decorr_core::input::read_text(&path, "a tokenizer file")?;
+    let tokenizer = text.parse::<Tokenizer>().map_err(|e| EvalError::BadFile {
         path: path.clone(),
         message: e.to_string(),
     })?;
@@ -189,10 +190,7 @@ impl Baseline {
     /// Row `layer` (0-based data row, as bert_score's `pd.read_csv(path).iloc[num_layers]`) of a
     /// comma-separated file with a `LAYER,P,R,F` header.
     pub fn read(path: &Path, layer: usize) -> Result<Baseline, EvalError> {
-        let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = decorr_core::input::read_text(path, "a BERTScore baseline file (CSV)")?;
         Self::parse(&text, layer).map_err(|message| EvalError::BadFile {
             path: path.to_path_buf(),
             message,

@@ -227,11 +227,12 @@ impl ImageInput {
     fn load(&self) -> Result<Cow<'_, [u8]>, EvalError> {
         match (&self.bytes, &self.path) {
             (Some(b), _) => Ok(Cow::Borrowed(b)),
-            (None, Some(p)) => std::fs::read(p)
+            // A FIFO or a device is refused by name, never waited on; I/O errors stay Io.
+            (None, Some(p)) => decorr_core::input::read_image_bytes(p, "an image")
                 .map(Cow::Owned)
-                .map_err(|source| EvalError::Io {
-                    path: p.clone(),
-                    source,
+                .map_err(|e| match e {
+                    decorr_core::CoreError::Io { path, source } => EvalError::Io { path, source },
+                    other => other.into(),
                 }),
             (None, None) => Err(EvalError::Input(
                 "an ImageInput has neither a path nor bytes; give one of them".into(),
@@ -1064,10 +1065,7 @@ struct CaptionLine {
 /// "..."}` per line (blank lines skipped). Returns image → caption; look images up with
 /// [`caption_for`]. The same image twice with different captions is an error.
 pub fn read_captions_file(path: &Path) -> Result<HashMap<String, String>, EvalError> {
-    let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = decorr_core::input::read_text(path, "a captions file (JSON lines)")?;
     let bad = |message: String| EvalError::BadFile {
         path: path.to_path_buf(),
         message,

@@ -672,7 +672,9 @@ pub fn load_deberta_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer, EvalE
     let cfg = read_tokenizer_config(dir)?;
     let json = dir.join("tokenizer.json");
     let mut tok = if json.is_file() {
-        Tokenizer::from_file(&json).map_err(|e| tok_err(&json, &e))?
+        decorr_core::input::read_text(&json, "a tokenizer file")?
+            .parse::<Tokenizer>()
+            .map_err(|e| tok_err(&json, &e))?
     } else {
         let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
         if !vocab.is_file() || !merges.is_file() {

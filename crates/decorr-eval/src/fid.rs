@@ -208,11 +208,9 @@ pub fn read_image(path: &Path) -> Result<RgbImage, EvalError> {
         path: path.to_path_buf(),
         message,
     };
-    let img = image::ImageReader::open(path)
-        .map_err(|source| EvalError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?
+    // Read through decorr-core: a FIFO or a device named `*.png` is refused, not waited on.
+    let bytes = decorr_core::input::read_image_bytes(path, "an image")?;
+    let img = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|source| EvalError::Io {
             path: path.to_path_buf(),

@@ -196,10 +196,7 @@ pub fn read_npz(path: &Path) -> Result<BTreeMap<String, NpyArray>, EvalError> {
         path: path.to_path_buf(),
         message,
     };
-    let file = std::fs::File::open(path).map_err(|source| EvalError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let file = decorr_core::input::open(path, "an .npz file")?;
     let mut zip =
         zip::ZipArchive::new(file).map_err(|e| bad(format!("not an .npz (zip) archive: {e}")))?;
     let mut out = BTreeMap::new();

@@ -153,19 +153,12 @@ impl StableDiffusion {
         let unet = load_unet(source, device)?;
         let vae = load_vae(source, device)?;
         let sched_file = source.find_file("scheduler", &["scheduler_config.json"])?;
-        let scheduler_config = match sched_file.path() {
-            Some(p) => SchedulerConfig::from_file(p)?,
-            None => {
-                SchedulerConfig::from_json_str(&sched_file.read_to_string()?).map_err(
-                    |e| match e {
-                        SchedulerError::Config(m) => {
-                            SchedulerError::Config(format!("{sched_file}: {m}"))
-                        }
-                        other => other,
-                    },
-                )?
-            }
-        };
+        // Read through decorr-core on disk too: a regular file of at most 16 MiB of text.
+        let scheduler_config = SchedulerConfig::from_json_str(&sched_file.read_to_string()?)
+            .map_err(|e| match e {
+                SchedulerError::Config(m) => SchedulerError::Config(format!("{sched_file}: {m}")),
+                other => other,
+            })?;
         check_fit(&enc.config, &enc.config_path, &unet.config)?;
         let lat = vae.config.latent_channels;
         if unet.config.in_channels != lat || unet.config.out_channels != lat {

@@ -89,6 +89,17 @@ fn msg(s: impl Into<String>) -> RunsError {
     RunsError::Msg(s.into())
 }
 
+/// Decodes the image file at `path` (format from its bytes), read through
+/// `decorr_core::input`: a FIFO or device named `*.png` is refused by name instead of blocking.
+fn open_image(path: &Path) -> Result<image::DynamicImage> {
+    let bytes = decorr_core::input::read_image_bytes(path, "an image")?;
+    image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| msg(format!("cannot read {}: {e}", path.display())))?
+        .decode()
+        .map_err(|e| msg(format!("cannot decode {}: {e}", path.display())))
+}
+
 /// Reads every PNG/JPEG of `dir`, sorted by name.
 fn read_images(dir: &Path) -> Result<Vec<(String, RgbImage)>> {
     let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -109,9 +120,7 @@ fn read_images(dir: &Path) -> Result<Vec<(String, RgbImage)>> {
     names
         .into_iter()
         .map(|p| {
-            let img = image::open(&p)
-                .map_err(|e| msg(format!("cannot decode {}: {e}", p.display())))?
-                .to_rgb8();
+            let img = open_image(&p)?.to_rgb8();
             if img.width() == 0 || img.height() == 0 {
                 return Err(msg(format!("{} is empty", p.display())));
             }
@@ -245,7 +254,11 @@ fn training_images(
     for &seed in &job.seeds {
         let name = format!("seed{seed}.png");
         let path = dir.join(&name);
-        let img = match image::open(&path) {
+        // A regeneration replaces what is not a readable image, but never a FIFO or a device.
+        if decorr_core::input::exists_at_all(&path) {
+            decorr_core::input::check_regular(&path, "a training image")?;
+        }
+        let img = match open_image(&path) {
             Ok(img) => img.to_rgb8(),
             Err(_) => {
                 let g = sd.generate(&params, &[seed], &mut |_, _| !progress.should_stop())?;

@@ -215,10 +215,8 @@ fn collect_items(runs: &[PathBuf]) -> Result<Vec<Item>> {
 fn pairs_of(a: &EvalRunConfig, items: &[Item]) -> Result<HashMap<String, [String; 2]>> {
     let mut map = HashMap::new();
     if let Some(f) = &a.objects_file {
-        let text = std::fs::read_to_string(f)
-            .with_context(|| format!("reading --objects-file {}", f.display()))?;
-        let text = decorr_core::io::strip_bom(&text);
-        let m: BTreeMap<String, [String; 2]> = serde_json::from_str(text).with_context(|| {
+        let text = decorr_core::input::read_text(f, "the --objects-file (JSON)")?;
+        let m: BTreeMap<String, [String; 2]> = serde_json::from_str(&text).with_context(|| {
             format!(
                 "{}: expected {{\"PROMPT\": [\"FIRST\", \"TARGET\"], ...}}",
                 f.display()

@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Distribution, Tensor};
 use decorr_unet::{AutoencoderKL, UNet2DConditionModel, UNetConfig, VaeConfig};
 
 fn median(mut runs: Vec<f64>) -> f64 {
