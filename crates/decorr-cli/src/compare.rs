@@ -37,10 +37,12 @@ pub struct CompareArgs {
         help_heading = "Ours' fine-tuning (as decorr finetune)"
     )]
     layer: usize,
+    /// Epochs; each ends with a validation that may select it.
     #[arg(long, default_value_t = 20,
           value_parser = crate::flags::usize_in(1, crate::flags::MAX_EPOCHS),
           help_heading = "Ours' fine-tuning (as decorr finetune)")]
     epochs: usize,
+    /// Optimiser steps per epoch.
     #[arg(long, default_value_t = 10,
           value_parser = crate::flags::usize_in(1, crate::flags::MAX_STEPS_PER_EPOCH),
           help_heading = "Ours' fine-tuning (as decorr finetune)")]
@@ -125,6 +127,10 @@ fn run_config(args: &CompareArgs, config: &CompareConfig) -> Result<()> {
     // stops here, naming what differs.
     decorr_runs::compare::check_out(config, &source.describe())?;
     let device = args.model.device()?;
+    eprintln!(
+        "loading {} (text encoder, UNet, VAE) ...",
+        source.describe()
+    );
     let sd = StableDiffusion::load(&source, &device)
         .with_context(|| {
             format!(

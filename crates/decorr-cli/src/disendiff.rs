@@ -31,21 +31,25 @@ pub struct DisenDiffArgs {
     #[arg(long, default_value_t = 50, value_parser = crate::flags::usize_in(1, crate::flags::MAX_STEPS))]
     sample_steps: usize,
     /// Regularisation set: targets (the training images captioned with the plain prompt; our
-    /// reading of BASELINES.md's open choice) or none.
+    /// reading of a choice DisenDiff's paper leaves open) or none.
     #[arg(long, default_value = "targets")]
     reg: String,
+    /// Optimiser steps of the whole training.
     #[arg(long, default_value_t = 250, value_parser = crate::flags::usize_in(1, 100_000))]
     max_train_steps: usize,
-    /// Learning rate, constant (BASELINES: 1e-5 x accumulation 4 x batch 2).
+    /// Learning rate, constant (DisenDiff's recipe: 1e-5 x accumulation 4 x batch 2).
     #[arg(long, default_value_t = 8e-5, value_parser = crate::flags::positive)]
     lr: f64,
+    /// Images per micro-step.
     #[arg(long, default_value_t = 2, value_parser = crate::flags::usize_in(1, 64))]
     batch_size: usize,
+    /// Micro-steps whose gradients are summed into one optimiser step.
     #[arg(long, default_value_t = 4, value_parser = crate::flags::usize_in(1, 1024))]
     grad_accum: usize,
     /// Weight of the attention-calibration loss.
     #[arg(long, default_value_t = 0.01, value_parser = crate::flags::non_negative)]
     attn_weight: f64,
+    /// AdamW's decoupled weight decay.
     #[arg(long, default_value_t = 0.01, value_parser = crate::flags::non_negative_f32)]
     weight_decay: f32,
     /// Training image size in pixels.

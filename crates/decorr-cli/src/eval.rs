@@ -57,6 +57,7 @@ struct BertscoreArgs {
     /// transformers < 4.24 (scores differ noticeably; say which one you report).
     #[arg(long)]
     prefix_space: bool,
+    /// Sentences per model call (memory vs speed; scores do not depend on it).
     #[arg(long, default_value_t = 64, value_parser = crate::flags::usize_in(1, crate::flags::MAX_BATCH))]
     batch_size: usize,
     /// JSONL, one `{"candidate": ..., "reference": ...}` per line.
@@ -84,8 +85,10 @@ struct FidArgs {
     /// Save the reference side's statistics here (pytorch-fid `--save-stats` format) for reuse.
     #[arg(long)]
     save_real_stats: Option<PathBuf>,
+    /// Images per Inception call (memory vs speed; FID does not depend on it).
     #[arg(long, default_value_t = 50, value_parser = crate::flags::usize_in(1, crate::flags::MAX_BATCH))]
     batch_size: usize,
+    /// Where FID and the two sets' sizes go (JSON).
     #[arg(long)]
     json: PathBuf,
     #[command(flatten)]
@@ -132,6 +135,8 @@ struct RunArgs {
     /// BERTScore model (folder or hub repo id).
     #[arg(long, default_value = DEFAULT_SCORER)]
     bertscore_model: String,
+    /// The BERTScore model's layer whose embeddings are compared (default: bert_score's choice
+    /// for that model).
     #[arg(long)]
     bertscore_layer: Option<usize>,
     /// BERTScore with idf weights (over the prompts).
@@ -146,6 +151,7 @@ struct RunArgs {
     /// Compute nothing per image: join the shards' partial results and write the report.
     #[arg(long)]
     merge: bool,
+    /// Images or sentences per model call (memory vs speed; results do not depend on it).
     #[arg(long, default_value_t = 16, value_parser = crate::flags::usize_in(1, crate::flags::MAX_BATCH))]
     batch_size: usize,
     /// Output folder (report files, caches, partial results).

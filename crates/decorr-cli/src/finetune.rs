@@ -25,6 +25,7 @@ pub struct FinetuneArgs {
     /// Encoder layer (0-based) whose self-attention is decorrelated.
     #[arg(long, default_value_t = 11)]
     pub(crate) layer: usize,
+    /// Epochs; each ends with a validation that may select it (the paper: 20).
     #[arg(long, default_value_t = 20,
           value_parser = crate::flags::usize_in(1, crate::flags::MAX_EPOCHS))]
     pub(crate) epochs: usize,
@@ -44,6 +45,8 @@ pub struct FinetuneArgs {
     /// Trained parameters: all, attn (q/k/v/out), qk.
     #[arg(long, default_value = "all")]
     pub(crate) params: String,
+    /// The device's random seed, recorded in report.json (the training draws no random numbers
+    /// today: full-batch steps, no dropout).
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
     #[command(flatten)]

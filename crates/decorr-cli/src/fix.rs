@@ -28,8 +28,12 @@ use decorr_runs::generate::{
     run_record,
 };
 
+/// The help heading of fix's fine-tuning options.
+const FT: &str = "Fine-tuning (as decorr finetune)";
+
 #[derive(Args, Debug)]
 pub struct FixArgs {
+    /// The prompt whose object goes missing, e.g. "rusty tracks with an old train".
     #[arg(long)]
     prompt: String,
     /// The object that goes missing (word, `word#N` or `@index`).
@@ -38,35 +42,8 @@ pub struct FixArgs {
     /// Seeds, as a range `A..B` (B excluded) or a list `1,5,9`.
     #[arg(long, default_value = "0..8")]
     seeds: String,
-    /// Encoder layer whose self-attention is decorrelated.
-    #[arg(long, default_value_t = 11)]
-    layer: usize,
-    #[arg(long, default_value_t = 20,
-          value_parser = crate::flags::usize_in(1, crate::flags::MAX_EPOCHS))]
-    epochs: usize,
-    #[arg(long, default_value_t = 10,
-          value_parser = crate::flags::usize_in(1, crate::flags::MAX_STEPS_PER_EPOCH))]
-    steps_per_epoch: usize,
-    /// Learning rate (a finite number > 0).
-    #[arg(long, default_value_t = 1e-5, value_parser = crate::flags::positive)]
-    lr: f64,
-    /// Weight of L_align in the validation loss (a finite number >= 0).
-    #[arg(long, default_value_t = 5.0, value_parser = crate::flags::non_negative)]
-    tau: f64,
-    /// Trained parameters: all, attn, qk.
-    #[arg(long, default_value = "all")]
-    params: String,
-    /// Also generate the same seeds with these baselines (pag, aae), each into OUT/METHOD/,
-    /// as rows of the grid and the report. Attend-and-Excite excites the target and its
-    /// correlated token (or --excite's words).
-    #[arg(long, value_delimiter = ',')]
-    compare: Vec<Compared>,
-    #[command(flatten)]
-    sample: SampleArgs,
-    #[command(flatten)]
-    methods: GuidanceArgs,
-    #[command(flatten)]
-    model: ModelArgs,
+    /// Output folder: finetune/, pretrained/, fixed/, comparison.png, report.html (created;
+    /// the same command resumes it).
     #[arg(long, value_parser = crate::flags::out_folder)]
     out: PathBuf,
     /// Print a JSON summary (paths, selected epoch, attention before/after) on stdout.
@@ -76,14 +53,49 @@ pub struct FixArgs {
     /// unidirectional correlation, so the method has nothing to lower); without it fix stops.
     #[arg(long)]
     anyway: bool,
+    /// Encoder layer whose self-attention is decorrelated.
+    #[arg(long, default_value_t = 11, help_heading = FT)]
+    layer: usize,
+    /// Fine-tuning epochs; each ends with a validation that may select it.
+    #[arg(long, default_value_t = 20,
+          value_parser = crate::flags::usize_in(1, crate::flags::MAX_EPOCHS), help_heading = FT)]
+    epochs: usize,
+    /// Optimiser steps per epoch.
+    #[arg(long, default_value_t = 10,
+          value_parser = crate::flags::usize_in(1, crate::flags::MAX_STEPS_PER_EPOCH), help_heading = FT)]
+    steps_per_epoch: usize,
+    /// Learning rate (a finite number > 0).
+    #[arg(long, default_value_t = 1e-5, value_parser = crate::flags::positive, help_heading = FT)]
+    lr: f64,
+    /// Weight of L_align in the validation loss (a finite number >= 0).
+    #[arg(long, default_value_t = 5.0, value_parser = crate::flags::non_negative, help_heading = FT)]
+    tau: f64,
+    /// Trained parameters: all, attn, qk.
+    #[arg(long, default_value = "all", help_heading = FT)]
+    params: String,
+    /// Also generate the same seeds with these baselines (pag: perturbed-attention guidance,
+    /// aae: Attend-and-Excite), each into OUT/METHOD/,
+    /// as rows of the grid and the report. Attend-and-Excite excites the target and its
+    /// correlated token (or --excite's words).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        help_heading = "Baselines (their options below)"
+    )]
+    compare: Vec<Compared>,
+    #[command(flatten, next_help_heading = "Sampling (every method)")]
+    sample: SampleArgs,
+    #[command(flatten)]
+    methods: GuidanceArgs,
+    #[command(flatten, next_help_heading = "Model and device")]
+    model: ModelArgs,
 }
 
 /// A baseline `fix --compare` adds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Compared {
-    /// Perturbed-attention guidance.
+    // No per-value docs: clap would list them in a long block of their own.
     Pag,
-    /// Attend-and-Excite.
     #[value(alias = "attend-and-excite")]
     Aae,
 }
@@ -247,13 +259,21 @@ fn holds_usable(out: &Path) -> bool {
     if ft.join("text_encoder/config.json").is_file() {
         return true;
     }
-    std::fs::read_dir(out).into_iter().flatten().flatten().any(|e| {
-        std::fs::read_dir(e.path()).into_iter().flatten().flatten().any(|f| {
-            let name = f.file_name();
-            let name = name.to_string_lossy();
-            name.starts_with("seed-") && name.ends_with(".png")
+    std::fs::read_dir(out)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            std::fs::read_dir(e.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|f| {
+                    let name = f.file_name();
+                    let name = name.to_string_lossy();
+                    name.starts_with("seed-") && name.ends_with(".png")
+                })
         })
-    })
 }
 
 /// Everything that can be checked on the loaded model before anything is written: the target
@@ -510,12 +530,20 @@ fn run_checked(
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        println!(
-            "fixed {:?}: A[t,c]/A[t,t] {:.3} -> {:.3} (epoch {}); {} seeds each in {}; \
-             see {}",
-            args.prompt,
+        let (r0, r1) = (
             ratio(before).unwrap_or(f64::NAN),
             ratio(after).unwrap_or(f64::NAN),
+        );
+        // Only a lowered ratio is a fix; anything else is said as it is.
+        let verdict = if r1 < r0 {
+            "fixed"
+        } else {
+            "not fixed (the ratio did not fall)"
+        };
+        println!(
+            "{verdict} {:?}: A[t,c]/A[t,t] {r0:.3} -> {r1:.3} (epoch {}); {} seeds each in {}; \
+             see {}",
+            args.prompt,
             summary.selected_epoch.unwrap_or(0),
             seeds.len(),
             summary
@@ -608,17 +636,29 @@ fn report_html(
     };
     let (before, after) = (row(&p0["row_before"]), row(&p0["row_after"]));
     let n = before.len();
+    let (ti, ci) = (
+        p0["target"]["index"].as_u64().map(|i| i as usize),
+        p0["corr"]["index"].as_u64().map(|i| i as usize),
+    );
+    // The two columns the fix is about, marked in the header and in every row.
+    let role = |i: usize| match (Some(i) == ti, Some(i) == ci) {
+        (true, _) => (" class=\"t\"", "<br><small>target</small>"),
+        (_, true) => (" class=\"c\"", "<br><small>correlated</small>"),
+        _ => ("", ""),
+    };
     let header: String = (0..n)
         .map(|i| {
+            let (class, label) = role(i);
             format!(
-                "<th>{}</th>",
+                "<th{class}>{}{label}</th>",
                 esc(tokens.get(i).map_or(&format!("{i}"), |t| t))
             )
         })
         .collect();
     let cells = |r: &[String]| {
         r.iter()
-            .map(|v| format!("<td>{v}</td>"))
+            .enumerate()
+            .map(|(i, v)| format!("<td{}>{v}</td>", role(i).0))
             .collect::<String>()
     };
     let rel = |dir: &Path| {
@@ -627,26 +667,37 @@ fn report_html(
             .to_string_lossy()
             .replace('\\', "/")
     };
-    let images: String = seeds
+    // Figure 3 inline: each method's cross-attention over the steps, per seed; the images
+    // themselves are shown once, in the grid above, and linked here.
+    let maps: String = seeds
         .iter()
         .map(|s| {
             let f = image_file(*s);
-            let links: String = rows
+            let figures: String = rows
                 .iter()
                 .map(|r| {
                     let d = esc(&rel(&r.dir));
-                    let mut extra = String::new();
-                    let figure = format!("attention-{s:06}.png");
-                    if r.dir.join(&figure).is_file() {
-                        extra += &format!(" (<a href=\"{d}/{figure}\">attention over steps</a>)");
-                    }
+                    let mut links = format!("<a href=\"{d}/{f}\">image</a>");
                     if r.excite.is_some() {
-                        extra += &format!(" (<a href=\"{d}/{}\">losses</a>)", excite_file(*s));
+                        links += &format!(", <a href=\"{d}/{}\">losses</a>", excite_file(*s));
                     }
-                    format!("<td><a href=\"{d}/{f}\">{}</a>{extra}</td>", esc(&r.label))
+                    let figure = format!("attention-{s:06}.png");
+                    let img = if r.dir.join(&figure).is_file() {
+                        format!(
+                            "<img src=\"{d}/{figure}\" alt=\"cross-attention over the steps, {}, \
+                             seed {s}\">",
+                            esc(&r.label)
+                        )
+                    } else {
+                        String::new()
+                    };
+                    format!(
+                        "<figure>{img}<figcaption>{}, seed {s}: {links}</figcaption></figure>",
+                        esc(&r.label)
+                    )
                 })
                 .collect();
-            format!("<tr><td>seed {s}</td>{links}</tr>")
+            format!("<div class=\"maps\">{figures}</div>")
         })
         .collect();
     let manifests: Vec<String> = rows
@@ -676,13 +727,15 @@ fn report_html(
     format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>decorr fix: {title}</title>\
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 8px;text-align:right}}\
-img{{max-width:100%;image-rendering:pixelated}}</style></head><body>\
+img{{max-width:100%;image-rendering:pixelated}}.t{{background:#fde2e2}}.c{{background:#e0eafc}}\
+.maps{{display:grid;grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:1em}}\
+figure{{margin:0}}figcaption{{font-size:90%}}</style></head><body>\
 <h1>decorr fix</h1><p>Prompt: <b>{title}</b>; target <b>{target}</b> (token {ti}), correlated \
 token <b>{corr}</b> (token {ci}); selected epoch {epoch}.</p>\
 <h2>Self-attention of the target (layer {layer}, head average)</h2>\
 <table><tr><th></th>{header}</tr><tr><th>pre-trained</th>{b}</tr><tr><th>fine-tuned</th>{a}</tr></table>\
 <h2>Images (same seeds)</h2><img src=\"comparison.png\" alt=\"comparison grid\">\
-{excited}<table>{images}</table>\
+<h2>Cross-attention over the denoising (figure 3): correlated token and target</h2>{excited}{maps}\
 <h2>Fine-tuning</h2><img src=\"finetune/losses.png\" alt=\"loss curves\">\
 <p>Numbers: <a href=\"finetune/report.json\">finetune/report.json</a>; images: \
 {manifests}.</p></body></html>\n",

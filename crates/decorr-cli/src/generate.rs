@@ -24,6 +24,7 @@ use crate::shard::Shard;
 /// Sampling options shared by `generate` and `fix`.
 #[derive(Args, Debug, Clone)]
 pub struct SampleArgs {
+    /// Text to steer away from: the unconditional branch's prompt (empty: none, as SD's default).
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
     /// Denoising steps (1 to 1000).
@@ -36,6 +37,7 @@ pub struct SampleArgs {
     /// Image width in pixels (multiple of 8); default the UNet's sample size x 8 (512 for SD 1.5).
     #[arg(long, value_parser = crate::flags::usize_in(8, crate::flags::MAX_SIDE))]
     pub width: Option<usize>,
+    /// Image height in pixels (multiple of 8); default as --width.
     #[arg(long, value_parser = crate::flags::usize_in(8, crate::flags::MAX_SIDE))]
     pub height: Option<usize>,
     /// ddim, pndm, euler, euler-a, dpmpp-2m, lms; default the checkpoint's own (PNDM for SD 1.5).
@@ -113,7 +115,7 @@ pub struct GenerateArgs {
     /// prompt is sampled with the modifiers before its objects (the prompt recorded is that one).
     #[arg(long, conflicts_with = "encoder", value_name = "OUT")]
     disendiff: Option<PathBuf>,
-    /// cfg, decorrelated (METHOD.md Eq. 6), pag (perturbed-attention guidance) or
+    /// cfg, decorrelated (the paper's Eq. 6), pag (perturbed-attention guidance) or
     /// attend-and-excite (also `aae`). With --encoder, pag and attend-and-excite take the
     /// conditional embedding from the fine-tuned encoder (methods decorrelated+pag/+aae).
     #[arg(long)]
@@ -121,6 +123,7 @@ pub struct GenerateArgs {
     /// Seed of the first image; image k uses seed + k (torch.Generator("cpu").manual_seed).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Images per prompt, with seeds --seed, --seed + 1, ...
     #[arg(long, default_value_t = 1,
           value_parser = crate::flags::usize_in(1, crate::flags::MAX_IMAGES))]
     num_images: usize,
@@ -161,15 +164,12 @@ pub struct GenerateArgs {
 /// The prompts of a `generate` command, from `--prompt` or `--prompts-file`.
 fn prompts_of(args: &GenerateArgs) -> Result<Vec<String>> {
     let prompts: Vec<String> = match &args.prompts_file {
-        Some(path) => decorr_core::io::strip_bom(
-            &std::fs::read_to_string(path)
-                .with_context(|| format!("reading --prompts-file {}", path.display()))?,
-        )
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_string)
-        .collect(),
+        Some(path) => decorr_core::input::read_text(path, "a --prompts-file")?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_string)
+            .collect(),
         None => args.prompts.clone(),
     };
     if prompts.is_empty() {
@@ -185,6 +185,11 @@ fn prompts_of(args: &GenerateArgs) -> Result<Vec<String>> {
 pub fn load(model: &ModelArgs, encoder: Option<&Path>) -> Result<StableDiffusion> {
     let source = &model.open()?;
     let device = model.device()?;
+    // Loading a full checkpoint takes seconds to minutes; say what is happening meanwhile.
+    eprintln!(
+        "loading {} (text encoder, UNet, VAE) ...",
+        source.describe()
+    );
     let sd = StableDiffusion::load(source, &device).with_context(|| {
         format!(
             "loading the Stable Diffusion checkpoint {}",

@@ -15,11 +15,11 @@ use decorr_runs::generate::excite_indices;
 pub struct GuidanceArgs {
     /// PAG: the perturbed-attention scale s (0 turns PAG off; a finite number >= 0).
     #[arg(long, default_value_t = 3.0, value_parser = crate::flags::non_negative,
-          help_heading = "Perturbed-attention guidance (--guidance pag)")]
+          help_heading = "Perturbed-attention guidance (PAG)")]
     pub pag_scale: f64,
     /// PAG: the adaptive scale a; s_t = max(0, s - a (1000 - t)) (0: constant s).
     #[arg(long, default_value_t = 0.0, value_parser = crate::flags::non_negative,
-          help_heading = "Perturbed-attention guidance (--guidance pag)")]
+          help_heading = "Perturbed-attention guidance (PAG)")]
     pub pag_adaptive_scale: f64,
     /// PAG: the self-attention layers perturbed, comma-separated: diffusers' `pag_applied_layers`
     /// (regular expressions over module paths: mid, down_blocks.1, up_blocks.0.attentions.1).
@@ -27,7 +27,7 @@ pub struct GuidanceArgs {
         long,
         value_delimiter = ',',
         default_value = "mid",
-        help_heading = "Perturbed-attention guidance (--guidance pag)"
+        help_heading = "Perturbed-attention guidance (PAG)"
     )]
     pub pag_layers: Vec<String>,
     /// Attend-and-Excite: the objects to excite, as words of the prompt (a word maps to its last
@@ -36,40 +36,36 @@ pub struct GuidanceArgs {
         long,
         value_delimiter = ',',
         conflicts_with = "excite_indices",
-        help_heading = "Attend-and-Excite (--guidance attend-and-excite)"
+        help_heading = "Attend-and-Excite"
     )]
     pub excite: Vec<String>,
     /// Attend-and-Excite: the objects as token indices (diffusers' `token_indices`; BOS is 0).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        help_heading = "Attend-and-Excite (--guidance attend-and-excite)"
-    )]
+    #[arg(long, value_delimiter = ',', help_heading = "Attend-and-Excite")]
     pub excite_indices: Vec<usize>,
     /// Attend-and-Excite: steps (positions in the scheduler's timesteps) 0..N get the latent
     /// update.
     #[arg(long, default_value_t = 25,
           value_parser = crate::flags::usize_in(0, crate::flags::MAX_STEPS + 1),
-          help_heading = "Attend-and-Excite (--guidance attend-and-excite)")]
+          help_heading = "Attend-and-Excite")]
     pub excite_max_iter_to_alter: usize,
     /// Attend-and-Excite: iterative refinement at these positions while the loss exceeds
     /// 1 - threshold, as POS:VALUE,... (empty: none).
     #[arg(long, default_value = "0:0.05,10:0.5,20:0.8", value_parser = parse_thresholds,
-          help_heading = "Attend-and-Excite (--guidance attend-and-excite)")]
+          help_heading = "Attend-and-Excite")]
     pub excite_thresholds: Thresholds,
     /// Attend-and-Excite: the step size's scale (alpha_i = factor * sqrt(linspace(1, 0.5)[i])).
     #[arg(long, default_value_t = 20.0, value_parser = crate::flags::non_negative,
-          help_heading = "Attend-and-Excite (--guidance attend-and-excite)")]
+          help_heading = "Attend-and-Excite")]
     pub excite_scale_factor: f64,
     /// Attend-and-Excite: the cross-attention resolution whose maps make the loss, `16` or
     /// `HxW` (16 for 512 px SD 1.5).
     #[arg(long, default_value = "16", value_parser = parse_attn_res,
-          help_heading = "Attend-and-Excite (--guidance attend-and-excite)")]
+          help_heading = "Attend-and-Excite")]
     pub excite_attn_res: [usize; 2],
     /// Attend-and-Excite: most refinement updates at one threshold position.
     #[arg(long, default_value_t = 20,
           value_parser = crate::flags::usize_in(0, 100_000),
-          help_heading = "Attend-and-Excite (--guidance attend-and-excite)")]
+          help_heading = "Attend-and-Excite")]
     pub excite_max_refinement_steps: usize,
 }
 

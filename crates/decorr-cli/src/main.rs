@@ -38,9 +38,9 @@ enum Command {
     /// (the paper's tables 1 and 2).
     Analyze(analyze::AnalyzeArgs),
     /// Fine-tune the text encoder to lower the target's attention to its correlated token
-    /// (METHOD.md Eq. 2), selecting the best epoch (Eqs. 3 to 5).
+    /// (the paper's Eq. 2), selecting the best epoch (Eqs. 3 to 5).
     Finetune(finetune::FinetuneArgs),
-    /// Generate images with classifier-free, decorrelated (METHOD.md Eq. 6), perturbed-attention
+    /// Generate images with classifier-free, decorrelated (the paper's Eq. 6), perturbed-attention
     /// or Attend-and-Excite guidance.
     Generate(generate::GenerateArgs),
     /// The main job: fine-tune for a prompt's missing object, then generate the same seeds
@@ -86,6 +86,17 @@ fn message(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // What the command loads decides the advice when the weights are not there.
+    model_args::set_command(match &cli.command {
+        Command::Analyze(_) => "analyze",
+        Command::Finetune(_) => "finetune",
+        Command::Generate(_) => "generate",
+        Command::Fix(_) => "fix",
+        Command::Eval(_) => "eval",
+        Command::Compare(_) => "compare",
+        Command::Disendiff(_) => "disendiff",
+        Command::Study(_) => "study",
+    });
     match cli.command {
         Command::Analyze(args) => analyze::run(args),
         Command::Finetune(args) => finetune::run(args),
@@ -101,6 +112,44 @@ fn run(cli: Cli) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::message;
+
+    /// Every option and argument of every command says what it is for in `--help`, and no help
+    /// points at files a clone of the repository does not have.
+    #[test]
+    fn every_option_is_described() {
+        use clap::CommandFactory;
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            for text in [cmd.get_about(), cmd.get_long_about()]
+                .into_iter()
+                .flatten()
+            {
+                let text = text.to_string();
+                if text.contains("METHOD.md") || text.contains("BASELINES.md") {
+                    missing.push(format!("{path}: about names a file outside the repository"));
+                }
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                match arg.get_help() {
+                    None => missing.push(format!("{path} --{id}")),
+                    Some(h) if h.to_string().contains(".md") => {
+                        missing.push(format!("{path} --{id}: names a .md file"))
+                    }
+                    Some(_) => {}
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "undescribed:\n{}", missing.join("\n"));
+    }
 
     /// An error that quotes its source in its own text, as the crates' `Io`/`Write` errors do.
     #[derive(Debug, thiserror::Error)]

@@ -93,15 +93,44 @@ fn activations_beyond_the_memory_limit_name_the_flags() {
 fn count_flags_are_bounded() {
     for (args, flag) in [
         (
-            &["eval", "fid", "--real", "r", "--fake", "f", "--json", "j.json", "--batch-size", "0"][..],
+            &[
+                "eval",
+                "fid",
+                "--real",
+                "r",
+                "--fake",
+                "f",
+                "--json",
+                "j.json",
+                "--batch-size",
+                "0",
+            ][..],
             "--batch-size",
         ),
         (
-            &["eval", "run", "--runs", "r", "--out", "o", "--batch-size", "18446744073709551615"][..],
+            &[
+                "eval",
+                "run",
+                "--runs",
+                "r",
+                "--out",
+                "o",
+                "--batch-size",
+                "18446744073709551615",
+            ][..],
             "--batch-size",
         ),
         (
-            &["eval", "run", "--runs", "r", "--out", "o", "--concurrency", "100000"][..],
+            &[
+                "eval",
+                "run",
+                "--runs",
+                "r",
+                "--out",
+                "o",
+                "--concurrency",
+                "100000",
+            ][..],
             "--concurrency",
         ),
         (
@@ -109,7 +138,15 @@ fn count_flags_are_bounded() {
             "--timeout",
         ),
         (
-            &["generate", "--prompt", "a", "--out", "o", "--batch-size", "5000"][..],
+            &[
+                "generate",
+                "--prompt",
+                "a",
+                "--out",
+                "o",
+                "--batch-size",
+                "5000",
+            ][..],
             "--batch-size",
         ),
     ] {

@@ -145,6 +145,13 @@ fn compare_makes_every_method_on_the_same_seeds_resumes_and_shards() {
     ] {
         assert!(html.contains(needle), "{needle} missing in index.html");
     }
+    // Each image is shown once: the grid picture is linked, not shown beside the table.
+    assert!(!html.contains("<img class=\"grid\""), "{html}");
+    assert_eq!(
+        html.matches("<img src=\"ours/001-a-red-cube-on-a-blue-ball/seed-000001.png\"")
+            .count(),
+        1
+    );
     // The same seeds, other methods: the images differ.
     let px = |m: &str| {
         image::open(out.join(m).join(FOLDERS[0]).join("seed-000000.png"))
@@ -346,7 +353,10 @@ fn compare_refuses_bad_pairs_and_methods_before_writing() {
         format!("{{\"prompt\": \"{long_prompt}\", \"objects\": [\"cat\", \"boat\"]}}\n"),
     )
     .unwrap();
-    check(base(&long, &[]), &["`boat` is in the prompt but after the cut", "84"]);
+    check(
+        base(&long, &[]),
+        &["`boat` is in the prompt but after the cut", "84"],
+    );
     let good = pairs_file(work.path());
     check(
         base(&good, &["--methods", "sd,boat"]),

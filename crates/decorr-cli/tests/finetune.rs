@@ -248,11 +248,19 @@ fn a_linked_out_is_written_through() {
     assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(real.join("report.json")).unwrap()).unwrap();
-    assert_eq!(report["epochs"].as_array().unwrap().len(), 2, "the linked folder is new");
+    assert_eq!(
+        report["epochs"].as_array().unwrap().len(),
+        2,
+        "the linked folder is new"
+    );
     // The staging folder was private (0700); the result is not.
     let mode = std::fs::metadata(&real).unwrap().permissions().mode() & 0o777;
     assert_ne!(mode, 0o700, "{mode:o}");
-    let mode = std::fs::metadata(real.join("report.json")).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(real.join("report.json"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_ne!(mode, 0o600, "{mode:o}");
 }
 

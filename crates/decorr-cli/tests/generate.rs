@@ -276,6 +276,16 @@ fn fix_runs_end_to_end_and_writes_every_promised_file() {
             && html.contains("finetune/losses.png")
             && html.contains("<b>old</b>")
     );
+    // Figure 3's maps are shown inline, and the attention table marks the two columns.
+    assert!(
+        html.contains("<img src=\"fixed/attention-000001.png\""),
+        "{html}"
+    );
+    assert!(
+        html.contains("<th class=\"t\">train<br><small>target</small></th>")
+            && html.contains("<th class=\"c\">old<br><small>correlated</small></th>"),
+        "{html}"
+    );
     // Same seeds, different guidance: the images differ.
     assert_ne!(
         std::fs::read(dir.join("pretrained/seed-000000.png")).unwrap(),
@@ -309,7 +319,16 @@ fn fix_mistakes_leave_nothing_behind() {
     let dir = out.path().join("fix");
     let w = model.path().to_str().unwrap();
     let d = dir.to_str().unwrap();
-    let base = ["fix", "--weights", w, "--prompt", PROMPT, "--quiet", "--out", d];
+    let base = [
+        "fix",
+        "--weights",
+        w,
+        "--prompt",
+        PROMPT,
+        "--quiet",
+        "--out",
+        d,
+    ];
     for (extra, needles) in [
         (
             &["--target", "boat", "--layer", "1"][..],
@@ -319,7 +338,11 @@ fn fix_mistakes_leave_nothing_behind() {
     ] {
         let args: Vec<&str> = base.iter().chain(extra).copied().collect();
         assert_fails(&args, needles);
-        assert!(!dir.exists(), "{extra:?} left {:?}", std::fs::read_dir(&dir).ok().map(|d| d.count()));
+        assert!(
+            !dir.exists(),
+            "{extra:?} left {:?}",
+            std::fs::read_dir(&dir).ok().map(|d| d.count())
+        );
     }
 }
 
@@ -661,7 +684,10 @@ fn generate_refuses_folders_it_did_not_make() {
         let o = quick_generate(model.path(), out, &[]);
         let t = text(&o);
         assert!(!o.status.success(), "{t}");
-        assert!(t.contains(foreign) && t.contains("not a generate output"), "{t}");
+        assert!(
+            t.contains(foreign) && t.contains("not a generate output"),
+            "{t}"
+        );
     }
     assert!(mine.join("data/.decorr-tmp-4000000-mine").exists());
     assert!(mine.join("data/sub/backup.4000000-1.tmp").exists());
@@ -704,7 +730,12 @@ fn output_files_follow_links_and_stream_to_devices() {
     );
     assert!(o.status.success(), "{}", text(&o));
     use std::os::unix::fs::FileTypeExt;
-    assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+    assert!(
+        std::fs::metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
 }
 
 #[test]

@@ -154,10 +154,9 @@ const PAIR_FORMAT: &str =
 /// Reads a pairs file: JSON lines, one [`PairPrompt`] each; blank lines and lines starting with
 /// `#` are skipped. A prompt listed twice, an empty prompt or object is refused, naming the line.
 pub fn read_pairs(path: &Path) -> Result<Vec<PairPrompt>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading --pairs {}", path.display()))?;
+    let text = decorr_core::input::read_text(path, "the --pairs file")?;
     let mut pairs: Vec<PairPrompt> = Vec::new();
-    for (i, line) in decorr_core::io::strip_bom(&text).lines().enumerate() {
+    for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
@@ -765,8 +764,8 @@ fn index_html(c: &CompareConfig, prompts: &[Prompt]) -> String {
         }
         table += "</table>";
         body += &format!(
-            "<h2>{}</h2><p>Objects: <b>{}</b> and <b>{}</b> (the one that goes missing).</p>\
-             <img class=\"grid\" src=\"grids/{}.png\" alt=\"grid\">{table}",
+            "<h2>{}</h2><p>Objects: <b>{}</b> and <b>{}</b> (the one that goes missing). The same \
+             images as one picture: <a href=\"grids/{}.png\">grid</a>.</p>{table}",
             esc(&p.pair.prompt),
             esc(&p.pair.objects[0]),
             esc(&p.pair.objects[1]),
@@ -777,7 +776,7 @@ fn index_html(c: &CompareConfig, prompts: &[Prompt]) -> String {
     format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>decorr compare</title>\
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 6px;text-align:left}}\
-td img{{width:128px;image-rendering:pixelated}}img.grid{{max-width:100%;image-rendering:pixelated}}</style>\
+td img{{width:128px;image-rendering:pixelated}}</style>\
 </head><body><h1>decorr compare</h1><p>{n} prompt(s), {m} method(s), seeds {seeds}, same seeds \
 in every row. Evaluate with <code>decorr eval run --runs {runs} --objects-file objects.json \
 --captioner URL --out eval</code> (run in this folder).</p>{body}</body></html>\n",

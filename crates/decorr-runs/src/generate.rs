@@ -262,13 +262,11 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
 
 /// Reads a manifest file if present (an empty manifest otherwise).
 pub fn read_manifest_file(path: &Path) -> Result<Manifest> {
-    if !path.exists() {
+    if !decorr_core::input::exists_at_all(path) {
         return Ok(Manifest::default());
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let text = decorr_core::io::strip_bom(&text);
-    let manifest: Manifest = serde_json::from_str(text).with_context(|| {
+    let text = decorr_core::input::read_text(path, "a manifest")?;
+    let manifest: Manifest = serde_json::from_str(&text).with_context(|| {
         format!(
             "{} is not a decorr manifest; use another --out",
             path.display()
@@ -411,8 +409,20 @@ pub fn generate_into(
                     resolve_token(&tok, &spec).with_context(|| format!("--attention-maps {w}"))?,
                 );
             }
+            // Rows are labelled by the token's word; an `@index` keeps its index beside it.
+            let labels = words
+                .iter()
+                .zip(&idx)
+                .map(|(w, &i)| {
+                    if w.trim_start().starts_with('@') {
+                        format!("{} ({})", tok.token_text(i), w.trim())
+                    } else {
+                        w.clone()
+                    }
+                })
+                .collect();
             p.capture_tokens = idx;
-            words.to_vec()
+            labels
         }
         _ => Vec::new(),
     };
@@ -440,7 +450,9 @@ pub fn generate_into(
     let mut todo = Vec::new();
     for &seed in seeds {
         let path = out.join(image_file(seed));
-        let missing = side_files(seed).into_iter().find(|f| !out.join(f).is_file());
+        let missing = side_files(seed)
+            .into_iter()
+            .find(|f| !out.join(f).is_file());
         let why = if !path.exists() {
             None
         } else if let Err(why) = check_image(&path, &record(seed)) {
@@ -475,7 +487,7 @@ pub fn generate_into(
     }
     for batch in todo.chunks(batch_size) {
         let g = sd.generate(&p, batch, &mut |done, total| {
-            progress.message(&format!("step {done}/{total}"));
+            progress.message(&step_message(done, total, p.steps));
             !progress.should_stop()
         });
         let g = match g {
@@ -537,9 +549,20 @@ pub fn generate_into(
     Ok(manifest)
 }
 
+/// The progress line of a denoising loop: `step 3/10`, or, where the scheduler calls the UNet
+/// more often than `--steps` (PNDM's warm-up: 10 steps make 11 calls), which count it is.
+pub fn step_message(done: usize, total: usize, steps: usize) -> String {
+    if total == steps {
+        format!("step {done}/{total}")
+    } else {
+        format!("UNet call {done}/{total} ({steps} steps)")
+    }
+}
+
 /// Whether the PNG at `path` is a whole image made by the run `rec` describes: it decodes, has
 /// the run's size, and its `decorr` chunk is `rec`. The reason when not.
 fn check_image(path: &Path, rec: &ImageRecord) -> std::result::Result<(), String> {
+    decorr_core::input::check_regular(path, "an image").map_err(|e| e.to_string())?;
     let chunks = decorr_pipeline::png::read_text_chunks(path).map_err(|e| e.to_string())?;
     let Some((_, json)) = chunks.iter().find(|(k, _)| k == "decorr") else {
         return Err("it has no decorr record, so decorr did not make it".into());
@@ -555,7 +578,9 @@ fn check_image(path: &Path, rec: &ImageRecord) -> std::result::Result<(), String
             differing(&theirs.run, &rec.run).join(", ")
         ));
     }
-    let img = image::open(path).map_err(|e| format!("it does not decode ({e})"))?;
+    let bytes =
+        decorr_core::input::read_image_bytes(path, "an image").map_err(|e| e.to_string())?;
+    let img = image::load_from_memory(&bytes).map_err(|e| format!("it does not decode ({e})"))?;
     if (img.width() as usize, img.height() as usize) != (rec.run.width, rec.run.height) {
         return Err(format!(
             "it is {}x{}, not {}x{}",

@@ -53,9 +53,8 @@ pub fn check_settings(
             ),
         };
     }
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let had: serde_json::Value = serde_json::from_str(decorr_core::io::strip_bom(&text))
+    let text = decorr_core::input::read_text(&path, "a settings file")?;
+    let had: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a decorr {command} settings file", path.display()))?;
     if &had != wanted {
         let differs: Vec<String> = wanted

@@ -190,11 +190,17 @@ mod tests {
         let tok = ClipTokenizer::embedded().encode(&prompt).unwrap();
         assert!(tok.truncated > 0);
         let err = resolve_target(&tok, &TargetSpec::word("boat")).unwrap_err();
-        assert!(matches!(err, MethodError::TargetCut { cut, total, .. }
-            if cut == tok.truncated && total == 83), "{err}");
+        assert!(
+            matches!(err, MethodError::TargetCut { cut, total, .. }
+            if cut == tok.truncated && total == 83),
+            "{err}"
+        );
         assert!(err.to_string().contains("shorten the prompt"), "{err}");
         let err = resolve_target(&tok, &TargetSpec::word("horse")).unwrap_err();
-        assert!(matches!(err, MethodError::TargetNotInPrompt { .. }), "{err}");
+        assert!(
+            matches!(err, MethodError::TargetNotInPrompt { .. }),
+            "{err}"
+        );
     }
 
     #[test]
