@@ -23,6 +23,7 @@ use crate::guidance_args::GuidanceArgs;
 use crate::heatmap::png_bytes;
 use crate::model_args::ModelArgs;
 use crate::progress::Bar;
+use decorr_runs::finetune::FinetuneReport;
 use decorr_runs::generate::{
     GenerateJob, MANIFEST, check_folder, excite_file, generate_into, image_file, method_name,
     run_record,
@@ -157,7 +158,7 @@ struct Summary {
     prompt: String,
     target: String,
     corr: String,
-    selected_epoch: Option<u64>,
+    selected_epoch: Option<usize>,
     attention_target_to_corr_before: f64,
     attention_target_to_corr_after: Option<f64>,
     seeds: Vec<u64>,
@@ -355,22 +356,7 @@ fn run_checked(
     let out = &args.out;
     let seeds = seeds.to_vec();
     let ft_dir = out.join("finetune");
-    let report_path = ft_dir.join("report.json");
-
-    let finished = std::fs::read_to_string(&report_path)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .filter(|r| {
-            r["finished"] == true
-                && [
-                    "text_encoder/config.json",
-                    "text_encoder/model.safetensors",
-                    "losses.png",
-                ]
-                .iter()
-                .all(|f| ft_dir.join(f).is_file())
-        });
-    if finished.is_some() {
+    if decorr_runs::finetune::finished(&ft_dir).is_some() {
         eprintln!(
             "{}: fine-tuning already finished, reusing it",
             ft_dir.display()
@@ -399,22 +385,20 @@ fn run_checked(
             out.display()
         );
     }
-    let report: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&report_path)
-            .with_context(|| format!("reading {}", report_path.display()))?,
-    )?;
-    if report["selected_epoch"].is_null() {
+    let report = FinetuneReport::read(&ft_dir)?;
+    if report.selected_epoch.is_none() {
         bail!("fine-tuning selected no epoch; nothing to generate with");
     }
+    let Some(p0) = report.prompts.first() else {
+        bail!("{} names no prompt; run the fix again", ft_dir.display());
+    };
     // The paper's figure 3 for every method: the cross-attention of the correlated token and
     // the target over the denoising steps (`attention-NNNNNN.png` beside each image).
-    let p0 = &report["prompts"][0];
-    let figure_tokens: Vec<String> = [&p0["corr"]["index"], &p0["target"]["index"]]
-        .iter()
-        .filter_map(|v| v.as_u64())
-        .map(|i| format!("@{i}"))
-        .collect();
-    let figure = (figure_tokens.len() == 2).then_some((figure_tokens.as_slice(), FIGURE_STEPS));
+    let figure_tokens = [
+        format!("@{}", p0.corr.index),
+        format!("@{}", p0.target.index),
+    ];
+    let figure = Some((figure_tokens.as_slice(), FIGURE_STEPS));
 
     let pre = params(
         &sd,
@@ -499,23 +483,23 @@ fn run_checked(
     let comparison = out.join("comparison.png");
     write_atomic(&comparison, &png_bytes(&grid_img))?;
 
-    let (t, c) = (
-        p0["target"]["index"].as_u64().unwrap_or(0) as usize,
-        p0["corr"]["index"].as_u64().unwrap_or(0) as usize,
-    );
-    let before = &p0["row_before"];
-    let after = &p0["row_after"];
-    let ratio = |row: &serde_json::Value| Some(row[c].as_f64()? / row[t].as_f64()?);
     let html = report_html(&args.prompt, &report, &seeds, out, &rows);
     let report_html_path = out.join("report.html");
     write_atomic(&report_html_path, html.as_bytes())?;
     let summary = Summary {
         prompt: args.prompt.clone(),
-        target: p0["target"]["text"].as_str().unwrap_or("").to_string(),
-        corr: p0["corr"]["text"].as_str().unwrap_or("").to_string(),
-        selected_epoch: report["selected_epoch"].as_u64(),
-        attention_target_to_corr_before: before[c].as_f64().unwrap_or(f64::NAN),
-        attention_target_to_corr_after: after[c].as_f64(),
+        target: p0.target.text.clone(),
+        corr: p0.corr.text.clone(),
+        selected_epoch: report.selected_epoch,
+        attention_target_to_corr_before: p0
+            .row_before
+            .get(p0.corr.index)
+            .map_or(f64::NAN, |&v| v as f64),
+        attention_target_to_corr_after: p0
+            .row_after
+            .as_ref()
+            .and_then(|r| r.get(p0.corr.index))
+            .map(|&v| v as f64),
         seeds: seeds.clone(),
         pretrained: pre_dir,
         fixed: fixed_dir,
@@ -531,8 +515,11 @@ fn run_checked(
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         let (r0, r1) = (
-            ratio(before).unwrap_or(f64::NAN),
-            ratio(after).unwrap_or(f64::NAN),
+            p0.ratio(&p0.row_before).unwrap_or(f64::NAN),
+            p0.row_after
+                .as_deref()
+                .and_then(|r| p0.ratio(r))
+                .unwrap_or(f64::NAN),
         );
         // Only a lowered ratio is a fix; anything else is said as it is.
         let verdict = if r1 < r0 {
@@ -544,7 +531,7 @@ fn run_checked(
             "{verdict} {:?}: A[t,c]/A[t,t] {r0:.3} -> {r1:.3} (epoch {}); {} seeds each in {}; \
              see {}",
             args.prompt,
-            summary.selected_epoch.unwrap_or(0),
+            summary.selected_epoch.unwrap_or_default(),
             seeds.len(),
             summary
                 .methods
@@ -611,35 +598,20 @@ fn esc(s: &str) -> String {
 /// and the comparison grid (relative links, so OUT can be moved or served as is).
 fn report_html(
     prompt: &str,
-    report: &serde_json::Value,
+    report: &FinetuneReport,
     seeds: &[u64],
     out: &Path,
     rows: &[MethodRow],
 ) -> String {
-    let p0 = &report["prompts"][0];
-    let tokens: Vec<String> = p0["tokens"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|t| t.as_str().unwrap_or("").to_string())
-                .collect()
-        })
-        .unwrap_or_default();
-    let row = |r: &serde_json::Value| -> Vec<String> {
-        r.as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|v| format!("{:.4}", v.as_f64().unwrap_or(f64::NAN)))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let (before, after) = (row(&p0["row_before"]), row(&p0["row_after"]));
-    let n = before.len();
-    let (ti, ci) = (
-        p0["target"]["index"].as_u64().map(|i| i as usize),
-        p0["corr"]["index"].as_u64().map(|i| i as usize),
+    let p0 = &report.prompts[0];
+    let tokens = &p0.tokens;
+    let row = |r: &[f32]| -> Vec<String> { r.iter().map(|v| format!("{v:.4}")).collect() };
+    let (before, after) = (
+        row(&p0.row_before),
+        row(p0.row_after.as_deref().unwrap_or_default()),
     );
+    let n = before.len();
+    let (ti, ci) = (Some(p0.target.index), Some(p0.corr.index));
     // The two columns the fix is about, marked in the header and in every row.
     let role = |i: usize| match (Some(i) == ti, Some(i) == ci) {
         (true, _) => (" class=\"t\"", "<br><small>target</small>"),
@@ -741,12 +713,14 @@ token <b>{corr}</b> (token {ci}); selected epoch {epoch}.</p>\
 {manifests}.</p></body></html>\n",
         manifests = manifests.join(", "),
         title = esc(prompt),
-        target = esc(p0["target"]["text"].as_str().unwrap_or("")),
-        ti = p0["target"]["index"],
-        corr = esc(p0["corr"]["text"].as_str().unwrap_or("")),
-        ci = p0["corr"]["index"],
-        epoch = report["selected_epoch"],
-        layer = report["config"]["layer"],
+        target = esc(&p0.target.text),
+        ti = p0.target.index,
+        corr = esc(&p0.corr.text),
+        ci = p0.corr.index,
+        epoch = report
+            .selected_epoch
+            .map_or("none".to_string(), |e| e.to_string()),
+        layer = report.config.layer,
         b = cells(&before),
         a = cells(&after),
     )

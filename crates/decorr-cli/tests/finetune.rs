@@ -70,6 +70,15 @@ fn finetune_writes_every_promised_file_and_reloads() {
     let r: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(r["epochs"].as_array().unwrap().len(), 3);
+    // The typed record fix and compare read is the file as written.
+    let typed = decorr_runs::finetune::FinetuneReport::read(&out).unwrap();
+    assert!(typed.finished);
+    assert_eq!(
+        serde_json::to_string_pretty(&typed).unwrap(),
+        std::fs::read_to_string(out.join("report.json")).unwrap(),
+        "read back unchanged"
+    );
+    assert!(decorr_runs::finetune::finished(&out).is_some());
     for k in ["l_train", "l_corr", "l_align", "l_val"] {
         assert!(r["epochs"][0][k].is_number(), "{k}");
     }

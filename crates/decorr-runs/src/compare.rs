@@ -537,8 +537,11 @@ fn encoder_for(
 ) -> Result<PathBuf> {
     let dir = c.encoder_dir(p);
     if let Some(report) = finetune::finished(&dir) {
-        let theirs = &report["prompts"][0];
-        if theirs["prompt"] == p.pair.prompt.as_str() && theirs["target"]["index"] == p.objects[1] {
+        let theirs = report.prompts.first();
+        if let Some(theirs) = theirs
+            && theirs.prompt == p.pair.prompt
+            && theirs.target.index == p.objects[1]
+        {
             progress.note(&format!(
                 "{}: fine-tuning already finished, reusing it",
                 dir.display()
@@ -549,8 +552,8 @@ fn encoder_for(
             "{} holds the fine-tuning of another prompt or target ({} / {}); the pairs file \
              changed order? Remove that folder or choose another --out",
             dir.display(),
-            theirs["prompt"],
-            theirs["target"]["text"]
+            theirs.map_or("", |t| t.prompt.as_str()),
+            theirs.map_or("", |t| t.target.text.as_str())
         );
     }
     let job = FinetuneJob {

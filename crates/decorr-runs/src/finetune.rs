@@ -15,7 +15,7 @@ use decorr_trainer::{
     EpochMetrics, MethodError, ParamPreset, PromptState, TargetSpec, TrainConfig, TrainObserver,
     TrainPrompt, finetune_prepared, prepare, resolve_target,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::bail;
 use crate::charts::{Series, panels};
@@ -80,43 +80,82 @@ pub enum FinetuneOutcome {
     Discarded,
 }
 
-/// Whether `out` holds a finished fine-tuning (its `report.json` says so and the encoder is
-/// there) of exactly `prompt` with the target token `target_index` (when given).
-pub fn finished(out: &Path) -> Option<serde_json::Value> {
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).ok()?).ok()?;
-    (report["finished"] == true && out.join("text_encoder/config.json").is_file()).then_some(report)
+/// The finished fine-tuning in `out`, if there is one: its report says so and every file the
+/// pages link is there (the encoder, the loss curves).
+pub fn finished(out: &Path) -> Option<FinetuneReport> {
+    let report = FinetuneReport::read(out).ok()?;
+    let complete = [
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "losses.png",
+    ]
+    .iter()
+    .all(|f| out.join(f).is_file());
+    (report.finished && complete).then_some(report)
 }
 
-#[derive(Serialize)]
-struct TokenRef {
-    index: usize,
-    text: String,
+/// A token of a prompt: its index in the padded sequence (BOS is 0) and its text.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRef {
+    pub index: usize,
+    pub text: String,
 }
 
-#[derive(Serialize)]
-struct PromptReport {
-    prompt: String,
+/// One prompt of a fine-tuning run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PromptReport {
+    pub prompt: String,
     /// The real tokens (BOS to the first EOS), as the rows below index them.
-    tokens: Vec<String>,
-    target: TokenRef,
-    corr: TokenRef,
-    s: Vec<TokenRef>,
+    pub tokens: Vec<String>,
+    pub target: TokenRef,
+    pub corr: TokenRef,
+    #[serde(default)]
+    pub s: Vec<TokenRef>,
     /// Row `t` of `A_pre` (real tokens).
-    row_before: Vec<f32>,
+    pub row_before: Vec<f32>,
     /// Row `t` of `A_ft` at the selected epoch.
-    row_after: Option<Vec<f32>>,
+    pub row_after: Option<Vec<f32>>,
 }
 
-#[derive(Serialize)]
-struct Report<'a> {
-    model: String,
-    config: &'a TrainConfig,
-    prompts: &'a [PromptReport],
-    epochs: &'a [EpochMetrics],
-    selected_epoch: Option<usize>,
-    step_losses: &'a [f64],
-    finished: bool,
+impl PromptReport {
+    /// `A[t,c] / A[t,t]` of a row (before or after), the number the fine-tuning lowers.
+    pub fn ratio(&self, row: &[f32]) -> Option<f64> {
+        let (c, t) = (row.get(self.corr.index)?, row.get(self.target.index)?);
+        Some(*c as f64 / *t as f64)
+    }
+}
+
+/// `OUT/report.json` of a fine-tuning: written as the run goes and read back (by `fix`,
+/// `compare` and resumes) through this one type.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FinetuneReport {
+    /// The checkpoint it fine-tuned.
+    pub model: String,
+    pub config: TrainConfig,
+    pub prompts: Vec<PromptReport>,
+    pub epochs: Vec<EpochMetrics>,
+    pub selected_epoch: Option<usize>,
+    #[serde(default)]
+    pub step_losses: Vec<f64>,
+    pub finished: bool,
+}
+
+impl FinetuneReport {
+    /// The report's file name in a fine-tuning folder.
+    pub const FILE: &'static str = "report.json";
+
+    /// Reads `dir/report.json`.
+    pub fn read(dir: &Path) -> Result<FinetuneReport> {
+        let path = dir.join(Self::FILE);
+        let text = decorr_core::input::read_text(&path, "a fine-tuning report")?;
+        serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a decorr finetune report (or one of an older decorr); run the \
+                 fine-tuning again",
+                path.display()
+            )
+        })
+    }
 }
 
 /// Writes OUT as the run goes.
@@ -135,17 +174,17 @@ struct OutWriter<'a> {
 
 impl OutWriter<'_> {
     fn write_report(&self, finished: bool) -> Result<(), MethodError> {
-        let report = Report {
+        let report = FinetuneReport {
             model: self.source.clone(),
-            config: self.config,
-            prompts: &self.prompts,
-            epochs: &self.epochs,
+            config: self.config.clone(),
+            prompts: self.prompts.clone(),
+            epochs: self.epochs.clone(),
             selected_epoch: self.selected,
-            step_losses: &self.steps,
+            step_losses: self.steps.clone(),
             finished,
         };
         let json = serde_json::to_string_pretty(&report).expect("report serializes");
-        write_atomic(&self.out.join("report.json"), json.as_bytes())
+        write_atomic(&self.out.join(FinetuneReport::FILE), json.as_bytes())
             .map_err(|e| MethodError::Output(e.to_string()))?;
         let series = [
             Series {

@@ -19,7 +19,7 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use decorr_clip::{ClipTextModel, ForwardOptions, Tokenized, head_average};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::MethodError;
 use crate::adamw::HostAdamW;
@@ -27,7 +27,7 @@ use crate::analysis::{argmax_before, attention_map};
 use crate::losses::{Focus, l_align, l_corr, l_train, l_val, select_epoch};
 
 /// Which text-encoder parameters are trained (our choice; METHOD.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ParamPreset {
     /// Every parameter (embeddings, norms, attention, MLP).
@@ -69,7 +69,9 @@ impl ParamPreset {
 }
 
 /// Hyper-parameters; defaults are METHOD.md's.
-#[derive(Debug, Clone, Serialize)]
+/// Read back from a run's report with defaults for fields older reports lack.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TrainConfig {
     pub layer: usize,
     pub epochs: usize,
@@ -123,7 +125,7 @@ pub struct PromptState {
 }
 
 /// The four numbers of one epoch (prompt averages) for the selection.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct EpochMetrics {
     pub epoch: usize,
     pub l_train: f64,
