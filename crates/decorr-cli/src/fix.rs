@@ -25,9 +25,9 @@ use crate::model_args::ModelArgs;
 use crate::progress::Bar;
 use decorr_runs::finetune::FinetuneReport;
 use decorr_runs::generate::{
-    GenerateJob, MANIFEST, check_folder, excite_file, generate_into, image_file, method_name,
-    run_record,
+    GenerateJob, MANIFEST, check_folder, generate_into, image_file, method_name, run_record,
 };
+use decorr_runs::pages::MethodRow;
 
 /// The help heading of fix's fine-tuning options.
 const FT: &str = "Fine-tuning (as decorr finetune)";
@@ -169,16 +169,6 @@ struct Summary {
     methods: Vec<MethodRow>,
     comparison: PathBuf,
     report: PathBuf,
-}
-
-#[derive(Serialize)]
-struct MethodRow {
-    method: String,
-    label: String,
-    dir: PathBuf,
-    /// Attend-and-Excite's objects (token indices and tokens).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    excite: Option<(Vec<usize>, Vec<String>)>,
 }
 
 /// What an OUT of `decorr fix` was made with (`OUT/fix.json`). A re-run continues the folder
@@ -483,7 +473,7 @@ fn run_checked(
     let comparison = out.join("comparison.png");
     write_atomic(&comparison, &png_bytes(&grid_img))?;
 
-    let html = report_html(&args.prompt, &report, &seeds, out, &rows);
+    let html = decorr_runs::pages::fix_report(&args.prompt, &report, &seeds, out, &rows);
     let report_html_path = out.join("report.html");
     write_atomic(&report_html_path, html.as_bytes())?;
     let summary = Summary {
@@ -585,145 +575,6 @@ fn baseline_params(
         p.excite.token_indices = vec![focus.corr, focus.target];
     }
     Ok(p)
-}
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-/// A small self-contained report: the target's attention row before and after, the loss curves
-/// and the comparison grid (relative links, so OUT can be moved or served as is).
-fn report_html(
-    prompt: &str,
-    report: &FinetuneReport,
-    seeds: &[u64],
-    out: &Path,
-    rows: &[MethodRow],
-) -> String {
-    let p0 = &report.prompts[0];
-    let tokens = &p0.tokens;
-    let row = |r: &[f32]| -> Vec<String> { r.iter().map(|v| format!("{v:.4}")).collect() };
-    let (before, after) = (
-        row(&p0.row_before),
-        row(p0.row_after.as_deref().unwrap_or_default()),
-    );
-    let n = before.len();
-    let (ti, ci) = (Some(p0.target.index), Some(p0.corr.index));
-    // The two columns the fix is about, marked in the header and in every row.
-    let role = |i: usize| match (Some(i) == ti, Some(i) == ci) {
-        (true, _) => (" class=\"t\"", "<br><small>target</small>"),
-        (_, true) => (" class=\"c\"", "<br><small>correlated</small>"),
-        _ => ("", ""),
-    };
-    let header: String = (0..n)
-        .map(|i| {
-            let (class, label) = role(i);
-            format!(
-                "<th{class}>{}{label}</th>",
-                esc(tokens.get(i).map_or(&format!("{i}"), |t| t))
-            )
-        })
-        .collect();
-    let cells = |r: &[String]| {
-        r.iter()
-            .enumerate()
-            .map(|(i, v)| format!("<td{}>{v}</td>", role(i).0))
-            .collect::<String>()
-    };
-    let rel = |dir: &Path| {
-        dir.strip_prefix(out)
-            .unwrap_or(dir)
-            .to_string_lossy()
-            .replace('\\', "/")
-    };
-    // Figure 3 inline: each method's cross-attention over the steps, per seed; the images
-    // themselves are shown once, in the grid above, and linked here.
-    let maps: String = seeds
-        .iter()
-        .map(|s| {
-            let f = image_file(*s);
-            let figures: String = rows
-                .iter()
-                .map(|r| {
-                    let d = esc(&rel(&r.dir));
-                    let mut links = format!("<a href=\"{d}/{f}\">image</a>");
-                    if r.excite.is_some() {
-                        links += &format!(", <a href=\"{d}/{}\">losses</a>", excite_file(*s));
-                    }
-                    let figure = format!("attention-{s:06}.png");
-                    let img = if r.dir.join(&figure).is_file() {
-                        format!(
-                            "<img src=\"{d}/{figure}\" alt=\"cross-attention over the steps, {}, \
-                             seed {s}\">",
-                            esc(&r.label)
-                        )
-                    } else {
-                        String::new()
-                    };
-                    format!(
-                        "<figure>{img}<figcaption>{}, seed {s}: {links}</figcaption></figure>",
-                        esc(&r.label)
-                    )
-                })
-                .collect();
-            format!("<div class=\"maps\">{figures}</div>")
-        })
-        .collect();
-    let manifests: Vec<String> = rows
-        .iter()
-        .map(|r| {
-            let d = esc(&rel(&r.dir));
-            format!("<a href=\"{d}/manifest.json\">{d}/manifest.json</a>")
-        })
-        .collect();
-    let excited: String = rows
-        .iter()
-        .filter_map(|r| {
-            let (idx, tokens) = r.excite.as_ref()?;
-            let objs: Vec<String> = idx
-                .iter()
-                .zip(tokens)
-                .map(|(i, t)| format!("<b>{}</b> (token {i})", esc(t)))
-                .collect();
-            Some(format!(
-                "<p>{} excites {}; per-step losses in <code>{}/excite-SEED.json</code>.</p>",
-                esc(&r.label),
-                objs.join(" and "),
-                esc(&rel(&r.dir))
-            ))
-        })
-        .collect();
-    format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>decorr fix: {title}</title>\
-<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 8px;text-align:right}}\
-img{{max-width:100%;image-rendering:pixelated}}.t{{background:#fde2e2}}.c{{background:#e0eafc}}\
-.maps{{display:grid;grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:1em}}\
-figure{{margin:0}}figcaption{{font-size:90%}}</style></head><body>\
-<h1>decorr fix</h1><p>Prompt: <b>{title}</b>; target <b>{target}</b> (token {ti}), correlated \
-token <b>{corr}</b> (token {ci}); selected epoch {epoch}.</p>\
-<h2>Self-attention of the target (layer {layer}, head average)</h2>\
-<table><tr><th></th>{header}</tr><tr><th>pre-trained</th>{b}</tr><tr><th>fine-tuned</th>{a}</tr></table>\
-<h2>Images (same seeds)</h2><img src=\"comparison.png\" alt=\"comparison grid\">\
-<h2>Cross-attention over the denoising (figure 3): correlated token and target</h2>{excited}{maps}\
-<h2>Fine-tuning</h2><img src=\"finetune/losses.png\" alt=\"loss curves\">\
-<p>Numbers: <a href=\"finetune/report.json\">finetune/report.json</a>; images: \
-{manifests}.</p></body></html>\n",
-        manifests = manifests.join(", "),
-        title = esc(prompt),
-        target = esc(&p0.target.text),
-        ti = p0.target.index,
-        corr = esc(&p0.corr.text),
-        ci = p0.corr.index,
-        epoch = report
-            .selected_epoch
-            .map_or("none".to_string(), |e| e.to_string()),
-        layer = report.config.layer,
-        b = cells(&before),
-        a = cells(&after),
-    )
 }
 
 #[cfg(test)]

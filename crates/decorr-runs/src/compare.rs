@@ -247,10 +247,10 @@ fn check_settings(out: &Path, wanted: &serde_json::Value) -> Result<()> {
 }
 
 /// One prompt's resolved work.
-struct Prompt<'a> {
+pub(crate) struct Prompt<'a> {
     index: usize,
-    pair: &'a PairPrompt,
-    folder: String,
+    pub(crate) pair: &'a PairPrompt,
+    pub(crate) folder: String,
     /// The pair's tokens (first, target).
     objects: [usize; 2],
 }
@@ -706,7 +706,7 @@ fn write_pages(c: &CompareConfig, prompts: &[Prompt]) -> Result<CompareOutcome> 
         grids.push(path);
     }
     let index = c.out.join("index.html");
-    write_atomic(&index, index_html(c, prompts).as_bytes())?;
+    write_atomic(&index, crate::pages::compare_index(c, prompts).as_bytes())?;
     Ok(CompareOutcome {
         images: 0,
         index: Some(index),
@@ -714,85 +714,6 @@ fn write_pages(c: &CompareConfig, prompts: &[Prompt]) -> Result<CompareOutcome> 
         eval_runs: eval_runs(c),
         objects_file,
     })
-}
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-/// The page: per prompt its grid, then a table (rows: methods, columns: seeds) of the images,
-/// with links to the manifests and ours' fine-tuning (relative links: OUT can be moved).
-fn index_html(c: &CompareConfig, prompts: &[Prompt]) -> String {
-    let mut body = String::new();
-    for p in prompts {
-        let header: String = c
-            .seeds
-            .iter()
-            .map(|s| format!("<th>seed {s}</th>"))
-            .collect();
-        let mut table = format!("<table><tr><th>method</th>{header}</tr>");
-        for &m in &c.methods {
-            let dir = format!("{}/{}", m.folder(), p.folder);
-            let cells: String = c
-                .seeds
-                .iter()
-                .map(|&s| {
-                    let f = format!("{dir}/{}", image_file(s));
-                    format!("<td><a href=\"{f}\"><img src=\"{f}\" alt=\"{m} seed {s}\"></a></td>")
-                })
-                .collect();
-            let extra = if m == Method::Ours {
-                format!(
-                    "<br><a href=\"encoders/{0}/report.json\">fine-tuning</a>, \
-                     <a href=\"encoders/{0}/losses.png\">losses</a>",
-                    p.folder
-                )
-            } else if m == Method::Disendiff {
-                format!(
-                    "<br><a href=\"disendiff-train/{0}/report.json\">training</a>, \
-                     <a href=\"disendiff-train/{0}/losses.png\">losses</a>",
-                    p.folder
-                )
-            } else {
-                String::new()
-            };
-            table += &format!(
-                "<tr><th>{} (<a href=\"{dir}/manifest.json\">{}</a>){extra}</th>{cells}</tr>",
-                esc(m.label()),
-                m.manifest_name()
-            );
-        }
-        table += "</table>";
-        body += &format!(
-            "<h2>{}</h2><p>Objects: <b>{}</b> and <b>{}</b> (the one that goes missing). The same \
-             images as one picture: <a href=\"grids/{}.png\">grid</a>.</p>{table}",
-            esc(&p.pair.prompt),
-            esc(&p.pair.objects[0]),
-            esc(&p.pair.objects[1]),
-            p.folder
-        );
-    }
-    let runs: Vec<String> = c.methods.iter().map(|m| m.folder().to_string()).collect();
-    format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>decorr compare</title>\
-<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 6px;text-align:left}}\
-td img{{width:128px;image-rendering:pixelated}}</style>\
-</head><body><h1>decorr compare</h1><p>{n} prompt(s), {m} method(s), seeds {seeds}, same seeds \
-in every row. Evaluate with <code>decorr eval run --runs {runs} --objects-file objects.json \
---captioner URL --out eval</code> (run in this folder).</p>{body}</body></html>\n",
-        n = prompts.len(),
-        m = c.methods.len(),
-        seeds = c
-            .seeds
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
-        runs = runs.join(" "),
-    )
 }
 
 #[cfg(test)]

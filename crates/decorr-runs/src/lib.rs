@@ -9,6 +9,7 @@
 //! - [`eval`]: `decorr eval run` (captions, BERTScore, FID, omission rate, the table-3 report).
 //! - [`compare`]: `decorr compare`, the paper's comparison of methods on the same seeds.
 //! - [`grid`], [`heatmap`], [`charts`]: the figures (comparison grids, attention maps, curves).
+//! - [`pages`]: the HTML pages (`fix`'s report, `compare`'s index), maud templates.
 //! - [`output`], [`paths`], [`shard`]: output-folder locks, manifest path rules, `--shard K/N`.
 
 pub mod charts;
@@ -21,6 +22,7 @@ pub mod generate;
 pub mod grid;
 pub mod heatmap;
 pub mod output;
+pub mod pages;
 pub mod paths;
 pub mod progress;
 pub mod shard;
