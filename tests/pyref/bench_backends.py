@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """decorr on LibTorch's CPU device (tch-cpu) and on flex against PyTorch at its best, one workload
 after the other in one run on this machine (2 threads), with each side's peak resident memory:
-the CPU table of README's Benchmarks.
+the CPU table of docs/benchmarks.md.
 
     python tests/pyref/bench_backends.py [--only unet32,unet64,cfg,pag,aae,finetune,disendiff]
         [--backends tch-cpu,flex] [--steps 50] [--json PATH]

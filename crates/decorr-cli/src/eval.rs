@@ -114,7 +114,7 @@ struct RunArgs {
     /// Model name the endpoint serves.
     #[arg(long, default_value = "Qwen/Qwen2-VL-7B-Instruct")]
     captioner_model: String,
-    /// Instruction sent with each image for its caption (default: ours, see README).
+    /// Instruction sent with each image for its caption (default: ours, see docs/commands/eval.md).
     #[arg(long)]
     caption_instruction: Option<String>,
     /// Requests in flight at once.

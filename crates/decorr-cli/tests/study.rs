@@ -3,7 +3,8 @@
 //! lost or duplicated answers, blindness (nothing a rater can fetch names a method, a run folder
 //! or a seed), and the report's numbers against the answers given; the server's limits (no
 //! client holds a connection), CSV cells no spreadsheet runs, more than 26 methods, missing
-//! image files, bounded count flags, and the README's study example as written.
+//! image files, bounded count flags, and the study example of docs/commands/study.md as
+//! written.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -960,20 +961,19 @@ fn count_flags_are_bounded_with_a_clear_error() {
     }
 }
 
-/// The README's `decorr study` section.
+/// The `decorr study` page of the user docs (docs/commands/study.md), whose first `sh` block
+/// is the example these tests run.
 fn readme_study_section() -> String {
-    let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
-            .unwrap();
-    let start = readme
-        .find("\n## `decorr study`")
-        .expect("README has a study section");
-    let rest = &readme[start + 1..];
-    let end = rest[1..].find("\n## ").map_or(rest.len(), |i| i + 1);
-    rest[..end].to_string()
+    let page = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/commands/study.md");
+    let text = std::fs::read_to_string(&page).unwrap_or_else(|e| panic!("{}: {e}", page.display()));
+    assert!(
+        text.starts_with("# `decorr study`"),
+        "docs/commands/study.md is the `decorr study` page"
+    );
+    text
 }
 
-/// The README's example commands (its `sh` block), continuation lines joined, comments apart.
+/// The study page's example commands (its `sh` block), continuation lines joined, comments apart.
 fn readme_example(section: &str) -> (Vec<String>, Vec<Vec<String>>) {
     let block = section
         .split("```sh\n")
@@ -1037,7 +1037,7 @@ fn the_readme_study_example_makes_the_comparisons_it_states() {
     assert_eq!(
         pairs * prompts * seeds,
         n,
-        "the README's own product: {comment}"
+        "the study page's own product: {comment}"
     );
     let pairs_file = words[words.iter().position(|w| *w == "--pairs").expect("--pairs") + 1];
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -1048,10 +1048,10 @@ fn the_readme_study_example_makes_the_comparisons_it_states() {
         .count();
     assert_eq!(
         listed, pairs,
-        "{pairs_file} has {listed} pairs; the README says {pairs}"
+        "{pairs_file} has {listed} pairs; the study page says {pairs}"
     );
 
-    // `decorr compare` on the README's pairs with its default seeds, on the tiny models and
+    // `decorr compare` on the study page's pairs with its default seeds, on the tiny models and
     // cheap settings (the count depends on the pairs and seeds only).
     let work = tempfile::tempdir().unwrap();
     let cmp = work.path().join("cmp");
@@ -1086,7 +1086,7 @@ fn the_readme_study_example_makes_the_comparisons_it_states() {
     ]);
     assert!(o.status.success(), "{}", text(&o));
 
-    // The README's commands, with its folders in the work folder.
+    // The study page's commands, with its folders in the work folder.
     let local = |arg: &str| -> String {
         if arg == "study" || arg.starts_with("cmp/") {
             work.path().join(arg).to_str().unwrap().to_string()
@@ -1107,7 +1107,7 @@ fn the_readme_study_example_makes_the_comparisons_it_states() {
         commands
             .iter()
             .find(|c| c.len() > 2 && c[1] == "study" && c[2] == verb)
-            .unwrap_or_else(|| panic!("no `decorr study {verb}` in the README's example"))
+            .unwrap_or_else(|| panic!("no `decorr study {verb}` in the study page's example"))
     };
     let create = of("create");
     let o = run(create);
@@ -1115,11 +1115,11 @@ fn the_readme_study_example_makes_the_comparisons_it_states() {
     assert!(o.status.success(), "{out}");
     assert!(
         out.contains(&format!(": {n} comparisons of 4 methods")),
-        "the README says {n} comparisons:\n{out}"
+        "the study page says {n} comparisons:\n{out}"
     );
     assert!(
         !out.contains("note:"),
-        "the README's example gets fewer than it asks for:\n{out}"
+        "the study page's example gets fewer than it asks for:\n{out}"
     );
 
     // Served, each rater has the comparisons and the repeats.
@@ -1134,7 +1134,7 @@ fn the_readme_study_example_makes_the_comparisons_it_states() {
         assert_eq!(next["total"].as_u64(), Some(n as u64 + repeat));
     }
     drop(s);
-    assert_eq!(of("serve")[3], "study", "the README serves its study");
+    assert_eq!(of("serve")[3], "study", "the study page serves its study");
     let o = run(of("report"));
     assert!(o.status.success(), "{}", text(&o));
     assert!(study.join("report.md").is_file());

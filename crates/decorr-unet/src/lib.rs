@@ -3,7 +3,7 @@
 //! ([`config`]) and loading ([`load`]); the CPU fast paths on flex ([`host`], and under
 //! autodiff [`host_autodiff`]) and torch's fused kernels on LibTorch (`libtorch`, `tch`
 //! feature). Verified against diffusers on tiny random models and a full-size SD 1.5
-//! configuration (README, "Verification").
+//! configuration (docs/verification.md).
 
 pub mod attention;
 pub mod blocks;
