@@ -5,9 +5,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
-use decorr_pipeline::StableDiffusion;
 use decorr_runs::compare::{CompareConfig, Method, read_pairs};
 
 use crate::generate::SampleArgs;
@@ -127,18 +126,8 @@ fn run_config(args: &CompareArgs, config: &CompareConfig) -> Result<()> {
     // stops here, naming what differs.
     decorr_runs::compare::check_out(config, &source.describe())?;
     let device = args.model.device()?;
-    eprintln!(
-        "loading {} (text encoder, UNet, VAE) ...",
-        source.describe()
-    );
-    let sd = StableDiffusion::load(&source, &device)
-        .with_context(|| {
-            format!(
-                "loading the Stable Diffusion checkpoint {}",
-                source.describe()
-            )
-        })?
-        .with_precision(args.model.precision(&device)?);
+    let precision = args.model.precision(&device)?;
+    let sd = decorr_runs::generate::load_pipeline(&source, &device, None, Some(precision))?;
     let outcome = decorr_runs::compare::run(config, sd, &source, &mut Bar::new(args.sample.quiet))?;
     let out = args.out.display();
     let names: Vec<&str> = config.methods.iter().map(|m| m.folder()).collect();

@@ -185,22 +185,13 @@ fn prompts_of(args: &GenerateArgs) -> Result<Vec<String>> {
 pub fn load(model: &ModelArgs, encoder: Option<&Path>) -> Result<StableDiffusion> {
     let source = &model.open()?;
     let device = model.device()?;
-    // Loading a full checkpoint takes seconds to minutes; say what is happening meanwhile.
-    eprintln!(
-        "loading {} (text encoder, UNet, VAE) ...",
-        source.describe()
-    );
-    let sd = StableDiffusion::load(source, &device).with_context(|| {
-        format!(
-            "loading the Stable Diffusion checkpoint {}",
-            source.describe()
-        )
-    })?;
-    let sd = match encoder {
-        Some(dir) => sd.with_tuned_encoder(dir)?,
-        None => sd,
-    };
-    Ok(sd.with_precision(model.precision(&device)?))
+    let precision = model.precision(&device)?;
+    Ok(decorr_runs::generate::load_pipeline(
+        source,
+        &device,
+        encoder,
+        Some(precision),
+    )?)
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {

@@ -294,7 +294,7 @@ pub fn run(job: DisenDiffJob, progress: &mut dyn Progress) -> Result<DisenDiffOu
             "--batch-size, --grad-accum and --max-train-steps must be at least 1",
         ));
     }
-    let sd = StableDiffusion::load(job.source, job.device)?;
+    let sd = crate::generate::load_pipeline(job.source, job.device, None, None)?;
     let factor = sd.vae_scale_factor();
     if cfg.resolution < 16 || !cfg.resolution.is_multiple_of(factor * 4) {
         return Err(msg(format!(

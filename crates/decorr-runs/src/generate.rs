@@ -95,6 +95,36 @@ impl Sampling {
     }
 }
 
+/// Loads the Stable Diffusion checkpoint of `source` on `device` (the one loader of every
+/// command that samples or trains on the pipeline), with a fine-tuned text encoder when given
+/// and the sampling precision when given (fine-tuning keeps f32). Says on stderr what it loads,
+/// as that takes seconds to minutes.
+pub fn load_pipeline(
+    source: &decorr_core::ModelSource,
+    device: &burn::tensor::Device,
+    encoder: Option<&Path>,
+    precision: Option<decorr_core::Precision>,
+) -> Result<StableDiffusion> {
+    eprintln!(
+        "loading {} (text encoder, UNet, VAE) ...",
+        source.describe()
+    );
+    let sd = StableDiffusion::load(source, device).with_context(|| {
+        format!(
+            "loading the Stable Diffusion checkpoint {}",
+            source.describe()
+        )
+    })?;
+    let sd = match encoder {
+        Some(dir) => sd.with_tuned_encoder(dir)?,
+        None => sd,
+    };
+    Ok(match precision {
+        Some(p) => sd.with_precision(p),
+        None => sd,
+    })
+}
+
 /// The token index of each of `words` in the prompt `tok`, as `--attention-maps` and `--target`
 /// resolve a word (its last BPE token; `word#N`, `@index`). Every word that is not in the prompt
 /// is named in one error, with the prompt's words.
