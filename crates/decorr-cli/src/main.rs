@@ -16,7 +16,7 @@ mod progress;
 mod study;
 
 // The figures, output folders and shards are the library's (decorr-runs).
-use decorr_runs::{grid, heatmap, output, shard};
+use decorr_runs::{heatmap, output, shard};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

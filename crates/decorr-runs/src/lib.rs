@@ -8,6 +8,7 @@
 //!   consistent at every moment.
 //! - [`eval`]: `decorr eval run` (captions, BERTScore, FID, omission rate, the table-3 report).
 //! - [`compare`]: `decorr compare`, the paper's comparison of methods on the same seeds.
+//! - [`fix`]: `decorr fix`, the main job: diagnosis, fine-tuning, the methods side by side.
 //! - [`grid`], [`heatmap`], [`charts`]: the figures (comparison grids, attention maps, curves).
 //! - [`pages`]: the HTML pages (`fix`'s report, `compare`'s index), maud templates.
 //! - [`output`], [`paths`], [`shard`]: output-folder locks, manifest path rules, `--shard K/N`.
@@ -18,6 +19,7 @@ pub mod disendiff;
 pub mod error;
 pub mod eval;
 pub mod finetune;
+pub mod fix;
 pub mod generate;
 pub mod grid;
 pub mod heatmap;

@@ -1,0 +1,433 @@
+//! `decorr fix`, the main job, without a command line: checks on the loaded model what the fix
+//! is about (target, layer, the correlation itself), fine-tunes the text encoder with selection
+//! (reusing a finished fine-tuning), generates the same seeds with the pre-trained model (CFG),
+//! the `--compare` baselines and the decorrelated guidance, and writes the grid, the report
+//! page and `summary.json`. OUT is resumable; a run that stops on a mistake leaves nothing
+//! that blocks the corrected one.
+//!
+//! OUT/fix.json (the settings that decide the results), OUT/finetune/ (text_encoder/,
+//! report.json, losses.png), OUT/pretrained/, OUT/pag/, OUT/aae/, OUT/fixed/ (images +
+//! manifest.json), OUT/comparison.png, OUT/report.html, OUT/summary.json.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use decorr_core::io::{OutputLock, write_atomic};
+use decorr_core::{ModelSource, Precision};
+use decorr_pipeline::{ExciteParams, GenerateParams, Guidance, PagParams, StableDiffusion};
+use decorr_trainer::{Focus, TargetSpec, TrainPrompt, prepare, resolve_target};
+use serde::Serialize;
+
+use crate::compare::Method;
+use crate::error::{Context, Result, RunsError};
+use crate::finetune::{FinetuneJob, FinetuneOutcome, FinetuneReport, FinetuneSettings};
+use crate::generate::{
+    GenerateJob, MANIFEST, Sampling, check_folder, excite_indices, generate_into, image_file,
+    load_pipeline, run_record,
+};
+use crate::heatmap::png_bytes;
+use crate::pages::MethodRow;
+use crate::progress::Progress;
+use crate::{bail, grid};
+
+/// The settings file of a fix folder.
+pub const SETTINGS: &str = "fix.json";
+
+/// Denoising steps each figure-3 panel shows (evenly spaced, the last included).
+const FIGURE_STEPS: usize = 6;
+
+/// What `decorr fix` was asked to do.
+pub struct FixJob<'a> {
+    pub source: &'a ModelSource,
+    pub device: &'a Device,
+    /// The sampling precision (fine-tuning runs in f32).
+    pub precision: Precision,
+    pub prompt: String,
+    pub target: TargetSpec,
+    pub seeds: Vec<u64>,
+    pub out: PathBuf,
+    pub finetune: FinetuneSettings,
+    pub sampling: Sampling,
+    pub pag: PagParams,
+    /// Attend-and-Excite's settings; its objects are `token_indices` when given, else
+    /// `excite_words` resolved in the prompt, else the correlated token and the target.
+    pub excite: ExciteParams,
+    pub excite_words: Vec<String>,
+    /// The baselines to add (`Method::Pag`, `Method::Aae`).
+    pub baselines: Vec<Method>,
+    /// Fine-tune even where there is no correlation to lower.
+    pub anyway: bool,
+    /// `OUT/fix.json`: the settings that decide the results; a re-run must match them.
+    pub settings: serde_json::Value,
+}
+
+/// `OUT/summary.json`, also what the command prints with `--json`.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub prompt: String,
+    pub target: String,
+    pub corr: String,
+    pub selected_epoch: Option<usize>,
+    pub attention_target_to_corr_before: f64,
+    pub attention_target_to_corr_after: Option<f64>,
+    /// `A[t,c] / A[t,t]` before and after (not written: the command's last line says them).
+    #[serde(skip)]
+    pub ratio: (f64, f64),
+    pub seeds: Vec<u64>,
+    pub pretrained: PathBuf,
+    pub fixed: PathBuf,
+    /// Every method's folder, in the grid's row order (`sd`, the `--compare` baselines,
+    /// `decorrelated`).
+    pub methods: Vec<MethodRow>,
+    pub comparison: PathBuf,
+    pub report: PathBuf,
+}
+
+/// A baseline's folder in OUT (and its method name in manifests).
+fn folder(m: Method) -> &'static str {
+    m.manifest_name()
+}
+
+/// Runs the fix into `job.out` (see the module's documentation).
+pub fn run(job: FixJob, progress: &mut dyn Progress) -> Result<Summary> {
+    if (!job.excite_words.is_empty() || !job.excite.token_indices.is_empty())
+        && !job.baselines.contains(&Method::Aae)
+    {
+        bail!(
+            "--excite/--excite-indices name Attend-and-Excite's objects; add --compare aae \
+             (by default it excites the target and its correlated token)"
+        );
+    }
+    let out = &job.out;
+    // Decided before anything is loaded or written: a re-run either continues exactly what OUT
+    // holds or stops here, naming what differs.
+    let resuming = crate::output::check_settings(out, SETTINGS, &job.settings, "fix")?;
+    let _lock = OutputLock::acquire(out)?;
+    let result = prepare_and_run(&job, progress);
+    if result.is_err() && !resuming && !holds_usable(out) {
+        // Nothing usable was written: the settings file would only block the corrected run.
+        let _ = std::fs::remove_file(out.join(SETTINGS));
+        crate::output::remove_if_empty(out);
+    }
+    result
+}
+
+/// Whether a fix folder holds something a re-run would reuse: a fine-tuned encoder or images.
+fn holds_usable(out: &Path) -> bool {
+    if out.join("finetune/text_encoder/config.json").is_file() {
+        return true;
+    }
+    let has_image = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|f| {
+                let name = f.file_name();
+                let name = name.to_string_lossy();
+                name.starts_with("seed-") && name.ends_with(".png")
+            })
+    };
+    std::fs::read_dir(out)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| has_image(&e.path()))
+}
+
+/// Everything that can be checked on the loaded model before anything is written: the target
+/// in the prompt, the layer, the correlation the method lowers (stopping when there is none,
+/// unless `anyway`), the baselines; then the run.
+fn prepare_and_run(job: &FixJob, progress: &mut dyn Progress) -> Result<Summary> {
+    let out = &job.out;
+    // Load everything first: a checkpoint that does not load stops here.
+    let sd = load_pipeline(job.source, job.device, None, Some(job.precision))?;
+    let tokenized = sd.tokenizer.encode(&job.prompt)?;
+    let target = resolve_target(&tokenized, &job.target)
+        .with_context(|| format!("--target {} (of the prompt {:?})", job.target, job.prompt))?;
+    let layer = job.finetune.layer;
+    let states = prepare(
+        &sd.text_encoder,
+        &[TrainPrompt {
+            tokenized: tokenized.clone(),
+            target,
+        }],
+        layer,
+        &sd.device,
+    )
+    .with_context(|| format!("--layer {layer}"))?;
+    let focus = states[0].focus.clone();
+    let row = &states[0].a_pre[focus.target];
+    let (to_corr, to_self) = (row[focus.corr], row[focus.target]);
+    if to_corr <= to_self {
+        let msg = format!(
+            "nothing to fix: in {:?}, {:?} attends to itself ({to_self:.3}) more than to any \
+             earlier token (most to {:?}, {to_corr:.3}) at layer {layer}, so there is no \
+             unidirectional correlation for the fine-tuning to lower (`decorr analyze` shows \
+             the whole table). If {:?} still goes missing, the cause is elsewhere; pass \
+             --anyway to fine-tune regardless",
+            job.prompt,
+            tokenized.token_text(focus.target),
+            tokenized.token_text(focus.corr),
+            tokenized.token_text(focus.target),
+        );
+        if !job.anyway {
+            return Err(RunsError::Msg(msg));
+        }
+        progress.note(&format!("note: {msg}; going on (--anyway)"));
+    }
+    // The baselines' settings are checked (layers, resolution, objects, and what their folders
+    // already hold) before the fine-tuning, so that a bad flag costs nothing.
+    let mut methods = job.baselines.clone();
+    methods.sort();
+    methods.dedup();
+    let mut baselines = Vec::new();
+    for m in methods {
+        let checked = baseline_params(&sd, job, m, &focus).and_then(|p| {
+            sd.check(&p)?;
+            check_folder(
+                &out.join(folder(m)),
+                &run_record(&sd, &p, m.manifest_name()),
+                MANIFEST,
+            )?;
+            Ok(p)
+        });
+        baselines.push((
+            m,
+            checked.with_context(|| format!("--compare {}", folder(m)))?,
+        ));
+    }
+    write_atomic(
+        &out.join(SETTINGS),
+        serde_json::to_string_pretty(&job.settings)?.as_bytes(),
+    )?;
+    run_checked(job, sd, baselines, progress)
+}
+
+/// The sampling parameters of `guidance` for the prompt.
+fn params(sd: &StableDiffusion, job: &FixJob, guidance: Guidance) -> Result<GenerateParams> {
+    job.sampling.params(
+        sd,
+        &job.prompt,
+        guidance,
+        &job.pag,
+        &ExciteParams::default(),
+    )
+}
+
+/// The sampling parameters of a baseline. Attend-and-Excite excites the pair the fix is about,
+/// the correlated token `c` and the target `t`, unless the job names other objects.
+fn baseline_params(
+    sd: &StableDiffusion,
+    job: &FixJob,
+    m: Method,
+    focus: &Focus,
+) -> Result<GenerateParams> {
+    let mut excite = ExciteParams::default();
+    if m == Method::Aae {
+        excite = job.excite.clone();
+        if excite.token_indices.is_empty() {
+            excite.token_indices = if job.excite_words.is_empty() {
+                vec![focus.corr, focus.target]
+            } else {
+                let tok = sd.tokenizer.encode(&job.prompt)?;
+                excite_indices(&tok, &job.excite_words)?
+            };
+        }
+    }
+    job.sampling
+        .params(sd, &job.prompt, m.guidance(), &job.pag, &excite)
+}
+
+/// One of fix's generation runs: every seed into its own folder, with the attention figure.
+fn fix_job<'a>(
+    params: &'a GenerateParams,
+    method: &'a str,
+    job: &'a FixJob,
+    out: &'a Path,
+    attention: Option<(&'a [String], usize)>,
+) -> GenerateJob<'a> {
+    GenerateJob {
+        params,
+        method,
+        seeds: &job.seeds,
+        batch_size: job.sampling.batch_size,
+        out,
+        attention,
+        manifest_name: MANIFEST,
+    }
+}
+
+/// The fix itself, once every check passed and `fix.json` is written.
+fn run_checked(
+    job: &FixJob,
+    sd: StableDiffusion,
+    baselines: Vec<(Method, GenerateParams)>,
+    progress: &mut dyn Progress,
+) -> Result<Summary> {
+    let out = &job.out;
+    let seeds = &job.seeds;
+    let ft_dir = out.join("finetune");
+    if crate::finetune::finished(&ft_dir).is_some() {
+        progress.note(&format!(
+            "{}: fine-tuning already finished, reusing it",
+            ft_dir.display()
+        ));
+    } else {
+        let finetune = FinetuneJob {
+            source: job.source,
+            device: job.device,
+            prompts: vec![job.prompt.clone()],
+            targets: vec![job.target.clone()],
+            settings: job.finetune.clone(),
+            out: ft_dir.clone(),
+            overwrite: true,
+        };
+        match crate::finetune::run(finetune, progress)? {
+            FinetuneOutcome::Done {
+                selected, ratios, ..
+            } => {
+                progress.line(&format!(
+                    "selected epoch {selected}; wrote {}/text_encoder, report.json, losses.png",
+                    ft_dir.display()
+                ));
+                for (prompt, before, after) in &ratios {
+                    progress.line(&format!(
+                        "  {prompt:?}: A[t,c]/A[t,t] {before:.3} -> {after:.3}"
+                    ));
+                }
+            }
+            FinetuneOutcome::NothingSelected | FinetuneOutcome::Discarded => {}
+        }
+    }
+    if progress.should_stop() {
+        return Err(RunsError::Interrupted(format!(
+            "interrupted during fine-tuning; {} keeps what was done, and the same command resumes",
+            out.display()
+        )));
+    }
+    let report = FinetuneReport::read(&ft_dir)?;
+    if report.selected_epoch.is_none() {
+        bail!("fine-tuning selected no epoch; nothing to generate with");
+    }
+    let Some(p0) = report.prompts.first() else {
+        bail!("{} names no prompt; run the fix again", ft_dir.display());
+    };
+    // The paper's figure 3 for every method: the cross-attention of the correlated token and
+    // the target over the denoising steps (`attention-NNNNNN.png` beside each image).
+    let figure_tokens = [
+        format!("@{}", p0.corr.index),
+        format!("@{}", p0.target.index),
+    ];
+    let figure = Some((figure_tokens.as_slice(), FIGURE_STEPS));
+
+    let pre = params(&sd, job, Guidance::Cfg)?;
+    let pre_dir = out.join("pretrained");
+    generate_into(
+        &sd,
+        &fix_job(&pre, Method::Sd.manifest_name(), job, &pre_dir, figure),
+        progress,
+    )?;
+    // The baselines, with the pre-trained encoder (as their papers run them).
+    let mut rows = vec![MethodRow {
+        method: Method::Sd.manifest_name().into(),
+        label: Method::Sd.label().into(),
+        dir: pre_dir.clone(),
+        excite: None,
+    }];
+    let tok = sd.tokenizer.encode(&job.prompt)?;
+    for (m, p) in &baselines {
+        let dir = out.join(folder(*m));
+        generate_into(
+            &sd,
+            &fix_job(p, m.manifest_name(), job, &dir, figure),
+            progress,
+        )?;
+        rows.push(MethodRow {
+            method: m.manifest_name().into(),
+            label: m.label().into(),
+            dir,
+            excite: (*m == Method::Aae).then(|| {
+                let idx = p.excite.token_indices.clone();
+                let tokens = idx.iter().map(|&i| tok.token_text(i)).collect();
+                (idx, tokens)
+            }),
+        });
+    }
+    let sd = sd.with_tuned_encoder(&ft_dir.join("text_encoder"))?;
+    let fixed = params(&sd, job, Guidance::Decorrelated)?;
+    let fixed_dir = out.join("fixed");
+    generate_into(
+        &sd,
+        &fix_job(
+            &fixed,
+            Method::Ours.manifest_name(),
+            job,
+            &fixed_dir,
+            figure,
+        ),
+        progress,
+    )?;
+    rows.push(MethodRow {
+        method: Method::Ours.manifest_name().into(),
+        label: Method::Ours.label().into(),
+        dir: fixed_dir.clone(),
+        excite: None,
+    });
+
+    let mut cells = Vec::new();
+    for row in &rows {
+        let mut line = Vec::new();
+        for &seed in seeds {
+            let p = row.dir.join(image_file(seed));
+            line.push(
+                image::open(&p)
+                    .with_context(|| format!("reading {}", p.display()))?
+                    .to_rgb8(),
+            );
+        }
+        cells.push(line);
+    }
+    let cols: Vec<String> = seeds.iter().map(|s| format!("seed {s}")).collect();
+    let labels: Vec<String> = rows.iter().map(|r| r.label.clone()).collect();
+    let grid_img = grid::labelled(&format!("\"{}\"", job.prompt), &labels, &cols, &cells, 128);
+    let comparison = out.join("comparison.png");
+    write_atomic(&comparison, &png_bytes(&grid_img))?;
+
+    let html = crate::pages::fix_report(&job.prompt, &report, seeds, out, &rows);
+    let report_html = out.join("report.html");
+    write_atomic(&report_html, html.as_bytes())?;
+    let summary = Summary {
+        prompt: job.prompt.clone(),
+        target: p0.target.text.clone(),
+        corr: p0.corr.text.clone(),
+        selected_epoch: report.selected_epoch,
+        attention_target_to_corr_before: p0
+            .row_before
+            .get(p0.corr.index)
+            .map_or(f64::NAN, |&v| v as f64),
+        attention_target_to_corr_after: p0
+            .row_after
+            .as_ref()
+            .and_then(|r| r.get(p0.corr.index))
+            .map(|&v| v as f64),
+        ratio: (
+            p0.ratio(&p0.row_before).unwrap_or(f64::NAN),
+            p0.row_after
+                .as_deref()
+                .and_then(|r| p0.ratio(r))
+                .unwrap_or(f64::NAN),
+        ),
+        seeds: seeds.clone(),
+        pretrained: pre_dir,
+        fixed: fixed_dir,
+        methods: rows,
+        comparison,
+        report: report_html,
+    };
+    write_atomic(
+        &out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    Ok(summary)
+}
