@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use decorr_runs::compare::Method;
-use decorr_runs::fix::FixJob;
+use decorr_runs::fix::{FixJob, FixSettings};
 use decorr_trainer::TargetSpec;
 
 use crate::finetune::FinetuneArgs;
@@ -131,35 +131,33 @@ pub fn parse_seeds(s: &str) -> Result<Vec<u64>> {
     Ok(seeds)
 }
 
-/// What an OUT of `decorr fix` was made with (`OUT/fix.json`). A re-run continues the folder
-/// only when these are equal; seeds may change (each image records its own), as may settings
-/// that do not change the results (batch size, backend, progress).
-fn settings(args: &FixArgs) -> serde_json::Value {
+/// The settings of these flags that decide a fix folder's results (`OUT/fix.json`).
+fn settings(args: &FixArgs) -> FixSettings {
     let s = &args.sample;
     let m = &args.model;
-    serde_json::json!({
-        "prompt": args.prompt,
-        "target": args.target.to_string(),
-        "layer": args.layer,
-        "epochs": args.epochs,
-        "steps_per_epoch": args.steps_per_epoch,
-        "lr": args.lr,
-        "tau": args.tau,
-        "params": args.params,
-        "negative_prompt": s.negative_prompt,
-        "steps": s.steps,
-        "guidance_scale": s.guidance_scale,
-        "width": s.width,
-        "height": s.height,
-        "scheduler": s.scheduler.map(|k| k.name()),
-        "karras": s.karras,
-        "eta": s.eta,
-        "weights": m.weights,
-        "model": m.model,
-        "revision": m.revision,
-        "checkpoint_config": m.checkpoint_config,
-        "checkpoint_prediction": m.checkpoint_prediction.map(|p| format!("{p:?}")),
-    })
+    FixSettings {
+        prompt: args.prompt.clone(),
+        target: args.target.to_string(),
+        layer: args.layer,
+        epochs: args.epochs,
+        steps_per_epoch: args.steps_per_epoch,
+        lr: args.lr,
+        tau: args.tau,
+        params: args.params.clone(),
+        negative_prompt: s.negative_prompt.clone(),
+        steps: s.steps,
+        guidance_scale: s.guidance_scale,
+        width: s.width,
+        height: s.height,
+        scheduler: s.scheduler.map(|k| k.name().to_string()),
+        karras: s.karras,
+        eta: s.eta,
+        weights: m.weights.clone(),
+        model: m.model.clone(),
+        revision: m.revision.clone(),
+        checkpoint_config: m.checkpoint_config.clone(),
+        checkpoint_prediction: m.checkpoint_prediction.map(|p| format!("{p:?}")),
+    }
 }
 
 pub fn run(args: FixArgs) -> Result<()> {

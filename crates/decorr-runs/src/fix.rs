@@ -16,7 +16,7 @@ use decorr_core::io::{OutputLock, write_atomic};
 use decorr_core::{ModelSource, Precision};
 use decorr_pipeline::{ExciteParams, GenerateParams, Guidance, PagParams, StableDiffusion};
 use decorr_trainer::{Focus, TargetSpec, TrainPrompt, prepare, resolve_target};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::compare::Method;
 use crate::error::{Context, Result, RunsError};
@@ -35,6 +35,35 @@ pub const SETTINGS: &str = "fix.json";
 
 /// Denoising steps each figure-3 panel shows (evenly spaced, the last included).
 const FIGURE_STEPS: usize = 6;
+
+/// `OUT/fix.json`: what a fix folder was made with, the settings that decide its results. A
+/// re-run continues the folder only when these are equal; seeds may change (each image records
+/// its own), as may settings that do not change the results (batch size, backend, progress).
+/// The field names are the flags'.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FixSettings {
+    pub prompt: String,
+    pub target: String,
+    pub layer: usize,
+    pub epochs: usize,
+    pub steps_per_epoch: usize,
+    pub lr: f64,
+    pub tau: f64,
+    pub params: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub scheduler: Option<String>,
+    pub karras: bool,
+    pub eta: f64,
+    pub weights: Option<PathBuf>,
+    pub model: String,
+    pub revision: String,
+    pub checkpoint_config: String,
+    pub checkpoint_prediction: Option<String>,
+}
 
 /// What `decorr fix` was asked to do.
 pub struct FixJob<'a> {
@@ -58,7 +87,7 @@ pub struct FixJob<'a> {
     /// Fine-tune even where there is no correlation to lower.
     pub anyway: bool,
     /// `OUT/fix.json`: the settings that decide the results; a re-run must match them.
-    pub settings: serde_json::Value,
+    pub settings: FixSettings,
 }
 
 /// `OUT/summary.json`, also what the command prints with `--json`.
@@ -101,7 +130,8 @@ pub fn run(job: FixJob, progress: &mut dyn Progress) -> Result<Summary> {
     let out = &job.out;
     // Decided before anything is loaded or written: a re-run either continues exactly what OUT
     // holds or stops here, naming what differs.
-    let resuming = crate::output::check_settings(out, SETTINGS, &job.settings, "fix")?;
+    let wanted = serde_json::to_value(&job.settings)?;
+    let resuming = crate::output::check_settings(out, SETTINGS, &wanted, "fix")?;
     let _lock = OutputLock::acquire(out)?;
     let result = prepare_and_run(&job, progress);
     if result.is_err() && !resuming && !holds_usable(out) {
@@ -430,4 +460,25 @@ fn run_checked(
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// fix.json as older decorr wrote it (keys sorted, from a JSON map) compares equal to the
+    /// typed settings, so old fix folders resume; and the type reads back what it writes.
+    #[test]
+    fn settings_of_older_folders_still_match() {
+        let old = r#"{"checkpoint_config":"auto","checkpoint_prediction":null,"epochs":20,
+            "eta":0.0,"guidance_scale":7.5,"height":null,"karras":false,"layer":11,"lr":1e-05,
+            "model":"stable-diffusion-v1-5/stable-diffusion-v1-5","negative_prompt":"",
+            "params":"all","prompt":"rusty tracks with an old train","revision":"main",
+            "scheduler":null,"steps":50,"steps_per_epoch":10,"target":"train","tau":5.0,
+            "weights":null,"width":null}"#;
+        let typed: FixSettings = serde_json::from_str(old).unwrap();
+        let old: serde_json::Value = serde_json::from_str(old).unwrap();
+        assert_eq!(serde_json::to_value(&typed).unwrap(), old);
+        assert_eq!(typed.target, "train");
+    }
 }
