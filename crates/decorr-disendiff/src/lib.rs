@@ -5,9 +5,11 @@
 //!
 //! [`tokens`] places the modifiers and builds the captions, [`augment`] the training crops and
 //! loss masks, [`calibration`] the maps and the IoU loss, [`train`] the run (autodiff, AdamW,
-//! accumulation, resumable state) and [`format`] the output folder in diffusers' Custom Diffusion
-//! format, read back for sampling.
+//! accumulation, resumable state), [`format`] the output folder in diffusers' Custom Diffusion
+//! format, read back for sampling, and [`apply`] puts a delta's tensors into the models (for
+//! both).
 
+pub mod apply;
 pub mod augment;
 pub mod calibration;
 pub mod format;

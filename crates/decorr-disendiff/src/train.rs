@@ -21,6 +21,7 @@ use decorr_unet::{AttentionOptions, Capture, UNet2DConditionModel};
 use serde::{Deserialize, Serialize};
 
 use crate::DisenDiffError;
+use crate::apply::{apply_kv, rows_tensor};
 use crate::calibration::{IouTerms, MapStages, iou_terms, mean_maps, rec_per_sample, stages};
 use crate::tokens::modifier_positions;
 
@@ -509,8 +510,8 @@ impl Trainer {
             restored.push((*id, m, v));
         }
         let delta = self.delta.take().expect("delta present");
-        let unet = crate::format::apply_kv(delta.unet, &trained.kv)?;
-        let rows = crate::format::rows_tensor(&trained.rows, &self.device)?;
+        let unet = apply_kv(delta.unet, &trained.kv)?;
+        let rows = rows_tensor(&trained.rows, &self.device)?;
         self.delta = Some(Delta {
             unet,
             rows: Param::initialized(delta.rows.id, rows.set_require_grad(true)),

@@ -17,7 +17,7 @@ use decorr_core::weights::{KeyMap, load_safetensors, read_json};
 use serde::{Deserialize, Serialize};
 
 use crate::EvalError;
-use crate::bertscore::LayerEncoder;
+use crate::encoder::LayerEncoder;
 
 /// `config.json` of a BERT checkpoint (transformers' `BertConfig`); missing keys take its defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -7,7 +7,9 @@
 //!
 //! The model side is any [`LayerEncoder`] (BERT in [`crate::bert`], DeBERTa in
 //! [`crate::deberta`]); the tokenizer side is any [`SentenceEncoder`], by default a
-//! `tokenizer.json` whose post-processor adds the specials ([`HfSentenceEncoder`]).
+//! `tokenizer.json` whose post-processor adds the specials ([`HfSentenceEncoder`]). Those
+//! traits live in [`crate::encoder`]; this module builds scorers from model folders
+//! ([`load_scorer`], [`load_bert_scorer`], [`load_deberta_scorer`]).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -16,96 +18,12 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use tokenizers::Tokenizer;
 
 use crate::EvalError;
+use crate::bert::load_bert;
+use crate::deberta::{XLARGE_MNLI_LAYER, load_deberta, load_deberta_tokenizer, special_token_name};
 
-/// A transformer whose chosen layer's hidden states BERTScore matches greedily. BERT
-/// ([`crate::bert::BertModel`]) and DeBERTa ([`crate::deberta::DebertaModel`]) implement it.
-pub trait LayerEncoder {
-    /// Hidden states numbered as transformers' `hidden_states` tuple (0 = embedding output,
-    /// `num_layers()` = last layer), shape `[batch, seq, hidden]`. `attention_mask` is 1 for
-    /// real tokens and 0 for padding. Layers after `layer` need not be computed.
-    fn hidden_state(
-        &self,
-        input_ids: Tensor<2, Int>,
-        attention_mask: Tensor<2, Int>,
-        layer: usize,
-    ) -> Tensor<3>;
-
-    /// Number of transformer layers.
-    fn num_layers(&self) -> usize;
-}
-
-/// What bert_score's `sent_encode` does for one tokenizer family: a sentence to token ids with
-/// the specials added and truncated to the model's maximum length.
-pub trait SentenceEncoder {
-    fn encode(&self, sentence: &str) -> Result<Vec<u32>, EvalError>;
-}
-
-/// Ids of the special tokens bert_score treats specially.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SpecialTokens {
-    /// `tokenizer.cls_token_id`: weight 0 when idf is off.
-    pub cls: u32,
-    /// `tokenizer.sep_token_id`: weight 0 when idf is off.
-    pub sep: u32,
-    /// `tokenizer.pad_token_id`: fills padded positions (masked out of attention).
-    pub pad: u32,
-}
-
-/// `sent_encode` through a `tokenizers` tokenizer whose post-processor adds the specials (BERT's
-/// `[CLS] ... [SEP]`; a GPT-2/RoBERTa-style tokenizer needs `add_prefix_space` set in its
-/// pre-tokenizer, as bert_score passes it). The file's own padding is removed and truncation is
-/// set to `max_length` tokens, specials included (`truncation=True, max_length=model_max_length`).
-pub struct HfSentenceEncoder {
-    tokenizer: Tokenizer,
-    prefix_space: bool,
-}
-
-impl HfSentenceEncoder {
-    pub fn new(mut tokenizer: Tokenizer, max_length: usize) -> Result<Self, EvalError> {
-        tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(Some(tokenizers::TruncationParams {
-                max_length,
-                ..Default::default()
-            }))
-            .map_err(|e| EvalError::Tokenizer(format!("cannot truncate to {max_length}: {e}")))?;
-        Ok(HfSentenceEncoder {
-            tokenizer,
-            prefix_space: false,
-        })
-    }
-
-    /// Encode with a leading space, as bert_score's GPT-2/RoBERTa branch does
-    /// (`add_prefix_space=True`). It took that branch for DeBERTa under transformers < 4.24,
-    /// whose `DebertaTokenizer` subclassed `GPT2Tokenizer`; from 4.24 on it does not.
-    pub fn with_prefix_space(mut self, on: bool) -> Self {
-        self.prefix_space = on;
-        self
-    }
-}
-
-impl SentenceEncoder for HfSentenceEncoder {
-    fn encode(&self, sentence: &str) -> Result<Vec<u32>, EvalError> {
-        // An empty (stripped) sentence is `build_inputs_with_special_tokens([])`: the specials
-        // alone, which is what the post-processor makes of "".
-        let stripped = python_strip(sentence);
-        let text = if self.prefix_space && !stripped.is_empty() {
-            std::borrow::Cow::Owned(format!(" {stripped}"))
-        } else {
-            std::borrow::Cow::Borrowed(stripped)
-        };
-        let enc = self
-            .tokenizer
-            .encode(text.as_ref(), true)
-            .map_err(|e| EvalError::Tokenizer(format!("cannot tokenize {sentence:?}: {e}")))?;
-        Ok(enc.get_ids().to_vec())
-    }
-}
-
-/// Python's `str.strip()`: Unicode whitespace plus the separators U+001C..U+001F.
-pub(crate) fn python_strip(s: &str) -> &str {
-    s.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
-}
+// The encoder side lives in `crate::encoder` so that the models can implement it without
+// depending on the scorer; re-exported here, where BERTScore's users have always found it.
+pub use crate::encoder::{HfSentenceEncoder, LayerEncoder, SentenceEncoder, SpecialTokens};
 
 /// A tokenizer folder as transformers saves it.
 pub struct TokenizerFiles {
@@ -443,7 +361,7 @@ pub fn load_bert_scorer(
     layer: Option<usize>,
     device: &Device,
 ) -> Result<Scorer, EvalError> {
-    let bert = crate::bert::load_bert(dir, device)?;
+    let bert = load_bert(dir, device)?;
     let files = load_tokenizer_dir(dir, bert.model.max_positions())?;
     let vocab = files.tokenizer.get_vocab_size(true);
     if vocab > bert.model.vocab_size() {
@@ -460,6 +378,60 @@ pub fn load_bert_scorer(
         Box::new(bert.model),
         Box::new(tokenizer),
         files.specials,
+        layer,
+        device.clone(),
+    )
+}
+
+/// A BERTScore scorer for the DeBERTa in `dir` ([`load_deberta`], [`load_deberta_tokenizer`]).
+/// `layer` is bert_score's `num_layers` (pass [`XLARGE_MNLI_LAYER`] for
+/// microsoft/deberta-xlarge-mnli); `None` takes the last layer, since a local folder has no hub
+/// name to look bert_score's default up by. Sentences are truncated to `model_max_length` of
+/// `tokenizer_config.json`, else to `max_position_embeddings` (what transformers 4 did for the
+/// hub's DeBERTa tokenizers, 512; transformers 5 has no such default and bert_score then fails).
+/// `prefix_space`: see [`HfSentenceEncoder::with_prefix_space`].
+pub fn load_deberta_scorer(
+    dir: &Path,
+    layer: Option<usize>,
+    prefix_space: bool,
+    device: &Device,
+) -> Result<Scorer, EvalError> {
+    let (model, config) = load_deberta(dir, device)?;
+    let tokenizer = load_deberta_tokenizer(dir)?;
+    let vocab = tokenizer.get_vocab_size(true);
+    if vocab > model.vocab_size() {
+        return Err(EvalError::Input(format!(
+            "{}: the tokenizer has {vocab} tokens but the model only {} embeddings; the \
+             tokenizer files belong to another model",
+            dir.display(),
+            model.vocab_size()
+        )));
+    }
+    let id = |key: &str, default: &str| -> Result<u32, EvalError> {
+        let name = special_token_name(dir, key, default)?;
+        tokenizer.token_to_id(&name).ok_or_else(|| {
+            EvalError::Tokenizer(format!(
+                "{}: {key} `{name}` is not in the vocabulary",
+                dir.display()
+            ))
+        })
+    };
+    let specials = SpecialTokens {
+        cls: id("cls_token", "[CLS]")?,
+        sep: id("sep_token", "[SEP]")?,
+        pad: id("pad_token", "[PAD]")?,
+    };
+    let max_length = tokenizer
+        .get_truncation()
+        .map(|t| t.max_length)
+        .unwrap_or(config.max_position_embeddings);
+    let max_length = model.max_len().map_or(max_length, |m| max_length.min(m));
+    let layer = layer.unwrap_or(model.num_layers());
+    let encoder = HfSentenceEncoder::new(tokenizer, max_length)?.with_prefix_space(prefix_space);
+    Scorer::new(
+        Box::new(model),
+        Box::new(encoder),
+        specials,
         layer,
         device.clone(),
     )
@@ -576,7 +548,7 @@ pub fn greedy_cos_idf(
 }
 
 /// A scorer for the model in `dir`, chosen by `config.json`'s `model_type`: the BERT family
-/// ([`load_bert_scorer`]) or DeBERTa v1 ([`crate::deberta::load_deberta_scorer`]). Without a
+/// ([`load_bert_scorer`]) or DeBERTa v1 ([`load_deberta_scorer`]). Without a
 /// `layer`, DeBERTa-xlarge (48 layers of width 1024, i.e. `microsoft/deberta-xlarge-mnli`) reads
 /// layer 40 as bert_score does for it; other models their last layer.
 /// `prefix_space` encodes DeBERTa sentences with a leading space, as bert_score did under
@@ -605,8 +577,8 @@ pub fn load_scorer(
         Some("bert") => load_bert_scorer(dir, layer, device),
         Some("deberta") => {
             let xlarge = kind.num_hidden_layers == Some(48) && kind.hidden_size == Some(1024);
-            let layer = layer.or(xlarge.then_some(crate::deberta::XLARGE_MNLI_LAYER));
-            crate::deberta::load_deberta_scorer(dir, layer, prefix_space, device)
+            let layer = layer.or(xlarge.then_some(XLARGE_MNLI_LAYER));
+            load_deberta_scorer(dir, layer, prefix_space, device)
         }
         other => Err(EvalError::Input(format!(
             "{}: model_type {} is not a BERTScore model decorr runs; use a BERT-family model \
@@ -707,11 +679,5 @@ mod tests {
         let e = Baseline::parse("LAYER,P,R,F\n0,a,2,3\n", 0).unwrap_err();
         assert!(e.contains("not a number"), "{e}");
         assert_eq!(Baseline::rescale(0.75, 0.5), 0.5);
-    }
-
-    #[test]
-    fn python_strip_matches_str_strip() {
-        assert_eq!(python_strip(" \t\u{a0}a b\u{1f}\n\u{3000}"), "a b");
-        assert_eq!(python_strip(" \n "), "");
     }
 }

@@ -35,7 +35,7 @@ use decorr_core::ModelFile;
 use decorr_core::weights::{KeyMap, load_safetensors};
 
 use crate::EvalError;
-use crate::bertscore::LayerEncoder;
+use crate::encoder::LayerEncoder;
 
 /// `config.json` of a DeBERTa v1 checkpoint; defaults are those of transformers'
 /// `DebertaConfig`. Unknown keys (dropouts, pooler, labels) are ignored.
@@ -773,7 +773,7 @@ fn read_tokenizer_config(
 /// `strip` is Python's: Unicode whitespace plus U+001C..U+001F.
 pub fn sent_encode(tokenizer: &tokenizers::Tokenizer, sent: &str) -> Result<Vec<u32>, EvalError> {
     let enc = tokenizer
-        .encode(crate::bertscore::python_strip(sent), true)
+        .encode(crate::encoder::python_strip(sent), true)
         .map_err(|e| EvalError::Tokenizer(format!("cannot encode {sent:?}: {e}")))?;
     Ok(enc.get_ids().to_vec())
 }
@@ -781,64 +781,13 @@ pub fn sent_encode(tokenizer: &tokenizers::Tokenizer, sent: &str) -> Result<Vec<
 /// bert_score's default layer for `microsoft/deberta-xlarge-mnli` (`model2layers`).
 pub const XLARGE_MNLI_LAYER: usize = 40;
 
-/// A BERTScore scorer for the DeBERTa in `dir` ([`load_deberta`], [`load_deberta_tokenizer`]).
-/// `layer` is bert_score's `num_layers` (pass [`XLARGE_MNLI_LAYER`] for
-/// microsoft/deberta-xlarge-mnli); `None` takes the last layer, since a local folder has no hub
-/// name to look bert_score's default up by. Sentences are truncated to `model_max_length` of
-/// `tokenizer_config.json`, else to `max_position_embeddings` (what transformers 4 did for the
-/// hub's DeBERTa tokenizers, 512; transformers 5 has no such default and bert_score then fails).
-/// `prefix_space`: see [`HfSentenceEncoder::with_prefix_space`](crate::bertscore::HfSentenceEncoder::with_prefix_space).
-pub fn load_deberta_scorer(
-    dir: &Path,
-    layer: Option<usize>,
-    prefix_space: bool,
-    device: &Device,
-) -> Result<crate::bertscore::Scorer, EvalError> {
-    use crate::bertscore::{HfSentenceEncoder, Scorer, SpecialTokens};
-    let (model, config) = load_deberta(dir, device)?;
-    let tokenizer = load_deberta_tokenizer(dir)?;
-    let vocab = tokenizer.get_vocab_size(true);
-    if vocab > model.vocab_size() {
-        return Err(EvalError::Input(format!(
-            "{}: the tokenizer has {vocab} tokens but the model only {} embeddings; the \
-             tokenizer files belong to another model",
-            dir.display(),
-            model.vocab_size()
-        )));
-    }
-    let id = |key: &str, default: &str| -> Result<u32, EvalError> {
-        let name = special_token_name(dir, key, default)?;
-        tokenizer.token_to_id(&name).ok_or_else(|| {
-            EvalError::Tokenizer(format!(
-                "{}: {key} `{name}` is not in the vocabulary",
-                dir.display()
-            ))
-        })
-    };
-    let specials = SpecialTokens {
-        cls: id("cls_token", "[CLS]")?,
-        sep: id("sep_token", "[SEP]")?,
-        pad: id("pad_token", "[PAD]")?,
-    };
-    let max_length = tokenizer
-        .get_truncation()
-        .map(|t| t.max_length)
-        .unwrap_or(config.max_position_embeddings);
-    let max_length = model.max_len().map_or(max_length, |m| max_length.min(m));
-    let layer = layer.unwrap_or(model.num_layers());
-    let encoder = HfSentenceEncoder::new(tokenizer, max_length)?.with_prefix_space(prefix_space);
-    Scorer::new(
-        Box::new(model),
-        Box::new(encoder),
-        specials,
-        layer,
-        device.clone(),
-    )
-}
-
 /// The name of special token `key` in `tokenizer_config.json` (a string or an `AddedToken`
 /// object), else `default`.
-fn special_token_name(dir: &Path, key: &str, default: &str) -> Result<String, EvalError> {
+pub(crate) fn special_token_name(
+    dir: &Path,
+    key: &str,
+    default: &str,
+) -> Result<String, EvalError> {
     let cfg = read_tokenizer_config(dir)?;
     Ok(match cfg.get(key) {
         Some(serde_json::Value::String(s)) => s.clone(),

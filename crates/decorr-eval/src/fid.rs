@@ -22,6 +22,10 @@ use rayon::prelude::*;
 use crate::EvalError;
 use crate::inception::{FEATURE_DIM, FidInception};
 
+// In `crate::stats` so that `crate::npz` can read and write it without depending on this
+// module; re-exported here, where FID's users have always found it.
+pub use crate::stats::ActivationStats;
+
 /// Extensions pytorch-fid collects (`IMAGE_EXTENSIONS`), matched case-sensitively like its glob.
 pub const IMAGE_EXTENSIONS: &[&str] = &[
     "bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp",
@@ -29,72 +33,6 @@ pub const IMAGE_EXTENSIONS: &[&str] = &[
 
 /// pytorch-fid's default `--batch-size`.
 pub const DEFAULT_BATCH_SIZE: usize = 50;
-
-/// Mean and covariance of activations: what FID compares and what `--save-stats` stores.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ActivationStats {
-    /// Mean activation, length d.
-    pub mu: Vec<f64>,
-    /// Covariance (`np.cov(act, rowvar=False)`, divisor n - 1), d x d row-major.
-    pub sigma: Vec<f64>,
-}
-
-impl ActivationStats {
-    pub fn dim(&self) -> usize {
-        self.mu.len()
-    }
-
-    /// `np.mean(act, axis=0)` and `np.cov(act, rowvar=False)` of `features`, row-major
-    /// `n x dim` (f32 features widened to f64, as pytorch-fid's float64 `pred_arr`).
-    pub fn from_features(features: &[f32], dim: usize) -> Result<Self, EvalError> {
-        if dim == 0 || !features.len().is_multiple_of(dim) {
-            return Err(EvalError::Input(format!(
-                "{} feature values do not form rows of {dim}",
-                features.len()
-            )));
-        }
-        let n = features.len() / dim;
-        if n < 2 {
-            return Err(EvalError::Input(format!(
-                "FID statistics need at least 2 images (the covariance of {n} is undefined)"
-            )));
-        }
-        let mut mu = vec![0.0f64; dim];
-        for row in features.chunks_exact(dim) {
-            for (m, &v) in mu.iter_mut().zip(row) {
-                *m += v as f64;
-            }
-        }
-        for m in &mut mu {
-            *m /= n as f64;
-        }
-        let centered = DMatrix::from_fn(n, dim, |i, j| features[i * dim + j] as f64 - mu[j]);
-        // An explicit transpose makes this a blocked GEMM (`tr_mul` is per-entry dot products).
-        let cov = centered.transpose() * &centered / (n as f64 - 1.0);
-        // Symmetric: column-major storage equals row-major.
-        Ok(Self {
-            mu,
-            sigma: cov.as_slice().to_vec(),
-        })
-    }
-
-    fn check(&self, what: &str) -> Result<(), EvalError> {
-        let d = self.dim();
-        if self.sigma.len() != d * d {
-            return Err(EvalError::Input(format!(
-                "{what}: sigma has {} values, a {d}x{d} covariance needs {}",
-                self.sigma.len(),
-                d * d
-            )));
-        }
-        if self.mu.iter().chain(&self.sigma).any(|v| !v.is_finite()) {
-            return Err(EvalError::Input(format!(
-                "{what}: the statistics contain NaN or infinite values"
-            )));
-        }
-        Ok(())
-    }
-}
 
 /// The Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2):
 /// `|mu1 - mu2|² + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 sigma2))`, in f64.

@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 
 use crate::EvalError;
-use crate::fid::ActivationStats;
+use crate::stats::ActivationStats;
 
 const MAGIC: &[u8] = b"\x93NUMPY";
 

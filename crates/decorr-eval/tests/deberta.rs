@@ -9,10 +9,9 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use decorr_eval::bertscore::{LayerEncoder, ScoreOptions};
+use decorr_eval::bertscore::{LayerEncoder, ScoreOptions, load_deberta_scorer};
 use decorr_eval::deberta::{
-    DebertaConfig, DebertaModel, load_deberta, load_deberta_scorer, load_deberta_tokenizer,
-    sent_encode,
+    DebertaConfig, DebertaModel, load_deberta, load_deberta_tokenizer, sent_encode,
 };
 use serde_json::Value;
 

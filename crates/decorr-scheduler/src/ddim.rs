@@ -8,8 +8,7 @@ use burn::tensor::Tensor;
 use crate::config::{PredictionType, ResolvedConfig, TimestepSpacing};
 use crate::schedule::{NoiseSchedule, np_arange, np_linspace, np_round};
 use crate::{
-    Scheduler, SchedulerError, SchedulerKind, check_index, check_shape, check_steps, require_noise,
-    unsupported,
+    Scheduler, SchedulerError, SchedulerKind, check_step, check_steps, require_noise, unsupported,
 };
 
 const KIND: SchedulerKind = SchedulerKind::Ddim;
@@ -120,14 +119,6 @@ impl Scheduler for Ddim {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor<4>, _i: usize) -> Tensor<4> {
-        sample
-    }
-
     fn needs_noise(&self) -> bool {
         self.eta > 0.0
     }
@@ -139,8 +130,7 @@ impl Scheduler for Ddim {
         sample: Tensor<4>,
         noise: Option<Tensor<4>>,
     ) -> Result<Tensor<4>, SchedulerError> {
-        check_index(i, self.timesteps_int.len())?;
-        check_shape("model_output", &model_output, &sample)?;
+        check_step(i, self.timesteps_int.len(), &model_output, &sample)?;
         let noise = if self.needs_noise() {
             Some(require_noise(KIND, i, noise, &sample)?)
         } else {

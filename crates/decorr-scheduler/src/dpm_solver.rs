@@ -16,7 +16,7 @@ use crate::schedule::{
     np_linspace, np_round, sigma_to_t,
 };
 use crate::{
-    Scheduler, SchedulerError, SchedulerKind, check_index, check_shape, check_steps, unsupported,
+    Scheduler, SchedulerError, SchedulerKind, check_step, check_steps, starts_run, unsupported,
 };
 
 const KIND: SchedulerKind = SchedulerKind::DpmSolverMultistep;
@@ -300,14 +300,6 @@ impl Scheduler for DpmSolverMultistep {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor<4>, _i: usize) -> Tensor<4> {
-        sample
-    }
-
     fn step(
         &mut self,
         model_output: Tensor<4>,
@@ -316,17 +308,10 @@ impl Scheduler for DpmSolverMultistep {
         _noise: Option<Tensor<4>>,
     ) -> Result<Tensor<4>, SchedulerError> {
         let len = self.timesteps.len();
-        check_index(i, len)?;
-        check_shape("model_output", &model_output, &sample)?;
-        if i == 0 {
+        check_step(i, len, &model_output, &sample)?;
+        if starts_run(KIND, i, self.next)? {
             self.model_outputs.iter_mut().for_each(|m| *m = None);
             self.lower_order_nums = 0;
-        } else if i != self.next {
-            return Err(SchedulerError::OutOfOrder {
-                kind: KIND,
-                expected: self.next,
-                got: i,
-            });
         }
         let lower_order_final = i == len - 1
             && (self.euler_at_final

@@ -12,9 +12,7 @@ use crate::schedule::{
     NoiseSchedule, exponential_sigmas, karras_sigmas, log_sigmas, np_arange, np_interp_grid,
     np_linspace, np_round, sigma_to_t,
 };
-use crate::{
-    Scheduler, SchedulerError, SchedulerKind, check_index, check_shape, check_steps, unsupported,
-};
+use crate::{Scheduler, SchedulerError, SchedulerKind, check_step, check_steps, unsupported};
 
 const KIND: SchedulerKind = SchedulerKind::Euler;
 
@@ -187,8 +185,7 @@ impl Scheduler for EulerDiscrete {
         sample: Tensor<4>,
         _noise: Option<Tensor<4>>,
     ) -> Result<Tensor<4>, SchedulerError> {
-        check_index(i, self.timesteps.len())?;
-        check_shape("model_output", &model_output, &sample)?;
+        check_step(i, self.timesteps.len(), &model_output, &sample)?;
         // s_churn = 0 (diffusers' default): γ = 0 and σ̂ = σ.
         let sigma = self.sigmas[i];
         let pred_x0 = predict_x0(self.prediction_type, model_output, &sample, sigma);

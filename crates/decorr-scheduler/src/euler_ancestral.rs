@@ -8,8 +8,7 @@ use crate::config::{PredictionType, ResolvedConfig};
 use crate::euler::{init_noise_sigma, interp_sigmas, predict_x0, scale_by_sigma, sigma_timesteps};
 use crate::schedule::NoiseSchedule;
 use crate::{
-    Scheduler, SchedulerError, SchedulerKind, check_index, check_shape, check_steps, require_noise,
-    unsupported,
+    Scheduler, SchedulerError, SchedulerKind, check_step, check_steps, require_noise, unsupported,
 };
 
 const KIND: SchedulerKind = SchedulerKind::EulerAncestral;
@@ -82,8 +81,7 @@ impl Scheduler for EulerAncestral {
         sample: Tensor<4>,
         noise: Option<Tensor<4>>,
     ) -> Result<Tensor<4>, SchedulerError> {
-        check_index(i, self.timesteps.len())?;
-        check_shape("model_output", &model_output, &sample)?;
+        check_step(i, self.timesteps.len(), &model_output, &sample)?;
         let noise = require_noise(KIND, i, noise, &sample)?;
         let sigma = self.sigmas[i];
         let pred_x0 = predict_x0(self.prediction_type, model_output, &sample, sigma);

@@ -217,11 +217,19 @@ pub trait Scheduler: Send {
     /// diffusers' `scheduler.timesteps` after `set_timesteps(n)` (f64: Euler's are fractional).
     /// PNDM without PRK has n + 1 of them; DDIM/PNDM/DPM-Solver values are integers.
     fn timesteps(&self) -> &[f64];
-    /// The factor the initial Gaussian latents are multiplied by.
-    fn init_noise_sigma(&self) -> f64;
-    /// The UNet input at index `i` (Euler, Euler ancestral and LMS divide by √(σ² + 1); others
-    /// return the sample unchanged). Panics if `i >= timesteps().len()`.
-    fn scale_model_input(&self, sample: Tensor<4>, i: usize) -> Tensor<4>;
+    /// The factor the initial Gaussian latents are multiplied by: by default 1.0, as diffusers'
+    /// DDIM, PNDM and DPM-Solver have it; Euler, Euler ancestral and LMS return theirs (from
+    /// σ_max).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// The UNet input at index `i`: by default the sample unchanged (DDIM, PNDM, DPM-Solver);
+    /// Euler, Euler ancestral and LMS divide it by √(σ² + 1), and panic if
+    /// `i >= timesteps().len()`.
+    fn scale_model_input(&self, sample: Tensor<4>, i: usize) -> Tensor<4> {
+        let _ = i;
+        sample
+    }
     /// One step at `timesteps()[i]`: the sample at the next timestep. `noise` (standard normal,
     /// the sample's shape) is required when [`Scheduler::needs_noise`] and ignored otherwise.
     /// Multistep schedulers (PNDM, DPM-Solver, LMS) must be stepped for i = 0, 1, 2, ... in order;
@@ -344,12 +352,39 @@ pub(crate) fn check_shape(
     Ok(())
 }
 
-/// `Err` unless `i` indexes the schedule.
-pub(crate) fn check_index(i: usize, len: usize) -> Result<(), SchedulerError> {
+/// The checks every [`Scheduler::step`] starts with: `i` indexes the schedule of `len` steps
+/// and the model output has the sample's shape.
+pub(crate) fn check_step(
+    i: usize,
+    len: usize,
+    model_output: &Tensor<4>,
+    sample: &Tensor<4>,
+) -> Result<(), SchedulerError> {
     if i >= len {
         return Err(SchedulerError::StepOutOfRange { i, len });
     }
-    Ok(())
+    check_shape("model_output", model_output, sample)
+}
+
+/// For the multistep schedulers (PNDM, DPM-Solver, LMS), whose history makes steps run in
+/// order: `Ok(true)` when step `i` starts a new run (`i == 0`, the caller clears its history),
+/// `Ok(false)` when it is the `expected` next step, `Err` otherwise.
+pub(crate) fn starts_run(
+    kind: SchedulerKind,
+    i: usize,
+    expected: usize,
+) -> Result<bool, SchedulerError> {
+    if i == 0 {
+        Ok(true)
+    } else if i == expected {
+        Ok(false)
+    } else {
+        Err(SchedulerError::OutOfOrder {
+            kind,
+            expected,
+            got: i,
+        })
+    }
 }
 
 /// The noise tensor of a stochastic step, checked.

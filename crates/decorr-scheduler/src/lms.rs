@@ -27,7 +27,7 @@ use crate::config::{PredictionType, ResolvedConfig};
 use crate::euler::{init_noise_sigma, interp_sigmas, predict_x0, scale_by_sigma, sigma_timesteps};
 use crate::schedule::{NoiseSchedule, exponential_sigmas, karras_sigmas, log_sigmas, sigma_to_t};
 use crate::{
-    Scheduler, SchedulerError, SchedulerKind, check_index, check_shape, check_steps, unsupported,
+    Scheduler, SchedulerError, SchedulerKind, check_step, check_steps, starts_run, unsupported,
 };
 
 const KIND: SchedulerKind = SchedulerKind::Lms;
@@ -208,16 +208,9 @@ impl Scheduler for LmsDiscrete {
         sample: Tensor<4>,
         _noise: Option<Tensor<4>>,
     ) -> Result<Tensor<4>, SchedulerError> {
-        check_index(i, self.timesteps.len())?;
-        check_shape("model_output", &model_output, &sample)?;
-        if i == 0 {
+        check_step(i, self.timesteps.len(), &model_output, &sample)?;
+        if starts_run(KIND, i, self.next)? {
             self.derivatives.clear();
-        } else if i != self.next {
-            return Err(SchedulerError::OutOfOrder {
-                kind: KIND,
-                expected: self.next,
-                got: i,
-            });
         }
         let sigma = self.sigmas[i];
         let pred_x0 = predict_x0(self.prediction_type, model_output, &sample, sigma);

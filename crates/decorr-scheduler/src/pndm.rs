@@ -12,7 +12,7 @@ use crate::config::{PredictionType, ResolvedConfig, TimestepSpacing};
 use crate::ddim::py_index;
 use crate::schedule::{NoiseSchedule, np_arange, np_linspace, np_round};
 use crate::{
-    Scheduler, SchedulerError, SchedulerKind, check_index, check_shape, check_steps, unsupported,
+    Scheduler, SchedulerError, SchedulerKind, check_step, check_steps, starts_run, unsupported,
 };
 
 const KIND: SchedulerKind = SchedulerKind::Pndm;
@@ -254,14 +254,6 @@ impl Scheduler for Pndm {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor<4>, _i: usize) -> Tensor<4> {
-        sample
-    }
-
     fn step(
         &mut self,
         model_output: Tensor<4>,
@@ -269,19 +261,12 @@ impl Scheduler for Pndm {
         sample: Tensor<4>,
         _noise: Option<Tensor<4>>,
     ) -> Result<Tensor<4>, SchedulerError> {
-        check_index(i, self.timesteps_int.len())?;
-        check_shape("model_output", &model_output, &sample)?;
-        if i == 0 {
+        check_step(i, self.timesteps_int.len(), &model_output, &sample)?;
+        if starts_run(KIND, i, self.counter)? {
             self.counter = 0;
             self.ets.clear();
             self.cur_sample = None;
             self.cur_model_output = None;
-        } else if i != self.counter {
-            return Err(SchedulerError::OutOfOrder {
-                kind: KIND,
-                expected: self.counter,
-                got: i,
-            });
         }
         let timestep = self.timesteps_int[i];
         if self.counter < self.num_prk {

@@ -1,4 +1,4 @@
-//! The host kernels of [`crate::host`] under burn's autodiff on flex, for training through the
+//! The host kernels ([`crate::kernels`]) under burn's autodiff on flex, for training through the
 //! UNet (DisenDiff; Attend-and-Excite's latent gradient): a backend extension
 //! ([`HostKernels`]) whose flex arm runs the kernel and whose autodiff arm records a
 //! hand-written backward step. Without it, autodiff on flex runs a 3x3 convolution as im2col +
@@ -31,7 +31,7 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use crate::host::{self, OutPtr};
+use crate::kernels::{self, OutPtr};
 
 /// Host kernels as backend operations, so that autodiff can record them.
 #[backend_extension(Flex, Autodiff)]
@@ -102,7 +102,7 @@ impl HostKernels for Flex {
         let (x, weight, bias) = (values(x), values(weight), values(bias));
         let [b, ci, h, w] = dims4(&x);
         let co = weight.layout().shape()[0];
-        let out = host::conv3x3_cached(
+        let out = kernels::conv3x3_cached(
             slice(&x),
             &weight,
             Some(slice(&bias)),
@@ -116,10 +116,10 @@ impl HostKernels for Flex {
     fn linear(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
         let x = values(x);
         let [b, n, k] = dims3(&x);
-        let (w, strides) = host::strided_weight(&weight, k).expect("a [k, o] f32 weight");
+        let (w, strides) = kernels::strided_weight(&weight, k).expect("a [k, o] f32 weight");
         let o = weight.layout().shape()[1];
         let bias = (bias.layout().num_elements() > 0).then(|| values(bias));
-        let out = host::linear_rows(
+        let out = kernels::linear_rows(
             slice(&x),
             w,
             strides,
@@ -134,21 +134,22 @@ impl HostKernels for Flex {
         let mut data = slice(&values(x)).to_vec();
         let gamma = values(gamma);
         let beta = (beta.layout().num_elements() > 0).then(|| values(beta));
-        host::layer_norm_in_place(&mut data, slice(&gamma), beta.as_ref().map(slice), d, eps);
+        kernels::layer_norm_in_place(&mut data, slice(&gamma), beta.as_ref().map(slice), d, eps);
         flex(data, [b, n, d])
     }
 
     fn geglu(h: FlexTensor) -> FlexTensor {
         let h = values(h);
         let [b, n, two] = dims3(&h);
-        flex(host::geglu_rows(slice(&h), two / 2), [b, n, two / 2])
+        flex(kernels::geglu_rows(slice(&h), two / 2), [b, n, two / 2])
     }
 
     fn attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, heads: usize) -> FlexTensor {
         let (q, k, v) = (values(q), values(k), values(v));
         let [b, n, inner] = dims3(&q);
         let m = k.layout().shape()[1];
-        let out = host::attention_heads(slice(&q), slice(&k), slice(&v), [b, n, m, inner], heads);
+        let out =
+            kernels::attention_heads(slice(&q), slice(&k), slice(&v), [b, n, m, inner], heads);
         flex(out, [b, n, inner])
     }
 
@@ -163,7 +164,7 @@ impl HostKernels for Flex {
         let [b, c, h, w] = dims4(&x);
         let mut data = slice(&values(x)).to_vec();
         let (gamma, beta) = (values(gamma), values(beta));
-        host::group_norm_in_place(
+        kernels::group_norm_in_place(
             &mut data,
             slice(&gamma),
             slice(&beta),
@@ -246,7 +247,7 @@ impl<C: CheckpointStrategy> HostKernels for Autodiff<Flex, C> {
             |x| Flex::conv3x3(x, weight, bias, up),
             |(weight, dims, up), dy| {
                 let co = weight.layout().shape()[0];
-                flex(host::conv3x3_input_grad(dy, &weight, dims, co, up), dims)
+                flex(kernels::conv3x3_input_grad(dy, &weight, dims, co, up), dims)
             },
         )
     }
@@ -263,11 +264,12 @@ impl<C: CheckpointStrategy> HostKernels for Autodiff<Flex, C> {
             |x| (kept, dims3(x)),
             |x| Flex::linear(x, weight, bias),
             |(weight, [b, n, k]), dy| {
-                let (w, [rs, cs]) = host::strided_weight(&weight, k).expect("the forward's weight");
+                let (w, [rs, cs]) =
+                    kernels::strided_weight(&weight, k).expect("the forward's weight");
                 let o = weight.layout().shape()[1];
                 // dx = dy W^T: the weight read as `[o, k]` through swapped strides.
                 flex(
-                    host::linear_rows(dy, w, [cs, rs], None, [b * n, o, k]),
+                    kernels::linear_rows(dy, w, [cs, rs], None, [b * n, o, k]),
                     [b, n, k],
                 )
             },
@@ -401,7 +403,7 @@ impl<C: CheckpointStrategy> HostKernels for Autodiff<Flex, C> {
 
 /// Whether `t` is an f32 autodiff tensor on flex (the tensors [`HostKernels`] takes).
 fn traced_on_flex<const D: usize>(t: &Tensor<D>) -> bool {
-    host::enabled()
+    kernels::enabled()
         && t.is_autodiff()
         && t.dtype() == DType::F32
         && t.device().inner() == Device::flex()
@@ -424,7 +426,7 @@ fn constant_where<const D: usize>(t: &Tensor<D>, ok: impl FnOnce(&FlexTensor) ->
             .is_ok_and(|p| ok(&p))
 }
 
-/// [`host::linear`] of an autodiff tensor; `None` where the host kernels do not apply.
+/// [`crate::host::linear`] of an autodiff tensor; `None` where the host kernels do not apply.
 pub fn linear(lin: &Linear, x: &Tensor<3>) -> Option<Tensor<3>> {
     linear_of(x, lin.weight.val(), lin.bias.as_ref().map(|b| b.val()))
 }
@@ -455,7 +457,7 @@ fn linear_of(x: &Tensor<3>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Optio
         return None;
     }
     let k = x.dims()[2];
-    if !constant_where(&weight, |w| host::strided_weight(w, k).is_some())
+    if !constant_where(&weight, |w| kernels::strided_weight(w, k).is_some())
         || !bias.as_ref().is_none_or(constant)
     {
         return None;
@@ -468,10 +470,10 @@ fn linear_of(x: &Tensor<3>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Optio
     )))
 }
 
-/// [`host::conv2d`] (`up` 1) or [`host::conv2d_upsampled`] (`up` 2) of an autodiff tensor;
-/// `None` where the host kernels do not apply.
+/// [`crate::host::conv2d`] (`up` 1) or [`crate::host::conv2d_upsampled`] (`up` 2) of an
+/// autodiff tensor; `None` where the host kernels do not apply.
 pub fn conv3x3(conv: &Conv2d, x: &Tensor<4>, up: usize) -> Option<Tensor<4>> {
-    if !traced_on_flex(x) || !host::conv3x3_fits(conv) {
+    if !traced_on_flex(x) || !kernels::conv3x3_fits(conv) {
         return None;
     }
     let (weight, bias) = (conv.weight.val(), conv.bias.as_ref()?.val());
@@ -486,7 +488,7 @@ pub fn conv3x3(conv: &Conv2d, x: &Tensor<4>, up: usize) -> Option<Tensor<4>> {
     )))
 }
 
-/// [`host::layer_norm`] of an autodiff tensor; `None` where the host kernels do not apply.
+/// [`crate::host::layer_norm`] of an autodiff tensor; `None` where the host kernels do not apply.
 pub fn layer_norm(norm: &LayerNorm, x: &Tensor<3>, eps: f64) -> Option<Tensor<3>> {
     let gamma = norm.gamma.val();
     let beta = norm.beta.as_ref().map(|b| b.val());
@@ -504,13 +506,13 @@ pub fn layer_norm(norm: &LayerNorm, x: &Tensor<3>, eps: f64) -> Option<Tensor<3>
     ))
 }
 
-/// [`host::geglu`] of an autodiff tensor; `None` where the host kernels do not apply.
+/// [`crate::host::geglu`] of an autodiff tensor; `None` where the host kernels do not apply.
 pub fn geglu(h: &Tensor<3>) -> Option<Tensor<3>> {
     (traced_on_flex(h) && h.dims()[2].is_multiple_of(2))
         .then(|| Tensor::from_dispatch(<Dispatch as HostKernels>::geglu(h.clone().into_dispatch())))
 }
 
-/// [`host::attention`] of autodiff tensors; `None` where the host kernels do not apply.
+/// [`crate::host::attention`] of autodiff tensors; `None` where the host kernels do not apply.
 pub fn attention(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, heads: usize) -> Option<Tensor<3>> {
     let [b, n, inner] = q.dims();
     let m = k.dims()[1];
@@ -531,7 +533,7 @@ pub fn attention(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, heads: usize) -> O
     })
 }
 
-/// [`host::group_norm`] of an autodiff tensor; `None` where the host kernels do not apply.
+/// [`crate::host::group_norm`] of an autodiff tensor; `None` where the host kernels do not apply.
 pub fn group_norm(norm: &GroupNorm, x: &Tensor<4>, then_silu: bool) -> Option<Tensor<4>> {
     if !traced_on_flex(x) || !norm.affine {
         return None;
@@ -552,7 +554,7 @@ pub fn group_norm(norm: &GroupNorm, x: &Tensor<4>, then_silu: bool) -> Option<Te
     ))
 }
 
-/// The gradients of [`host::attention_heads`] with respect to `q`, `k` and `v`, given the
+/// The gradients of [`kernels::attention_heads`] with respect to `q`, `k` and `v`, given the
 /// output's gradient `dout` (`[b, n, heads * d]`). One job per head of an image; for each
 /// block of query rows it recomputes the probabilities `P` (scores GEMM and exact softmax, as
 /// the forward), then `dV += P^T dO`, `dP = dO V^T`, `dS = P (dP - rowsum(P dP)) / sqrt(d)`,
@@ -584,7 +586,7 @@ pub fn attention_backward(
     }
     let d = inner / heads;
     let scale = (d as f32).powf(-0.5);
-    let rows = host::attention_rows(m).min(n);
+    let rows = kernels::attention_rows(m).min(n);
     let jobs = b * heads;
     let par = if jobs < rayon::current_num_threads() {
         gemm::Parallelism::Rayon(0)
@@ -642,7 +644,7 @@ pub fn attention_backward(
                     );
                 }
                 for row in p.chunks_exact_mut(m) {
-                    let inv = 1.0 / host::softmax_numerators(row);
+                    let inv = 1.0 / kernels::softmax_numerators(row);
                     row.iter_mut().for_each(|e| *e *= inv);
                 }
                 unsafe {
@@ -749,7 +751,7 @@ pub fn attention_backward(
     (dq, dk, dv)
 }
 
-/// The gradient of [`host::layer_norm_in_place`] with respect to its input (rows of `d`),
+/// The gradient of [`kernels::layer_norm_in_place`] with respect to its input (rows of `d`),
 /// given the output's gradient `dy`: per row, with `x^ = (x - mean) rstd` and `g = dy gamma`,
 /// `dx = rstd (g - mean(g) - x^ mean(g x^))`. Statistics in f64, as the forward.
 pub fn layer_norm_backward(x: &[f32], gamma: &[f32], dy: &[f32], d: usize, eps: f64) -> Vec<f32> {
@@ -765,7 +767,7 @@ pub fn layer_norm_backward(x: &[f32], gamma: &[f32], dy: &[f32], d: usize, eps: 
     dx.par_chunks_mut(d)
         .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
         .for_each(|(dst, (row, g))| {
-            let (mean, rstd) = host::group_stats(row, eps);
+            let (mean, rstd) = kernels::group_stats(row, eps);
             let (mean, r) = (mean as f32, rstd as f32);
             let (mut sg, mut sgx) = (0f32, 0f32);
             for (((o, &xv), &gv), &gm) in dst.iter_mut().zip(row).zip(g).zip(gamma) {
@@ -781,7 +783,7 @@ pub fn layer_norm_backward(x: &[f32], gamma: &[f32], dy: &[f32], d: usize, eps: 
     dx
 }
 
-/// The gradient of [`host::geglu_rows`] with respect to its rows `[a | g]`, given the output's
+/// The gradient of [`kernels::geglu_rows`] with respect to its rows `[a | g]`, given the output's
 /// gradient `dy`: `da = dy gelu(g)`, `dg = dy a gelu'(g)` with
 /// `gelu'(g) = Phi(g) + g phi(g)` (the same erf as the forward).
 pub fn geglu_backward(h: &[f32], dy: &[f32], half: usize) -> Vec<f32> {
@@ -820,14 +822,14 @@ fn geglu_grad_row_portable(dst: &mut [f32], row: &[f32], d: &[f32]) {
     let (da, dg) = dst.split_at_mut(half);
     for i in 0..half {
         let (av, gv) = (a[i], g[i]);
-        let cdf = 0.5 * (1.0 + host::erf(gv * std::f32::consts::FRAC_1_SQRT_2));
-        let pdf = inv_sqrt_2pi * host::exp(-0.5 * gv * gv);
+        let cdf = 0.5 * (1.0 + kernels::erf(gv * std::f32::consts::FRAC_1_SQRT_2));
+        let pdf = inv_sqrt_2pi * kernels::exp(-0.5 * gv * gv);
         da[i] = d[i] * gv * cdf;
         dg[i] = d[i] * av * (cdf + gv * pdf);
     }
 }
 
-/// The gradient of [`host::group_norm_in_place`] with respect to its input `x` `[b, c, hw]`,
+/// The gradient of [`kernels::group_norm_in_place`] with respect to its input `x` `[b, c, hw]`,
 /// given the output's gradient `dz`: per group, with `x^ = (x - mean) rstd` and `g` the
 /// gradient at `x^` (through SiLU when `silu`, times the scale),
 /// `dx = rstd (g - mean(g) - x^ mean(g x^))`. Statistics in f64, as the forward.
@@ -853,7 +855,7 @@ pub fn group_norm_backward(
     }
     dx.par_chunks_mut(len).enumerate().for_each(|(i, dst)| {
         let (xs, dzs) = (&x[i * len..(i + 1) * len], &dz[i * len..(i + 1) * len]);
-        let (mean, rstd) = host::group_stats(xs, eps);
+        let (mean, rstd) = kernels::group_stats(xs, eps);
         let c0 = (i % groups) * cg;
         let mean32 = mean as f32;
         let (mut sg, mut sgx) = (0f64, 0f64);
@@ -867,7 +869,7 @@ pub fn group_norm_backward(
             for ((d, &xv), &g) in dc.iter_mut().zip(xc).zip(dzc) {
                 let dy = if silu {
                     let y = xv * scale + shift;
-                    let s = 1.0 / (1.0 + host::exp(-y));
+                    let s = 1.0 / (1.0 + kernels::exp(-y));
                     g * (s * (1.0 + y * (1.0 - s)))
                 } else {
                     g
@@ -896,7 +898,7 @@ mod tests {
     //! gradients the DisenDiff parity tests check against PyTorch), for the loss
     //! `sum(f(inputs) * r)` with fixed `r`.
     use super::*;
-    use crate::host::tests::{max_diff, values};
+    use crate::kernels::tests::{max_diff, values};
     use burn::module::{Module, Param};
     use burn::nn::conv::Conv2dConfig;
     use burn::nn::{GroupNormConfig, PaddingConfig2d};

@@ -1,15 +1,16 @@
 //! The image side of Stable Diffusion in burn: the denoising UNet ([`unet`]), the VAE ([`vae`]),
 //! their shared blocks ([`blocks`], [`attention`]), configs read from diffusers' `config.json`
 //! ([`config`]) and loading ([`load`]); the CPU fast paths on flex ([`host`], and under
-//! autodiff [`host_autodiff`]) and torch's fused kernels on LibTorch (`libtorch`, `tch`
-//! feature). Verified against diffusers on tiny random models and a full-size SD 1.5
-//! configuration (docs/verification.md).
+//! autodiff [`host_autodiff`]), both calling the slice-level kernels of [`kernels`], and
+//! torch's fused kernels on LibTorch (`libtorch`, `tch` feature). Verified against diffusers on
+//! tiny random models and a full-size SD 1.5 configuration (docs/verification.md).
 
 pub mod attention;
 pub mod blocks;
 pub mod config;
 pub mod host;
 pub mod host_autodiff;
+pub mod kernels;
 #[cfg(feature = "tch")]
 pub mod libtorch;
 pub mod load;

@@ -21,7 +21,7 @@ use burn::tensor::Tensor;
 /// The torch tensor behind `t` when it is a LibTorch tensor outside autodiff (a shallow
 /// handle: no copy).
 fn torch<const D: usize>(t: &Tensor<D>) -> Option<tch::Tensor> {
-    if !crate::host::enabled() || t.is_autodiff() {
+    if !crate::kernels::enabled() || t.is_autodiff() {
         return None;
     }
     t.clone()
