@@ -10,10 +10,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use decorr_pipeline::{ExciteParams, GenerateParams, Guidance, StableDiffusion};
-use decorr_runs::generate::{
-    GenerateJob, MANIFEST, Manifest, Sampling, generate_into, merge, method_name, prompt_folders,
-};
+use decorr_pipeline::Guidance;
+use decorr_runs::generate::{GenerateOutcome, GenerateRun, Manifest, Sampling};
 use decorr_scheduler::SchedulerKind;
 
 use crate::guidance_args::GuidanceArgs;
@@ -77,25 +75,6 @@ impl SampleArgs {
             attention_slice: self.attention_slice,
         }
     }
-}
-
-/// The parameters of a generation run, resolved against the checkpoint (Attend-and-Excite's
-/// `--excite` words against the prompt's tokens).
-pub fn params(
-    sd: &StableDiffusion,
-    prompt: &str,
-    s: &SampleArgs,
-    g: &GuidanceArgs,
-    guidance: Guidance,
-) -> Result<GenerateParams> {
-    let excite = if guidance == Guidance::AttendAndExcite {
-        let tok = sd.tokenizer.encode(prompt)?;
-        g.excite(&tok, &[])?
-    } else {
-        ExciteParams::default()
-    };
-    Ok(s.sampling()
-        .params(sd, prompt, guidance, &g.pag(), &excite)?)
 }
 
 #[derive(Args, Debug)]
@@ -181,19 +160,6 @@ fn prompts_of(args: &GenerateArgs) -> Result<Vec<String>> {
     Ok(prompts)
 }
 
-/// Loads the checkpoint (and the fine-tuned encoder) for `generate`/`fix`.
-pub fn load(model: &ModelArgs, encoder: Option<&Path>) -> Result<StableDiffusion> {
-    let source = &model.open()?;
-    let device = model.device()?;
-    let precision = model.precision(&device)?;
-    Ok(decorr_runs::generate::load_pipeline(
-        source,
-        &device,
-        encoder,
-        Some(precision),
-    )?)
-}
-
 pub fn run(args: GenerateArgs) -> Result<()> {
     // A run that failed before writing anything leaves no folder behind.
     crate::output::removed_if_failed_fresh(&args.out.clone(), || run_locked(args))
@@ -203,94 +169,63 @@ fn run_locked(args: GenerateArgs) -> Result<()> {
     // Seeds first: --seed near 2^64 with several images must not wrap around to seed 0.
     let seeds = crate::flags::seed_range(args.seed, args.num_images)?;
     let prompts = prompts_of(&args)?;
-    let folders = prompt_folders(&args.out, &prompts);
-    decorr_runs::generate::check_out_folder(&args.out)?;
-    // One run at a time per output; the shards of an array job share the folder by design, so
-    // each locks its own part, and --merge waits for none of them to be running.
-    let _locks = crate::output::lock_output(&args.out, args.shard, args.merge)?;
-    if args.merge {
-        let manifests = merge(&folders, &seeds)?;
-        let n: usize = manifests.iter().map(|m| m.images.len()).sum();
-        println!(
-            "merged: {n} images in {} folder(s) under {}",
-            folders.len(),
-            args.out.display()
-        );
-        return Ok(());
-    }
-    let guidance = args.guidance.unwrap_or(if args.encoder.is_some() {
-        Guidance::Decorrelated
-    } else {
-        Guidance::Cfg
-    });
-    if args.methods.has_objects() && guidance != Guidance::AttendAndExcite {
-        bail!(
-            "--excite/--excite-indices name the objects of Attend-and-Excite; add \
-             --guidance attend-and-excite (this run uses --guidance {guidance})"
-        );
-    }
-    let mut sd = load(&args.model, args.encoder.as_deref())?;
-    sd.timed = args.timings.is_some();
-    let mut method = method_name(guidance, args.encoder.is_some());
-    let mut prompts = prompts;
-    if let Some(dir) = &args.disendiff {
-        let delta = decorr_disendiff::read_out(dir)?;
-        decorr_disendiff::apply_to_pipeline(&mut sd, &delta)
-            .with_context(|| format!("--disendiff {}", dir.display()))?;
-        prompts = prompts
-            .iter()
-            .map(|p| disendiff_prompt(&sd, &delta, p))
-            .collect::<Result<_>>()?;
-        method = "disendiff";
-    }
-    if guidance == Guidance::Cfg && args.encoder.is_some() {
-        // One encoder for both branches: the fine-tuned one.
-        let tuned = sd.tuned.as_ref().expect("loaded");
-        sd.text_encoder = tuned.model.clone();
-    }
-    let attention = (!args.attention_maps.is_empty())
-        .then_some((args.attention_maps.as_slice(), args.attention_steps));
-    let manifest_name = match args.shard {
-        Some(s) => format!("manifest.{}.json", s.tag()),
-        None => MANIFEST.to_string(),
+    let source = args.model.open()?;
+    let device = args.model.device()?;
+    let mut excite = args.methods.excite_settings();
+    excite.token_indices = args.methods.excite_indices.clone();
+    let job = GenerateRun {
+        source: &source,
+        device: &device,
+        precision: args.model.precision(&device)?,
+        prompts,
+        seeds,
+        out: args.out.clone(),
+        encoder: args.encoder.clone(),
+        disendiff: args.disendiff.clone(),
+        guidance: args.guidance,
+        sampling: args.sample.sampling(),
+        pag: args.methods.pag(),
+        excite,
+        excite_words: args.methods.excite.clone(),
+        attention: Some((args.attention_maps.clone(), args.attention_steps)),
+        shard: args.shard,
+        merge: args.merge,
+        timed: args.timings.is_some(),
+    };
+    let mut bar = Bar::new(args.sample.quiet);
+    let (folders, method, precision) = match decorr_runs::generate::run(job, &mut bar)? {
+        GenerateOutcome::Merged(manifests) => {
+            let n: usize = manifests.iter().map(|m| m.images.len()).sum();
+            println!(
+                "merged: {n} images in {} folder(s) under {}",
+                manifests.len(),
+                args.out.display()
+            );
+            return Ok(());
+        }
+        GenerateOutcome::Generated {
+            folders,
+            method,
+            precision,
+        } => (folders, method, precision),
     };
     let mut all = Vec::new();
-    let mut bar = Bar::new(args.sample.quiet);
-    for (pi, (prompt, dir)) in prompts.iter().zip(&folders).enumerate() {
-        let mine: Vec<u64> = seeds
-            .iter()
-            .enumerate()
-            .filter(|(si, _)| args.shard.is_none_or(|s| s.owns(pi * seeds.len() + si)))
-            .map(|(_, &seed)| seed)
-            .collect();
-        if mine.is_empty() {
-            continue;
-        }
-        let p = params(&sd, prompt, &args.sample, &args.methods, guidance)?;
-        let job = GenerateJob {
-            params: &p,
-            method,
-            seeds: &mine,
-            batch_size: args.sample.batch_size,
-            out: dir,
-            attention,
-            manifest_name: &manifest_name,
-        };
-        let manifest = generate_into(&sd, &job, &mut bar)?;
+    for f in folders {
         if !args.json {
             println!(
-                "{} images in {} ({method}, {} steps, {}, guidance {}); {manifest_name} lists them",
-                manifest.images.len(),
-                dir.display(),
-                p.steps,
-                p.scheduler.name(),
-                p.guidance_scale
+                "{} images in {} ({method}, {} steps, {}, guidance {}); {} lists them",
+                f.manifest.images.len(),
+                f.dir.display(),
+                f.params.steps,
+                f.params.scheduler.name(),
+                f.params.guidance_scale,
+                f.manifest_name
             );
         }
-        all.extend(manifest.images);
+        all.extend(f.manifest.images);
     }
     if let Some(path) = &args.timings {
-        write_timings(path, &bar.timings, &args.model, &sd)?;
+        write_timings(path, &bar.timings, &args.model, precision)?;
     }
     if args.json {
         println!(
@@ -306,50 +241,18 @@ fn run_locked(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// The prompt DisenDiff samples for `prompt`: as given when it has the modifiers, the run's
-/// sampling prompt for its own prompt, else the modifiers placed before the run's objects.
-fn disendiff_prompt(
-    sd: &StableDiffusion,
-    delta: &decorr_disendiff::DeltaFiles,
-    prompt: &str,
-) -> Result<String> {
-    if decorr_disendiff::MODIFIERS
-        .iter()
-        .all(|m| prompt.contains(m))
-    {
-        return Ok(prompt.to_string());
-    }
-    let Some(report) = &delta.report else {
-        bail!(
-            "this DisenDiff folder has no report.json naming its objects: write <new1> and <new2> \
-             into --prompt before the objects"
-        );
-    };
-    if prompt == report.prompt {
-        return Ok(report.sampling_prompt.clone());
-    }
-    decorr_disendiff::tokens::place_in(&sd.tokenizer, prompt, &report.objects).ok_or_else(|| {
-        anyhow::anyhow!(
-            "--prompt {prompt:?} does not name both objects the delta was trained on ({} and \
-             {}); name them, or write <new1>/<new2> into the prompt",
-            report.objects[0],
-            report.objects[1]
-        )
-    })
-}
-
 /// `--timings FILE`: the phase times of every batch, summed (steps listed in order).
 fn write_timings(
     path: &Path,
     batches: &[decorr_pipeline::Timings],
     model: &ModelArgs,
-    sd: &StableDiffusion,
+    precision: decorr_core::Precision,
 ) -> Result<()> {
     let sum = |f: fn(&decorr_pipeline::Timings) -> f64| batches.iter().map(f).sum::<f64>();
     let step_s: Vec<f64> = batches.iter().flat_map(|t| t.step_s.clone()).collect();
     let json = serde_json::json!({
         "backend": model.device.backend.to_string(),
-        "dtype": sd.precision.to_string(),
+        "dtype": precision.to_string(),
         "batches": batches.len(),
         "steps": batches.first().map_or(0, |t| t.step_s.len()),
         "encode_s": sum(|t| t.encode_s),

@@ -6,9 +6,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 use clap::Args;
-use decorr_clip::Tokenized;
 use decorr_pipeline::{ExciteParams, PagParams};
-use decorr_runs::generate::excite_indices;
 
 /// PAG and Attend-and-Excite settings (used only by `--guidance pag` / `attend-and-excite`).
 #[derive(Args, Debug, Clone)]
@@ -129,22 +127,6 @@ impl GuidanceArgs {
     /// Whether the objects to excite were given (`--excite` or `--excite-indices`).
     pub fn has_objects(&self) -> bool {
         !self.excite.is_empty() || !self.excite_indices.is_empty()
-    }
-
-    /// Attend-and-Excite's settings with `token_indices`: `--excite-indices`, or `--excite`'s
-    /// words resolved in `tok` (the prompt's tokens), or `fallback` when neither was given.
-    pub fn excite(&self, tok: &Tokenized, fallback: &[usize]) -> Result<ExciteParams> {
-        let token_indices = if !self.excite_indices.is_empty() {
-            self.excite_indices.clone()
-        } else if !self.excite.is_empty() {
-            excite_indices(tok, &self.excite)?
-        } else {
-            fallback.to_vec()
-        };
-        Ok(ExciteParams {
-            token_indices,
-            ..self.excite_settings()
-        })
     }
 
     /// Attend-and-Excite's settings without the objects.

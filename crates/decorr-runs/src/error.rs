@@ -29,6 +29,8 @@ pub enum RunsError {
     #[error(transparent)]
     Eval(#[from] decorr_eval::EvalError),
     #[error(transparent)]
+    DisenDiff(#[from] decorr_disendiff::DisenDiffError),
+    #[error(transparent)]
     Core(#[from] decorr_core::CoreError),
     #[error(transparent)]
     Io(#[from] std::io::Error),

@@ -836,3 +836,188 @@ fn attention_figure(
         96,
     )
 }
+
+/// What `decorr generate` was asked to do (the flags, resolved; the prompts and seeds given).
+pub struct GenerateRun<'a> {
+    pub source: &'a decorr_core::ModelSource,
+    pub device: &'a burn::tensor::Device,
+    pub precision: decorr_core::Precision,
+    pub prompts: Vec<String>,
+    pub seeds: Vec<u64>,
+    pub out: PathBuf,
+    /// A fine-tuned encoder (`decorr finetune`'s `text_encoder/`): the guidance then defaults to
+    /// `decorrelated`, and `cfg` uses it for both branches.
+    pub encoder: Option<PathBuf>,
+    /// A DisenDiff output: its k/v weights into the UNet, its modifiers into the prompts.
+    pub disendiff: Option<PathBuf>,
+    /// The guidance; `None` is the default for the encoder given or not.
+    pub guidance: Option<Guidance>,
+    pub sampling: Sampling,
+    pub pag: PagParams,
+    /// Attend-and-Excite's settings; its objects are `token_indices` when given, else
+    /// `excite_words` resolved in each prompt.
+    pub excite: ExciteParams,
+    pub excite_words: Vec<String>,
+    /// Words whose cross-attention figure is saved per image, and how many steps it shows.
+    pub attention: Option<(Vec<String>, usize)>,
+    pub shard: Option<crate::shard::Shard>,
+    /// Join the shards' manifests instead of generating.
+    pub merge: bool,
+    /// Record the phase times of every batch ([`Progress::timings`]).
+    pub timed: bool,
+}
+
+/// One prompt's folder after a run.
+pub struct FolderDone {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub manifest_name: String,
+    pub params: GenerateParams,
+}
+
+/// What a `generate` run did.
+pub enum GenerateOutcome {
+    /// `--merge`: the joined manifests.
+    Merged(Vec<Manifest>),
+    /// The folders this run (or shard) wrote, the method name and the precision it sampled in.
+    Generated {
+        folders: Vec<FolderDone>,
+        method: &'static str,
+        precision: decorr_core::Precision,
+    },
+}
+
+/// Runs `decorr generate`: checks and locks OUT, then generates each prompt's seeds (this
+/// shard's share) into its folder, or merges the shards' manifests.
+pub fn run(job: GenerateRun, progress: &mut dyn Progress) -> Result<GenerateOutcome> {
+    let folders = prompt_folders(&job.out, &job.prompts);
+    check_out_folder(&job.out)?;
+    // One run at a time per output; the shards of an array job share the folder by design, so
+    // each locks its own part, and --merge waits for none of them to be running.
+    let _locks = crate::output::lock_output(&job.out, job.shard, job.merge)?;
+    if job.merge {
+        return Ok(GenerateOutcome::Merged(merge(&folders, &job.seeds)?));
+    }
+    let guidance = job.guidance.unwrap_or(if job.encoder.is_some() {
+        Guidance::Decorrelated
+    } else {
+        Guidance::Cfg
+    });
+    let has_objects = !job.excite_words.is_empty() || !job.excite.token_indices.is_empty();
+    if has_objects && guidance != Guidance::AttendAndExcite {
+        bail!(
+            "--excite/--excite-indices name the objects of Attend-and-Excite; add \
+             --guidance attend-and-excite (this run uses --guidance {guidance})"
+        );
+    }
+    let mut sd = load_pipeline(
+        job.source,
+        job.device,
+        job.encoder.as_deref(),
+        Some(job.precision),
+    )?;
+    sd.timed = job.timed;
+    let mut method = method_name(guidance, job.encoder.is_some());
+    let mut prompts = job.prompts.clone();
+    if let Some(dir) = &job.disendiff {
+        let delta = decorr_disendiff::read_out(dir)?;
+        decorr_disendiff::apply_to_pipeline(&mut sd, &delta)
+            .with_context(|| format!("--disendiff {}", dir.display()))?;
+        prompts = prompts
+            .iter()
+            .map(|p| disendiff_prompt(&sd, &delta, p))
+            .collect::<Result<_>>()?;
+        method = "disendiff";
+    }
+    if guidance == Guidance::Cfg && job.encoder.is_some() {
+        // One encoder for both branches: the fine-tuned one.
+        let tuned = sd.tuned.as_ref().expect("loaded");
+        sd.text_encoder = tuned.model.clone();
+    }
+    let attention = job
+        .attention
+        .as_ref()
+        .filter(|(words, _)| !words.is_empty())
+        .map(|(words, steps)| (words.as_slice(), *steps));
+    let manifest_name = match job.shard {
+        Some(s) => format!("manifest.{}.json", s.tag()),
+        None => MANIFEST.to_string(),
+    };
+    let mut done = Vec::new();
+    for (pi, (prompt, dir)) in prompts.iter().zip(&folders).enumerate() {
+        let n = job.seeds.len();
+        let mine: Vec<u64> = job
+            .seeds
+            .iter()
+            .enumerate()
+            .filter(|(si, _)| job.shard.is_none_or(|s| s.owns(pi * n + si)))
+            .map(|(_, &seed)| seed)
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let mut excite = ExciteParams::default();
+        if guidance == Guidance::AttendAndExcite {
+            excite = job.excite.clone();
+            if excite.token_indices.is_empty() && !job.excite_words.is_empty() {
+                excite.token_indices =
+                    excite_indices(&sd.tokenizer.encode(prompt)?, &job.excite_words)?;
+            }
+        }
+        let p = job
+            .sampling
+            .params(&sd, prompt, guidance, &job.pag, &excite)?;
+        let gen_job = GenerateJob {
+            params: &p,
+            method,
+            seeds: &mine,
+            batch_size: job.sampling.batch_size,
+            out: dir,
+            attention,
+            manifest_name: &manifest_name,
+        };
+        let manifest = generate_into(&sd, &gen_job, progress)?;
+        done.push(FolderDone {
+            dir: dir.clone(),
+            manifest,
+            manifest_name: manifest_name.clone(),
+            params: p,
+        });
+    }
+    Ok(GenerateOutcome::Generated {
+        folders: done,
+        method,
+        precision: sd.precision,
+    })
+}
+
+/// The prompt DisenDiff samples for `prompt`: as given when it has the modifiers, the run's
+/// sampling prompt for its own prompt, else the modifiers placed before the run's objects.
+fn disendiff_prompt(
+    sd: &StableDiffusion,
+    delta: &decorr_disendiff::DeltaFiles,
+    prompt: &str,
+) -> Result<String> {
+    if decorr_disendiff::MODIFIERS
+        .iter()
+        .all(|m| prompt.contains(m))
+    {
+        return Ok(prompt.to_string());
+    }
+    let Some(report) = &delta.report else {
+        bail!(
+            "this DisenDiff folder has no report.json naming its objects: write <new1> and <new2> \
+             into --prompt before the objects"
+        );
+    };
+    if prompt == report.prompt {
+        return Ok(report.sampling_prompt.clone());
+    }
+    decorr_disendiff::tokens::place_in(&sd.tokenizer, prompt, &report.objects).ok_or_else(|| {
+        RunsError::Msg(format!(
+            "--prompt {prompt:?} does not name both objects the delta was trained on ({} and \
+             {}); name them, or write <new1>/<new2> into the prompt",
+            report.objects[0], report.objects[1]
+        ))
+    })
+}
