@@ -194,6 +194,9 @@ mod torch_cpu {
 
     /// The updated parameter, or both tensors back untouched when they are not LibTorch CPU
     /// f32 tensors.
+    // The tensors are handed back untouched (by value, once per parameter and step) when they
+    // are not LibTorch CPU tensors; boxing them would buy nothing.
+    #[allow(clippy::result_large_err)]
     pub(super) fn update<const D: usize>(
         mapper: &mut super::StepMapper<'_>,
         id: ParamId,
