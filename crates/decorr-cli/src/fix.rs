@@ -175,8 +175,6 @@ pub fn run(args: FixArgs) -> Result<()> {
     args.model.training_precision()?;
     let source = args.model.open()?;
     let device = args.model.device()?;
-    let mut excite = args.methods.excite_settings();
-    excite.token_indices = args.methods.excite_indices.clone();
     let job = FixJob {
         source: &source,
         device: &device,
@@ -188,7 +186,7 @@ pub fn run(args: FixArgs) -> Result<()> {
         finetune,
         sampling: args.sample.sampling(),
         pag: args.methods.pag(),
-        excite,
+        excite: args.methods.excite_params(),
         excite_words: args.methods.excite.clone(),
         baselines: args.compare.iter().map(|c| c.method()).collect(),
         anyway: args.anyway,

@@ -171,8 +171,6 @@ fn run_locked(args: GenerateArgs) -> Result<()> {
     let prompts = prompts_of(&args)?;
     let source = args.model.open()?;
     let device = args.model.device()?;
-    let mut excite = args.methods.excite_settings();
-    excite.token_indices = args.methods.excite_indices.clone();
     let job = GenerateRun {
         source: &source,
         device: &device,
@@ -185,7 +183,7 @@ fn run_locked(args: GenerateArgs) -> Result<()> {
         guidance: args.guidance,
         sampling: args.sample.sampling(),
         pag: args.methods.pag(),
-        excite,
+        excite: args.methods.excite_params(),
         excite_words: args.methods.excite.clone(),
         attention: Some((args.attention_maps.clone(), args.attention_steps)),
         shard: args.shard,

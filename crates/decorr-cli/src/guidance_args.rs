@@ -129,6 +129,15 @@ impl GuidanceArgs {
         !self.excite.is_empty() || !self.excite_indices.is_empty()
     }
 
+    /// Attend-and-Excite's settings with `--excite-indices` as its objects (empty when the
+    /// objects are `--excite` words, which the run resolves in each prompt).
+    pub fn excite_params(&self) -> ExciteParams {
+        ExciteParams {
+            token_indices: self.excite_indices.clone(),
+            ..self.excite_settings()
+        }
+    }
+
     /// Attend-and-Excite's settings without the objects.
     pub fn excite_settings(&self) -> ExciteParams {
         ExciteParams {
