@@ -18,7 +18,7 @@ pub const TEXT_CAP: u64 = 16 << 20;
 pub const IMAGE_CAP: u64 = 256 << 20;
 
 /// What a file system entry is, in words, when it is not a regular file.
-fn kind_of(meta: &std::fs::Metadata) -> &'static str {
+pub(crate) fn kind_of(meta: &std::fs::Metadata) -> &'static str {
     let t = meta.file_type();
     if t.is_dir() {
         return "a folder";

@@ -57,10 +57,7 @@ pub fn output_file(path: &Path) -> Result<PathBuf, CoreError> {
     let path = resolve_links(path);
     match std::fs::metadata(&path) {
         Ok(m) if !m.is_file() => Err(CoreError::NotRegularOutput {
-            kind: match special_kind(&m) {
-                Special::Stream => "a FIFO or device",
-                Special::Refused(kind) => kind,
-            },
+            kind: crate::input::kind_of(&m),
             path,
         }),
         _ => Ok(path),
@@ -75,6 +72,8 @@ enum Special {
     Refused(&'static str),
 }
 
+/// FIFOs and character devices are streams (as a shell redirect writes them); anything else
+/// that is not a regular file is refused, named as the input checks name it.
 fn special_kind(m: &std::fs::Metadata) -> Special {
     #[cfg(unix)]
     {
@@ -83,18 +82,8 @@ fn special_kind(m: &std::fs::Metadata) -> Special {
         if t.is_fifo() || t.is_char_device() {
             return Special::Stream;
         }
-        if t.is_block_device() {
-            return Special::Refused("a block device");
-        }
-        if t.is_socket() {
-            return Special::Refused("a socket");
-        }
     }
-    if m.is_dir() {
-        Special::Refused("a folder")
-    } else {
-        Special::Refused("not a regular file")
-    }
+    Special::Refused(crate::input::kind_of(m))
 }
 
 /// `path` with symbolic links followed: its target, where the link points to something that

@@ -12,6 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
+use decorr_clip::Tokenized;
 use decorr_core::io::{OutputLock, write_atomic};
 use decorr_core::{ModelSource, Precision};
 use decorr_pipeline::{ExciteParams, GenerateParams, Guidance, PagParams, StableDiffusion};
@@ -213,7 +214,7 @@ fn prepare_and_run(job: &FixJob, progress: &mut dyn Progress) -> Result<Summary>
     methods.dedup();
     let mut baselines = Vec::new();
     for m in methods {
-        let checked = baseline_params(&sd, job, m, &focus).and_then(|p| {
+        let checked = baseline_params(&sd, job, m, &tokenized, &focus).and_then(|p| {
             sd.check(&p)?;
             check_folder(
                 &out.join(folder(m)),
@@ -231,7 +232,7 @@ fn prepare_and_run(job: &FixJob, progress: &mut dyn Progress) -> Result<Summary>
         &out.join(SETTINGS),
         serde_json::to_string_pretty(&job.settings)?.as_bytes(),
     )?;
-    run_checked(job, sd, baselines, progress)
+    run_checked(job, sd, &tokenized, baselines, progress)
 }
 
 /// The sampling parameters of `guidance` for the prompt.
@@ -251,6 +252,7 @@ fn baseline_params(
     sd: &StableDiffusion,
     job: &FixJob,
     m: Method,
+    tok: &Tokenized,
     focus: &Focus,
 ) -> Result<GenerateParams> {
     let mut excite = ExciteParams::default();
@@ -260,8 +262,7 @@ fn baseline_params(
             excite.token_indices = if job.excite_words.is_empty() {
                 vec![focus.corr, focus.target]
             } else {
-                let tok = sd.tokenizer.encode(&job.prompt)?;
-                excite_indices(&tok, &job.excite_words)?
+                excite_indices(tok, &job.excite_words)?
             };
         }
     }
@@ -292,6 +293,7 @@ fn fix_job<'a>(
 fn run_checked(
     job: &FixJob,
     sd: StableDiffusion,
+    tok: &Tokenized,
     baselines: Vec<(Method, GenerateParams)>,
     progress: &mut dyn Progress,
 ) -> Result<Summary> {
@@ -365,7 +367,6 @@ fn run_checked(
         dir: pre_dir.clone(),
         excite: None,
     }];
-    let tok = sd.tokenizer.encode(&job.prompt)?;
     for (m, p) in &baselines {
         let dir = out.join(folder(*m));
         generate_into(

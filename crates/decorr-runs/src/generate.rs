@@ -480,19 +480,17 @@ pub fn generate_into(
     let mut todo = Vec::new();
     for &seed in seeds {
         let path = out.join(image_file(seed));
-        let missing = side_files(seed)
-            .into_iter()
-            .find(|f| !out.join(f).is_file());
-        let why = if !path.exists() {
-            None
-        } else if let Err(why) = check_image(&path, &record(seed)) {
-            Some(why)
-        } else {
-            missing.map(|f| format!("{f} beside it is missing"))
-        };
         if !path.exists() {
             todo.push(seed);
-        } else if let Some(why) = why {
+            continue;
+        }
+        let why = check_image(&path, &record(seed)).err().or_else(|| {
+            side_files(seed)
+                .into_iter()
+                .find(|f| !out.join(f).is_file())
+                .map(|f| format!("{f} beside it is missing"))
+        });
+        if let Some(why) = why {
             progress.note(&format!("{}: {why}; making it again", path.display()));
             manifest.images.retain(|i| i.seed != seed);
             todo.push(seed);
