@@ -1,6 +1,6 @@
 //! `text_encoder/config.json` as transformers writes it (`CLIPTextConfig`), with named presets
-//! for the encoders of SD 1.x and SD 2.x. Missing keys take transformers' `CLIPTextConfig`
-//! defaults, as `from_pretrained` would.
+//! for the encoders of SD 1.x, SD 2.x and SDXL (whose second encoder has a `text_projection`).
+//! Missing keys take transformers' `CLIPTextConfig` defaults, as `from_pretrained` would.
 
 use serde::{Deserialize, Serialize};
 
@@ -90,15 +90,80 @@ impl ClipTextConfig {
         }
     }
 
-    /// A preset by name: `sd15` (alias `sd1`), `sd2`.
+    /// SDXL base's `text_encoder`: OpenAI CLIP ViT-L/14 as in SD 1.x (SDXL reads its
+    /// penultimate layer, see [`crate::ClipTextModel::sdxl_conditioning`]).
+    pub fn sdxl_text_encoder() -> Self {
+        Self::sd15().with_projection(false)
+    }
+
+    /// SDXL base's `text_encoder_2`: OpenCLIP ViT-bigG/14 text tower, all 32 layers, with its
+    /// `text_projection` (transformers' `CLIPTextModelWithProjection`, 694,659,840 parameters).
+    /// Ids as SDXL base's `config.json`: bos 0, eos 2 (legacy: pooling takes the argmax id),
+    /// pad 1.
+    pub fn sdxl_text_encoder_2() -> Self {
+        ClipTextConfig {
+            hidden_size: 1280,
+            intermediate_size: 5120,
+            projection_dim: 1280,
+            num_hidden_layers: 32,
+            num_attention_heads: 20,
+            hidden_act: Activation::Gelu,
+            bos_token_id: 0,
+            eos_token_id: 2,
+            ..Default::default()
+        }
+        .with_projection(true)
+    }
+
+    /// A preset by name: `sd15` (alias `sd1`), `sd2`, `sdxl-text-encoder` and
+    /// `sdxl-text-encoder-2` (SDXL's two encoders; `sdxl` alone is refused, naming both).
     pub fn preset(name: &str) -> Result<Self, ClipError> {
         match name {
             "sd15" | "sd1" | "sd1.5" => Ok(Self::sd15()),
             "sd2" | "sd2.1" => Ok(Self::sd2()),
+            "sdxl-text-encoder" | "sdxl-text-encoder-1" => Ok(Self::sdxl_text_encoder()),
+            "sdxl-text-encoder-2" => Ok(Self::sdxl_text_encoder_2()),
+            "sdxl" => Err(ClipError::Config(
+                "SDXL has two text encoders: use preset `sdxl-text-encoder` (CLIP ViT-L, \
+                 text_encoder/) or `sdxl-text-encoder-2` (OpenCLIP bigG with projection, \
+                 text_encoder_2/)"
+                    .into(),
+            )),
             other => Err(ClipError::Config(format!(
-                "unknown text-encoder preset `{other}`; known presets: sd15, sd2"
+                "unknown text-encoder preset `{other}`; known presets: sd15, sd2, \
+                 sdxl-text-encoder, sdxl-text-encoder-2"
             ))),
         }
+    }
+
+    /// Whether the encoder has transformers' `text_projection` (SDXL's second encoder): the
+    /// config's `architectures` names `CLIPTextModelWithProjection`, as transformers and
+    /// diffusers write it.
+    pub fn has_projection(&self) -> bool {
+        self.extra
+            .get("architectures")
+            .and_then(|a| a.as_array())
+            .is_some_and(|a| a.iter().any(|v| v == WITH_PROJECTION))
+    }
+
+    /// This config with (`CLIPTextModelWithProjection`) or without (`CLIPTextModel`) the
+    /// projection, recorded in `architectures` as transformers reads it back.
+    pub fn with_projection(mut self, projection: bool) -> Self {
+        let arch = if projection {
+            WITH_PROJECTION
+        } else {
+            WITHOUT_PROJECTION
+        };
+        self.extra
+            .insert("architectures".into(), serde_json::json!([arch]));
+        self
+    }
+
+    /// The position transformers' `CLIPTextModel` pools one row of ids at (`pooler_output`, and
+    /// so SDXL's pooled embedding): for the legacy `eos_token_id` 2 of SD configs the first
+    /// largest id (EOS, 49407, is the largest), otherwise the first `eos_token_id` (0 if none).
+    pub fn pooling_position(&self, ids: &[u32]) -> usize {
+        pooling_position(self.eos_token_id, ids)
     }
 
     pub fn head_dim(&self) -> usize {
@@ -150,6 +215,9 @@ impl ClipTextConfig {
                 self.hidden_size, self.num_attention_heads
             )));
         }
+        if self.has_projection() {
+            range("projection_dim", self.projection_dim, 1, bounds::WIDTH)?;
+        }
         let eps = self.layer_norm_eps;
         if !(eps.is_finite() && eps > 0.0 && eps <= 1.0) {
             return Err(ClipError::Config(format!(
@@ -160,15 +228,36 @@ impl ClipTextConfig {
         Ok(())
     }
 
-    /// The number of parameters (f32 values) of the encoder built from this config; for a
-    /// memory estimate before anything is allocated.
+    /// The number of parameters (f32 values) of the encoder built from this config, projection
+    /// included; for a memory estimate before anything is allocated.
     pub fn num_params(&self) -> u128 {
         let (h, i) = (self.hidden_size as u128, self.intermediate_size as u128);
         let linear = |a: u128, b: u128| a * b + b;
         let layer = 4 * linear(h, h) + linear(h, i) + linear(i, h) + 2 * 2 * h;
+        let projection = if self.has_projection() {
+            h * self.projection_dim as u128
+        } else {
+            0
+        };
         (self.vocab_size as u128 + self.max_position_embeddings as u128) * h
             + self.num_hidden_layers as u128 * layer
             + 2 * h
+            + projection
+    }
+}
+
+/// transformers' class names, as `architectures` holds them.
+pub const WITH_PROJECTION: &str = "CLIPTextModelWithProjection";
+pub const WITHOUT_PROJECTION: &str = "CLIPTextModel";
+
+/// [`ClipTextConfig::pooling_position`] for a given `eos_token_id` (the model keeps only that).
+pub(crate) fn pooling_position(eos_token_id: u32, ids: &[u32]) -> usize {
+    if eos_token_id == 2 {
+        // torch's argmax: the first of equal maxima.
+        let max = ids.iter().copied().max().unwrap_or(0);
+        ids.iter().position(|&i| i == max).unwrap_or(0)
+    } else {
+        ids.iter().position(|&i| i == eos_token_id).unwrap_or(0)
     }
 }
 
@@ -206,12 +295,20 @@ mod tests {
             ClipTextConfig::preset("sd2").unwrap().hidden_act,
             Activation::Gelu
         );
+        let e = ClipTextConfig::preset("sdxl").unwrap_err().to_string();
         assert!(
-            ClipTextConfig::preset("sdxl")
-                .unwrap_err()
-                .to_string()
-                .contains("sd15, sd2")
+            e.contains("`sdxl-text-encoder`") && e.contains("`sdxl-text-encoder-2`"),
+            "{e}"
         );
+        let e = ClipTextConfig::preset("sd3").unwrap_err().to_string();
+        assert!(e.contains("sd15, sd2, sdxl-text-encoder"), "{e}");
+        let xl1 = ClipTextConfig::preset("sdxl-text-encoder").unwrap();
+        assert!(!xl1.has_projection());
+        assert_eq!(xl1.hidden_act, Activation::QuickGelu);
+        let xl2 = ClipTextConfig::preset("sdxl-text-encoder-2").unwrap();
+        assert!(xl2.has_projection());
+        assert_eq!((xl2.hidden_size, xl2.num_hidden_layers), (1280, 32));
+        xl2.validate().unwrap();
         let bad = ClipTextConfig {
             num_attention_heads: 7,
             ..ClipTextConfig::sd15()
@@ -284,5 +381,59 @@ mod tests {
         };
         let model = crate::ClipTextModel::new(&c, &burn::tensor::Device::flex());
         assert_eq!(c.num_params(), model.num_params() as u128);
+        // With a non-square projection: counted as the model holds it.
+        let c = ClipTextConfig {
+            projection_dim: 20,
+            ..c
+        }
+        .with_projection(true);
+        let model = crate::ClipTextModel::new(&c, &burn::tensor::Device::flex());
+        assert!(model.text_projection.is_some());
+        assert_eq!(c.num_params(), model.num_params() as u128);
+        // transformers' count on the meta device (tests/pyref/make_sdxl_clip_fixtures.py).
+        assert_eq!(
+            ClipTextConfig::sdxl_text_encoder().num_params(),
+            123_060_480
+        );
+        assert_eq!(
+            ClipTextConfig::sdxl_text_encoder_2().num_params(),
+            694_659_840
+        );
+    }
+
+    #[test]
+    fn projection_is_read_from_architectures_and_checked() {
+        let c: ClipTextConfig = serde_json::from_str(
+            r#"{"architectures": ["CLIPTextModelWithProjection"], "projection_dim": 0}"#,
+        )
+        .unwrap();
+        assert!(c.has_projection());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("`projection_dim` = 0"), "{e}");
+        let c: ClipTextConfig =
+            serde_json::from_str(r#"{"architectures": ["CLIPTextModel"]}"#).unwrap();
+        assert!(!c.has_projection());
+        assert!(!ClipTextConfig::default().has_projection());
+        let back = serde_json::to_value(c.with_projection(true)).unwrap();
+        assert_eq!(back["architectures"][0], WITH_PROJECTION);
+    }
+
+    /// transformers' two pooling rules: argmax id for the legacy eos_token_id 2, else the first
+    /// EOS; both take the first of several.
+    #[test]
+    fn pooling_position_follows_transformers() {
+        let legacy = ClipTextConfig::sd15();
+        // EOS padding (tokenizer 1) and "!" padding (tokenizer 2): the first EOS either way.
+        assert_eq!(legacy.pooling_position(&[49406, 320, 49407, 49407]), 2);
+        assert_eq!(legacy.pooling_position(&[49406, 320, 49407, 0, 0]), 2);
+        let fixed = ClipTextConfig {
+            eos_token_id: 49407,
+            ..ClipTextConfig::sd15()
+        };
+        // An added token above EOS moves the legacy argmax, not the EOS rule.
+        assert_eq!(legacy.pooling_position(&[49406, 49408, 49407, 0]), 1);
+        assert_eq!(fixed.pooling_position(&[49406, 49408, 49407, 0]), 2);
+        assert_eq!(fixed.pooling_position(&[49406, 320]), 0);
+        assert_eq!(legacy.pooling_position(&[]), 0);
     }
 }

@@ -1,13 +1,16 @@
-//! The CLIP text transformer (transformers' `CLIPTextModel`, eager attention), with field names
-//! that mirror the reference's weight names so a checkpoint loads without remapping. The forward
-//! pass returns, on request, every layer's hidden state and the self-attention probabilities of
-//! chosen layers: the method reads its attention map from here.
+//! The CLIP text transformer (transformers' `CLIPTextModel`, eager attention, and with the
+//! optional `text_projection` its `CLIPTextModelWithProjection`), with field names that mirror
+//! the reference's weight names so a checkpoint loads without remapping. The forward pass
+//! returns, on request, every layer's hidden state and the self-attention probabilities of
+//! chosen layers (the method reads its attention map from here), one chosen hidden state and the
+//! pooled / projected embedding (what SDXL conditions on: [`ClipTextModel::sdxl_conditioning`]).
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::activation::{gelu, sigmoid, softmax};
-use burn::tensor::{Bool, DType, Device, Int, Tensor};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
+use crate::ClipError;
 use crate::config::{Activation, ClipTextConfig};
 
 /// Token and position embeddings (`embeddings.*`).
@@ -56,6 +59,13 @@ pub struct ClipTextModel {
     pub embeddings: ClipTextEmbeddings,
     pub encoder: ClipEncoder,
     pub final_layer_norm: LayerNorm,
+    /// `text_projection` (`[hidden] -> [projection_dim]`, no bias) of
+    /// `CLIPTextModelWithProjection`, SDXL's second encoder: turns the pooled state into
+    /// `text_embeds`. `None` for a plain `CLIPTextModel`. Its key has no `text_model.` prefix in
+    /// transformers' files either.
+    pub text_projection: Option<Linear>,
+    /// The config's `eos_token_id`: it picks the pooling rule ([`Self::pooling_position`]).
+    eos_token_id: u32,
 }
 
 /// What a forward pass should return besides the last hidden state.
@@ -71,6 +81,21 @@ pub struct ForwardOptions {
     /// `None`. Training and analysis only read that map, and parameters that do not reach it
     /// then get no gradient (as in PyTorch, where they are off the loss's graph).
     pub stop_at_attention: Option<usize>,
+    /// Return transformers' `hidden_states[k]` alone, in f32, as
+    /// [`TextEncoderOutput::hidden_state`]: the output of the first `k` layers before any final
+    /// layer norm (0: the embeddings). SDXL conditions on `hidden_states[-2]`, `k = n_layers - 1`
+    /// (`-(clip_skip + 2)` with clip skip), and needs no other layer's output kept.
+    pub hidden_state_at: Option<usize>,
+    /// Stop once `hidden_state_at` is taken: later layers and the final layer norm are not run,
+    /// `last_hidden_state` is `None`. SDXL's first encoder needs nothing else, so its last layer
+    /// is not computed.
+    pub stop_at_hidden_state: bool,
+    /// One pooling position per batch row ([`ClipTextModel::pooling_position`]): return the
+    /// final-normed last hidden state there as [`TextEncoderOutput::pooled`] (transformers'
+    /// `pooler_output`) and, for a model with a projection, [`TextEncoderOutput::text_embeds`]
+    /// (SDXL's pooled embedding). Positions rather than ids, so that
+    /// [`ClipTextModel::forward_embeds`] can pool too.
+    pub pool_at: Option<Vec<usize>>,
 }
 
 impl ForwardOptions {
@@ -80,6 +105,76 @@ impl ForwardOptions {
             attention_layers: layers.to_vec(),
             ..Default::default()
         }
+    }
+
+    /// Whether `model` can run these options on a `[batch, seq]` input: layers in range,
+    /// `seq` within the position table, one pooling position per row inside the sequence, and
+    /// no two options that contradict each other (a stop before an output asked for).
+    pub fn check(&self, model: &ClipTextModel, batch: usize, seq: usize) -> Result<(), ClipError> {
+        let n = model.num_layers();
+        let bad = |m: String| Err(ClipError::Input(m));
+        for &l in self.attention_layers.iter().chain(&self.stop_at_attention) {
+            if l >= n {
+                return bad(format!(
+                    "layer {l} out of range: the encoder has {n} layers, numbered from 0"
+                ));
+            }
+        }
+        let positions = model.max_positions();
+        if seq == 0 || seq > positions {
+            return bad(format!(
+                "a sequence of {seq} tokens: the encoder takes 1 to {positions}"
+            ));
+        }
+        if let Some(k) = self.hidden_state_at {
+            if k > n {
+                return bad(format!(
+                    "hidden state {k} does not exist: the encoder has {n} layers, so hidden \
+                     states 0 (embeddings) to {n}"
+                ));
+            }
+            if let Some(stop) = self.stop_at_attention.filter(|&s| k > s) {
+                return bad(format!(
+                    "hidden state {k} comes after layer {stop}, where the pass stops \
+                     (stop_at_attention)"
+                ));
+            }
+        }
+        if self.stop_at_hidden_state {
+            let Some(k) = self.hidden_state_at else {
+                return bad("stop_at_hidden_state needs hidden_state_at".into());
+            };
+            if let Some(&l) = self.attention_layers.iter().find(|&&l| l >= k) {
+                return bad(format!(
+                    "the attention of layer {l} is asked for, but the pass stops after \
+                     hidden state {k} (stop_at_hidden_state)"
+                ));
+            }
+            if self.stop_at_attention.is_some() {
+                return bad("stop_at_hidden_state and stop_at_attention both set: pick one".into());
+            }
+        }
+        if let Some(pool) = &self.pool_at {
+            if self.stop_at_attention.is_some() || self.stop_at_hidden_state {
+                return bad(
+                    "pooling needs the last hidden state, but the options stop the pass \
+                     early (stop_at_attention / stop_at_hidden_state)"
+                        .into(),
+                );
+            }
+            if pool.len() != batch {
+                return bad(format!(
+                    "{} pooling positions for a batch of {batch}: give one per row",
+                    pool.len()
+                ));
+            }
+            if let Some(&p) = pool.iter().find(|&&p| p >= seq) {
+                return bad(format!(
+                    "pooling position {p} is outside the sequence of {seq} tokens"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -92,6 +187,15 @@ pub struct TextEncoderOutput {
     pub hidden_states: Vec<Tensor<3>>,
     /// `(layer, probabilities [batch, heads, seq(query), seq(key)])`, in the order asked for.
     pub attentions: Vec<(usize, Tensor<4>)>,
+    /// `[batch, seq, hidden]`, f32: transformers' `hidden_states[k]` for
+    /// [`ForwardOptions::hidden_state_at`] `= Some(k)`.
+    pub hidden_state: Option<Tensor<3>>,
+    /// `[batch, hidden]`, f32: the last hidden state at [`ForwardOptions::pool_at`]
+    /// (transformers' `pooler_output`).
+    pub pooled: Option<Tensor<2>>,
+    /// `[batch, projection_dim]`, f32: `pooled` times `text_projection`, for a model that has
+    /// one (transformers' `text_embeds`; SDXL's pooled prompt embedding).
+    pub text_embeds: Option<Tensor<2>>,
 }
 
 impl TextEncoderOutput {
@@ -107,6 +211,18 @@ impl TextEncoderOutput {
 /// Head-averaged attention map `[batch, query, key]`: the `A` of the method.
 pub fn head_average(probs: Tensor<4>) -> Tensor<3> {
     probs.mean_dim(1).squeeze_dim(1)
+}
+
+/// What SDXL's UNet takes from one text encoder, as diffusers'
+/// `StableDiffusionXLPipeline.encode_prompt` computes it.
+#[derive(Debug, Clone)]
+pub struct SdxlConditioning {
+    /// `hidden_states[-(clip_skip + 2)]`, `[batch, seq, hidden]`, f32, no final layer norm. The
+    /// UNet's context is encoder 1's and encoder 2's side by side: `Tensor::cat(vec![a, b], 2)`.
+    pub hidden: Tensor<3>,
+    /// `text_embeds`, `[batch, projection_dim]`, f32, for an encoder with a projection (SDXL's
+    /// encoder 2: the pooled prompt embedding); `None` for one without (encoder 1).
+    pub text_embeds: Option<Tensor<2>>,
 }
 
 impl ClipTextModel {
@@ -145,11 +261,96 @@ impl ClipTextModel {
             },
             encoder: ClipEncoder { layers },
             final_layer_norm: ln(),
+            text_projection: config.has_projection().then(|| {
+                LinearConfig::new(h, config.projection_dim)
+                    .with_bias(false)
+                    .init(device)
+            }),
+            eos_token_id: config.eos_token_id,
         }
     }
 
     pub fn num_layers(&self) -> usize {
         self.encoder.layers.len()
+    }
+
+    /// Rows of the position table: the longest sequence the encoder takes.
+    pub fn max_positions(&self) -> usize {
+        self.embeddings.position_embedding.weight.dims()[0]
+    }
+
+    /// Where transformers pools one row of `ids` for this encoder's `eos_token_id`
+    /// ([`ClipTextConfig::pooling_position`]).
+    pub fn pooling_position(&self, ids: &[u32]) -> usize {
+        crate::config::pooling_position(self.eos_token_id, ids)
+    }
+
+    /// The [`ForwardOptions`] of [`Self::sdxl_conditioning`], for callers that run the pass
+    /// themselves ([`Self::forward_embeds`]): `hidden_states[-(clip_skip + 2)]`, then for a
+    /// model with a projection the pooled `text_embeds` at each row's pooling position, else a
+    /// stop right there. `clip_skip` 0 is diffusers' `clip_skip=None`.
+    pub fn sdxl_options<I: AsRef<[u32]>>(
+        &self,
+        ids: &[I],
+        clip_skip: usize,
+    ) -> Result<ForwardOptions, ClipError> {
+        let n = self.num_layers();
+        if clip_skip >= n {
+            return Err(ClipError::Input(format!(
+                "clip skip {clip_skip} is too large for an encoder of {n} layers: at most {}",
+                n.saturating_sub(1)
+            )));
+        }
+        let pooled = self.text_projection.is_some();
+        Ok(ForwardOptions {
+            hidden_state_at: Some(n - 1 - clip_skip),
+            stop_at_hidden_state: !pooled,
+            pool_at: pooled.then(|| {
+                ids.iter()
+                    .map(|row| self.pooling_position(row.as_ref()))
+                    .collect()
+            }),
+            ..Default::default()
+        })
+    }
+
+    /// What SDXL reads from this encoder for the rows of `ids` (each as long, at most the
+    /// position table): `hidden_states[-(clip_skip + 2)]` and, for the encoder with a
+    /// projection, `text_embeds`. Encoder 1 stops after the layer it needs; encoder 2 runs all
+    /// of its layers, which the pooled embedding needs. Bad ids, ragged rows or too large a
+    /// clip skip are errors, not panics.
+    pub fn sdxl_conditioning<I: AsRef<[u32]>>(
+        &self,
+        ids: &[I],
+        clip_skip: usize,
+    ) -> Result<SdxlConditioning, ClipError> {
+        let Some(seq) = ids.first().map(|r| r.as_ref().len()) else {
+            return Err(ClipError::Input("no prompts: the batch is empty".into()));
+        };
+        let opts = self.sdxl_options(ids, clip_skip)?;
+        if let Some(r) = ids.iter().find(|r| r.as_ref().len() != seq) {
+            return Err(ClipError::Input(format!(
+                "rows of {seq} and {} ids in one batch: tokenize every prompt to the same length \
+                 (77)",
+                r.as_ref().len()
+            )));
+        }
+        let flat: Vec<u32> = ids
+            .iter()
+            .flat_map(|r| r.as_ref().iter().copied())
+            .collect();
+        self.check_ids(&flat)?;
+        opts.check(self, ids.len(), seq)?;
+        let data = TensorData::new(
+            flat.iter().map(|&i| i64::from(i)).collect::<Vec<_>>(),
+            [ids.len(), seq],
+        );
+        let device = self.embeddings.token_embedding.weight.val().device();
+        let out = self.forward_with(Tensor::from_data(data, &device), &opts);
+        Ok(SdxlConditioning {
+            hidden: out.hidden_state.expect("hidden_state_at was asked for"),
+            text_embeds: out.text_embeds,
+        })
     }
 
     /// Rows of the token embedding.
@@ -176,8 +377,9 @@ impl ClipTextModel {
     /// Forward pass returning what `opts` asks for.
     ///
     /// # Panics
-    /// If a requested layer is out of range or the sequence is longer than the position table;
-    /// callers validate user input first ([`crate::ClipError::LayerOutOfRange`]).
+    /// If `opts` do not fit the model or the input (a layer out of range, a sequence longer
+    /// than the position table, ...); callers validate user input first with
+    /// [`ForwardOptions::check`], or use [`Self::sdxl_conditioning`], which returns the error.
     pub fn forward_with(
         &self,
         input_ids: Tensor<2, Int>,
@@ -191,18 +393,10 @@ impl ClipTextModel {
     /// are added here). The trainer feeds rows of its own small table through this, so the
     /// 49408-row table needs no dense gradient.
     pub fn forward_embeds(&self, tokens: Tensor<3>, opts: &ForwardOptions) -> TextEncoderOutput {
-        let n_layers = self.num_layers();
-        for &l in opts
-            .attention_layers
-            .iter()
-            .chain(opts.stop_at_attention.iter())
-        {
-            assert!(
-                l < n_layers,
-                "layer {l} out of range: the encoder has {n_layers} layers"
-            );
+        let [batch, seq, _] = tokens.dims();
+        if let Err(e) = opts.check(self, batch, seq) {
+            panic!("{e}");
         }
-        let [_, seq, _] = tokens.dims();
         let device = tokens.device();
         let positions = self
             .embeddings
@@ -219,11 +413,25 @@ impl ClipTextModel {
             last_hidden_state: None,
             hidden_states: Vec::new(),
             attentions: Vec::new(),
+            hidden_state: None,
+            pooled: None,
+            text_embeds: None,
         };
         if opts.hidden_states {
             out.hidden_states.push(x.clone());
         }
+        // `hidden_states[k]` is the input of layer k (and, for k = n, the last layer's output).
+        let take = |k: usize, x: &Tensor<3>, out: &mut TextEncoderOutput| {
+            if opts.hidden_state_at == Some(k) {
+                out.hidden_state = Some(x.clone().cast(DType::F32));
+            }
+            opts.stop_at_hidden_state && opts.hidden_state_at == Some(k)
+        };
+        let mut stopped = take(0, &x, &mut out);
         for (i, layer) in self.encoder.layers.iter().enumerate() {
+            if stopped {
+                break;
+            }
             if opts.stop_at_attention == Some(i) {
                 let probs = layer
                     .self_attn
@@ -239,14 +447,36 @@ impl ClipTextModel {
             if opts.hidden_states {
                 out.hidden_states.push(x.clone());
             }
+            stopped = take(i + 1, &x, &mut out);
         }
         out.attentions
             .sort_by_key(|(l, _)| opts.attention_layers.iter().position(|w| w == l));
-        if opts.stop_at_attention.is_none() {
+        if opts.stop_at_attention.is_none() && !opts.stop_at_hidden_state {
+            let last = ln(&self.final_layer_norm, x);
+            if let Some(positions) = &opts.pool_at {
+                let pooled = self.pool(last.clone(), positions);
+                out.text_embeds = self
+                    .text_projection
+                    .as_ref()
+                    .map(|p| p.forward(pooled.clone()).cast(DType::F32));
+                out.pooled = Some(pooled.cast(DType::F32));
+            }
             // f32 out whatever the precision the encoder runs in.
-            out.last_hidden_state = Some(ln(&self.final_layer_norm, x).cast(DType::F32));
+            out.last_hidden_state = Some(last.cast(DType::F32));
         }
         out
+    }
+
+    /// Row `b` of `last` `[batch, seq, hidden]` at `positions[b]`: `[batch, hidden]`.
+    fn pool(&self, last: Tensor<3>, positions: &[usize]) -> Tensor<2> {
+        let [b, seq, h] = last.dims();
+        let flat: Vec<i64> = positions
+            .iter()
+            .enumerate()
+            .map(|(row, &p)| (row * seq + p) as i64)
+            .collect();
+        let index = Tensor::<1, Int>::from_data(TensorData::new(flat, [b]), &last.device());
+        last.reshape([b * seq, h]).select(0, index)
     }
 }
 

@@ -235,13 +235,23 @@ impl ClipTokenizer {
         })
     }
 
-    /// Pads with `token` instead of EOS (a checkpoint's `pad_token`, e.g. SD 2's `!`).
+    /// Pads with `token` instead of EOS (a checkpoint's `pad_token`, e.g. SD 2's and SDXL
+    /// `tokenizer_2`'s `!`). transformers makes a pad token special, so it is also split out of
+    /// prompts before BPE, here as there: with `!`, "Mars!" gives `mars</w>` and `!` (id 0),
+    /// not `!</w>` (256), and "?!" gives `?</w>`, `!`.
     pub fn with_pad_token(mut self, token: &str) -> Result<Self, ClipError> {
         self.pad = self.inner.token_to_id(token).ok_or_else(|| {
             ClipError::Tokenizer(format!(
                 "the pad token {token:?} of the tokenizer config is not in its vocabulary"
             ))
         })?;
+        if self.pad != self.eos && self.pad != self.bos {
+            self.inner
+                .add_special_tokens([tokenizers::AddedToken::from(token, true)])
+                .map_err(|e| {
+                    ClipError::Tokenizer(format!("cannot make pad token {token:?} special: {e}"))
+                })?;
+        }
         Ok(self)
     }
 
@@ -442,6 +452,23 @@ mod tests {
         let plain = ClipTokenizer::embedded().encode("a red cube").unwrap();
         assert_eq!(plain.ids[..=eos], t.ids[..=eos]);
         assert!(ClipTokenizer::embedded().with_pad_token("<nope>").is_err());
+        // The pad token is special, as transformers makes it: split out before BPE (ids from
+        // transformers 5.24's CLIPTokenizer with pad_token="!").
+        let t = tok.encode("Mars!").unwrap();
+        assert_eq!(t.ids[..4], [49406, 7496, 0, 49407]);
+        assert_eq!(
+            t.tokens,
+            ["<|startoftext|>", "mars</w>", "!", "<|endoftext|>"]
+        );
+        assert_eq!(t.words.len(), 1);
+        assert_eq!(tok.encode("?!").unwrap().ids[..4], [49406, 286, 0, 49407]);
+        // "!" keeps its id 0: tokens added after it still start at the vocabulary's end.
+        let mut grown = tok.clone();
+        assert_eq!(grown.add_tokens(&["<new1>"]).unwrap(), [49408]);
+        assert_eq!(
+            ClipTokenizer::embedded().encode("Mars!").unwrap().ids[..4],
+            [49406, 7496, 256, 49407]
+        );
     }
 
     #[test]

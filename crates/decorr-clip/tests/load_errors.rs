@@ -85,17 +85,69 @@ fn unexpected_tensor_is_named() {
     let dir = variant(
         |_| {},
         |t| {
-            t.insert("text_projection.weight".into(), (vec![2], vec![0u8; 8]));
+            // CLIPModel's image-side projection: no part of a text encoder.
+            t.insert("visual_projection.weight".into(), (vec![2], vec![0u8; 8]));
             // Known buffers of older files are ignored, not reported.
             t.insert("embeddings.position_ids".into(), (vec![2], vec![0u8; 8]));
         },
     );
     let e = load_err(dir.path());
     assert!(
-        e.contains("text_projection.weight") && e.contains("not part of the model"),
+        e.contains("visual_projection.weight") && e.contains("not part of the model"),
         "{e}"
     );
     assert!(!e.contains("position_ids"), "{e}");
+}
+
+/// A `text_projection.weight` in the file makes the encoder a `CLIPTextModelWithProjection`
+/// even where the config names `CLIPTextModel`: loaded, and its shape checked against
+/// `projection_dim` like any tensor.
+#[test]
+fn projection_in_the_file_is_loaded_and_checked() {
+    let f32s = |n: usize| vec![0u8; 4 * n];
+    // clip_tiny_b: hidden 48, projection_dim 48; transformers' [projection_dim, hidden].
+    let dir = variant(
+        |c| c["projection_dim"] = 8.into(),
+        |t| {
+            t.insert("text_projection.weight".into(), (vec![8, 48], f32s(8 * 48)));
+        },
+    );
+    let enc = load_text_encoder(
+        &ModelSource::Local(dir.path().to_path_buf()),
+        &Device::flex(),
+    )
+    .unwrap();
+    assert!(enc.config.has_projection());
+    assert_eq!(
+        enc.model.text_projection.as_ref().unwrap().weight.dims(),
+        [48, 8]
+    );
+
+    let dir = variant(
+        |_| {},
+        |t| {
+            t.insert("text_projection.weight".into(), (vec![8, 48], f32s(8 * 48)));
+        },
+    );
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("text_projection.weight") && e.contains("shape") && e.contains("48"),
+        "{e}"
+    );
+}
+
+/// A config naming `CLIPTextModelWithProjection` needs the projection in the file.
+#[test]
+fn projection_named_by_the_config_must_be_in_the_file() {
+    let dir = variant(
+        |c| c["architectures"] = serde_json::json!(["CLIPTextModelWithProjection"]),
+        |_| {},
+    );
+    let e = load_err(dir.path());
+    assert!(
+        e.contains("text_projection.weight") && e.contains("missing"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -88,6 +88,7 @@ fn check_encoder(dir: &Path) -> (f32, f32) {
         hidden_states: true,
         attention_layers: (0..n).collect(),
         stop_at_attention: None,
+        ..Default::default()
     };
     let out = enc.model.forward_with(input, &opts);
     assert_eq!(out.hidden_states.len(), n + 1);
