@@ -3,10 +3,11 @@
 //! - `clip-vocab --bpe FILE.gz [--out assets/clip]`: rebuild the embedded CLIP vocabulary
 //!   (`vocab.json`, `merges.txt`) from OpenAI's BPE merge list as shipped in open_clip's wheel
 //!   (`open_clip/bpe_simple_vocab_16e6.txt.gz`, MIT), by the same rule as CLIP's `SimpleTokenizer`.
-//! - `convert-weights --from FILE --to DIR [--dtype f32|f16|bf16] [--config sd15|sd2|auto|DIR]
-//!   [--ema] [--prediction epsilon|v_prediction]`: a single-file SD 1.x/2.x checkpoint in the original LDM naming (`.safetensors`, or a
+//! - `convert-weights --from FILE --to DIR [--dtype f32|f16|bf16] [--config sd15|sd2|sdxl|auto|DIR]
+//!   [--ema] [--prediction epsilon|v_prediction]`: a single-file SD 1.x/2.x/SDXL checkpoint in the original LDM naming (`.safetensors`, or a
 //!   `.ckpt` read by a restricted unpickler) to a diffusers folder;
-//!   `convert-weights --from DIR --to-single-file OUT.safetensors [--text-encoder DIR]`: back.
+//!   `convert-weights --from DIR --to-single-file OUT.safetensors [--text-encoder DIR]
+//!   [--text-encoder-2 DIR]`: back.
 //! - `fuzz [--seconds N] [--target ckpt|safetensors|config|all] [--seed S]`: a bounded-time
 //!   mutation fuzzer of the checkpoint, safetensors and config readers, seeded from
 //!   `tests/fixtures` (see `fuzz.rs`); findings are saved under `target/fuzz-crashes/`.
@@ -52,8 +53,9 @@ enum Task {
         /// Cast float tensors (default: keep each tensor's dtype).
         #[arg(long, value_parser = decorr_convert::parse_dtype)]
         dtype: Option<decorr_convert::DType>,
-        /// Model configs: sd15, sd2, auto (detect: SD 1.x CLIP or SD 2.x OpenCLIP text encoder),
-        /// or a diffusers folder whose unet/, vae/, text_encoder/ hold the config.json files.
+        /// Model configs: sd15, sd2, sdxl, auto (detect from the text encoders: SD 1.x CLIP, SD 2.x
+        /// OpenCLIP or SDXL's two), or a diffusers folder whose unet/, vae/, text_encoder/ (and
+        /// for SDXL text_encoder_2/) hold the config.json files.
         #[arg(long, default_value = "auto")]
         config: String,
         /// Scheduler prediction_type: epsilon or v_prediction (default: the config's; sd2 is
@@ -66,6 +68,9 @@ enum Task {
         /// With --to-single-file: take the text encoder from this folder.
         #[arg(long, requires = "to_single_file")]
         text_encoder: Option<PathBuf>,
+        /// With --to-single-file, SDXL: take the second text encoder from this folder.
+        #[arg(long, requires = "to_single_file")]
+        text_encoder_2: Option<PathBuf>,
     },
     /// Fuzz the checkpoint (.ckpt/.pth), safetensors and config readers for a bounded time,
     /// from the fixtures under tests/fixtures; exits non-zero on any panic, abort or hang,
@@ -105,6 +110,7 @@ fn main() -> Result<()> {
             prediction,
             ema,
             text_encoder,
+            text_encoder_2,
         } => convert_weights(
             from,
             to,
@@ -114,6 +120,7 @@ fn main() -> Result<()> {
             ema,
             prediction,
             text_encoder,
+            text_encoder_2,
         ),
         Task::Fuzz {
             seconds,
@@ -145,6 +152,7 @@ fn convert_weights(
     ema: bool,
     prediction: Option<decorr_convert::Prediction>,
     text_encoder: Option<PathBuf>,
+    text_encoder_2: Option<PathBuf>,
 ) -> Result<()> {
     let summary = match (to, to_single_file) {
         (Some(to), None) => {
@@ -165,6 +173,7 @@ fn convert_weights(
             let opts = decorr_convert::ToSingleFile {
                 dtype,
                 text_encoder,
+                text_encoder_2,
             };
             let s = decorr_convert::convert_diffusers_to_single_file(&from, &out, &opts)?;
             println!("wrote {}", out.display());
@@ -172,8 +181,12 @@ fn convert_weights(
         }
         _ => bail!("give one of --to DIR or --to-single-file FILE"),
     };
+    let text_encoder_2 = match summary.text_encoder_2 {
+        0 => String::new(),
+        n => format!(", text encoder 2: {n}"),
+    };
     println!(
-        "  text encoder: {} tensors, unet: {}, vae: {}, ignored: {}",
+        "  text encoder: {} tensors{text_encoder_2}, unet: {}, vae: {}, ignored: {}",
         summary.text_encoder, summary.unet, summary.vae, summary.ignored
     );
     Ok(())

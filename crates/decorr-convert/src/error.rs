@@ -22,7 +22,7 @@ pub enum ConvertError {
         "{path}: refused to load: the pickle references `{global}`, which is not part of a plain state dict (nothing was executed)"
     )]
     RefusedGlobal { path: PathBuf, global: String },
-    #[error("unknown tensor names (not a Stable Diffusion 1.x/2.x LDM checkpoint?): {keys}")]
+    #[error("unknown tensor names (not a Stable Diffusion 1.x/2.x or SDXL checkpoint?): {keys}")]
     UnknownKeys { keys: String },
     #[error("{0}")]
     Unsupported(String),

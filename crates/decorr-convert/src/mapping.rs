@@ -1,7 +1,7 @@
 //! Tensor-name mapping between the original LDM single-file naming and diffusers/transformers
 //! naming, following diffusers' `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`,
-//! `convert_ldm_clip_checkpoint` and (SD 2.x) `convert_open_clip_checkpoint`
-//! (`diffusers/loaders/single_file_utils.py`).
+//! `convert_ldm_clip_checkpoint` and (SD 2.x, SDXL's second encoder)
+//! `convert_open_clip_checkpoint` (`diffusers/loaders/single_file_utils.py`).
 //!
 //! The mapping is a table of `(ldm prefix, diffusers prefix, kind)` built from the model's
 //! config; the kind says how the rest of the name (and, for the VAE attention, the shape)
@@ -59,6 +59,10 @@ pub struct UnetShape {
     pub down_attn: Vec<bool>,
     pub up_attn: Vec<bool>,
     pub mid_attn: bool,
+    /// The diffusers module LDM's `label_emb.0` becomes: `add_embedding` for SDXL's
+    /// `addition_embed_type: text_time`, `class_embedding` for a `timestep`/`projection`
+    /// `class_embed_type` (as diffusers' converter); `None` when the config has neither.
+    pub label_emb: Option<&'static str>,
 }
 
 /// What the mapping needs from an AutoencoderKL config.json.
@@ -134,11 +138,23 @@ impl UnetShape {
             .and_then(|v| v.as_str())
             .unwrap_or("UNetMidBlock2DCrossAttn");
         check_blocks(down_attn.len(), "down_block_types")?;
+        let str_field = |key: &str| cfg.get(key).and_then(|v| v.as_str());
+        let label_emb = if str_field("addition_embed_type") == Some("text_time") {
+            Some("add_embedding")
+        } else if matches!(
+            str_field("class_embed_type"),
+            Some("timestep" | "projection")
+        ) {
+            Some("class_embedding")
+        } else {
+            None
+        };
         Ok(Self {
             layers_per_block: bounded_field(cfg, "layers_per_block", 1, MAX_LAYERS)?,
             down_attn,
             up_attn,
             mid_attn: mid.contains("CrossAttn"),
+            label_emb,
         })
     }
 }
@@ -180,6 +196,10 @@ impl Table {
         add("input_blocks.0.0".into(), "conv_in".into(), Plain);
         add("out.0".into(), "conv_norm_out".into(), Plain);
         add("out.2".into(), "conv_out".into(), Plain);
+        if let Some(module) = s.label_emb {
+            add("label_emb.0.0".into(), format!("{module}.linear_1"), Plain);
+            add("label_emb.0.2".into(), format!("{module}.linear_2"), Plain);
+        }
         let lpb = s.layers_per_block;
         let n = s.down_attn.len();
         for i in 0..n {
@@ -464,6 +484,54 @@ pub fn clip_to_diffusers(ldm: StateDict) -> StateDict {
         .collect()
 }
 
+/// A transformers CLIP text-model name with its `text_model.` prefix: transformers >= 5.6 saves
+/// `CLIPTextModel` without it (`embeddings.*`, `encoder.*`, `final_layer_norm.*`), SD files and
+/// older folders with it. `None` for a name of neither form.
+pub fn with_text_model(key: &str) -> Option<String> {
+    if key.starts_with("text_model.") {
+        Some(key.to_string())
+    } else if ["embeddings.", "encoder.", "final_layer_norm."]
+        .iter()
+        .any(|p| key.starts_with(p))
+    {
+        Some(format!("text_model.{key}"))
+    } else {
+        None
+    }
+}
+
+/// Swap the two dimensions of a 2-D tensor (same dtype). OpenCLIP stores `text_projection` as
+/// the `[width, proj]` matrix it right-multiplies; transformers' `text_projection.weight` is a
+/// Linear's `[proj, width]`: the same matrix transposed (diffusers' `.T` in
+/// `convert_open_clip_checkpoint`).
+pub fn transpose_2d(t: Tensor, name: &str) -> Result<Tensor, ConvertError> {
+    let size = t.dtype.size();
+    let (rows, cols) = match t.shape[..] {
+        [r, c] if r.checked_mul(c).and_then(|n| n.checked_mul(size)) == Some(t.data.len()) => {
+            (r, c)
+        }
+        _ => {
+            return Err(ConvertError::Unsupported(format!(
+                "`{name}` has shape {:?}: a text projection must be a 2-D matrix",
+                t.shape
+            )));
+        }
+    };
+    let mut data = vec![0u8; t.data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            let from = (r * cols + c) * size;
+            let to = (c * rows + r) * size;
+            data[to..to + size].copy_from_slice(&t.data[from..from + size]);
+        }
+    }
+    Ok(Tensor {
+        dtype: t.dtype,
+        shape: vec![cols, rows],
+        data,
+    })
+}
+
 /// OpenCLIP text-tower names (below `cond_stage_model.model.`) that no diffusers model holds:
 /// the projection to the joint image-text space and the contrastive temperature (SD 2 uses
 /// the penultimate layer's hidden states, not the pooled projection), and the causal mask
@@ -596,9 +664,11 @@ pub fn open_clip_to_diffusers(
     })
 }
 
-/// transformers `CLIPTextModel` names -> OpenCLIP names (below `cond_stage_model.model.`),
-/// q/k/v concatenated back into `attn.in_proj_*`. The tower gets only the layers the folder
-/// has (23 for SD 2): the dropped last block and `text_projection` cannot be restored.
+/// transformers `CLIPTextModel` names (with or without `text_model.`) -> OpenCLIP names (below
+/// `cond_stage_model.model.` or SDXL's `conditioner.embedders.1.model.`), q/k/v concatenated
+/// back into `attn.in_proj_*`. The tower gets only the layers the folder has (23 for SD 2: the
+/// dropped last block cannot be restored). `text_projection.weight` is not handled here: the
+/// caller takes it out and stores it transposed ([`transpose_2d`]).
 pub fn diffusers_to_open_clip(sd: StateDict, what: &str) -> Result<StateDict, ConvertError> {
     let mut out = StateDict::new();
     let mut unknown = Vec::new();
@@ -608,6 +678,10 @@ pub fn diffusers_to_open_clip(sd: StateDict, what: &str) -> Result<StateDict, Co
         if key.ends_with("embeddings.position_ids") {
             continue;
         }
+        let Some(key) = with_text_model(&key) else {
+            unknown.push(format!("{what}: {key}"));
+            continue;
+        };
         if let Some((l, _)) = OPEN_CLIP_TOP.iter().find(|(_, d)| *d == key) {
             out.insert(l.to_string(), t);
             continue;
@@ -684,6 +758,7 @@ mod tests {
             down_attn: vec![true, true, true, false],
             up_attn: vec![false, true, true, true],
             mid_attn: true,
+            label_emb: None,
         }
     }
 
@@ -776,6 +851,61 @@ mod tests {
         ] {
             assert_eq!(map(&t, l), d, "{l}");
         }
+    }
+
+    /// SDXL's `label_emb.0` rows exist only for a config with an added (or class) embedding.
+    #[test]
+    fn label_emb_maps_to_add_embedding_for_text_time() {
+        let mut shape = sd15_unet();
+        shape.label_emb = Some("add_embedding");
+        let t = Table::unet(&shape);
+        assert_eq!(map(&t, "label_emb.0.2.bias"), "add_embedding.linear_2.bias");
+        let cfg = |extra: serde_json::Value| {
+            let mut c = serde_json::json!({
+                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+                "layers_per_block": 2,
+            });
+            c.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            UnetShape::from_config(&c).unwrap().label_emb
+        };
+        assert_eq!(
+            cfg(serde_json::json!({"addition_embed_type": "text_time"})),
+            Some("add_embedding")
+        );
+        assert_eq!(
+            cfg(serde_json::json!({"class_embed_type": "projection"})),
+            Some("class_embedding")
+        );
+        assert_eq!(cfg(serde_json::json!({"addition_embed_type": null})), None);
+    }
+
+    /// A non-square projection is transposed element by element, for any element size.
+    #[test]
+    fn transpose_swaps_rows_and_columns() {
+        let t = Tensor {
+            dtype: crate::tensor::DType::F16,
+            shape: vec![2, 3],
+            data: (0u8..12).collect(),
+        };
+        let tt = transpose_2d(t.clone(), "p").unwrap();
+        assert_eq!(tt.shape, vec![3, 2]);
+        // Elements (2 bytes each) 0 1 2 / 3 4 5 become 0 3 / 1 4 / 2 5.
+        assert_eq!(tt.data, vec![0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11]);
+        assert_eq!(transpose_2d(tt, "p").unwrap(), t);
+        let flat = Tensor {
+            dtype: crate::tensor::DType::F32,
+            shape: vec![4],
+            data: vec![0; 16],
+        };
+        assert!(transpose_2d(flat, "p").is_err());
+        assert_eq!(
+            with_text_model("encoder.layers.0.mlp.fc1.weight").as_deref(),
+            Some("text_model.encoder.layers.0.mlp.fc1.weight")
+        );
+        assert_eq!(with_text_model("logit_scale"), None);
     }
 
     #[test]

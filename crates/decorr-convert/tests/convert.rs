@@ -345,6 +345,7 @@ fn diffusers_to_single_file_gives_back_the_ldm_file() {
     let opts = ToSingleFile {
         dtype: Some(DType::F16),
         text_encoder: Some(tmp.path().join("finetuned")),
+        ..Default::default()
     };
     convert_diffusers_to_single_file(&folder, &single2, &opts).unwrap();
     let got2 = read_safetensors(&single2).unwrap();
@@ -402,7 +403,7 @@ fn sd15_names_map_like_diffusers_with_auto_config() {
     for part in ["unet", "vae", "text_encoder"] {
         for (l, _) in pairs(part) {
             let shape = match l.as_str() {
-                "model.diffusion_model.input_blocks.0.0.weight" => vec![320, 1, 1, 1],
+                "model.diffusion_model.input_blocks.0.0.weight" => vec![320, 4, 1, 1],
                 "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" => {
                     vec![1, 768]
                 }
@@ -719,7 +720,7 @@ fn sd2_names_map_like_diffusers_with_auto_config() {
         .collect();
     assert_eq!(ignored.len(), 14);
     let shape_of = |l: &str| match l {
-        "model.diffusion_model.input_blocks.0.0.weight" => vec![320, 1, 1, 1],
+        "model.diffusion_model.input_blocks.0.0.weight" => vec![320, 4, 1, 1],
         "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" => {
             vec![1, 1024]
         }
