@@ -2,7 +2,8 @@
 //! random weights on flex (or `DECORR_BACKEND`); median of N runs after one warm-up, and the process's peak RSS.
 //! Compare with `python ../shared/reference/pyref/bench.py unet|vae HW` on the same machine:
 //! `cargo bench -p decorr-unet --bench unet -- unet|vae HW [N]` (HW: latent size, 64 or 32);
-//! `conv HW N [C]` times one 3x3 convolution and one group norm + SiLU (C channels, default 320),
+//! `conv HW N [C]` times one 3x3 convolution (its weight as built, then stored split per tap as
+//! loading stores it) and one group norm + SiLU (C channels, default 320),
 //! `attn HW N [C]` one self- and one cross-attention, `convgrad HW N [C [CI]]` one 3x3
 //! convolution and its input gradient (`decorr_unet::host_autodiff`'s backward).
 //! `DECORR_HOST_KERNELS=0` runs burn's own flex kernels instead of decorr's host fast paths.
@@ -99,6 +100,13 @@ fn main() {
             let t = time(n, || {
                 let _ = decorr_unet::host::conv2d(&conv, x.clone()).into_data();
             });
+            // The weight stored split per tap (as loading leaves it), read in place.
+            let mut stored = conv.clone();
+            decorr_unet::host::store_taps(&mut stored, [hw, hw]);
+            let s = time(n, || {
+                let _ = decorr_unet::host::conv2d(&stored, x.clone()).into_data();
+            });
+            println!("conv, weight stored split per tap {hw}x{hw}: {s:.4} s");
             let norm = decorr_unet::blocks::group_norm(32, c, 1e-5, &device);
             let g = time(n, || {
                 let _ = decorr_unet::host::group_norm(&norm, x.clone(), true).into_data();

@@ -55,6 +55,12 @@ impl ResnetBlock2D {
         }
     }
 
+    /// Stores both 3x3 weights split per tap for a pass at `hw` ([`host::store_taps`]).
+    pub fn store_taps(&mut self, hw: [usize; 2]) {
+        host::store_taps(&mut self.conv1, hw);
+        host::store_taps(&mut self.conv2, hw);
+    }
+
     /// `temb` is the time embedding `[batch, temb_channels]` (before its SiLU).
     pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
         let mut h = host::conv2d(&self.conv1, host::group_norm(&self.norm1, x.clone(), true));

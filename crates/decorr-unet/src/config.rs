@@ -112,7 +112,7 @@ fn transformer_params(c: usize, ctx: usize, layers: usize) -> u128 {
     2 * c128 + 2 * linear_params(c, c, true) + layers as u128 * block
 }
 
-/// The shape of a `UNet2DConditionModel` (SD 1.x and 2.x family).
+/// The shape of a `UNet2DConditionModel` (SD 1.x, 2.x and XL family).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct UNetConfig {
@@ -142,7 +142,13 @@ pub struct UNetConfig {
     pub upcast_attention: bool,
     pub resnet_time_scale_shift: String,
     pub class_embed_type: Option<String>,
+    /// `"text_time"` (SDXL: the pooled text embedding and the size/crop time ids, embedded and
+    /// added to the time embedding) or none; diffusers' other kinds are refused.
     pub addition_embed_type: Option<String>,
+    /// `text_time`: the width of each time id's sinusoid (SDXL: 256).
+    pub addition_time_embed_dim: Option<usize>,
+    /// `text_time`: the input width of `add_embedding` (SDXL base: 1280 pooled + 6 x 256).
+    pub projection_class_embeddings_input_dim: Option<usize>,
     pub time_embedding_type: String,
     pub conv_in_kernel: usize,
     pub conv_out_kernel: usize,
@@ -201,6 +207,8 @@ impl Default for UNetConfig {
             resnet_time_scale_shift: "default".into(),
             class_embed_type: None,
             addition_embed_type: None,
+            addition_time_embed_dim: None,
+            projection_class_embeddings_input_dim: None,
             time_embedding_type: "positional".into(),
             conv_in_kernel: 3,
             conv_out_kernel: 3,
@@ -236,14 +244,61 @@ impl UNetConfig {
         }
     }
 
-    /// A preset by name (`sd15`, `sd2`).
+    /// SDXL base 1.0 (2,567,463,684 parameters): three levels, the first without attention,
+    /// 1 / 2 / 10 transformer layers, 64-wide heads, the two text encoders' 768 + 1280 = 2048-d
+    /// context, and the `text_time` embedding of the 1280-d pooled text and six time ids.
+    pub fn sdxl() -> Self {
+        UNetConfig {
+            sample_size: 128,
+            down_block_types: [
+                "DownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+            ]
+            .map(String::from)
+            .to_vec(),
+            up_block_types: ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+                .map(String::from)
+                .to_vec(),
+            block_out_channels: vec![320, 640, 1280],
+            transformer_layers_per_block: PerBlock::Many(vec![1, 2, 10]),
+            attention_head_dim: PerBlock::Many(vec![5, 10, 20]),
+            cross_attention_dim: PerBlock::One(2048),
+            use_linear_projection: true,
+            addition_embed_type: Some("text_time".into()),
+            addition_time_embed_dim: Some(256),
+            projection_class_embeddings_input_dim: Some(2816),
+            ..Default::default()
+        }
+    }
+
+    /// A preset by name (`sd15`, `sd2`, `sdxl`).
     pub fn preset(name: &str) -> Result<Self, UNetError> {
         match name {
             "sd15" => Ok(Self::sd15()),
             "sd2" => Ok(Self::sd2()),
+            "sdxl" => Ok(Self::sdxl()),
             other => Err(UNetError::Config(format!(
-                "unknown UNet preset `{other}`; expected sd15 or sd2"
+                "unknown UNet preset `{other}`; expected sd15, sd2 or sdxl"
             ))),
+        }
+    }
+
+    /// The widths of the `text_time` added conditions (SDXL), or `None` when the config has no
+    /// (or another, refused by `validate`) `addition_embed_type` or lacks a width.
+    pub fn text_time_dims(&self) -> Option<crate::unet::TextTimeDims> {
+        match (
+            self.addition_embed_type.as_deref(),
+            self.addition_time_embed_dim,
+            self.projection_class_embeddings_input_dim,
+        ) {
+            (Some("text_time"), Some(time_embed_dim), Some(input_dim)) => {
+                Some(crate::unet::TextTimeDims {
+                    time_embed_dim,
+                    input_dim,
+                })
+            }
+            _ => None,
         }
     }
 
@@ -319,9 +374,10 @@ impl UNetConfig {
                 return bad("only_cross_attention = true is not supported".into());
             }
         }
+        self.check_addition()?;
+        self.check_extra()?;
         let unsupported = [
             ("class_embed_type", self.class_embed_type.is_some()),
-            ("addition_embed_type", self.addition_embed_type.is_some()),
             ("num_class_embeds", self.num_class_embeds.is_some()),
             ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
             ("encoder_hid_dim", self.encoder_hid_dim.is_some()),
@@ -350,7 +406,8 @@ impl UNetConfig {
         for (key, on) in unsupported {
             if on {
                 return bad(format!(
-                    "`{key}` is set in this UNet config; only the SD 1.x/2.x family is supported"
+                    "`{key}` is set in this UNet config; only the SD 1.x/2.x/XL family is \
+                     supported"
                 ));
             }
         }
@@ -362,6 +419,71 @@ impl UNetConfig {
 }
 
 impl UNetConfig {
+    /// `addition_embed_type`: none, or `text_time` with both its widths in range (called by
+    /// `validate`). The pooled width is what `projection_class_embeddings_input_dim` leaves
+    /// beside the time ids, whose count the pipeline picks (SDXL base 6, the refiner 5), so the
+    /// two widths are checked against the inputs when the UNet runs.
+    fn check_addition(&self) -> Result<(), UNetError> {
+        let Some(kind) = self.addition_embed_type.as_deref() else {
+            return Ok(());
+        };
+        if kind != "text_time" {
+            return Err(UNetError::Config(format!(
+                "`addition_embed_type` = \"{kind}\" is not supported; only \"text_time\" (SDXL) \
+                 or none"
+            )));
+        }
+        for (key, v) in [
+            ("addition_time_embed_dim", self.addition_time_embed_dim),
+            (
+                "projection_class_embeddings_input_dim",
+                self.projection_class_embeddings_input_dim,
+            ),
+        ] {
+            match v {
+                Some(v) => in_range(key, v, 1, bounds::CHANNELS)?,
+                None => {
+                    return Err(UNetError::Config(format!(
+                        "`addition_embed_type` is \"text_time\" but `{key}` is missing; SDXL's \
+                         config sets addition_time_embed_dim 256 and \
+                         projection_class_embeddings_input_dim 2816"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Keys kept in `extra` that change the network when set (diffusers writes them as null or
+    /// false): refused by name rather than ignored (called by `validate`).
+    fn check_extra(&self) -> Result<(), UNetError> {
+        let time_embed = self.block_out_channels.first().map_or(0, |c| c * 4) as u64;
+        for key in [
+            "time_embedding_dim",
+            "time_embedding_act_fn",
+            "timestep_post_act",
+            "cross_attention_norm",
+            "encoder_hid_dim_type",
+            "resnet_skip_time_act",
+            "class_embeddings_concat",
+            "mid_block_only_cross_attention",
+        ] {
+            let harmless = match self.extra.get(key) {
+                None | Some(Value::Null) | Some(Value::Bool(false)) => true,
+                // The width this crate builds anyway.
+                Some(v) => key == "time_embedding_dim" && v.as_u64() == Some(time_embed),
+            };
+            if !harmless {
+                return Err(UNetError::Config(format!(
+                    "`{key}` = {} is set in this UNet config; this crate builds the network only \
+                     without it (null)",
+                    self.extra[key]
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Sizes within [`bounds`], counts at least 1, norms well defined (called by `validate`).
     fn check_bounds(&self) -> Result<(), UNetError> {
         let n = self.block_out_channels.len();
@@ -431,6 +553,9 @@ impl UNetConfig {
         let mut total = conv_params(self.in_channels, ch[0], self.conv_in_kernel)
             + linear_params(ch[0], temb, true)
             + linear_params(temb, temb, true);
+        if let Some(d) = self.text_time_dims() {
+            total += linear_params(d.input_dim, temb, true) + linear_params(temb, temb, true);
+        }
         let mut cin = ch[0];
         for (i, kind) in self.down_block_types.iter().enumerate() {
             let (cout, layers) = (ch[i], self.layers_per_block.get(i));
@@ -544,6 +669,17 @@ impl VaeConfig {
             layers_per_block: 2,
             sample_size: 512,
             ..Default::default()
+        }
+    }
+
+    /// SDXL's VAE: SD 1.x's shape (83,653,863 parameters) with its own latent scale 0.13025,
+    /// at 1024 px; `force_upcast` (it overflows in fp16).
+    pub fn sdxl() -> Self {
+        VaeConfig {
+            sample_size: 1024,
+            scaling_factor: 0.13025,
+            force_upcast: true,
+            ..Self::sd15()
         }
     }
 

@@ -89,6 +89,18 @@ fn values(t: FlexTensor) -> FlexTensor {
     t.to_contiguous()
 }
 
+/// A 3x3 convolution weight as [`kernels::conv3x3_cached`] reads it: stored split per tap
+/// (`crate::host::store_taps`) as it is, anything else contiguous.
+fn conv_weight(w: FlexTensor) -> FlexTensor {
+    let shape = w.layout().shape();
+    let (co, ci) = (shape[0], shape[1]);
+    if kernels::taps_in_place(&w, co, ci).is_some() {
+        w
+    } else {
+        values(w)
+    }
+}
+
 fn slice(t: &FlexTensor) -> &[f32] {
     t.as_slice::<f32>().expect("contiguous f32 tensor")
 }
@@ -99,7 +111,7 @@ fn flex(data: Vec<f32>, shape: impl Into<burn::tensor::Shape>) -> FlexTensor {
 
 impl HostKernels for Flex {
     fn conv3x3(x: FlexTensor, weight: FlexTensor, bias: FlexTensor, up: usize) -> FlexTensor {
-        let (x, weight, bias) = (values(x), values(weight), values(bias));
+        let (x, weight, bias) = (values(x), conv_weight(weight), values(bias));
         let [b, ci, h, w] = dims4(&x);
         let co = weight.layout().shape()[0];
         let out = kernels::conv3x3_cached(
@@ -238,7 +250,7 @@ impl<C: CheckpointStrategy> HostKernels for Autodiff<Flex, C> {
         bias: FloatTensor<Self>,
         up: usize,
     ) -> FloatTensor<Self> {
-        let (weight, bias) = (values(weight.into_primitive()), bias.into_primitive());
+        let (weight, bias) = (conv_weight(weight.into_primitive()), bias.into_primitive());
         let kept = weight.clone();
         record::<C, _>(
             x,
@@ -477,7 +489,12 @@ pub fn conv3x3(conv: &Conv2d, x: &Tensor<4>, up: usize) -> Option<Tensor<4>> {
         return None;
     }
     let (weight, bias) = (conv.weight.val(), conv.bias.as_ref()?.val());
-    if !constant(&weight) || !constant(&bias) {
+    let [co, ci, _, _] = weight.dims();
+    let split_or_plain = |p: &FlexTensor| {
+        (p.is_contiguous() && p.layout().start_offset() == 0)
+            || kernels::taps_in_place(p, co, ci).is_some()
+    };
+    if !constant_where(&weight, split_or_plain) || !constant(&bias) || x.dims()[1] != ci {
         return None;
     }
     Some(Tensor::from_dispatch(<Dispatch as HostKernels>::conv3x3(
@@ -945,6 +962,37 @@ mod tests {
                     "{b}x{ci}->{co} {h}x{w} up {up}: {dy} {dg}"
                 );
             }
+        }
+    }
+
+    /// A weight stored split per tap on flex (as loading leaves it), then moved to autodiff as
+    /// training does, keeps the host kernel and its gradient.
+    #[test]
+    fn stored_taps_gradient_matches_burn() {
+        let device = device();
+        for (ci, co, hint) in [(5, 7, [9, 11]), (6, 40, [2, 2])] {
+            let mut conv = Conv2dConfig::new([ci, co], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(&Device::flex());
+            let plain = conv.clone().fork(&device).no_grad();
+            crate::host::store_taps(&mut conv, hint);
+            let conv = conv.fork(&device).no_grad();
+            let w = conv
+                .weight
+                .val()
+                .inner()
+                .try_into_primitive::<Flex>()
+                .ok()
+                .unwrap();
+            assert!(kernels::taps_in_place(&w, co, ci).is_some(), "still split");
+            let x = values([2, ci, 9, 11], 4, 0.0, &device);
+            let r = values([2, co, 9, 11], 5, 0.0, &device);
+            let (y, [dx]) = run([x.clone()], &r, |[x]| {
+                conv3x3(&conv, &x, 1).expect("the host kernel applies")
+            });
+            let (ry, [rdx]) = run([x], &r, |[x]| plain.forward(x));
+            let (dy, dg) = (max_diff(y, ry), max_diff(dx, rdx));
+            assert!(dy < 1e-4 && dg < 1e-4, "{ci}->{co}: {dy} {dg}");
         }
     }
 

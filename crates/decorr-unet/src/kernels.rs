@@ -1,5 +1,6 @@
 //! The slice-level CPU kernels behind the flex fast paths: 3x3 convolutions (forward and input
-//! gradient, the weight's split per tap cached), row-tiled linear maps, blocked multi-head
+//! gradient, the weight split per tap: read in place from a weight stored so, as loading
+//! leaves it, else cached), row-tiled linear maps, blocked multi-head
 //! attention with an exact softmax, group and layer norm in place, GEGLU's gate, and the
 //! vectorisable `exp`/`erf` they use, all on plain f32 slices; plus the switch
 //! (`DECORR_HOST_KERNELS`) and the convolution shape they take.
@@ -54,8 +55,9 @@ pub(crate) fn conv3x3_fits(conv: &Conv2d) -> bool {
         && matches!(conv.padding, PaddingConfig2d::Explicit(1, 1, 1, 1))
 }
 
-/// [`conv3x3`] with the weight `wf` (`[co, ci, 3, 3]`, contiguous f32, starting at its
-/// buffer's start) split per tap through the cache.
+/// [`conv3x3`] with the weight `wf` (`[co, ci, 3, 3]` f32 from its buffer's start: contiguous,
+/// or already split per tap by [`taps_layout`]) split per tap: in place when it is stored so,
+/// else through the cache.
 pub fn conv3x3_cached(
     x: &[f32],
     wf: &FlexTensor,
@@ -65,9 +67,8 @@ pub fn conv3x3_cached(
     up: usize,
 ) -> Vec<f32> {
     let (oh, ow) = (h * up, wd * up);
-    let channels_last = taps_channels_last(co, oh, ow);
-    match cached_taps(wf, co, ci, channels_last) {
-        Some(taps) => {
+    match weight_taps(wf, co, ci, taps_channels_last(co, oh, ow)) {
+        Some((taps, channels_last)) => {
             let mut out = vec![0f32; b * co * oh * ow];
             if !out.is_empty() {
                 let padded = b * (oh + 3) * (ow + 2) * ci;
@@ -112,7 +113,7 @@ pub fn conv3x3_input_grad(
         return full;
     }
     let padded = b * (oh + 3) * (ow + 2) * co;
-    let run = |taps: &[f32], full: &mut [f32]| {
+    let run = |taps: &[f32], channels_last: bool, full: &mut [f32]| {
         let view = TapView {
             taps,
             channels_last,
@@ -122,8 +123,8 @@ pub fn conv3x3_input_grad(
             conv3x3_in(dy, view, None, [b, co, oh, ow], ci, 1, xp, full)
         });
     };
-    match cached_taps(wf, co, ci, channels_last) {
-        Some(taps) => run(&taps, &mut full),
+    match weight_taps(wf, co, ci, channels_last) {
+        Some((taps, channels_last)) => run(&taps, channels_last, &mut full),
         None => {
             let mut taps = vec![0f32; 9 * co * ci];
             taps_of(
@@ -133,7 +134,7 @@ pub fn conv3x3_input_grad(
                 channels_last,
                 &mut taps,
             );
-            run(&taps, &mut full);
+            run(&taps, channels_last, &mut full);
         }
     }
     if up == 1 {
@@ -246,8 +247,11 @@ struct Taps {
     taps: std::sync::Arc<Vec<f32>>,
 }
 
-/// Split weights by (buffer address, length, layout). A forward pass would otherwise split
+/// Split weights by (buffer address, length, layout), for weights not stored split per tap
+/// ([`taps_in_place`]; loaded models store theirs, so this holds none of theirs): models built
+/// with random weights, weights replaced after loading. A forward pass would otherwise split
 /// every convolution weight again: about a third of a batch-1 UNet pass at 32x32 latents.
+/// Each entry keeps its weight alive, so that the address stays that weight's.
 static TAPS: Mutex<Vec<(TapsKey, Taps)>> = Mutex::new(Vec::new());
 /// (weight buffer address, elements, channels-last layout).
 type TapsKey = (usize, usize, bool);
@@ -284,6 +288,78 @@ fn cached_taps(
         },
     ));
     Some(taps)
+}
+
+/// A weight's split per tap: borrowed from a weight stored split ([`taps_layout`]) or shared
+/// with the cache.
+enum SplitTaps<'a> {
+    InPlace(&'a [f32]),
+    Cached(std::sync::Arc<Vec<f32>>),
+}
+
+impl std::ops::Deref for SplitTaps<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            SplitTaps::InPlace(t) => t,
+            SplitTaps::Cached(t) => t,
+        }
+    }
+}
+
+/// The split of `wf` `[co, ci, 3, 3]` and its layout (channels-last or not): read in place
+/// when `wf` is stored split per tap, else the cache's (made in the layout `channels_last`);
+/// `None` when the cache is full.
+fn weight_taps(
+    wf: &FlexTensor,
+    co: usize,
+    ci: usize,
+    channels_last: bool,
+) -> Option<(SplitTaps<'_>, bool)> {
+    if let Some((taps, layout)) = taps_in_place(wf, co, ci) {
+        return Some((SplitTaps::InPlace(taps), layout));
+    }
+    cached_taps(wf, co, ci, channels_last).map(|t| (SplitTaps::Cached(t), channels_last))
+}
+
+/// The strides of a `[co, ci, 3, 3]` view of a weight stored split per tap, `[9][co][ci]`
+/// (`[9][ci][co]` when `channels_last`).
+pub(crate) fn taps_strides(co: usize, ci: usize, channels_last: bool) -> [isize; 4] {
+    let tap = (co * ci) as isize;
+    if channels_last {
+        [1, co as isize, 3 * tap, tap]
+    } else {
+        [ci as isize, 1, 3 * tap, tap]
+    }
+}
+
+/// When the f32 weight `wf` `[co, ci, 3, 3]` is a view of its taps stored one after another
+/// from its buffer's start (as [`taps_layout`] leaves it), those taps and whether they are
+/// channels-last; `None` for any other layout.
+pub(crate) fn taps_in_place(wf: &FlexTensor, co: usize, ci: usize) -> Option<(&[f32], bool)> {
+    let layout = wf.layout();
+    if wf.dtype() != DType::F32
+        || layout.start_offset() != 0
+        || layout.shape().as_slice() != [co, ci, 3, 3]
+    {
+        return None;
+    }
+    let channels_last = [false, true]
+        .into_iter()
+        .find(|&cl| layout.strides() == taps_strides(co, ci, cl))?;
+    Some((wf.storage::<f32>().get(..9 * co * ci)?, channels_last))
+}
+
+/// `weight` `[co, ci, 3, 3]` (torch layout) stored split per tap in the layout a convolution
+/// to an `h x w` output accumulates in (`[9][ci][co]` when channels-last, else `[9][co][ci]`;
+/// another size still reads it, at most a few percent slower): what [`taps_in_place`] reads
+/// through the strides [`taps_strides`] gives. Returns the taps and their layout.
+pub fn taps_layout(weight: &[f32], co: usize, ci: usize, [h, w]: [usize; 2]) -> (Vec<f32>, bool) {
+    assert_eq!(weight.len(), co * ci * 9, "taps_layout: weight size");
+    let channels_last = taps_channels_last(co, h, w);
+    let mut taps = vec![0f32; weight.len()];
+    taps_of(weight, co, ci, channels_last, &mut taps);
+    (taps, channels_last)
 }
 
 /// A convolution weight split per tap ([`taps_of`]), as [`conv3x3_in`] reads it.

@@ -3,7 +3,8 @@
 //! ([`config`]) and loading ([`load`]); the CPU fast paths on flex ([`host`], and under
 //! autodiff [`host_autodiff`]), both calling the slice-level kernels of [`kernels`], and
 //! torch's fused kernels on LibTorch (`libtorch`, `tch` feature). Verified against diffusers on
-//! tiny random models and a full-size SD 1.5 configuration (docs/verification.md).
+//! tiny random models (SD 1.x-, 2.x- and XL-like) and a full-size SD 1.5 configuration
+//! (docs/verification.md).
 
 pub mod attention;
 pub mod blocks;
@@ -20,7 +21,7 @@ pub mod vae;
 pub use attention::{AttentionMap, AttentionOptions, Capture};
 pub use config::{PerBlock, UNetConfig, VaeConfig};
 pub use load::{Loaded, WEIGHT_FILES, load_unet, load_vae};
-pub use unet::{AttentionSite, UNet2DConditionModel, UNetOutput};
+pub use unet::{AddedConditions, AttentionSite, TextTimeDims, UNet2DConditionModel, UNetOutput};
 pub use vae::{AutoencoderKL, Posterior};
 
 /// Errors of the UNet/VAE crate.
@@ -28,6 +29,9 @@ pub use vae::{AutoencoderKL, Posterior};
 pub enum UNetError {
     #[error("UNet/VAE config: {0}")]
     Config(String),
+    /// Inputs a pass cannot take (SDXL's added conditions missing, extra or misshapen).
+    #[error("UNet input: {0}")]
+    Input(String),
     #[error(transparent)]
     Core(#[from] decorr_core::CoreError),
 }

@@ -107,6 +107,8 @@ pub fn load_unet(
         &UNET_CONV
     };
     load_safetensors(&mut model, &weights_path, keys)?;
+    // One copy of the convolution weights, split as the host path reads them (flex only).
+    model.store_conv_taps([config.sample_size; 2]);
     Ok(Loaded {
         config,
         model,
@@ -132,6 +134,7 @@ pub fn load_vae(
     let weights_path = source.find_file("vae", WEIGHT_FILES)?;
     let mut model = AutoencoderKL::new(&config, device);
     load_safetensors(&mut model, &weights_path, &VAE)?;
+    model.store_conv_taps([config.sample_size; 2]);
     Ok(Loaded {
         config,
         model,

@@ -1,7 +1,9 @@
-//! `UNet2DConditionModel` for the SD 1.x/2.x family: time embedding, down blocks (ResNets with
+//! `UNet2DConditionModel` for the SD 1.x/2.x/XL family: time embedding (plus SDXL's `text_time`
+//! added embedding of the pooled text and the size/crop conditions), down blocks (ResNets with
 //! optional cross-attention transformers and a stride-2 down-sampler), the cross-attention mid
 //! block, up blocks fed by the skip connections, and the output head. Field names are diffusers'
-//! weight names. `forward_with` returns the noise prediction and any captured attention maps.
+//! weight names. `forward_with` returns the noise prediction and any captured attention maps;
+//! `forward_added` and `cross_attention_until_added` take SDXL's [`AddedConditions`].
 
 use burn::module::Module;
 use burn::nn::GroupNorm;
@@ -15,7 +17,7 @@ use crate::blocks::{
     Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, conv, group_norm, timestep_features,
 };
 use crate::config::UNetConfig;
-use crate::host;
+use crate::{UNetError, host};
 
 /// A down block (`down_blocks.N`): `CrossAttnDownBlock2D` when `attentions` is not empty, else
 /// `DownBlock2D`.
@@ -52,10 +54,40 @@ pub struct UNet2DConditionModel {
     pub up_blocks: Vec<UpBlock>,
     pub conv_norm_out: GroupNorm,
     pub conv_out: Conv2d,
+    /// SDXL's `text_time` embedding (`add_embedding.linear_1`, `.linear_2`) of the pooled text
+    /// embedding and the time ids' sinusoids, added to the time embedding; `None` without an
+    /// `addition_embed_type`. (diffusers' `add_time_proj` has no weights.)
+    pub add_embedding: Option<TimestepEmbedding>,
+    /// Width of each time id's sinusoid (`addition_time_embed_dim`; 0 without `add_embedding`).
+    add_time_channels: usize,
     time_channels: usize,
     flip_sin_to_cos: bool,
     freq_shift: f64,
     center_input_sample: bool,
+}
+
+/// SDXL's added conditions (diffusers' `added_cond_kwargs`), which a UNet with
+/// `addition_embed_type: "text_time"` needs in every pass.
+#[derive(Debug, Clone)]
+pub struct AddedConditions {
+    /// The second text encoder's pooled, projected embedding `[batch, pooled]`.
+    pub text_embeds: Tensor<2>,
+    /// The micro-conditions `[batch, k]`, each embedded as a sinusoid of
+    /// `addition_time_embed_dim` features: SDXL base's six are original height and width, crop
+    /// top and left, target height and width (the refiner's five end with the aesthetic score).
+    /// Read as f32 values, as diffusers does.
+    pub time_ids: Tensor<2>,
+}
+
+/// What a `text_time` UNet's [`AddedConditions`] must fit: `text_embeds` `[batch, P]` and
+/// `time_ids` `[batch, K]` with `P + K * time_embed_dim == input_dim` (SDXL base: 1280 + 6 x
+/// 256 = 2816).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextTimeDims {
+    /// `addition_time_embed_dim`: the width of each time id's sinusoid.
+    pub time_embed_dim: usize,
+    /// `projection_class_embeddings_input_dim`: what `add_embedding.linear_1` takes.
+    pub input_dim: usize,
 }
 
 /// What [`UNet2DConditionModel::forward_with`] returns.
@@ -165,9 +197,13 @@ impl UNet2DConditionModel {
             prev = cout;
         }
 
+        // `validate` has checked that a `text_time` config has both widths.
+        let text_time = config.text_time_dims();
         UNet2DConditionModel {
             conv_in: conv(config.in_channels, ch[0], config.conv_in_kernel, device),
             time_embedding: TimestepEmbedding::new(ch[0], temb, device),
+            add_embedding: text_time.map(|d| TimestepEmbedding::new(d.input_dim, temb, device)),
+            add_time_channels: text_time.map_or(0, |d| d.time_embed_dim),
             down_blocks,
             mid_block,
             up_blocks,
@@ -182,6 +218,9 @@ impl UNet2DConditionModel {
 
     /// The prediction for `sample` `[batch, in_channels, h, w]` at `timesteps` (one per batch
     /// row) given the text encoder's `context` `[batch, tokens, cross_attention_dim]`.
+    ///
+    /// # Panics
+    /// As [`Self::forward_with`].
     pub fn forward(&self, sample: Tensor<4>, timesteps: &[f64], context: &Tensor<3>) -> Tensor<4> {
         self.forward_with(sample, timesteps, context, &AttentionOptions::default())
             .sample
@@ -189,10 +228,12 @@ impl UNet2DConditionModel {
 
     /// [`Self::forward`] with attention slicing, captured maps and perturbed self-attention as
     /// `opts` asks. (`opts.stop_after` is for [`Self::cross_attention_until`]; here the pass
-    /// always completes.)
+    /// always completes.) For SD 1.x/2.x UNets; an SDXL (`text_time`) UNet needs
+    /// [`Self::forward_added`].
     ///
     /// # Panics
-    /// If `timesteps` does not hold one value per batch row (callers build it).
+    /// If `timesteps` does not hold one value per batch row, or the UNet is a `text_time` one
+    /// (callers build both; [`Self::text_time_dims`] tells which UNet this is).
     pub fn forward_with(
         &self,
         sample: Tensor<4>,
@@ -200,21 +241,43 @@ impl UNet2DConditionModel {
         context: &Tensor<3>,
         opts: &AttentionOptions,
     ) -> UNetOutput {
+        self.forward_added(sample, timesteps, context, None, opts)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Self::forward_with`] with SDXL's added conditions: `Some` for a UNet whose config sets
+    /// `addition_embed_type: "text_time"`, `None` for the others. Either mismatch, or
+    /// conditions whose batch or widths do not fit ([`TextTimeDims`]), is an error that says
+    /// so, before any layer runs.
+    ///
+    /// # Panics
+    /// If `timesteps` does not hold one value per batch row (callers build it).
+    pub fn forward_added(
+        &self,
+        sample: Tensor<4>,
+        timesteps: &[f64],
+        context: &Tensor<3>,
+        added: Option<&AddedConditions>,
+        opts: &AttentionOptions,
+    ) -> Result<UNetOutput, UNetError> {
         let opts = &AttentionOptions {
             stop_after: None,
             ..opts.clone()
         };
-        let (out, rec) = self.run(sample, timesteps, context, opts);
-        UNetOutput {
+        let (out, rec) = self.run(sample, timesteps, context, added, opts)?;
+        Ok(UNetOutput {
             sample: out.expect("a pass without stop_after completes"),
             cross_attention: rec.cross,
             self_attention: rec.self_attn,
-        }
+        })
     }
 
     /// The captured cross-attention maps of a pass that stops after the cross-attention module
     /// `last` (a path from [`Self::attention_sites`]): the layers after it cannot change the maps,
     /// so a gradient of the maps (Attend-and-Excite) needs only this part of the UNet.
+    ///
+    /// # Panics
+    /// As [`Self::forward_with`].
     pub fn cross_attention_until(
         &self,
         sample: Tensor<4>,
@@ -223,11 +286,81 @@ impl UNet2DConditionModel {
         opts: &AttentionOptions,
         last: &str,
     ) -> Vec<AttentionMap> {
+        self.cross_attention_until_added(sample, timesteps, context, None, opts, last)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Self::cross_attention_until`] with SDXL's added conditions, as
+    /// [`Self::forward_added`] takes them.
+    ///
+    /// # Panics
+    /// If `timesteps` does not hold one value per batch row (callers build it).
+    pub fn cross_attention_until_added(
+        &self,
+        sample: Tensor<4>,
+        timesteps: &[f64],
+        context: &Tensor<3>,
+        added: Option<&AddedConditions>,
+        opts: &AttentionOptions,
+        last: &str,
+    ) -> Result<Vec<AttentionMap>, UNetError> {
         let opts = &AttentionOptions {
             stop_after: Some(last.to_string()),
             ..opts.clone()
         };
-        self.run(sample, timesteps, context, opts).1.cross
+        Ok(self.run(sample, timesteps, context, added, opts)?.1.cross)
+    }
+
+    /// The widths SDXL's added conditions must have, for a `text_time` UNet; `None` for a UNet
+    /// that takes none (SD 1.x/2.x).
+    pub fn text_time_dims(&self) -> Option<TextTimeDims> {
+        self.add_embedding.as_ref().map(|e| TextTimeDims {
+            time_embed_dim: self.add_time_channels,
+            input_dim: e.linear_1.weight.dims()[0],
+        })
+    }
+
+    /// Stores every 3x3 convolution weight that the flex host path runs split per kernel tap
+    /// ([`host::store_taps`]), in the layout of a pass at `latent_hw` (the config's
+    /// `sample_size`), so that no pass keeps a second, split copy of them; `load_unet` calls it.
+    /// No effect on other backends.
+    pub fn store_conv_taps(&mut self, latent_hw: [usize; 2]) {
+        let sizes = self.level_sizes(latent_hw);
+        let n = sizes.len();
+        host::store_taps(&mut self.conv_in, sizes[0]);
+        host::store_taps(&mut self.conv_out, sizes[0]);
+        for (i, block) in self.down_blocks.iter_mut().enumerate() {
+            block
+                .resnets
+                .iter_mut()
+                .for_each(|r| r.store_taps(sizes[i]));
+        }
+        if let Some(mid) = &mut self.mid_block {
+            mid.resnets
+                .iter_mut()
+                .for_each(|r| r.store_taps(sizes[n - 1]));
+        }
+        for (j, block) in self.up_blocks.iter_mut().enumerate() {
+            let i = n - 1 - j;
+            block
+                .resnets
+                .iter_mut()
+                .for_each(|r| r.store_taps(sizes[i]));
+            for up in &mut block.upsamplers {
+                host::store_taps(&mut up.conv, sizes[i.saturating_sub(1)]);
+            }
+        }
+    }
+
+    /// The feature-map size of each level for a latent of `latent_hw`: stride-2 3x3
+    /// convolutions with padding 1 round up.
+    fn level_sizes(&self, latent_hw: [usize; 2]) -> Vec<[usize; 2]> {
+        let mut sizes = vec![latent_hw];
+        for _ in 1..self.down_blocks.len().max(1) {
+            let [h, w] = *sizes.last().expect("one level");
+            sizes.push([h.div_ceil(2), w.div_ceil(2)]);
+        }
+        sizes
     }
 
     /// Every attention module (`...attn1`, `...attn2`) in forward order with the feature-map
@@ -247,12 +380,7 @@ impl UNet2DConditionModel {
                 }
             }
         };
-        // Sizes per level: stride-2 3x3 convolutions with padding 1 round up.
-        let mut sizes = vec![latent_hw];
-        for _ in 1..self.down_blocks.len() {
-            let [h, w] = *sizes.last().expect("one level");
-            sizes.push([h.div_ceil(2), w.div_ceil(2)]);
-        }
+        let sizes = self.level_sizes(latent_hw);
         for (i, block) in self.down_blocks.iter().enumerate() {
             for (l, t) in block.attentions.iter().enumerate() {
                 push(format!("down_blocks.{i}.attentions.{l}"), t, sizes[i]);
@@ -276,20 +404,105 @@ impl UNet2DConditionModel {
         sites
     }
 
+    /// diffusers' `get_aug_embed` for `text_time`: each time id through the sinusoids of
+    /// `add_time_proj` (f32, the time embedding's flip and shift), `[b, k * dim]` after the
+    /// pooled `text_embeds`, through `add_embedding`; `None` for a UNet without one. The
+    /// conditions are checked against the UNet and the batch `b` first.
+    fn added_embedding(
+        &self,
+        added: Option<&AddedConditions>,
+        b: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Option<Tensor<2>>, UNetError> {
+        let bad = |m: String| Err(UNetError::Input(m));
+        let (embedding, added) = match (&self.add_embedding, added) {
+            (None, None) => return Ok(None),
+            (None, Some(_)) => {
+                return bad(
+                    "added conditions (text_embeds, time_ids) were passed to a UNet \
+                            without an addition embedding (its config sets no \
+                            `addition_embed_type`): pass None for an SD 1.x/2.x UNet"
+                        .into(),
+                );
+            }
+            (Some(e), Some(a)) => (e, a),
+            (Some(_), None) => {
+                return bad(
+                    "this UNet's config sets `addition_embed_type: \"text_time\"` \
+                            (SDXL): every pass needs the pooled text embedding and the time \
+                            ids; call `forward_added` / `cross_attention_until_added` with \
+                            `AddedConditions`"
+                        .into(),
+                );
+            }
+        };
+        let dims = TextTimeDims {
+            time_embed_dim: self.add_time_channels,
+            input_dim: embedding.linear_1.weight.dims()[0],
+        };
+        let [tb, pooled] = added.text_embeds.dims();
+        let [ib, k] = added.time_ids.dims();
+        if tb != b || ib != b {
+            return bad(format!(
+                "added conditions: `text_embeds` has {tb} rows and `time_ids` {ib}, but the \
+                 sample has a batch of {b}; give one row of each per batch row"
+            ));
+        }
+        let want = dims.input_dim;
+        if pooled + k * dims.time_embed_dim != want {
+            return bad(format!(
+                "added conditions: `text_embeds` [{b}, {pooled}] and `time_ids` [{b}, {k}] give \
+                 {pooled} + {k} x {} = {} inputs, but `add_embedding.linear_1` takes {want} \
+                 (`projection_class_embeddings_input_dim`); check the pooled embedding's width \
+                 (the second text encoder's projection) and the number of time ids",
+                dims.time_embed_dim,
+                pooled + k * dims.time_embed_dim
+            ));
+        }
+        // torch embeds `time_ids.flatten()` as f32, whatever the ids' dtype.
+        let ids: Vec<f64> = added
+            .time_ids
+            .clone()
+            .cast(DType::F32)
+            .into_data()
+            .iter::<f32>()
+            .map(f64::from)
+            .collect();
+        let time_embeds = timestep_features(
+            &ids,
+            dims.time_embed_dim,
+            self.flip_sin_to_cos,
+            self.freq_shift,
+            device,
+        )
+        .reshape([b, k * dims.time_embed_dim]);
+        let input = Tensor::cat(
+            vec![
+                added.text_embeds.clone().cast(dtype),
+                time_embeds.cast(dtype),
+            ],
+            1,
+        );
+        Ok(Some(embedding.forward(input)))
+    }
+
     /// The pass itself: `None` for the prediction when it stopped at `opts.stop_after`.
     fn run<'a>(
         &self,
         sample: Tensor<4>,
         timesteps: &[f64],
         context: &Tensor<3>,
+        added: Option<&AddedConditions>,
         opts: &'a AttentionOptions,
-    ) -> (Option<Tensor<4>>, Recorder<'a>) {
+    ) -> Result<(Option<Tensor<4>>, Recorder<'a>), UNetError> {
         let [b, _, _, _] = sample.dims();
         assert_eq!(timesteps.len(), b, "one timestep per batch row");
         let device = sample.device();
         // Inputs in the weights' precision (`decorr_core::cast_module`); the prediction and the
         // recorded maps come back in f32, so callers never see half precision.
         let dtype = self.conv_in.weight.val().dtype();
+        let aug = self.added_embedding(added, b, dtype, &device)?;
         let sample = sample.cast(dtype);
         let context = &context.clone().cast(dtype);
         let mut rec = Recorder::new(opts);
@@ -301,6 +514,10 @@ impl UNet2DConditionModel {
             &device,
         );
         let emb = self.time_embedding.forward(t.cast(dtype));
+        let emb = match aug {
+            Some(aug) => emb + aug,
+            None => emb,
+        };
         let sample = if self.center_input_sample {
             sample.mul_scalar(2.0).sub_scalar(1.0)
         } else {
@@ -320,7 +537,7 @@ impl UNet2DConditionModel {
                         &mut rec,
                     );
                     if rec.stopped {
-                        return (None, rec);
+                        return Ok((None, rec));
                     }
                 }
                 skips.push(x.clone());
@@ -335,7 +552,7 @@ impl UNet2DConditionModel {
             for (l, (attn, resnet)) in mid.attentions.iter().zip(&mid.resnets[1..]).enumerate() {
                 x = attn.forward(x, context, &format!("mid_block.attentions.{l}"), &mut rec);
                 if rec.stopped {
-                    return (None, rec);
+                    return Ok((None, rec));
                 }
                 x = resnet.forward(x, Some(&emb));
             }
@@ -352,7 +569,7 @@ impl UNet2DConditionModel {
                         &mut rec,
                     );
                     if rec.stopped {
-                        return (None, rec);
+                        return Ok((None, rec));
                     }
                 }
             }
@@ -369,7 +586,7 @@ impl UNet2DConditionModel {
             &self.conv_out,
             host::group_norm(&self.conv_norm_out, x, true),
         );
-        (Some(x.cast(DType::F32)), rec)
+        Ok((Some(x.cast(DType::F32)), rec))
     }
 }
 

@@ -178,6 +178,49 @@ impl AutoencoderKL {
         }
     }
 
+    /// Stores every 3x3 convolution weight that the flex host path runs split per kernel tap
+    /// ([`host::store_taps`]), in the layout of a pass at `image_hw` (the config's
+    /// `sample_size`), so that no pass keeps a second, split copy of them; `load_vae` calls it.
+    /// No effect on other backends.
+    pub fn store_conv_taps(&mut self, image_hw: [usize; 2]) {
+        let n = self.encoder.down_blocks.len().max(1);
+        let mut sizes = vec![image_hw];
+        for _ in 1..n {
+            let [h, w] = *sizes.last().expect("one level");
+            sizes.push([h.div_ceil(2), w.div_ceil(2)]);
+        }
+        let e = &mut self.encoder;
+        host::store_taps(&mut e.conv_in, sizes[0]);
+        for (i, block) in e.down_blocks.iter_mut().enumerate() {
+            block
+                .resnets
+                .iter_mut()
+                .for_each(|r| r.store_taps(sizes[i]));
+        }
+        e.mid_block
+            .resnets
+            .iter_mut()
+            .for_each(|r| r.store_taps(sizes[n - 1]));
+        host::store_taps(&mut e.conv_out, sizes[n - 1]);
+        let d = &mut self.decoder;
+        host::store_taps(&mut d.conv_in, sizes[n - 1]);
+        d.mid_block
+            .resnets
+            .iter_mut()
+            .for_each(|r| r.store_taps(sizes[n - 1]));
+        for (j, block) in d.up_blocks.iter_mut().enumerate() {
+            let i = n.saturating_sub(1 + j);
+            block
+                .resnets
+                .iter_mut()
+                .for_each(|r| r.store_taps(sizes[i]));
+            for up in &mut block.upsamplers {
+                host::store_taps(&mut up.conv, sizes[i.saturating_sub(1)]);
+            }
+        }
+        host::store_taps(&mut d.conv_out, sizes[0]);
+    }
+
     /// Image `[batch, 3, H, W]` in [-1, 1] to the latent posterior (unscaled).
     pub fn encode(&self, image: Tensor<4>, slice: Option<usize>) -> Posterior {
         let e = &self.encoder;

@@ -105,7 +105,9 @@ fn presets_validate_and_sd2_heads_follow_the_list() {
         (5, 20),
         "diffusers' attention_head_dim quirk"
     );
-    assert!(UNetConfig::preset("sdxl").is_err());
+    UNetConfig::preset("sdxl").unwrap().validate().unwrap();
+    let e = UNetConfig::preset("sd3").unwrap_err().to_string();
+    assert!(e.contains("sd3") && e.contains("sdxl"), "{e}");
 }
 
 fn edited_vae(edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
