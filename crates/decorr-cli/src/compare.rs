@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::Args;
-use decorr_runs::compare::{CompareConfig, Method, read_pairs};
+use decorr_runs::MethodKind;
+use decorr_runs::compare::{CompareConfig, read_pairs};
 
 use crate::generate::SampleArgs;
 use crate::guidance_args::GuidanceArgs;
@@ -25,7 +26,7 @@ pub struct CompareArgs {
     /// The methods, comma-separated: sd (pre-trained), pag, aae (Attend-and-Excite on the pair),
     /// ours (fine-tuned for the pair's second object, decorrelated guidance).
     #[arg(long, value_delimiter = ',', default_value = "sd,pag,aae,ours")]
-    methods: Vec<Method>,
+    methods: Vec<MethodKind>,
     /// Seeds, as a range `A..B` (B excluded) or a list `1,5,9`; the same for every method.
     #[arg(long, default_value = "0..4")]
     seeds: String,
@@ -127,10 +128,10 @@ fn run_config(args: &CompareArgs, config: &CompareConfig) -> Result<()> {
     decorr_runs::compare::check_out(config, &source.describe())?;
     let device = args.model.device()?;
     let precision = args.model.precision(&device)?;
-    let sd = decorr_runs::generate::load_pipeline(&source, &device, None, Some(precision))?;
+    let sd = decorr_runs::generate::load_pipeline(&source, &device, Some(precision))?;
     let outcome = decorr_runs::compare::run(config, sd, &source, &mut Bar::new(args.sample.quiet))?;
     let out = args.out.display();
-    let names: Vec<&str> = config.methods.iter().map(|m| m.folder()).collect();
+    let names: Vec<&str> = config.methods.iter().map(|m| m.name()).collect();
     if let Some(s) = args.shard {
         println!(
             "shard {s}: {} images in {out}; once every shard is, run the same command with \

@@ -99,7 +99,7 @@ fn run_locked(args: DisenDiffArgs) -> Result<()> {
         images: args.images.clone(),
         seeds,
         sample_steps: args.sample_steps,
-        guidance_scale: 7.5,
+        guidance_scale: decorr_runs::generate::DEFAULT_GUIDANCE_SCALE,
         regularisation,
         config: DisenDiffConfig {
             max_train_steps: args.max_train_steps,

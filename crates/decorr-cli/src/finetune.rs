@@ -110,6 +110,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
     let job = FinetuneJob {
         source: &source,
         device: &device,
+        pretrained: None,
         prompts: args.prompts.clone(),
         targets: args.targets.clone(),
         settings,

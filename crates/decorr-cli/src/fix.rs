@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use decorr_runs::compare::Method;
+use decorr_runs::MethodKind;
 use decorr_runs::fix::{FixJob, FixSettings};
 use decorr_trainer::TargetSpec;
 
@@ -30,7 +30,7 @@ pub struct FixArgs {
     /// Seeds, as a range `A..B` (B excluded) or a list `1,5,9`.
     #[arg(long, default_value = "0..8")]
     seeds: String,
-    /// Output folder: finetune/, pretrained/, fixed/, comparison.png, report.html (created;
+    /// Output folder: finetune/, sd/, ours/, comparison.png, report.html (created;
     /// the same command resumes it).
     #[arg(long, value_parser = crate::flags::out_folder)]
     out: PathBuf,
@@ -90,10 +90,10 @@ pub enum Compared {
 
 impl Compared {
     /// The compared method of the library.
-    fn method(self) -> Method {
+    fn method(self) -> MethodKind {
         match self {
-            Compared::Pag => Method::Pag,
-            Compared::Aae => Method::Aae,
+            Compared::Pag => MethodKind::Pag,
+            Compared::Aae => MethodKind::Aae,
         }
     }
 }

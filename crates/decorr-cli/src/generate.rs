@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use decorr_pipeline::Guidance;
 use decorr_runs::generate::{GenerateOutcome, GenerateRun, Manifest, Sampling};
 use decorr_scheduler::SchedulerKind;
 
@@ -26,11 +25,12 @@ pub struct SampleArgs {
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
     /// Denoising steps (1 to 1000).
-    #[arg(long, default_value_t = 50,
+    #[arg(long, default_value_t = decorr_runs::generate::DEFAULT_STEPS,
           value_parser = crate::flags::usize_in(1, crate::flags::MAX_STEPS))]
     pub steps: usize,
     /// Guidance scale s (diffusers' convention; 1 or less turns guidance off; 0 to 1000).
-    #[arg(long, default_value_t = 7.5, value_parser = crate::flags::guidance_scale)]
+    #[arg(long, default_value_t = decorr_runs::generate::DEFAULT_GUIDANCE_SCALE,
+          value_parser = crate::flags::guidance_scale)]
     pub guidance_scale: f64,
     /// Image width in pixels (multiple of 8); default the UNet's sample size x 8 (512 for SD 1.5).
     #[arg(long, value_parser = crate::flags::usize_in(8, crate::flags::MAX_SIDE))]
@@ -96,9 +96,9 @@ pub struct GenerateArgs {
     disendiff: Option<PathBuf>,
     /// cfg, decorrelated (the paper's Eq. 6), pag (perturbed-attention guidance) or
     /// attend-and-excite (also `aae`). With --encoder, pag and attend-and-excite take the
-    /// conditional embedding from the fine-tuned encoder (methods decorrelated+pag/+aae).
+    /// conditional embedding from the fine-tuned encoder (methods ours+pag/+aae).
     #[arg(long)]
-    guidance: Option<Guidance>,
+    guidance: Option<decorr_runs::generate::GuidanceName>,
     /// Seed of the first image; image k uses seed + k (torch.Generator("cpu").manual_seed).
     #[arg(long, default_value_t = 0)]
     seed: u64,

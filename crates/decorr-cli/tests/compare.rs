@@ -85,7 +85,7 @@ fn compare_makes_every_method_on_the_same_seeds_resumes_and_shards() {
         ("sd", "sd"),
         ("pag", "pag"),
         ("aae", "aae"),
-        ("ours", "decorrelated"),
+        ("ours", "ours"),
     ] {
         for folder in FOLDERS {
             let dir = out.join(method).join(folder);
@@ -292,7 +292,7 @@ fn compare_makes_every_method_on_the_same_seeds_resumes_and_shards() {
         .collect();
     let mut sorted = methods.clone();
     sorted.sort();
-    assert_eq!(sorted, ["aae", "decorrelated", "pag", "sd"], "{methods:?}");
+    assert_eq!(sorted, ["aae", "ours", "pag", "sd"], "{methods:?}");
 }
 
 #[test]

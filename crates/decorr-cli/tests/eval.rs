@@ -111,7 +111,7 @@ fn eval_run_reports_table_3_resumes_and_merges_shards() {
     generate(model.path(), &dec, true);
     let mut images = HashMap::new();
     b64_of_images(&sd, "sd", &mut images);
-    b64_of_images(&dec, "decorrelated", &mut images);
+    b64_of_images(&dec, "ours", &mut images);
     let vlm = start_vlm(images);
     let bert = fixtures().join("bertscore/bert_tiny");
     let out = work.path().join("eval");
@@ -149,7 +149,7 @@ fn eval_run_reports_table_3_resumes_and_merges_shards() {
             .find(|r| r["method"] == m && r["table"] == "overall")
             .unwrap()
     };
-    let (s, d) = (row("sd"), row("decorrelated"));
+    let (s, d) = (row("sd"), row("ours"));
     assert_eq!(s["images"], "3");
     // The scripted VLM never sees the train in SD's images and always in ours.
     assert_eq!(
@@ -517,7 +517,7 @@ fn eval_run_computes_fid_per_method() {
             .parse()
             .unwrap()
     };
-    let (f_sd, f_dec) = (fid("sd"), fid("decorrelated"));
+    let (f_sd, f_dec) = (fid("sd"), fid("ours"));
     assert!(
         f_sd.abs() < 1e-3 * f_dec,
         "SD against its own images: {f_sd} (ours {f_dec})"

@@ -248,12 +248,12 @@ fn fix_runs_end_to_end_and_writes_every_promised_file() {
         "finetune/text_encoder/model.safetensors",
         "finetune/report.json",
         "finetune/losses.png",
-        "pretrained/seed-000000.png",
-        "pretrained/seed-000001.png",
-        "pretrained/manifest.json",
-        "fixed/seed-000000.png",
-        "fixed/seed-000001.png",
-        "fixed/manifest.json",
+        "sd/seed-000000.png",
+        "sd/seed-000001.png",
+        "sd/manifest.json",
+        "ours/seed-000000.png",
+        "ours/seed-000001.png",
+        "ours/manifest.json",
         "comparison.png",
         "report.html",
         "summary.json",
@@ -266,9 +266,9 @@ fn fix_runs_end_to_end_and_writes_every_promised_file() {
     assert_eq!(summary["target"], "train");
     assert_eq!(summary["corr"], "old");
     let fixed: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("fixed/manifest.json")).unwrap())
+        serde_json::from_str(&std::fs::read_to_string(dir.join("ours/manifest.json")).unwrap())
             .unwrap();
-    assert_eq!(fixed["images"][0]["method"], "decorrelated");
+    assert_eq!(fixed["images"][0]["method"], "ours");
     assert!(fixed["images"][0]["encoder_sha256"].as_str().unwrap().len() == 64);
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
     assert!(
@@ -278,7 +278,7 @@ fn fix_runs_end_to_end_and_writes_every_promised_file() {
     );
     // Figure 3's maps are shown inline, and the attention table marks the two columns.
     assert!(
-        html.contains("<img src=\"fixed/attention-000001.png\""),
+        html.contains("<img src=\"ours/attention-000001.png\""),
         "{html}"
     );
     assert!(
@@ -288,11 +288,11 @@ fn fix_runs_end_to_end_and_writes_every_promised_file() {
     );
     // Same seeds, different guidance: the images differ.
     assert_ne!(
-        std::fs::read(dir.join("pretrained/seed-000000.png")).unwrap(),
-        std::fs::read(dir.join("fixed/seed-000000.png")).unwrap()
+        std::fs::read(dir.join("sd/seed-000000.png")).unwrap(),
+        std::fs::read(dir.join("ours/seed-000000.png")).unwrap()
     );
     // A deleted attention map (the page links it) is made again with its image.
-    std::fs::remove_file(dir.join("fixed/attention-000001.png")).unwrap();
+    std::fs::remove_file(dir.join("ours/attention-000001.png")).unwrap();
     let o = decorr(&args);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
@@ -300,13 +300,35 @@ fn fix_runs_end_to_end_and_writes_every_promised_file() {
         "{}",
         text(&o)
     );
-    assert!(dir.join("fixed/attention-000001.png").is_file());
+    assert!(dir.join("ours/attention-000001.png").is_file());
     // A second run reuses the fine-tuning and every image.
     let o = decorr(&args);
     assert!(
         o.status.success() && text(&o).contains("reusing"),
         "{}",
         text(&o)
+    );
+    // A fix folder an older decorr wrote (`pretrained/`, `fixed/`, manifests saying
+    // `decorrelated`) is continued under its own names: nothing is made again.
+    std::fs::rename(dir.join("sd"), dir.join("pretrained")).unwrap();
+    std::fs::rename(dir.join("ours"), dir.join("fixed")).unwrap();
+    let manifest = dir.join("fixed/manifest.json");
+    let old = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .replace("\"method\": \"ours\"", "\"method\": \"decorrelated\"");
+    std::fs::write(&manifest, old).unwrap();
+    let image = std::fs::read(dir.join("fixed/seed-000000.png")).unwrap();
+    let o = decorr(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!dir.join("sd").exists() && !dir.join("ours").exists());
+    assert_eq!(
+        std::fs::read(dir.join("fixed/seed-000000.png")).unwrap(),
+        image
+    );
+    assert!(
+        std::fs::read_to_string(dir.join("report.html"))
+            .unwrap()
+            .contains("fixed/attention-000001.png")
     );
 }
 

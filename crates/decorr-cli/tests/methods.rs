@@ -121,7 +121,7 @@ fn pag_records_its_settings_refuses_changed_ones_and_composes_with_the_encoder()
     );
     assert!(o.status.success(), "{}", text(&o));
     let first = &json(&both.join("manifest.json"))["images"][0];
-    assert_eq!(first["method"], "decorrelated+pag");
+    assert_eq!(first["method"], "ours+pag");
     assert_eq!(first["encoder_sha256"].as_str().unwrap().len(), 64);
     assert_eq!(first["pag"]["layers"], serde_json::json!(["mid"]));
 }
@@ -201,7 +201,7 @@ fn attend_and_excite_records_its_objects_and_writes_its_losses() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(
         json(&both.join("manifest.json"))["images"][0]["method"],
-        "decorrelated+aae"
+        "ours+aae"
     );
 }
 
@@ -346,7 +346,7 @@ fn fix_compares_pag_and_attend_and_excite_on_the_same_seeds() {
     let o = decorr(&args);
     assert!(o.status.success(), "{}", text(&o));
     for f in [
-        "pretrained/seed-000001.png",
+        "sd/seed-000001.png",
         "pag/seed-000000.png",
         "pag/seed-000001.png",
         "pag/manifest.json",
@@ -354,7 +354,7 @@ fn fix_compares_pag_and_attend_and_excite_on_the_same_seeds() {
         "aae/seed-000001.png",
         "aae/excite-000001.json",
         "aae/manifest.json",
-        "fixed/seed-000001.png",
+        "ours/seed-000001.png",
         "comparison.png",
         "report.html",
         "summary.json",
@@ -376,7 +376,7 @@ fn fix_compares_pag_and_attend_and_excite_on_the_same_seeds() {
         .iter()
         .map(|m| m["method"].as_str().unwrap())
         .collect();
-    assert_eq!(methods, ["sd", "pag", "aae", "decorrelated"]);
+    assert_eq!(methods, ["sd", "pag", "aae", "ours"]);
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
     for needle in [
         "pag/seed-000000.png",

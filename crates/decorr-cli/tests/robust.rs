@@ -292,7 +292,7 @@ fn fix_rerun_with_other_settings_is_refused_before_anything_changes() {
         "{}",
         text(&o)
     );
-    assert!(out.join("fixed/seed-000001.png").is_file());
+    assert!(out.join("ours/seed-000001.png").is_file());
 }
 
 #[test]
@@ -360,7 +360,7 @@ fn ctrl_c_stops_fix() {
         .spawn()
         .unwrap();
     let t0 = Instant::now();
-    while !out.join("pretrained/seed-000000.png").exists() {
+    while !out.join("sd/seed-000000.png").exists() {
         assert!(
             t0.elapsed() < Duration::from_secs(300),
             "sampling never started"
@@ -390,7 +390,7 @@ fn ctrl_c_stops_fix() {
     assert!(!status.success(), "{t}");
     assert!(t.contains("interrupted"), "{t}");
     assert!(
-        !out.join("fixed").exists(),
+        !out.join("ours").exists(),
         "fix went on to the next stage:\n{t}"
     );
 }

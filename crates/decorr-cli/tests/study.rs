@@ -459,7 +459,15 @@ fn nothing_a_rater_fetches_names_a_method_a_folder_or_a_seed() {
     for (path, body) in &fetched {
         for text in [path.clone(), String::from_utf8_lossy(body).to_string()] {
             let w = words(&text);
-            for method in ["sd", "pag", "cfg", "decorrelated", "run-cfg", "run-pag"] {
+            for method in [
+                "sd",
+                "pag",
+                "cfg",
+                "decorrelated",
+                "ours",
+                "run-cfg",
+                "run-pag",
+            ] {
                 assert!(!w.iter().any(|x| x == method), "{path} names `{method}`");
             }
             for seed in ["73519", "73520", "073519", "073520"] {

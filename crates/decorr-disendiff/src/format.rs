@@ -288,13 +288,14 @@ pub fn read_out(dir: &Path) -> Result<DeltaFiles, DisenDiffError> {
     })
 }
 
-/// Applies a delta to a loaded pipeline: the k/v weights into the UNet, the modifiers into the
-/// tokenizer and the text encoder's table. Refuses a delta trained on another base model (by
-/// the report's fingerprint) or one whose shapes do not fit.
-pub fn apply_to_pipeline(
-    sd: &mut StableDiffusion,
+/// The variant of a loaded pipeline that samples with a delta: the k/v weights in the UNet, the
+/// modifiers in the tokenizer and the text encoder's table; every other weight is shared with
+/// `sd`, which is not changed. Refuses a delta trained on another base model (by the report's
+/// fingerprint) or one whose shapes do not fit.
+pub fn with_delta(
+    sd: &StableDiffusion,
     delta: &DeltaFiles,
-) -> Result<(), DisenDiffError> {
+) -> Result<StableDiffusion, DisenDiffError> {
     let hidden = sd
         .text_encoder
         .embeddings
@@ -320,11 +321,13 @@ pub fn apply_to_pipeline(
             )));
         }
     }
-    sd.unet = apply_kv(sd.unet.clone(), &delta.trained.kv)?;
     let rows_n = sd.text_encoder.vocab_size();
     let (tokenizer, _) = extend_tokenizer(&sd.tokenizer, rows_n)?;
     let rows = rows_tensor(&delta.trained.rows, &sd.device)?;
-    sd.text_encoder = extend_table(sd.text_encoder.clone(), rows);
-    sd.tokenizer = tokenizer;
-    Ok(())
+    Ok(StableDiffusion {
+        unet: apply_kv(sd.unet.clone(), &delta.trained.kv)?,
+        text_encoder: extend_table(sd.text_encoder.clone(), rows),
+        tokenizer,
+        ..sd.clone()
+    })
 }

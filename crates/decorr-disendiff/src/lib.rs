@@ -16,7 +16,7 @@ pub mod format;
 pub mod tokens;
 pub mod train;
 
-pub use format::{DeltaFiles, Report, apply_to_pipeline, read_out, write_out};
+pub use format::{DeltaFiles, Report, read_out, with_delta, write_out};
 pub use tokens::{MODIFIERS, Placement, place_modifiers};
 pub use train::{DisenDiffConfig, MicroBatch, MicroLosses, Trained, Trainer};
 

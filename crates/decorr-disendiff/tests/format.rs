@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use decorr_core::ModelSource;
 use decorr_disendiff::format::{WEIGHTS_FILE, read_out, token_file};
-use decorr_disendiff::{MODIFIERS, apply_to_pipeline, write_out};
+use decorr_disendiff::{MODIFIERS, with_delta, write_out};
 use decorr_pipeline::{GenerateParams, Guidance, StableDiffusion};
 
 fn report() -> decorr_disendiff::Report {
@@ -124,9 +124,9 @@ fn sampling_with_the_delta_matches_diffusers() {
     let refs = refs();
     let c = cases();
     let s = &c["sample"];
-    let (_dir, mut sd) = tiny_pipeline();
+    let (_dir, sd) = tiny_pipeline();
     let delta = read_out(&fixtures().join("disendiff/out")).unwrap();
-    apply_to_pipeline(&mut sd, &delta).unwrap();
+    let sd = with_delta(&sd, &delta).unwrap();
     let p = GenerateParams {
         prompt: s["prompt"].as_str().unwrap().into(),
         negative_prompt: String::new(),
@@ -140,8 +140,7 @@ fn sampling_with_the_delta_matches_diffusers() {
         eta: 0.0,
         attention_slice: None,
         capture_tokens: vec![],
-        pag: Default::default(),
-        excite: Default::default(),
+        text: Default::default(),
     };
     let emb = sd.encode(&sd.text_encoder, &p.prompt).unwrap();
     let d_emb = max_abs_diff(&to_vec(emb), &refs["sample.prompt_embeds"].1);
@@ -171,33 +170,25 @@ fn a_delta_that_does_not_fit_is_refused() {
     let mut bad = good.clone();
     bad.trained.kv[0].1 = [16, 32];
     bad.trained.kv[0].2 = vec![0.0; 512];
-    let e = apply_to_pipeline(&mut (sd_clone(&sd)), &bad)
-        .unwrap_err()
-        .to_string();
+    let e = with_delta(&sd, &bad).err().unwrap().to_string();
     assert!(e.contains("does not fit"), "{e}");
     // A layer this UNet lacks.
     let mut bad = good.clone();
     bad.trained.kv[0].0 =
         "down_blocks.7.attentions.0.transformer_blocks.0.attn2.to_k.weight".into();
-    let e = apply_to_pipeline(&mut sd_clone(&sd), &bad)
-        .unwrap_err()
-        .to_string();
+    let e = with_delta(&sd, &bad).err().unwrap().to_string();
     assert!(e.contains("does not have"), "{e}");
     // Rows of another width.
     let mut bad = good.clone();
     bad.trained.rows = [vec![0.0; 768], vec![0.0; 768]];
-    let e = apply_to_pipeline(&mut sd_clone(&sd), &bad)
-        .unwrap_err()
-        .to_string();
+    let e = with_delta(&sd, &bad).err().unwrap().to_string();
     assert!(e.contains("another base model"), "{e}");
     // A report from another base model.
     let mut bad = good.clone();
     let mut r = report();
     r.base.probe = vec![0.5; 64 + 64];
     bad.report = Some(r);
-    let e = apply_to_pipeline(&mut sd_clone(&sd), &bad)
-        .unwrap_err()
-        .to_string();
+    let e = with_delta(&sd, &bad).err().unwrap().to_string();
     assert!(e.contains("another base model"), "{e}");
     // Missing and broken files.
     let tmp = tempfile::tempdir().unwrap();
@@ -211,8 +202,4 @@ fn a_delta_that_does_not_fit_is_refused() {
     );
     let e = read_out(&tmp.path().join("nope")).unwrap_err().to_string();
     assert!(e.contains("not a folder"), "{e}");
-}
-
-fn sd_clone(sd: &StableDiffusion) -> StableDiffusion {
-    sd.clone()
 }

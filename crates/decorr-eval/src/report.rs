@@ -23,7 +23,7 @@ pub struct Prf {
 pub struct ImageResult {
     /// The run folder the image came from.
     pub run: String,
-    /// `sd`, `decorrelated`, `finetuned-cfg`: the table's rows.
+    /// `sd`, `pag`, `aae`, `disendiff`, `ours`, `finetuned-cfg`, ...: the table's rows.
     pub method: String,
     pub prompt: String,
     pub seed: u64,
@@ -70,12 +70,21 @@ pub struct Report {
     pub tables: Vec<Table>,
 }
 
-/// Methods in the order the paper's table lists them; unknown ones after, alphabetically.
+/// Methods in the order the paper's table lists them (baselines first, ours last; results
+/// an older decorr wrote say `decorrelated` for ours); unknown ones after, alphabetically.
 fn method_rank(m: &str) -> (usize, String) {
-    let rank = ["sd", "finetuned-cfg", "decorrelated"]
-        .iter()
-        .position(|k| *k == m)
-        .unwrap_or(usize::MAX);
+    let rank = [
+        "sd",
+        "pag",
+        "aae",
+        "disendiff",
+        "finetuned-cfg",
+        "ours",
+        "decorrelated",
+    ]
+    .iter()
+    .position(|k| *k == m)
+    .unwrap_or(usize::MAX);
     (rank, m.to_string())
 }
 

@@ -39,7 +39,17 @@ fn main() {
     let guidance: Guidance = std::env::args()
         .skip(1)
         .find(|a| a.parse::<usize>().is_err() && !a.starts_with('-'))
-        .map_or(Guidance::Cfg, |g| g.parse().expect("cfg, pag or aae"));
+        .map_or(Guidance::Cfg, |g| match g.as_str() {
+            "cfg" => Guidance::Cfg,
+            "pag" => Guidance::Pag(Default::default()),
+            "aae" | "attend-and-excite" => {
+                Guidance::AttendAndExcite(decorr_pipeline::ExciteParams {
+                    token_indices: vec![2, 6],
+                    ..Default::default()
+                })
+            }
+            other => panic!("{other}: cfg, pag or aae"),
+        });
     let device: Device = decorr_core::device_from_env();
     let backend = decorr_core::describe(&device);
     device.seed(0);
@@ -47,7 +57,7 @@ fn main() {
         tokenizer: ClipTokenizer::embedded(),
         text_encoder: ClipTextModel::new(&ClipTextConfig::sd15(), &device),
         text_config: ClipTextConfig::sd15(),
-        tuned: None,
+        xl: None,
         unet: UNet2DConditionModel::new(&UNetConfig::sd15(), &device),
         unet_config: UNetConfig::sd15(),
         vae: AutoencoderKL::new(&VaeConfig::sd15(), &device),
@@ -71,16 +81,12 @@ fn main() {
         width: hw * 8,
         height: hw * 8,
         scheduler: SchedulerKind::Ddim,
-        guidance,
+        guidance: guidance.clone(),
         karras: None,
         eta: 0.0,
         attention_slice: None,
         capture_tokens: Vec::new(),
-        pag: Default::default(),
-        excite: decorr_pipeline::ExciteParams {
-            token_indices: vec![2, 6],
-            ..Default::default()
-        },
+        text: Default::default(),
     };
     // Materialise the lazily initialised weights before timing.
     let _ = sd.generate(

@@ -11,8 +11,8 @@ pub mod rng;
 
 pub use guidance::{ExciteParams, ExciteStep, Guidance, PagParams};
 pub use pipeline::{
-    GenerateParams, Generated, StableDiffusion, StepAttention, StepTrace, Timings, TunedEncoder,
-    to_rgb8,
+    GenerateParams, Generated, StableDiffusion, StepAttention, StepTrace, TextSide, Timings,
+    TunedEncoder, XlText, to_rgb8,
 };
 
 /// Errors of the pipeline crate.

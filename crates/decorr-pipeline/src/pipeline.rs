@@ -4,6 +4,12 @@
 //! list of generators), the scheduler loop with classifier-free guidance, VAE decode. The
 //! `decorrelated` guidance (METHOD.md, Eq. 6) takes the conditional embedding from the fine-tuned
 //! encoder and the unconditional one from the pre-trained encoder.
+//!
+//! SDXL (`StableDiffusionXLPipeline`), detected from the checkpoint (a `text_encoder_2`): the
+//! UNet's context is both encoders' `hidden_states[-2]` side by side, its added conditions the
+//! second encoder's projected pooled embedding and the time ids (original size, crop, target
+//! size); with `force_zeros_for_empty_prompt` an empty negative prompt is zeros, not an
+//! encoding of "".
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -27,18 +33,61 @@ use crate::PipelineError;
 use crate::guidance::attend_excite::{self, AttendExcite};
 use crate::guidance::cfg::Cfg;
 use crate::guidance::pag::Pag;
-use crate::guidance::{
-    Embeddings, ExciteParams, ExciteStep, Guidance, PagParams, StepContext, Strategy,
-};
+use crate::guidance::{AddedEmbeddings, Embeddings, ExciteStep, Guidance, StepContext, Strategy};
 use crate::rng::{TorchGenerator, randn_tensor_batch};
 
-/// A fine-tuned text encoder (what `decorr finetune` writes to `OUT/text_encoder`).
+/// A fine-tuned text encoder (what `decorr finetune` writes to `OUT/text_encoder`), loaded by
+/// [`StableDiffusion::load_tuned_encoder`].
 #[derive(Clone)]
 pub struct TunedEncoder {
     pub model: ClipTextModel,
     pub path: PathBuf,
     /// SHA-256 of its weights file, recorded with every image so results can be traced.
     pub sha256: String,
+}
+
+impl std::fmt::Debug for TunedEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunedEncoder")
+            .field("path", &self.path)
+            .field("sha256", &self.sha256)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The text side of a request: which encoder gives each branch's embedding. Part of the
+/// request, so that one loaded checkpoint serves every method without being changed.
+#[derive(Debug, Clone, Default)]
+pub enum TextSide {
+    /// Both branches from the checkpoint's (pre-trained) encoder.
+    #[default]
+    Pretrained,
+    /// METHOD.md Eq. 6: the conditional embedding from the fine-tuned encoder, the
+    /// unconditional one from the pre-trained encoder.
+    Decorrelated(TunedEncoder),
+    /// Both branches from the fine-tuned encoder (the fine-tuned model under plain guidance).
+    Tuned(TunedEncoder),
+}
+
+impl TextSide {
+    /// The fine-tuned encoder, when one takes part.
+    pub fn tuned(&self) -> Option<&TunedEncoder> {
+        match self {
+            TextSide::Pretrained => None,
+            TextSide::Decorrelated(t) | TextSide::Tuned(t) => Some(t),
+        }
+    }
+}
+
+/// SDXL's second text encoder and tokenizer, and the pipeline setting that goes with them.
+#[derive(Clone)]
+pub struct XlText {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub text_config: ClipTextConfig,
+    /// `model_index.json`'s `force_zeros_for_empty_prompt` (true for SDXL base): an empty
+    /// negative prompt gives zero embeddings.
+    pub force_zeros_for_empty_prompt: bool,
 }
 
 /// A loaded checkpoint, ready to generate. Cloning shares the weights' buffers (a variant with
@@ -48,7 +97,8 @@ pub struct StableDiffusion {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
     pub text_config: ClipTextConfig,
-    pub tuned: Option<TunedEncoder>,
+    /// SDXL's second encoder (`None` for SD 1.x/2.x).
+    pub xl: Option<XlText>,
     pub unet: UNet2DConditionModel,
     pub unet_config: UNetConfig,
     pub vae: AutoencoderKL,
@@ -76,7 +126,11 @@ pub struct GenerateParams {
     pub width: usize,
     pub height: usize,
     pub scheduler: SchedulerKind,
+    /// The sampling-side method and its settings.
     pub guidance: Guidance,
+    /// Which encoder encodes which branch.
+    #[serde(skip)]
+    pub text: TextSide,
     /// Karras sigmas override (euler, dpmpp-2m, lms).
     pub karras: Option<bool>,
     /// DDIM's eta.
@@ -87,10 +141,6 @@ pub struct GenerateParams {
     /// Token indices whose cross-attention maps are recorded at every step (figure 3).
     #[serde(skip)]
     pub capture_tokens: Vec<usize>,
-    /// PAG's settings (used by `Guidance::Pag`).
-    pub pag: PagParams,
-    /// Attend-and-Excite's settings (used by `Guidance::AttendAndExcite`).
-    pub excite: ExciteParams,
 }
 
 /// Cross-attention of the recorded tokens at one denoising step, for each image of the batch:
@@ -159,7 +209,10 @@ impl StableDiffusion {
                 SchedulerError::Config(m) => SchedulerError::Config(format!("{sched_file}: {m}")),
                 other => other,
             })?;
-        check_fit(&enc.config, &enc.config_path, &unet.config)?;
+        let xl = load_xl(source, device, &enc.config, &unet)?;
+        if xl.is_none() {
+            check_fit(&enc.config, &enc.config_path, &unet.config)?;
+        }
         let lat = vae.config.latent_channels;
         if unet.config.in_channels != lat || unet.config.out_channels != lat {
             return Err(PipelineError::Input(format!(
@@ -176,7 +229,7 @@ impl StableDiffusion {
             tokenizer,
             text_encoder: enc.model,
             text_config: enc.config,
-            tuned: None,
+            xl,
             unet: unet.model,
             unet_config: unet.config,
             vae: vae.model,
@@ -193,17 +246,25 @@ impl StableDiffusion {
     /// f32: one decode per image costs little, and half precision is where a VAE overflows.
     pub fn with_precision(mut self, precision: Precision) -> Self {
         self.text_encoder = cast_module(self.text_encoder, precision);
-        self.unet = cast_module(self.unet, precision);
-        self.tuned = self.tuned.take().map(|t| TunedEncoder {
-            model: cast_module(t.model, precision),
-            ..t
+        self.xl = self.xl.take().map(|xl| XlText {
+            text_encoder: cast_module(xl.text_encoder, precision),
+            ..xl
         });
+        self.unet = cast_module(self.unet, precision);
         self.precision = precision;
         self
     }
 
-    /// Adds the fine-tuned encoder at `dir` (`OUT/text_encoder` of `decorr finetune`, or `OUT`).
-    pub fn with_tuned_encoder(mut self, dir: &Path) -> Result<Self, PipelineError> {
+    /// Loads the fine-tuned encoder at `dir` (`OUT/text_encoder` of `decorr finetune`, or
+    /// `OUT`), in this pipeline's precision, checked against the checkpoint.
+    pub fn load_tuned_encoder(&self, dir: &Path) -> Result<TunedEncoder, PipelineError> {
+        if self.xl.is_some() {
+            return Err(PipelineError::Input(
+                "a fine-tuned encoder with an SDXL checkpoint: decorr fine-tunes and samples \
+                 SD 1.x/2.x encoders so far; SDXL generates with --guidance cfg or pag"
+                    .into(),
+            ));
+        }
         let folder = if dir.join("config.json").is_file() {
             dir.to_path_buf()
         } else if dir.join("text_encoder").is_dir() {
@@ -228,12 +289,11 @@ impl StableDiffusion {
         }
         let bytes = enc.weights_path.read_bytes()?;
         let sha256 = format!("{:x}", Sha256::digest(&bytes));
-        self.tuned = Some(TunedEncoder {
+        Ok(TunedEncoder {
             model: cast_module(enc.model, self.precision),
             path: enc.weights_path.error_path(),
             sha256,
-        });
-        Ok(self)
+        })
     }
 
     /// Pixels per latent pixel (8 for SD; `2^(blocks-1)` of the VAE).
@@ -294,22 +354,15 @@ impl StableDiffusion {
                 p.guidance_scale
             ));
         }
-        if p.guidance == Guidance::Decorrelated && self.tuned.is_none() {
-            return bad(
-                "--guidance decorrelated needs the fine-tuned encoder: pass --encoder OUT/text_encoder \
-                 (from `decorr finetune`)"
-                    .into(),
-            );
-        }
-        match p.guidance {
-            Guidance::Pag => {
-                p.pag.modules(&self.unet)?;
+        match &p.guidance {
+            Guidance::Pag(pag) => {
+                pag.modules(&self.unet)?;
             }
-            Guidance::AttendAndExcite => {
+            Guidance::AttendAndExcite(excite) => {
                 let tok = self.tokenizer.encode(&p.prompt)?;
-                attend_excite::check(&self.unet, &p.excite, self.latent_hw(p), tok.ids.len())?;
+                attend_excite::check(&self.unet, excite, self.latent_hw(p), tok.ids.len())?;
             }
-            Guidance::Cfg | Guidance::Decorrelated => {}
+            Guidance::Cfg => {}
         }
         Ok(())
     }
@@ -327,7 +380,7 @@ impl StableDiffusion {
         // UNet rows per call: the unconditional and conditional branches, and PAG's perturbed one.
         let rows = batch
             * (if p.guidance_scale > 1.0 { 2 } else { 1 }
-                + u128::from(p.guidance == Guidance::Pag && p.pag.scale > 0.0));
+                + u128::from(p.guidance.pag().is_some_and(|pag| pag.scale > 0.0)));
         // Spatial size at UNet level i (each down block halves, rounding up).
         let at = |i: usize| h.div_ceil(1 << i) * w.div_ceil(1 << i);
         let levels = u.block_out_channels.len();
@@ -355,7 +408,7 @@ impl StableDiffusion {
         // Attend-and-Excite's gradient pass (batch 1) keeps its forward for the backward: the
         // feature maps, and the self-attention scores and probabilities of the first level,
         // which autodiff materialises on every backend.
-        let excite = if p.guidance == Guidance::AttendAndExcite {
+        let excite = if p.guidance.excite().is_some() {
             let layers0 = if u.down_block_types[0].starts_with("CrossAttn") {
                 u.layers_per_block.get(0) as u128 * u.transformer_layers_per_block.get(0) as u128
             } else {
@@ -414,6 +467,36 @@ impl StableDiffusion {
         Ok(hidden)
     }
 
+    /// SDXL's context `[1, 77, d1 + d2]` (each encoder's `hidden_states[-2]`) and pooled
+    /// embedding `[1, P]` of `text`, with `encoder` as the first encoder. Refused when not
+    /// finite.
+    pub fn encode_xl(
+        &self,
+        encoder: &ClipTextModel,
+        xl: &XlText,
+        text: &str,
+    ) -> Result<(Tensor<3>, Tensor<2>), PipelineError> {
+        let ids1 = self.tokenizer.encode(text)?.ids;
+        let ids2 = xl.tokenizer.encode(text)?.ids;
+        let first = encoder.sdxl_conditioning(&[ids1], 0)?;
+        let second = xl.text_encoder.sdxl_conditioning(&[ids2], 0)?;
+        let pooled = second.text_embeds.ok_or_else(|| {
+            PipelineError::Input(
+                "text_encoder_2 has no text_projection: SDXL's second encoder is a \
+                 CLIPTextModelWithProjection"
+                    .into(),
+            )
+        })?;
+        let context = Tensor::cat(vec![first.hidden, second.hidden], 2);
+        if !all_finite(&context) || !all_finite(&pooled) {
+            return Err(PipelineError::NonFinite(format!(
+                "the text encoders' hidden states for {text:?} hold NaN or infinity: their \
+                 weights are not finite or overflow (an fp16 overflow)"
+            )));
+        }
+        Ok((context, pooled))
+    }
+
     /// Generates one image per seed (image k from `torch.Generator().manual_seed(seeds[k])`).
     /// `on_step` is called after each denoising step with (done, total); returning `false`
     /// stops the run with [`PipelineError::Interrupted`] (Ctrl-C, without waiting for the images).
@@ -447,20 +530,45 @@ impl StableDiffusion {
             }
         };
         let b = seeds.len();
-        // The text side: the fine-tuned encoder gives the conditional embedding for the
-        // decorrelated guidance and, when loaded, for the sampling-side methods (composition).
-        let cond_encoder = match (p.guidance, &self.tuned) {
-            (Guidance::Cfg, _) | (_, None) => &self.text_encoder,
-            (_, Some(tuned)) => &tuned.model,
+        // The text side: which encoder gives each branch (Eq. 6 pairs the fine-tuned
+        // conditional with the pre-trained unconditional).
+        let (cond_encoder, uncond_encoder) = match &p.text {
+            TextSide::Pretrained => (&self.text_encoder, &self.text_encoder),
+            TextSide::Decorrelated(t) => (&t.model, &self.text_encoder),
+            TextSide::Tuned(t) => (&t.model, &t.model),
         };
-        let cond = self.encode(cond_encoder, &p.prompt)?;
         let cfg = p.guidance_scale > 1.0; // diffusers skips the unconditional branch otherwise
-        let uncond = if cfg {
-            Some(self.encode(&self.text_encoder, &p.negative_prompt)?)
-        } else {
-            None
+        let emb = match &self.xl {
+            None => Embeddings {
+                cond: self.encode(cond_encoder, &p.prompt)?,
+                uncond: if cfg {
+                    Some(self.encode(uncond_encoder, &p.negative_prompt)?)
+                } else {
+                    None
+                },
+                added: None,
+            },
+            Some(xl) => {
+                let (cond, cond_pooled) = self.encode_xl(cond_encoder, xl, &p.prompt)?;
+                let uncond = if !cfg {
+                    None
+                } else if p.negative_prompt.is_empty() && xl.force_zeros_for_empty_prompt {
+                    Some((cond.zeros_like(), cond_pooled.zeros_like()))
+                } else {
+                    Some(self.encode_xl(uncond_encoder, xl, &p.negative_prompt)?)
+                };
+                let (uncond, uncond_pooled) = uncond.unzip();
+                Embeddings {
+                    cond,
+                    uncond,
+                    added: Some(AddedEmbeddings {
+                        cond_pooled,
+                        uncond_pooled,
+                        time_ids: time_ids(p, &self.device),
+                    }),
+                }
+            }
         };
-        let emb = Embeddings { cond, uncond };
         wait();
         timings.encode_s = started.elapsed().as_secs_f64();
 
@@ -475,15 +583,15 @@ impl StableDiffusion {
         )?;
         let s = self.vae_scale_factor();
         let shape = [b, self.unet_config.in_channels, p.height / s, p.width / s];
-        let mut strategy: Box<dyn Strategy> = match p.guidance {
-            Guidance::Cfg | Guidance::Decorrelated => Box::new(Cfg::new(&emb, b, p.guidance_scale)),
-            Guidance::Pag => Box::new(Pag::new(&self.unet, &emb, b, p.guidance_scale, &p.pag)?),
-            Guidance::AttendAndExcite => Box::new(AttendExcite::new(
+        let mut strategy: Box<dyn Strategy> = match &p.guidance {
+            Guidance::Cfg => Box::new(Cfg::new(&emb, b, p.guidance_scale)),
+            Guidance::Pag(pag) => Box::new(Pag::new(&self.unet, &emb, b, p.guidance_scale, pag)?),
+            Guidance::AttendAndExcite(excite) => Box::new(AttendExcite::new(
                 &self.unet,
                 &emb,
                 b,
                 p.guidance_scale,
-                &p.excite,
+                excite,
                 self.latent_hw(p),
             )?),
         };
@@ -584,6 +692,84 @@ pub const MAX_SIDE: usize = 8192;
 pub const MAX_GUIDANCE_SCALE: f64 = 1000.0;
 
 /// The text encoder's width must be the UNet's cross-attention width in every block.
+/// SDXL's micro-conditions of an image of `p`'s size, as diffusers sets them by default:
+/// original size = target size = the image's `(height, width)`, crop `(0, 0)`.
+fn time_ids(p: &GenerateParams, device: &Device) -> Tensor<2> {
+    let (h, w) = (p.height as f32, p.width as f32);
+    Tensor::from_data(TensorData::new(vec![h, w, 0.0, 0.0, h, w], [1, 6]), device)
+}
+
+/// SDXL's second encoder and tokenizer when the checkpoint has a `text_encoder_2`, checked
+/// against the UNet: the two encoders' widths side by side are the cross-attention's, and the
+/// pooled width with the time ids' features is what `add_embedding` takes.
+fn load_xl(
+    source: &ModelSource,
+    device: &Device,
+    text1: &ClipTextConfig,
+    unet: &decorr_unet::Loaded<UNet2DConditionModel, UNetConfig>,
+) -> Result<Option<XlText>, PipelineError> {
+    let has_second = source
+        .find_file_opt("text_encoder_2", &["config.json"])?
+        .is_some();
+    let dims = unet.model.text_time_dims();
+    let (dims, true) = (dims, has_second) else {
+        if dims.is_some() {
+            return Err(PipelineError::Input(format!(
+                "the UNet ({}) takes SDXL's added conditions (addition_embed_type text_time) \
+                 but the checkpoint has no text_encoder_2: an SDXL checkpoint needs both text \
+                 encoders and tokenizers",
+                unet.config_path
+            )));
+        }
+        return Ok(None);
+    };
+    let Some(dims) = dims else {
+        return Err(PipelineError::Input(format!(
+            "the checkpoint has a text_encoder_2 (SDXL) but its UNet ({}) has no text_time \
+             addition embedding; a UNet from another model family?",
+            unet.config_path
+        )));
+    };
+    let enc = decorr_clip::load_text_encoder_component(source, "text_encoder_2", device)?;
+    let tokenizer = decorr_clip::load_tokenizer_component(source, "tokenizer_2")?;
+    let width = text1.hidden_size + enc.config.hidden_size;
+    let cross = unet.config.cross_attention_dim.get(0);
+    if width != cross {
+        return Err(PipelineError::Input(format!(
+            "the text encoders output {} + {} = {width}-wide embeddings side by side but the \
+             UNet's cross-attention ({}) expects {cross}: the encoders belong to another model",
+            text1.hidden_size, enc.config.hidden_size, unet.config_path
+        )));
+    }
+    // SDXL base's six time ids, each a sinusoid of `time_embed_dim` features, follow the pooled
+    // embedding.
+    let pooled = enc.config.projection_dim;
+    if pooled + 6 * dims.time_embed_dim != dims.input_dim {
+        return Err(PipelineError::Input(format!(
+            "text_encoder_2 projects to {pooled} and six time ids add 6 x {} features, but the \
+             UNet's add_embedding ({}) takes {}: the encoder belongs to another model (or the \
+             UNet is a refiner's, which decorr does not run)",
+            dims.time_embed_dim, unet.config_path, dims.input_dim
+        )));
+    }
+    let force_zeros = match source.find_file_opt("", &["model_index.json"])? {
+        Some(f) => {
+            let index: serde_json::Value = serde_json::from_str(&f.read_to_string()?)
+                .map_err(|e| PipelineError::Input(format!("{f}: {e}")))?;
+            index["force_zeros_for_empty_prompt"]
+                .as_bool()
+                .unwrap_or(true)
+        }
+        None => true,
+    };
+    Ok(Some(XlText {
+        tokenizer,
+        text_encoder: enc.model,
+        text_config: enc.config,
+        force_zeros_for_empty_prompt: force_zeros,
+    }))
+}
+
 fn check_fit(
     text: &ClipTextConfig,
     text_path: &ModelFile,

@@ -16,7 +16,9 @@ use std::collections::BTreeMap;
 use burn::tensor::Tensor;
 use decorr_core::ModelSource;
 use decorr_core::weights::{HostTensors, read_tensors_f32};
-use decorr_pipeline::{ExciteParams, GenerateParams, Guidance, PagParams, StableDiffusion};
+use decorr_pipeline::{
+    ExciteParams, GenerateParams, Guidance, PagParams, StableDiffusion, TextSide,
+};
 use serde_json::Value;
 
 mod common;
@@ -37,16 +39,16 @@ fn rel_diff(ours: &[f32], theirs: &[f32]) -> f32 {
 }
 
 fn params(case: &Value) -> GenerateParams {
-    let method: Guidance = case["method"].as_str().unwrap().parse().unwrap();
     let mut pag = PagParams::default();
     let mut excite = ExciteParams::default();
+    let method = case["method"].as_str().unwrap();
     match method {
-        Guidance::Pag => {
+        "pag" => {
             pag.scale = case["pag_scale"].as_f64().unwrap();
             pag.adaptive_scale = case["pag_adaptive_scale"].as_f64().unwrap();
             pag.layers = serde_json::from_value(case["pag_layers"].clone()).unwrap();
         }
-        Guidance::AttendAndExcite => {
+        "attend-and-excite" | "aae" => {
             excite.token_indices = serde_json::from_value(case["token_indices"].clone()).unwrap();
             excite.max_iter_to_alter = case["max_iter_to_alter"].as_u64().unwrap() as usize;
             let th: BTreeMap<String, f64> =
@@ -61,6 +63,11 @@ fn params(case: &Value) -> GenerateParams {
         }
         _ => panic!("unexpected method {method}"),
     }
+    let guidance = if method == "pag" {
+        Guidance::Pag(pag)
+    } else {
+        Guidance::AttendAndExcite(excite)
+    };
     GenerateParams {
         prompt: case["prompt"].as_str().unwrap().into(),
         negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
@@ -69,13 +76,12 @@ fn params(case: &Value) -> GenerateParams {
         width: case["width"].as_u64().unwrap() as usize,
         height: case["height"].as_u64().unwrap() as usize,
         scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
-        guidance: method,
+        guidance,
         karras: None,
         eta: 0.0,
         attention_slice: None,
         capture_tokens: vec![],
-        pag,
-        excite,
+        text: Default::default(),
     }
 }
 
@@ -115,7 +121,7 @@ fn pag_and_attend_and_excite_match_diffusers() {
 
         let mut worst = 0f32;
         for (i, step) in trace.iter().enumerate() {
-            if p.guidance == Guidance::AttendAndExcite {
+            if p.guidance.excite().is_some() {
                 let d = rel_diff(
                     &values(step.input.clone()),
                     &step_of(&refs, &format!("{c}.aae_latents"), i),
@@ -133,7 +139,7 @@ fn pag_and_attend_and_excite_match_diffusers() {
             assert!(d <= 1e-4, "{c}: step {i}: latents differ by {d} (relative)");
             worst = worst.max(d);
         }
-        if p.guidance == Guidance::AttendAndExcite {
+        if let Some(excite) = p.guidance.excite() {
             let per_step = case["per_step"].as_array().unwrap();
             for st in per_step {
                 let i = st["i"].as_u64().unwrap() as usize;
@@ -143,8 +149,8 @@ fn pag_and_attend_and_excite_match_diffusers() {
                     else {
                         // diffusers' forward there is discarded; ours skips it.
                         assert!(
-                            i >= p.excite.max_iter_to_alter
-                                && !p.excite.thresholds.contains_key(&i)
+                            i >= excite.max_iter_to_alter
+                                && !excite.thresholds.contains_key(&i)
                                 && !r["updated"].as_bool().unwrap()
                                 && iters == 0,
                             "{c}: no excite record at step {i} image {image}"
@@ -188,11 +194,10 @@ fn bad_settings_name_what_exists() {
     let base = common::quick_params(&sd);
     let err = |p: GenerateParams| common::error_of(&sd, p);
     let e = err(GenerateParams {
-        guidance: Guidance::Pag,
-        pag: PagParams {
+        guidance: Guidance::Pag(PagParams {
             layers: vec!["down_blocks.7".into()],
             ..Default::default()
-        },
+        }),
         ..base.clone()
     });
     assert!(
@@ -201,17 +206,15 @@ fn bad_settings_name_what_exists() {
         "{e}"
     );
     let e = err(GenerateParams {
-        guidance: Guidance::Pag,
-        pag: PagParams {
+        guidance: Guidance::Pag(PagParams {
             layers: vec!["mid(".into()],
             ..Default::default()
-        },
+        }),
         ..base.clone()
     });
     assert!(e.contains("regular expression"), "{e}");
     let aae = |excite: ExciteParams| GenerateParams {
-        guidance: Guidance::AttendAndExcite,
-        excite,
+        guidance: Guidance::AttendAndExcite(excite),
         ..base.clone()
     };
     // 16x16 px: 8x8 latents; cross-attention at 8 (down 0, up 1) and 4 (mid).
@@ -250,38 +253,43 @@ fn bad_settings_name_what_exists() {
     );
 }
 
-/// Composition: with the fine-tuned encoder loaded, PAG with scale 0 is the decorrelated
+/// Composition: with the decorrelated text side, PAG with scale 0 is the decorrelated
 /// guidance bit for bit (its conditional branch is the fine-tuned encoder's), and PAG differs
-/// from PAG without that encoder.
+/// from PAG on the pre-trained encoder.
 #[test]
 fn pag_composes_and_scale_zero_is_cfg() {
-    let (_dir, plain) = common::tiny();
-    let (_tuned_dir, sd) = common::tiny();
-    let sd = sd
-        .with_tuned_encoder(&fixtures().join("pipeline/tuned_text_encoder"))
+    let (_dir, sd) = common::tiny();
+    let tuned = sd
+        .load_tuned_encoder(&fixtures().join("pipeline/tuned_text_encoder"))
         .unwrap();
-    let base = common::quick_params(&sd);
+    let base = GenerateParams {
+        text: TextSide::Decorrelated(tuned),
+        ..common::quick_params(&sd)
+    };
     let run = |p: &GenerateParams| values(sd.generate(p, &[0], &mut |_, _| true).unwrap().latents);
-    let cfg = run(&GenerateParams {
-        guidance: Guidance::Decorrelated,
-        ..base.clone()
-    });
+    let cfg = run(&base);
     let pag0 = run(&GenerateParams {
-        guidance: Guidance::Pag,
-        pag: PagParams {
+        guidance: Guidance::Pag(PagParams {
             scale: 0.0,
             ..Default::default()
-        },
+        }),
         ..base.clone()
     });
     assert_eq!(cfg, pag0);
     let pag = GenerateParams {
-        guidance: Guidance::Pag,
+        guidance: Guidance::Pag(PagParams::default()),
         ..base.clone()
     };
     let with_tuned = run(&pag);
-    let plain = plain
-        .generate(&pag, &[0], &mut |_, _| true)
+    let plain = sd
+        .generate(
+            &GenerateParams {
+                text: TextSide::Pretrained,
+                ..pag.clone()
+            },
+            &[0],
+            &mut |_, _| true,
+        )
         .unwrap()
         .latents;
     assert_ne!(

@@ -13,7 +13,7 @@ use std::path::Path;
 use burn::tensor::Tensor;
 use decorr_core::weights::{HostTensors, read_tensors_f32};
 use decorr_core::{ModelSource, Precision};
-use decorr_pipeline::{GenerateParams, Guidance, StableDiffusion};
+use decorr_pipeline::{GenerateParams, Guidance, StableDiffusion, TextSide};
 
 mod common;
 use common::{assemble, fixtures};
@@ -56,23 +56,14 @@ fn parity_in(precision: Precision, image_tol: f32) {
     let device = decorr_core::device_from_env();
     let sd = StableDiffusion::load(&ModelSource::Local(dir.path().to_path_buf()), &device)
         .unwrap()
-        .with_tuned_encoder(&fixtures().join("pipeline/tuned_text_encoder"))
-        .unwrap()
         .with_precision(precision);
+    let tuned = sd
+        .load_tuned_encoder(&fixtures().join("pipeline/tuned_text_encoder"))
+        .unwrap();
     // The cast happened (norms excepted), so the half-precision tolerances mean something.
     assert_eq!(sd.unet.conv_in.weight.val().dtype(), precision.dtype());
-    let tuned_dtype = |sd: &StableDiffusion| {
-        sd.tuned
-            .as_ref()
-            .unwrap()
-            .model
-            .embeddings
-            .token_embedding
-            .weight
-            .val()
-            .dtype()
-    };
-    assert_eq!(tuned_dtype(&sd), precision.dtype());
+    let tuned_dtype = tuned.model.embeddings.token_embedding.weight.val().dtype();
+    assert_eq!(tuned_dtype, precision.dtype());
     let mut worst_latents = 0f32;
     let refs = read_tensors_f32(&fixtures().join("pipeline/reference.safetensors")).unwrap();
     let cases: serde_json::Value = serde_json::from_str(
@@ -91,13 +82,16 @@ fn parity_in(precision: Precision, image_tol: f32) {
             width: case["width"].as_u64().unwrap() as usize,
             height: case["height"].as_u64().unwrap() as usize,
             scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
-            guidance: case["mode"].as_str().unwrap().parse().unwrap(),
+            guidance: Guidance::Cfg,
             karras: None,
             eta: 0.0,
             attention_slice: None,
             capture_tokens: vec![],
-            pag: Default::default(),
-            excite: Default::default(),
+            text: match case["mode"].as_str().unwrap() {
+                "cfg" => TextSide::Pretrained,
+                "decorrelated" => TextSide::Decorrelated(tuned.clone()),
+                other => panic!("mode {other}"),
+            },
         };
         let seeds: Vec<u64> = serde_json::from_value(case["seeds"].clone()).unwrap();
         let out = sd.generate(&p, &seeds, &mut |_, _| true).unwrap();
@@ -107,8 +101,8 @@ fn parity_in(precision: Precision, image_tol: f32) {
         let d_init = max_diff(out.init_latents, &refs, &format!("{c}.init_latents"));
         assert!(d_init <= 1e-6, "{c}: initial latents differ by {d_init}");
 
-        let cond_enc = match p.guidance {
-            Guidance::Decorrelated => &sd.tuned.as_ref().unwrap().model,
+        let cond_enc = match &p.text {
+            TextSide::Decorrelated(t) => &t.model,
             _ => &sd.text_encoder,
         };
         let b = seeds.len();
@@ -167,14 +161,8 @@ fn bad_inputs_are_explained() {
         ..base.clone()
     });
     assert!(e.contains("--steps"), "{e}");
-    let e = err(GenerateParams {
-        guidance: Guidance::Decorrelated,
-        ..base.clone()
-    });
-    assert!(e.contains("--encoder"), "{e}");
-
     let missing = sd
-        .with_tuned_encoder(Path::new("/nonexistent/ft"))
+        .load_tuned_encoder(Path::new("/nonexistent/ft"))
         .err()
         .unwrap()
         .to_string();
@@ -186,7 +174,7 @@ fn bad_inputs_are_explained() {
     // An SD 2.x-width encoder against this UNet: named as a mismatch, not a shape panic.
     let sd = StableDiffusion::load(&ModelSource::Local(dir.path().to_path_buf()), &device).unwrap();
     let e = sd
-        .with_tuned_encoder(&fixtures().join("clip_tiny_b/text_encoder"))
+        .load_tuned_encoder(&fixtures().join("clip_tiny_b/text_encoder"))
         .err()
         .unwrap()
         .to_string();
@@ -211,8 +199,7 @@ fn cross_attention_is_recorded_per_step_and_token() {
         eta: 0.0,
         attention_slice: Some(1),
         capture_tokens: vec![2, 6],
-        pag: Default::default(),
-        excite: Default::default(),
+        text: Default::default(),
     };
     let out = sd.generate(&p, &[0, 1], &mut |_, _| true).unwrap();
     assert_eq!(out.attention.len(), 3);

@@ -30,11 +30,10 @@ fn the_loop_reads_nothing_back_per_step() {
         // cond and uncond embeddings, final latents, decoded image.
         assert_eq!(reads(&sd, &p), 4, "CFG, {steps} steps");
         let pag = GenerateParams {
-            guidance: Guidance::Pag,
-            pag: PagParams {
+            guidance: Guidance::Pag(PagParams {
                 scale: 3.0,
                 ..Default::default()
-            },
+            }),
             ..p.clone()
         };
         assert_eq!(reads(&sd, &pag), 4, "PAG, {steps} steps");

@@ -20,12 +20,11 @@
 //! machine); `merge` checks that everything is there and writes the manifests, grids and page.
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use decorr_core::ModelSource;
 use decorr_core::io::write_atomic;
 use decorr_disendiff::tokens::place_modifiers;
-use decorr_pipeline::{ExciteParams, GenerateParams, Guidance, PagParams, StableDiffusion};
+use decorr_pipeline::{ExciteParams, GenerateParams, PagParams, StableDiffusion};
 use decorr_trainer::{TargetSpec, resolve_target};
 use serde::{Deserialize, Serialize};
 
@@ -34,109 +33,13 @@ use crate::error::{Context, Result, RunsError};
 use crate::finetune::{self, FinetuneJob, FinetuneOutcome, FinetuneSettings};
 use crate::generate::{
     GenerateJob, MANIFEST, Sampling, check_folder, excite_indices, generate_into, image_file,
-    merge, method_name, prompt_folder_name, run_record,
+    merge, prompt_folder_name, run_record,
 };
 use crate::grid;
 use crate::heatmap::png_bytes;
+use crate::method::{Method, MethodKind};
 use crate::progress::Progress;
 use crate::shard::Shard;
-
-/// A compared method.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    /// The pre-trained model with classifier-free guidance.
-    Sd,
-    /// Perturbed-attention guidance.
-    Pag,
-    /// Attend-and-Excite on the pair's two objects.
-    Aae,
-    /// The fine-tuned encoder with the decorrelated guidance (METHOD.md).
-    Ours,
-    /// DisenDiff (BASELINES.md section 3): trained per pair, then sampled with CFG and the
-    /// modifiers in the prompt.
-    Disendiff,
-}
-
-impl Method {
-    /// Every method, in the rows' order.
-    pub const ALL: [Method; 5] = [
-        Method::Sd,
-        Method::Pag,
-        Method::Aae,
-        Method::Disendiff,
-        Method::Ours,
-    ];
-
-    /// Whether the method trains per prompt (its images of a prompt stay on one shard).
-    pub fn trains(self) -> bool {
-        matches!(self, Method::Ours | Method::Disendiff)
-    }
-
-    /// The method's folder in OUT (`sd`, `pag`, `aae`, `ours`).
-    pub fn folder(self) -> &'static str {
-        match self {
-            Method::Sd => "sd",
-            Method::Pag => "pag",
-            Method::Aae => "aae",
-            Method::Ours => "ours",
-            Method::Disendiff => "disendiff",
-        }
-    }
-
-    pub fn guidance(self) -> Guidance {
-        match self {
-            Method::Sd => Guidance::Cfg,
-            Method::Pag => Guidance::Pag,
-            Method::Aae => Guidance::AttendAndExcite,
-            Method::Ours => Guidance::Decorrelated,
-            Method::Disendiff => Guidance::Cfg,
-        }
-    }
-
-    /// The `method` its manifests record (and `eval run`'s report rows show): `sd`, `pag`,
-    /// `aae`, `decorrelated`.
-    pub fn manifest_name(self) -> &'static str {
-        match self {
-            Method::Disendiff => "disendiff",
-            m => method_name(m.guidance(), m == Method::Ours),
-        }
-    }
-
-    /// The grid's row label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Method::Sd => "pre-trained (CFG)",
-            Method::Pag => "PAG",
-            Method::Aae => "Attend-and-Excite",
-            Method::Ours => "decorrelated (ours)",
-            Method::Disendiff => "DisenDiff",
-        }
-    }
-}
-
-impl std::fmt::Display for Method {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.folder())
-    }
-}
-
-impl FromStr for Method {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s.trim() {
-            "sd" => Ok(Method::Sd),
-            "pag" => Ok(Method::Pag),
-            "aae" | "attend-and-excite" => Ok(Method::Aae),
-            "ours" | "decorrelated" => Ok(Method::Ours),
-            "disendiff" => Ok(Method::Disendiff),
-            other => Err(format!(
-                "unknown method `{other}`; the methods are sd, pag, aae (attend-and-excite), \
-                 disendiff and ours (decorrelated)"
-            )),
-        }
-    }
-}
 
 /// A prompt and its object pair (the pair's second object is the one that goes missing).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -189,7 +92,7 @@ pub fn read_pairs(path: &Path) -> Result<Vec<PairPrompt>> {
 #[derive(Debug, Clone)]
 pub struct CompareConfig {
     pub pairs: Vec<PairPrompt>,
-    pub methods: Vec<Method>,
+    pub methods: Vec<MethodKind>,
     pub seeds: Vec<u64>,
     pub sampling: Sampling,
     pub pag: PagParams,
@@ -214,36 +117,78 @@ pub struct CompareOutcome {
     pub objects_file: PathBuf,
 }
 
-/// The settings that decide the images (`OUT/compare.json`). Prompts, methods and seeds may
-/// change between runs (each folder and image records its own); these may not.
-fn settings(c: &CompareConfig, model: &str) -> serde_json::Value {
-    let s = &c.sampling;
-    let mut excite = serde_json::to_value(&c.excite).unwrap_or_default();
-    if let Some(o) = excite.as_object_mut() {
-        o.remove("token_indices");
+/// `OUT/compare.json`: the settings that decide the images. Prompts, methods and seeds may
+/// change between runs (each folder and image records its own); these may not. The field
+/// names are the flags'.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompareSettings {
+    /// The weights, as `ModelSource::describe` names them.
+    pub model: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub scheduler: Option<String>,
+    pub karras: bool,
+    pub eta: f64,
+    pub pag: PagParams,
+    /// Attend-and-Excite's settings without its objects (each pair's own).
+    #[serde(with = "without_objects")]
+    pub excite: ExciteParams,
+    pub finetune: FinetuneSettings,
+}
+
+/// [`ExciteParams`] without `token_indices`, which compare sets per pair.
+mod without_objects {
+    use decorr_pipeline::ExciteParams;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(e: &ExciteParams, s: S) -> Result<S::Ok, S::Error> {
+        let mut v = serde_json::to_value(e).map_err(serde::ser::Error::custom)?;
+        if let Some(o) = v.as_object_mut() {
+            o.remove("token_indices");
+        }
+        v.serialize(s)
     }
-    serde_json::json!({
-        "model": model,
-        "negative_prompt": s.negative_prompt,
-        "steps": s.steps,
-        "guidance_scale": s.guidance_scale,
-        "width": s.width,
-        "height": s.height,
-        "scheduler": s.scheduler.map(|k| k.name()),
-        "karras": s.karras,
-        "eta": s.eta,
-        "pag": c.pag,
-        "excite": excite,
-        "finetune": c.finetune,
-    })
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ExciteParams, D::Error> {
+        let mut v = serde_json::Value::deserialize(d)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("token_indices".into(), serde_json::json!([]));
+        }
+        serde_json::from_value(v).map_err(serde::de::Error::custom)
+    }
+}
+
+fn settings(c: &CompareConfig, model: &str) -> CompareSettings {
+    let s = &c.sampling;
+    CompareSettings {
+        model: model.to_string(),
+        negative_prompt: s.negative_prompt.clone(),
+        steps: s.steps,
+        guidance_scale: s.guidance_scale,
+        width: s.width,
+        height: s.height,
+        scheduler: s.scheduler.map(|k| k.name().to_string()),
+        karras: s.karras,
+        eta: s.eta,
+        pag: c.pag.clone(),
+        excite: ExciteParams {
+            token_indices: Vec::new(),
+            ..c.excite.clone()
+        },
+        finetune: c.finetune.clone(),
+    }
 }
 
 const SETTINGS: &str = "compare.json";
 
 /// Refuses an OUT made with other settings, naming each difference; an OUT holding anything
 /// without `compare.json` is not a compare output.
-fn check_settings(out: &Path, wanted: &serde_json::Value) -> Result<()> {
-    crate::output::check_settings(out, SETTINGS, wanted, "compare").map(|_| ())
+fn check_settings(out: &Path, wanted: &CompareSettings) -> Result<()> {
+    let wanted = serde_json::to_value(wanted)?;
+    crate::output::check_settings(out, SETTINGS, &wanted, "compare").map(|_| ())
 }
 
 /// One prompt's resolved work.
@@ -256,8 +201,8 @@ pub(crate) struct Prompt<'a> {
 }
 
 impl CompareConfig {
-    fn method_dir(&self, m: Method, p: &Prompt) -> PathBuf {
-        self.out.join(m.folder()).join(&p.folder)
+    fn method_dir(&self, m: MethodKind, p: &Prompt) -> PathBuf {
+        self.out.join(m.name()).join(&p.folder)
     }
     fn encoder_dir(&self, p: &Prompt) -> PathBuf {
         self.out.join("encoders").join(&p.folder)
@@ -269,7 +214,7 @@ impl CompareConfig {
         }
     }
     /// The seeds of prompt `pi` that this run makes for `m`.
-    fn seeds_of(&self, m: Method, pi: usize) -> Vec<u64> {
+    fn seeds_of(&self, m: MethodKind, pi: usize) -> Vec<u64> {
         let n = self.seeds.len();
         self.seeds
             .iter()
@@ -283,18 +228,29 @@ impl CompareConfig {
             .collect()
     }
     /// The shard that owes image (`m`, prompt `pi`, seed position `si`).
-    fn owner(&self, m: Method, pi: usize, si: usize, count: usize) -> usize {
+    fn owner(&self, m: MethodKind, pi: usize, si: usize, count: usize) -> usize {
         if m.trains() {
             pi % count
         } else {
             (pi * self.seeds.len() + si) % count
         }
     }
-    fn params(&self, sd: &StableDiffusion, m: Method, p: &Prompt) -> Result<GenerateParams> {
-        let mut excite = self.excite.clone();
-        excite.token_indices = p.objects.to_vec();
-        self.sampling
-            .params(sd, &p.pair.prompt, m.guidance(), &self.pag, &excite)
+    /// The method `m` for prompt `p`, without what it trains (ours' encoder, DisenDiff's
+    /// delta: `None` for those).
+    fn method(&self, m: MethodKind, p: &Prompt) -> Option<Method> {
+        match m {
+            MethodKind::Sd => Some(Method::Sd),
+            MethodKind::Pag => Some(Method::Pag(self.pag.clone())),
+            MethodKind::Aae => Some(Method::AttendAndExcite(ExciteParams {
+                token_indices: p.objects.to_vec(),
+                ..self.excite.clone()
+            })),
+            MethodKind::Ours | MethodKind::Disendiff => None,
+        }
+    }
+    /// The sampling parameters of `method` for prompt `p`.
+    fn params(&self, sd: &StableDiffusion, method: &Method, p: &Prompt) -> Result<GenerateParams> {
+        self.sampling.params(sd, &p.pair.prompt, method)
     }
 }
 
@@ -323,8 +279,6 @@ pub fn run(
     let wanted = settings(c, &source.describe());
     check_settings(&c.out, &wanted)?;
     let _locks = crate::output::lock_output(&c.out, c.shard, c.merge)?;
-    let mut sd = sd;
-    sd.tuned = None;
 
     // Every prompt resolved and every method checked before anything is made.
     let mut prompts = Vec::new();
@@ -341,11 +295,11 @@ pub fn run(
                 pair.objects[1]
             );
         }
-        if c.methods.contains(&Method::Ours) {
+        if c.methods.contains(&MethodKind::Ours) {
             let spec: TargetSpec = pair.objects[1].parse().expect("infallible");
             resolve_target(&tok, &spec).with_context(at)?;
         }
-        if c.methods.contains(&Method::Disendiff) {
+        if c.methods.contains(&MethodKind::Disendiff) {
             place_modifiers(&sd.tokenizer, &pair.prompt, &pair.objects)
                 .map_err(|e| RunsError::Msg(format!("DisenDiff: {e}")))
                 .with_context(at)?;
@@ -360,16 +314,15 @@ pub fn run(
     let manifest_name = c.manifest_name();
     for p in &prompts {
         for &m in &c.methods {
-            let mut params = c.params(&sd, m, p)?;
-            if m == Method::Ours {
-                // The fine-tuned encoder comes later; everything else is checked now.
-                params.guidance = Guidance::Cfg;
-            }
+            // Ours and DisenDiff are checked as the pre-trained model they sample on; what
+            // they train comes later.
+            let method = c.method(m, p).unwrap_or(Method::Sd);
+            let params = c.params(&sd, &method, p)?;
             sd.check(&params)
                 .map_err(RunsError::from)
                 .with_context(|| format!("{m} for {:?}", p.pair.prompt))?;
             if !m.trains() {
-                let run = run_record(&sd, &params, m.manifest_name());
+                let run = run_record(&sd, &params, m.name());
                 check_folder(&c.method_dir(m, p), &run, &manifest_name)?;
             }
         }
@@ -381,7 +334,9 @@ pub fn run(
     std::fs::create_dir_all(&c.out).with_context(|| format!("creating {}", c.out.display()))?;
     write_atomic(
         &c.out.join(SETTINGS),
-        serde_json::to_string_pretty(&wanted)?.as_bytes(),
+        // Through a JSON value, as it is compared: the f32 weight decay is then written with
+        // the digits older compare.json files hold.
+        serde_json::to_string_pretty(&serde_json::to_value(&wanted)?)?.as_bytes(),
     )?;
 
     let mut images = 0;
@@ -399,47 +354,27 @@ pub fn run(
             if seeds.is_empty() {
                 continue;
             }
-            let params = c.params(&sd, m, p)?;
-            let dir = c.method_dir(m, p);
-            let job = GenerateJob {
-                params: &params,
-                method: m.manifest_name(),
-                seeds: &seeds,
-                batch_size: c.sampling.batch_size,
-                out: &dir,
-                attention: None,
-                manifest_name: &manifest_name,
-            };
-            images += generate_into(&sd, &job, progress)?.images.len();
+            let method = c.method(m, p).expect("a method that does not train");
+            images += sample(c, p, &sd, &method, &seeds, progress)?;
         }
-        if c.methods.contains(&Method::Disendiff) {
-            let seeds = c.seeds_of(Method::Disendiff, p.index);
+        if c.methods.contains(&MethodKind::Disendiff) {
+            let seeds = c.seeds_of(MethodKind::Disendiff, p.index);
             if !seeds.is_empty() {
-                images += disendiff_images(c, p, &sd, source, &seeds, progress)?;
+                let delta = disendiff_delta(c, p, &sd, source, progress)?;
+                images += sample(c, p, &sd, &Method::DisenDiff { delta }, &seeds, progress)?;
             }
         }
-        if c.methods.contains(&Method::Ours) {
-            let seeds = c.seeds_of(Method::Ours, p.index);
+        if c.methods.contains(&MethodKind::Ours) {
+            let seeds = c.seeds_of(MethodKind::Ours, p.index);
             if seeds.is_empty() {
                 continue;
             }
-            let encoder = encoder_for(c, p, source, &sd.device, progress)?;
-            sd = sd.with_tuned_encoder(&encoder)?;
-            let params = c.params(&sd, Method::Ours, p)?;
-            let dir = c.method_dir(Method::Ours, p);
-            let job = GenerateJob {
-                params: &params,
-                method: Method::Ours.manifest_name(),
-                seeds: &seeds,
-                batch_size: c.sampling.batch_size,
-                out: &dir,
-                attention: None,
-                manifest_name: &manifest_name,
+            let dir = encoder_for(c, p, &sd, source, progress)?;
+            let method = Method::Decorrelated {
+                encoder: sd.load_tuned_encoder(&dir)?,
+                guidance: decorr_pipeline::Guidance::Cfg,
             };
-            let made = generate_into(&sd, &job, progress);
-            // The baselines of the next prompt run with the pre-trained encoder.
-            sd.tuned = None;
-            images += made?.images.len();
+            images += sample(c, p, &sd, &method, &seeds, progress)?;
         }
     }
     if c.shard.is_some() {
@@ -456,23 +391,51 @@ pub fn run(
     Ok(outcome)
 }
 
-/// Ours' encoder for prompt `p`: reused when `OUT/encoders/NNN-prompt/` holds a finished
-/// fine-tuning of that prompt and target, else fine-tuned there (an unfinished one is
-/// replaced).
+/// Samples `seeds` of prompt `p` with `method` into the method's folder (DisenDiff with the
+/// modifiers in its prompt); the number of images the folder then holds.
+fn sample(
+    c: &CompareConfig,
+    p: &Prompt,
+    sd: &StableDiffusion,
+    method: &Method,
+    seeds: &[u64],
+    progress: &mut dyn Progress,
+) -> Result<usize> {
+    let kind = method.kind().expect("a compared method");
+    let sd = method.pipeline(sd)?;
+    let mut params = c.params(&sd, method, p)?;
+    if let Method::DisenDiff { delta } = method
+        && let Some(report) = &delta.report
+    {
+        params.prompt = report.sampling_prompt.clone();
+    }
+    let dir = c.method_dir(kind, p);
+    let manifest_name = c.manifest_name();
+    let job = GenerateJob {
+        params: &params,
+        method: method.name(),
+        seeds,
+        batch_size: c.sampling.batch_size,
+        out: &dir,
+        attention: None,
+        manifest_name: &manifest_name,
+    };
+    Ok(generate_into(&sd, &job, progress)?.images.len())
+}
+
 /// DisenDiff for prompt `p`: trains (or resumes, or reuses) its delta in
 /// `OUT/disendiff-train/<prompt>` with BASELINES.md's defaults on images the pre-trained model
 /// generates for the prompt (the paper's setting; seeds 0..8, at the comparison's size), then
-/// samples `seeds` with the delta and the modifiers in the prompt.
-fn disendiff_images(
+/// returns the delta (sampled with the modifiers in the prompt).
+fn disendiff_delta(
     c: &CompareConfig,
     p: &Prompt,
     sd: &StableDiffusion,
     source: &ModelSource,
-    seeds: &[u64],
     progress: &mut dyn Progress,
-) -> Result<usize> {
+) -> Result<std::sync::Arc<decorr_disendiff::DeltaFiles>> {
     let train_dir = c.out.join("disendiff-train").join(&p.folder);
-    let params = c.params(sd, Method::Sd, p)?;
+    let params = c.params(sd, &Method::Sd, p)?;
     let job = crate::disendiff::DisenDiffJob {
         source,
         device: &sd.device,
@@ -504,35 +467,17 @@ fn disendiff_images(
     }
     let delta =
         decorr_disendiff::read_out(&train_dir).map_err(|e| RunsError::Msg(e.to_string()))?;
-    let mut tuned = sd.clone();
-    decorr_disendiff::apply_to_pipeline(&mut tuned, &delta)
-        .map_err(|e| RunsError::Msg(e.to_string()))?;
-    let sampling_prompt = delta
-        .report
-        .as_ref()
-        .map(|r| r.sampling_prompt.clone())
-        .unwrap_or_else(|| p.pair.prompt.clone());
-    let mut params = params;
-    params.prompt = sampling_prompt;
-    let dir = c.method_dir(Method::Disendiff, p);
-    let manifest_name = c.manifest_name();
-    let job = GenerateJob {
-        params: &params,
-        method: Method::Disendiff.manifest_name(),
-        seeds,
-        batch_size: c.sampling.batch_size,
-        out: &dir,
-        attention: None,
-        manifest_name: &manifest_name,
-    };
-    Ok(generate_into(&tuned, &job, progress)?.images.len())
+    Ok(std::sync::Arc::new(delta))
 }
 
+/// Ours' encoder for prompt `p` (its folder): reused when `OUT/encoders/NNN-prompt/` holds a
+/// finished fine-tuning of that prompt and target, else fine-tuned there from `sd`'s encoder
+/// (an unfinished one is replaced).
 fn encoder_for(
     c: &CompareConfig,
     p: &Prompt,
+    sd: &StableDiffusion,
     source: &ModelSource,
-    device: &burn::tensor::Device,
     progress: &mut dyn Progress,
 ) -> Result<PathBuf> {
     let dir = c.encoder_dir(p);
@@ -558,7 +503,8 @@ fn encoder_for(
     }
     let job = FinetuneJob {
         source,
-        device,
+        device: &sd.device,
+        pretrained: finetune::Pretrained::of(sd),
         prompts: vec![p.pair.prompt.clone()],
         targets: vec![p.pair.objects[1].parse().expect("infallible")],
         settings: c.finetune.clone(),
@@ -582,7 +528,7 @@ fn encoder_for(
 
 /// The folders `decorr eval run --runs` takes, one report row each.
 fn eval_runs(c: &CompareConfig) -> Vec<PathBuf> {
-    c.methods.iter().map(|m| c.out.join(m.folder())).collect()
+    c.methods.iter().map(|m| c.out.join(m.name())).collect()
 }
 
 /// `merge`: every shard's images must be there (the missing ones are named with the shard
@@ -754,21 +700,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn methods_parse_and_name_their_folders() {
-        assert_eq!("aae".parse::<Method>().unwrap(), Method::Aae);
-        assert_eq!("decorrelated".parse::<Method>().unwrap(), Method::Ours);
-        assert!("disendiff".parse::<Method>().unwrap() == Method::Disendiff);
-        assert!("x".parse::<Method>().unwrap_err().contains("sd, pag"));
-        let names: Vec<&str> = Method::ALL.iter().map(|m| m.manifest_name()).collect();
-        assert_eq!(names, ["sd", "pag", "aae", "disendiff", "decorrelated"]);
-    }
-
-    #[test]
-    fn ours_stays_on_one_shard_per_prompt() {
-        let c = CompareConfig {
+    fn config() -> CompareConfig {
+        CompareConfig {
             pairs: Vec::new(),
-            methods: Method::ALL.to_vec(),
+            methods: MethodKind::ALL.to_vec(),
             seeds: vec![0, 1, 2],
             sampling: Sampling::default(),
             pag: PagParams::default(),
@@ -777,14 +712,40 @@ mod tests {
             out: PathBuf::from("x"),
             shard: Some(Shard { index: 1, count: 2 }),
             merge: false,
-        };
+        }
+    }
+
+    /// compare.json as older decorr wrote it (a `json!` map, Attend-and-Excite's settings
+    /// without the objects) compares equal to the typed settings, so old compare folders
+    /// resume; and the type reads back what it writes.
+    #[test]
+    fn settings_of_older_folders_still_match() {
+        let c = config();
+        let mut excite = serde_json::to_value(&c.excite).unwrap();
+        excite.as_object_mut().unwrap().remove("token_indices");
+        let s = &c.sampling;
+        let old = serde_json::json!({
+            "model": "m", "negative_prompt": s.negative_prompt, "steps": s.steps,
+            "guidance_scale": s.guidance_scale, "width": s.width, "height": s.height,
+            "scheduler": s.scheduler.map(|k| k.name()), "karras": s.karras, "eta": s.eta,
+            "pag": c.pag, "excite": excite, "finetune": c.finetune,
+        });
+        let typed = settings(&c, "m");
+        assert_eq!(serde_json::to_value(&typed).unwrap(), old);
+        let back: CompareSettings = serde_json::from_value(old).unwrap();
+        assert_eq!(back, typed);
+    }
+
+    #[test]
+    fn ours_stays_on_one_shard_per_prompt() {
+        let c = config();
         // Baselines: items j = 3 * prompt + seed, shard 1 of 2 owns odd j.
-        assert_eq!(c.seeds_of(Method::Sd, 0), vec![1]);
-        assert_eq!(c.seeds_of(Method::Pag, 1), vec![0, 2]);
+        assert_eq!(c.seeds_of(MethodKind::Sd, 0), vec![1]);
+        assert_eq!(c.seeds_of(MethodKind::Pag, 1), vec![0, 2]);
         // Ours: every seed of the odd prompts.
-        assert!(c.seeds_of(Method::Ours, 0).is_empty());
-        assert_eq!(c.seeds_of(Method::Ours, 1), vec![0, 1, 2]);
-        assert_eq!(c.owner(Method::Ours, 3, 2, 2), 1);
-        assert_eq!(c.owner(Method::Aae, 1, 2, 2), 1);
+        assert!(c.seeds_of(MethodKind::Ours, 0).is_empty());
+        assert_eq!(c.seeds_of(MethodKind::Ours, 1), vec![0, 1, 2]);
+        assert_eq!(c.owner(MethodKind::Ours, 3, 2, 2), 1);
+        assert_eq!(c.owner(MethodKind::Aae, 1, 2, 2), 1);
     }
 }

@@ -245,8 +245,7 @@ fn training_images(
         eta: 0.0,
         attention_slice: None,
         capture_tokens: vec![],
-        pag: Default::default(),
-        excite: Default::default(),
+        text: Default::default(),
     };
     sd.check(&params)?;
     progress.begin("training images", job.seeds.len() as u64, "images");
@@ -294,7 +293,7 @@ pub fn run(job: DisenDiffJob, progress: &mut dyn Progress) -> Result<DisenDiffOu
             "--batch-size, --grad-accum and --max-train-steps must be at least 1",
         ));
     }
-    let sd = crate::generate::load_pipeline(job.source, job.device, None, None)?;
+    let sd = crate::generate::load_pipeline(job.source, job.device, None)?;
     let factor = sd.vae_scale_factor();
     if cfg.resolution < 16 || !cfg.resolution.is_multiple_of(factor * 4) {
         return Err(msg(format!(

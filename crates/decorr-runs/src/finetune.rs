@@ -24,7 +24,7 @@ use crate::heatmap::png_bytes;
 use crate::progress::Progress;
 
 /// The fine-tuning's settings (`decorr finetune`'s flags but the prompts and OUT).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FinetuneSettings {
     /// Encoder layer (0-based) whose self-attention is decorrelated.
     pub layer: usize,
@@ -56,6 +56,9 @@ impl Default for FinetuneSettings {
 pub struct FinetuneJob<'a> {
     pub source: &'a ModelSource,
     pub device: &'a Device,
+    /// The pre-trained tokenizer and encoder when the caller has them loaded in f32 (`fix`,
+    /// `compare`); else they are loaded from `source`.
+    pub pretrained: Option<Pretrained>,
     pub prompts: Vec<String>,
     /// One per prompt.
     pub targets: Vec<TargetSpec>,
@@ -63,6 +66,27 @@ pub struct FinetuneJob<'a> {
     pub out: PathBuf,
     /// Replace an existing OUT (only one that `decorr finetune` wrote).
     pub overwrite: bool,
+}
+
+/// A loaded pre-trained tokenizer and text encoder (f32), to fine-tune without loading again.
+/// Cloning shares the weights; training never writes into them.
+#[derive(Clone)]
+pub struct Pretrained {
+    pub tokenizer: decorr_clip::ClipTokenizer,
+    pub encoder: decorr_clip::ClipTextModel,
+    pub config: decorr_clip::ClipTextConfig,
+}
+
+impl Pretrained {
+    /// The pipeline's tokenizer and encoder, when it runs in f32 (fine-tuning does; a pipeline
+    /// loaded for f16/bf16 sampling holds a cast copy, so `None`: the job loads f32 weights).
+    pub fn of(sd: &decorr_pipeline::StableDiffusion) -> Option<Pretrained> {
+        (sd.precision == decorr_core::Precision::F32).then(|| Pretrained {
+            tokenizer: sd.tokenizer.clone(),
+            encoder: sd.text_encoder.clone(),
+            config: sd.text_config.clone(),
+        })
+    }
 }
 
 /// How a fine-tuning ended (errors aside).
@@ -435,7 +459,19 @@ fn train(
 ) -> Result<Trained> {
     let source = job.source;
     let device = job.device;
-    let tokenizer = decorr_clip::load_tokenizer(source)?;
+    let pretrained = match &job.pretrained {
+        Some(p) => p.clone(),
+        None => {
+            let encoder = decorr_clip::load_text_encoder(source, device)
+                .with_context(|| format!("loading the text encoder of {}", source.describe()))?;
+            Pretrained {
+                tokenizer: decorr_clip::load_tokenizer(source)?,
+                encoder: encoder.model,
+                config: encoder.config,
+            }
+        }
+    };
+    let tokenizer = &pretrained.tokenizer;
     let mut prompts = Vec::new();
     for (p, t) in job.prompts.iter().zip(&job.targets) {
         let tokenized = tokenizer.encode(p)?;
@@ -443,8 +479,6 @@ fn train(
             .with_context(|| format!("--target {t} (of the prompt {p:?})"))?;
         prompts.push(TrainPrompt { tokenized, target });
     }
-    let encoder = decorr_clip::load_text_encoder(source, device)
-        .with_context(|| format!("loading the text encoder of {}", source.describe()))?;
     let st = &job.settings;
     let config = TrainConfig {
         layer: st.layer,
@@ -457,7 +491,7 @@ fn train(
         seed: st.seed,
         ..Default::default()
     };
-    let states = prepare(&encoder.model, &prompts, config.layer, device)?;
+    let states = prepare(&pretrained.encoder, &prompts, config.layer, device)?;
     let total = (config.epochs * config.steps_per_epoch) as u64;
     let prompt_reports = prompts
         .iter()
@@ -491,7 +525,7 @@ fn train(
         out: work,
         source: source.describe(),
         config: &config,
-        enc_config: &encoder.config,
+        enc_config: &pretrained.config,
         prompts: prompt_reports,
         states,
         epochs: Vec::new(),
@@ -501,7 +535,7 @@ fn train(
     };
     let states = writer.states.clone();
     let result = finetune_prepared(
-        encoder.model,
+        pretrained.encoder,
         &prompts,
         states,
         &config,

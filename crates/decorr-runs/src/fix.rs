@@ -6,8 +6,9 @@
 //! that blocks the corrected one.
 //!
 //! OUT/fix.json (the settings that decide the results), OUT/finetune/ (text_encoder/,
-//! report.json, losses.png), OUT/pretrained/, OUT/pag/, OUT/aae/, OUT/fixed/ (images +
-//! manifest.json), OUT/comparison.png, OUT/report.html, OUT/summary.json.
+//! report.json, losses.png), OUT/sd/, OUT/pag/, OUT/aae/, OUT/ours/ (images + manifest.json;
+//! folders an older decorr named `pretrained/` and `fixed/` are continued under those names),
+//! OUT/comparison.png, OUT/report.html, OUT/summary.json.
 
 use std::path::{Path, PathBuf};
 
@@ -19,7 +20,6 @@ use decorr_pipeline::{ExciteParams, GenerateParams, Guidance, PagParams, StableD
 use decorr_trainer::{Focus, TargetSpec, TrainPrompt, prepare, resolve_target};
 use serde::{Deserialize, Serialize};
 
-use crate::compare::Method;
 use crate::error::{Context, Result, RunsError};
 use crate::finetune::{FinetuneJob, FinetuneOutcome, FinetuneReport, FinetuneSettings};
 use crate::generate::{
@@ -27,6 +27,7 @@ use crate::generate::{
     load_pipeline, run_record,
 };
 use crate::heatmap::png_bytes;
+use crate::method::{Method, MethodKind};
 use crate::pages::MethodRow;
 use crate::progress::Progress;
 use crate::{bail, grid};
@@ -83,8 +84,8 @@ pub struct FixJob<'a> {
     /// `excite_words` resolved in the prompt, else the correlated token and the target.
     pub excite: ExciteParams,
     pub excite_words: Vec<String>,
-    /// The baselines to add (`Method::Pag`, `Method::Aae`).
-    pub baselines: Vec<Method>,
+    /// The baselines to add (`MethodKind::Pag`, `MethodKind::Aae`).
+    pub baselines: Vec<MethodKind>,
     /// Fine-tune even where there is no correlation to lower.
     pub anyway: bool,
     /// `OUT/fix.json`: the settings that decide the results; a re-run must match them.
@@ -104,24 +105,21 @@ pub struct Summary {
     #[serde(skip)]
     pub ratio: (f64, f64),
     pub seeds: Vec<u64>,
+    /// The pre-trained model's folder (`sd/`).
     pub pretrained: PathBuf,
+    /// The decorrelated guidance's folder (`ours/`).
     pub fixed: PathBuf,
     /// Every method's folder, in the grid's row order (`sd`, the `--compare` baselines,
-    /// `decorrelated`).
+    /// `ours`).
     pub methods: Vec<MethodRow>,
     pub comparison: PathBuf,
     pub report: PathBuf,
 }
 
-/// A baseline's folder in OUT (and its method name in manifests).
-fn folder(m: Method) -> &'static str {
-    m.manifest_name()
-}
-
 /// Runs the fix into `job.out` (see the module's documentation).
 pub fn run(job: FixJob, progress: &mut dyn Progress) -> Result<Summary> {
     if (!job.excite_words.is_empty() || !job.excite.token_indices.is_empty())
-        && !job.baselines.contains(&Method::Aae)
+        && !job.baselines.contains(&MethodKind::Aae)
     {
         bail!(
             "--excite/--excite-indices name Attend-and-Excite's objects; add --compare aae \
@@ -172,7 +170,7 @@ fn holds_usable(out: &Path) -> bool {
 fn prepare_and_run(job: &FixJob, progress: &mut dyn Progress) -> Result<Summary> {
     let out = &job.out;
     // Load everything first: a checkpoint that does not load stops here.
-    let sd = load_pipeline(job.source, job.device, None, Some(job.precision))?;
+    let sd = load_pipeline(job.source, job.device, Some(job.precision))?;
     let tokenized = sd.tokenizer.encode(&job.prompt)?;
     let target = resolve_target(&tokenized, &job.target)
         .with_context(|| format!("--target {} (of the prompt {:?})", job.target, job.prompt))?;
@@ -214,19 +212,13 @@ fn prepare_and_run(job: &FixJob, progress: &mut dyn Progress) -> Result<Summary>
     methods.dedup();
     let mut baselines = Vec::new();
     for m in methods {
-        let checked = baseline_params(&sd, job, m, &tokenized, &focus).and_then(|p| {
+        let checked = baseline(job, m, &tokenized, &focus).and_then(|method| {
+            let p = job.sampling.params(&sd, &job.prompt, &method)?;
             sd.check(&p)?;
-            check_folder(
-                &out.join(folder(m)),
-                &run_record(&sd, &p, m.manifest_name()),
-                MANIFEST,
-            )?;
-            Ok(p)
+            check_folder(&m.dir(out), &run_record(&sd, &p, m.name()), MANIFEST)?;
+            Ok((method, p))
         });
-        baselines.push((
-            m,
-            checked.with_context(|| format!("--compare {}", folder(m)))?,
-        ));
+        baselines.push(checked.with_context(|| format!("--compare {m}"))?);
     }
     write_atomic(
         &out.join(SETTINGS),
@@ -235,39 +227,24 @@ fn prepare_and_run(job: &FixJob, progress: &mut dyn Progress) -> Result<Summary>
     run_checked(job, sd, &tokenized, baselines, progress)
 }
 
-/// The sampling parameters of `guidance` for the prompt.
-fn params(sd: &StableDiffusion, job: &FixJob, guidance: Guidance) -> Result<GenerateParams> {
-    job.sampling.params(
-        sd,
-        &job.prompt,
-        guidance,
-        &job.pag,
-        &ExciteParams::default(),
-    )
-}
-
-/// The sampling parameters of a baseline. Attend-and-Excite excites the pair the fix is about,
-/// the correlated token `c` and the target `t`, unless the job names other objects.
-fn baseline_params(
-    sd: &StableDiffusion,
-    job: &FixJob,
-    m: Method,
-    tok: &Tokenized,
-    focus: &Focus,
-) -> Result<GenerateParams> {
-    let mut excite = ExciteParams::default();
-    if m == Method::Aae {
-        excite = job.excite.clone();
-        if excite.token_indices.is_empty() {
-            excite.token_indices = if job.excite_words.is_empty() {
-                vec![focus.corr, focus.target]
-            } else {
-                excite_indices(tok, &job.excite_words)?
-            };
+/// A baseline with its settings. Attend-and-Excite excites the pair the fix is about, the
+/// correlated token `c` and the target `t`, unless the job names other objects.
+fn baseline(job: &FixJob, m: MethodKind, tok: &Tokenized, focus: &Focus) -> Result<Method> {
+    Ok(match m {
+        MethodKind::Pag => Method::Pag(job.pag.clone()),
+        MethodKind::Aae => {
+            let mut excite = job.excite.clone();
+            if excite.token_indices.is_empty() {
+                excite.token_indices = if job.excite_words.is_empty() {
+                    vec![focus.corr, focus.target]
+                } else {
+                    excite_indices(tok, &job.excite_words)?
+                };
+            }
+            Method::AttendAndExcite(excite)
         }
-    }
-    job.sampling
-        .params(sd, &job.prompt, m.guidance(), &job.pag, &excite)
+        other => bail!("--compare takes pag and aae, not {other}"),
+    })
 }
 
 /// One of fix's generation runs: every seed into its own folder, with the attention figure.
@@ -309,6 +286,7 @@ fn run_checked(
         let finetune = FinetuneJob {
             source: job.source,
             device: job.device,
+            pretrained: crate::finetune::Pretrained::of(&sd),
             prompts: vec![job.prompt.clone()],
             targets: vec![job.target.clone()],
             settings: job.finetune.clone(),
@@ -353,58 +331,36 @@ fn run_checked(
     ];
     let figure = Some((figure_tokens.as_slice(), FIGURE_STEPS));
 
-    let pre = params(&sd, job, Guidance::Cfg)?;
-    let pre_dir = out.join("pretrained");
-    generate_into(
-        &sd,
-        &fix_job(&pre, Method::Sd.manifest_name(), job, &pre_dir, figure),
-        progress,
-    )?;
-    // The baselines, with the pre-trained encoder (as their papers run them).
-    let mut rows = vec![MethodRow {
-        method: Method::Sd.manifest_name().into(),
-        label: Method::Sd.label().into(),
-        dir: pre_dir.clone(),
-        excite: None,
-    }];
-    for (m, p) in &baselines {
-        let dir = out.join(folder(*m));
+    // The pre-trained model, then the baselines with the pre-trained encoder (as their papers
+    // run them), then ours.
+    let mut methods = vec![Method::Sd];
+    methods.extend(baselines.into_iter().map(|(m, _)| m));
+    methods.push(Method::Decorrelated {
+        encoder: sd.load_tuned_encoder(&ft_dir.join("text_encoder"))?,
+        guidance: Guidance::Cfg,
+    });
+    let mut rows = Vec::new();
+    for method in &methods {
+        let kind = method.kind().expect("a compared method");
+        let p = job.sampling.params(&sd, &job.prompt, method)?;
+        let dir = kind.dir(out);
         generate_into(
             &sd,
-            &fix_job(p, m.manifest_name(), job, &dir, figure),
+            &fix_job(&p, method.name(), job, &dir, figure),
             progress,
         )?;
         rows.push(MethodRow {
-            method: m.manifest_name().into(),
-            label: m.label().into(),
+            method: method.name().into(),
+            label: kind.label().into(),
             dir,
-            excite: (*m == Method::Aae).then(|| {
-                let idx = p.excite.token_indices.clone();
+            excite: p.guidance.excite().map(|e| {
+                let idx = e.token_indices.clone();
                 let tokens = idx.iter().map(|&i| tok.token_text(i)).collect();
                 (idx, tokens)
             }),
         });
     }
-    let sd = sd.with_tuned_encoder(&ft_dir.join("text_encoder"))?;
-    let fixed = params(&sd, job, Guidance::Decorrelated)?;
-    let fixed_dir = out.join("fixed");
-    generate_into(
-        &sd,
-        &fix_job(
-            &fixed,
-            Method::Ours.manifest_name(),
-            job,
-            &fixed_dir,
-            figure,
-        ),
-        progress,
-    )?;
-    rows.push(MethodRow {
-        method: Method::Ours.manifest_name().into(),
-        label: Method::Ours.label().into(),
-        dir: fixed_dir.clone(),
-        excite: None,
-    });
+    let (pre_dir, fixed_dir) = (rows[0].dir.clone(), rows[rows.len() - 1].dir.clone());
 
     let mut cells = Vec::new();
     for row in &rows {

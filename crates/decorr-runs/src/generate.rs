@@ -12,7 +12,7 @@ use decorr_core::io::write_atomic;
 use decorr_pipeline::png::{encode_rgb8, parameters_text};
 use decorr_pipeline::{
     ExciteParams, ExciteStep, GenerateParams, Guidance, PagParams, StableDiffusion, StepAttention,
-    to_rgb8,
+    TextSide, to_rgb8,
 };
 use decorr_scheduler::SchedulerKind;
 use decorr_trainer::{MethodError, TargetSpec, resolve_token};
@@ -22,7 +22,44 @@ use crate::bail;
 use crate::error::{Context, Result, RunsError};
 use crate::grid;
 use crate::heatmap::png_bytes;
+use crate::method::{Method, current_name};
 use crate::progress::Progress;
+
+/// What `--guidance` names: the sampling-side method, with `decorrelated` for the Eq. 6
+/// pairing (which needs `--encoder`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuidanceName {
+    Cfg,
+    Decorrelated,
+    Pag,
+    AttendAndExcite,
+}
+
+impl std::fmt::Display for GuidanceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GuidanceName::Cfg => "cfg",
+            GuidanceName::Decorrelated => "decorrelated",
+            GuidanceName::Pag => "pag",
+            GuidanceName::AttendAndExcite => "attend-and-excite",
+        })
+    }
+}
+
+impl std::str::FromStr for GuidanceName {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cfg" => Ok(GuidanceName::Cfg),
+            "decorrelated" => Ok(GuidanceName::Decorrelated),
+            "pag" => Ok(GuidanceName::Pag),
+            "attend-and-excite" | "aae" => Ok(GuidanceName::AttendAndExcite),
+            other => Err(format!(
+                "unknown guidance `{other}`; expected cfg, decorrelated, pag or attend-and-excite"
+            )),
+        }
+    }
+}
 
 /// The sampling options of a run (what `generate`'s flags set), before they are resolved
 /// against a checkpoint.
@@ -43,12 +80,18 @@ pub struct Sampling {
     pub attention_slice: Option<usize>,
 }
 
+/// Stable Diffusion's usual guidance scale (diffusers' default), the default of every command.
+pub const DEFAULT_GUIDANCE_SCALE: f64 = 7.5;
+
+/// Denoising steps by default (diffusers' default).
+pub const DEFAULT_STEPS: usize = 50;
+
 impl Default for Sampling {
     fn default() -> Self {
         Sampling {
             negative_prompt: String::new(),
-            steps: 50,
-            guidance_scale: 7.5,
+            steps: DEFAULT_STEPS,
+            guidance_scale: DEFAULT_GUIDANCE_SCALE,
             width: None,
             height: None,
             scheduler: None,
@@ -61,14 +104,12 @@ impl Default for Sampling {
 }
 
 impl Sampling {
-    /// The parameters of generating `prompt` with `guidance`, resolved against the checkpoint.
+    /// The parameters of generating `prompt` with `method`, resolved against the checkpoint.
     pub fn params(
         &self,
         sd: &StableDiffusion,
         prompt: &str,
-        guidance: Guidance,
-        pag: &PagParams,
-        excite: &ExciteParams,
+        method: &Method,
     ) -> Result<GenerateParams> {
         // From the UNet config only when a flag is missing, and then named as a config key.
         let side = |flag: Option<usize>| flag.map_or_else(|| sd.default_side(), Ok);
@@ -84,25 +125,22 @@ impl Sampling {
                 Some(k) => k,
                 None => sd.default_scheduler()?,
             },
-            guidance,
+            guidance: method.guidance(),
+            text: method.text(),
             karras: self.karras.then_some(true),
             eta: self.eta,
             attention_slice: self.attention_slice,
             capture_tokens: Vec::new(),
-            pag: pag.clone(),
-            excite: excite.clone(),
         })
     }
 }
 
 /// Loads the Stable Diffusion checkpoint of `source` on `device` (the one loader of every
-/// command that samples or trains on the pipeline), with a fine-tuned text encoder when given
-/// and the sampling precision when given (fine-tuning keeps f32). Says on stderr what it loads,
-/// as that takes seconds to minutes.
+/// command that samples or trains on the pipeline), in the sampling precision when given
+/// (fine-tuning keeps f32). Says on stderr what it loads, as that takes seconds to minutes.
 pub fn load_pipeline(
     source: &decorr_core::ModelSource,
     device: &burn::tensor::Device,
-    encoder: Option<&Path>,
     precision: Option<decorr_core::Precision>,
 ) -> Result<StableDiffusion> {
     eprintln!(
@@ -115,10 +153,6 @@ pub fn load_pipeline(
             source.describe()
         )
     })?;
-    let sd = match encoder {
-        Some(dir) => sd.with_tuned_encoder(dir)?,
-        None => sd,
-    };
     Ok(match precision {
         Some(p) => sd.with_precision(p),
         None => sd,
@@ -160,7 +194,7 @@ pub fn excite_indices(tok: &Tokenized, words: &[String]) -> Result<Vec<usize>> {
 /// One generation run into a folder.
 pub struct GenerateJob<'a> {
     pub params: &'a GenerateParams,
-    /// The method's name in the manifest ([`method_name`]).
+    /// The method's name in the manifest ([`Method::name`]).
     pub method: &'a str,
     pub seeds: &'a [u64],
     /// Images per UNet batch.
@@ -183,8 +217,10 @@ pub struct ImageRecord {
 /// What every image of one folder shares.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RunRecord {
-    /// `sd` (pre-trained, CFG), `decorrelated` (Eq. 6), `finetuned-cfg`, `pag`, `aae`, or the
-    /// compositions `decorrelated+pag`, `decorrelated+aae` (see [`method_name`]).
+    /// `sd` (pre-trained, CFG), `pag`, `aae`, `ours` (Eq. 6), `disendiff`, `finetuned-cfg`, or
+    /// the compositions `ours+pag`, `ours+aae` ([`Method::name`]); older names are read as
+    /// today's (`decorrelated` is `ours`).
+    #[serde(deserialize_with = "method_from_json")]
     pub method: String,
     pub prompt: String,
     pub negative_prompt: String,
@@ -215,6 +251,12 @@ pub struct RunRecord {
     pub excite: Option<ExciteParams>,
 }
 
+fn method_from_json<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<String, D::Error> {
+    String::deserialize(d).map(|m| current_name(&m))
+}
+
 fn f32_name() -> String {
     "f32".into()
 }
@@ -227,20 +269,6 @@ fn excite_from_json<'de, D: serde::Deserializer<'de>>(
     let v: Option<serde_json::Value> = Option::deserialize(d)?;
     v.map(|v| serde_json::from_value(v).map_err(serde::de::Error::custom))
         .transpose()
-}
-
-/// The name a method gets in manifests (and `decorr eval run`'s report rows): the sampling-side
-/// guidance, with the text side (`--encoder`) composed in.
-pub fn method_name(guidance: Guidance, tuned_encoder: bool) -> &'static str {
-    match (guidance, tuned_encoder) {
-        (Guidance::Cfg, false) => "sd",
-        (Guidance::Cfg, true) => "finetuned-cfg",
-        (Guidance::Decorrelated, _) => "decorrelated",
-        (Guidance::Pag, false) => "pag",
-        (Guidance::Pag, true) => "decorrelated+pag",
-        (Guidance::AttendAndExcite, false) => "aae",
-        (Guidance::AttendAndExcite, true) => "decorrelated+aae",
-    }
 }
 
 /// The Attend-and-Excite log of one image (`excite-NNNNNN.json` beside it).
@@ -312,13 +340,19 @@ pub fn read_manifest_file(path: &Path) -> Result<Manifest> {
 
 /// The parameters of a generation run, resolved against the checkpoint.
 pub fn run_record(sd: &StableDiffusion, p: &GenerateParams, method: &str) -> RunRecord {
+    // The guidance recorded for the decorrelated text side is the Eq. 6 pairing's name (what
+    // manifests have always said).
+    let guidance = match (&p.text, &p.guidance) {
+        (TextSide::Decorrelated(_), Guidance::Cfg) => "decorrelated",
+        (_, g) => g.name(),
+    };
     RunRecord {
         method: method.to_string(),
         prompt: p.prompt.clone(),
         negative_prompt: p.negative_prompt.clone(),
         steps: p.steps,
         scheduler: p.scheduler.name().to_string(),
-        guidance: p.guidance.name().to_string(),
+        guidance: guidance.to_string(),
         guidance_scale: p.guidance_scale,
         width: p.width,
         height: p.height,
@@ -326,9 +360,9 @@ pub fn run_record(sd: &StableDiffusion, p: &GenerateParams, method: &str) -> Run
         eta: p.eta,
         model: sd.model_id.clone(),
         dtype: sd.precision.to_string(),
-        encoder_sha256: sd.tuned.as_ref().map(|t| t.sha256.clone()),
-        pag: (p.guidance == Guidance::Pag).then(|| p.pag.clone()),
-        excite: (p.guidance == Guidance::AttendAndExcite).then(|| p.excite.clone()),
+        encoder_sha256: p.text.tuned().map(|t| t.sha256.clone()),
+        pag: p.guidance.pag().cloned(),
+        excite: p.guidance.excite().cloned(),
     }
 }
 
@@ -469,7 +503,7 @@ pub fn generate_into(
         if !tokens.is_empty() {
             files.push(format!("attention-{seed:06}.png"));
         }
-        if p.guidance == Guidance::AttendAndExcite {
+        if p.guidance.excite().is_some() {
             files.push(excite_file(seed));
         }
         files
@@ -556,7 +590,7 @@ pub fn generate_into(
                     &png_bytes(&fig),
                 )?;
             }
-            if p.guidance == Guidance::AttendAndExcite {
+            if p.guidance.excite().is_some() {
                 let log = excite_log(sd, &p, seed, k, &g.excite)?;
                 write_atomic(
                     &out.join(excite_file(seed)),
@@ -630,15 +664,15 @@ fn excite_log(
     steps: &[ExciteStep],
 ) -> Result<ExciteLog> {
     let tok = sd.tokenizer.encode(&p.prompt)?;
+    let indices = p
+        .guidance
+        .excite()
+        .map(|e| e.token_indices.clone())
+        .unwrap_or_default();
     Ok(ExciteLog {
         seed,
-        token_indices: p.excite.token_indices.clone(),
-        tokens: p
-            .excite
-            .token_indices
-            .iter()
-            .map(|&i| tok.token_text(i))
-            .collect(),
+        tokens: indices.iter().map(|&i| tok.token_text(i)).collect(),
+        token_indices: indices,
         steps: steps
             .iter()
             .filter(|s| s.image == k)
@@ -849,7 +883,7 @@ pub struct GenerateRun<'a> {
     /// A DisenDiff output: its k/v weights into the UNet, its modifiers into the prompts.
     pub disendiff: Option<PathBuf>,
     /// The guidance; `None` is the default for the encoder given or not.
-    pub guidance: Option<Guidance>,
+    pub guidance: Option<GuidanceName>,
     pub sampling: Sampling,
     pub pag: PagParams,
     /// Attend-and-Excite's settings; its objects are `token_indices` when given, else
@@ -896,41 +930,83 @@ pub fn run(job: GenerateRun, progress: &mut dyn Progress) -> Result<GenerateOutc
     if job.merge {
         return Ok(GenerateOutcome::Merged(merge(&folders, &job.seeds)?));
     }
-    let guidance = job.guidance.unwrap_or(if job.encoder.is_some() {
-        Guidance::Decorrelated
+    let name = job.guidance.unwrap_or(if job.encoder.is_some() {
+        GuidanceName::Decorrelated
     } else {
-        Guidance::Cfg
+        GuidanceName::Cfg
     });
     let has_objects = !job.excite_words.is_empty() || !job.excite.token_indices.is_empty();
-    if has_objects && guidance != Guidance::AttendAndExcite {
+    if has_objects && name != GuidanceName::AttendAndExcite {
         bail!(
             "--excite/--excite-indices name the objects of Attend-and-Excite; add \
-             --guidance attend-and-excite (this run uses --guidance {guidance})"
+             --guidance attend-and-excite (this run uses --guidance {name})"
         );
     }
-    let mut sd = load_pipeline(
-        job.source,
-        job.device,
-        job.encoder.as_deref(),
-        Some(job.precision),
-    )?;
+    if name == GuidanceName::Decorrelated && job.encoder.is_none() {
+        bail!(
+            "--guidance decorrelated needs the fine-tuned encoder: pass --encoder \
+             OUT/text_encoder (from `decorr finetune`)"
+        );
+    }
+    let mut sd = load_pipeline(job.source, job.device, Some(job.precision))?;
     sd.timed = job.timed;
-    let mut method = method_name(guidance, job.encoder.is_some());
+    let encoder = match &job.encoder {
+        Some(dir) => Some(sd.load_tuned_encoder(dir)?),
+        None => None,
+    };
     let mut prompts = job.prompts.clone();
-    if let Some(dir) = &job.disendiff {
-        let delta = decorr_disendiff::read_out(dir)?;
-        decorr_disendiff::apply_to_pipeline(&mut sd, &delta)
-            .with_context(|| format!("--disendiff {}", dir.display()))?;
+    let delta = match &job.disendiff {
+        Some(dir) => Some(std::sync::Arc::new(decorr_disendiff::read_out(dir)?)),
+        None => None,
+    };
+    // The method of one prompt (Attend-and-Excite's objects are resolved in each; without a
+    // prompt, they are left as given).
+    let method_of = |sd: &StableDiffusion, prompt: Option<&str>| -> Result<Method> {
+        let guidance = match name {
+            GuidanceName::Cfg | GuidanceName::Decorrelated => Guidance::Cfg,
+            GuidanceName::Pag => Guidance::Pag(job.pag.clone()),
+            GuidanceName::AttendAndExcite => {
+                let mut excite = job.excite.clone();
+                if let Some(prompt) = prompt
+                    && excite.token_indices.is_empty()
+                    && !job.excite_words.is_empty()
+                {
+                    excite.token_indices =
+                        excite_indices(&sd.tokenizer.encode(prompt)?, &job.excite_words)?;
+                }
+                Guidance::AttendAndExcite(excite)
+            }
+        };
+        Ok(match (&delta, &encoder, guidance) {
+            (Some(delta), _, Guidance::Cfg) => Method::DisenDiff {
+                delta: delta.clone(),
+            },
+            (Some(_), _, g) => bail!(
+                "--disendiff samples with classifier-free guidance; drop --guidance {}",
+                g.name()
+            ),
+            (None, Some(encoder), Guidance::Cfg) if name == GuidanceName::Cfg => {
+                Method::FinetunedCfg {
+                    encoder: encoder.clone(),
+                }
+            }
+            (None, Some(encoder), guidance) => Method::Decorrelated {
+                encoder: encoder.clone(),
+                guidance,
+            },
+            (None, None, Guidance::Cfg) => Method::Sd,
+            (None, None, Guidance::Pag(p)) => Method::Pag(p),
+            (None, None, Guidance::AttendAndExcite(e)) => Method::AttendAndExcite(e),
+        })
+    };
+    // DisenDiff samples with its own variant of the pipeline (its weights, its modifiers).
+    let probe = method_of(&sd, None)?;
+    let sd = probe.pipeline(&sd)?.into_owned();
+    if let Some(delta) = &delta {
         prompts = prompts
             .iter()
-            .map(|p| disendiff_prompt(&sd, &delta, p))
+            .map(|p| disendiff_prompt(&sd, delta, p))
             .collect::<Result<_>>()?;
-        method = "disendiff";
-    }
-    if guidance == Guidance::Cfg && job.encoder.is_some() {
-        // One encoder for both branches: the fine-tuned one.
-        let tuned = sd.tuned.as_ref().expect("loaded");
-        sd.text_encoder = tuned.model.clone();
     }
     let attention = job
         .attention
@@ -954,20 +1030,11 @@ pub fn run(job: GenerateRun, progress: &mut dyn Progress) -> Result<GenerateOutc
         if mine.is_empty() {
             continue;
         }
-        let mut excite = ExciteParams::default();
-        if guidance == Guidance::AttendAndExcite {
-            excite = job.excite.clone();
-            if excite.token_indices.is_empty() && !job.excite_words.is_empty() {
-                excite.token_indices =
-                    excite_indices(&sd.tokenizer.encode(prompt)?, &job.excite_words)?;
-            }
-        }
-        let p = job
-            .sampling
-            .params(&sd, prompt, guidance, &job.pag, &excite)?;
+        let method = method_of(&sd, Some(prompt))?;
+        let p = job.sampling.params(&sd, prompt, &method)?;
         let gen_job = GenerateJob {
             params: &p,
-            method,
+            method: method.name(),
             seeds: &mine,
             batch_size: job.sampling.batch_size,
             out: dir,
@@ -984,7 +1051,7 @@ pub fn run(job: GenerateRun, progress: &mut dyn Progress) -> Result<GenerateOutc
     }
     Ok(GenerateOutcome::Generated {
         folders: done,
-        method,
+        method: probe.name(),
         precision: sd.precision,
     })
 }

@@ -2,6 +2,8 @@
 //! which folders, what is already done. The command line only parses, prints and writes; this
 //! crate decides the work and reports through [`Progress`] callbacks (no terminal code here).
 //!
+//! - [`method`]: the five methods, each named once ([`MethodKind`]), and a method with its
+//!   settings ([`Method`]) as a request's guidance, text side and pipeline variant.
 //! - [`generate`]: generation folders (PNG + `decorr` record per image, `manifest.json`,
 //!   resume, shards and their merge); the manifests `decorr eval run` reads.
 //! - [`finetune`]: the fine-tuning folder (`text_encoder/`, `report.json`, `losses.png`), kept
@@ -23,6 +25,7 @@ pub mod fix;
 pub mod generate;
 pub mod grid;
 pub mod heatmap;
+pub mod method;
 pub mod output;
 pub mod pages;
 pub mod paths;
@@ -30,5 +33,6 @@ pub mod progress;
 pub mod shard;
 
 pub use error::{Context, Result, RunsError};
+pub use method::{Method, MethodKind};
 pub use progress::{Progress, Silent};
 pub use shard::Shard;

@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use maud::{DOCTYPE, Markup, html};
 use serde::Serialize;
 
-use crate::compare::{CompareConfig, Method, Prompt};
+use crate::compare::{CompareConfig, Prompt};
 use crate::finetune::FinetuneReport;
 use crate::generate::{excite_file, image_file};
+use crate::method::MethodKind;
 
 /// One method of a `fix` run: a row of its grid and of its report page.
 #[derive(Debug, Clone, Serialize)]
@@ -160,7 +161,7 @@ text-align:left}td img{width:128px;image-rendering:pixelated}";
 /// `compare`'s index page: per prompt a table (rows: methods, columns: seeds) showing each
 /// image once, with links to its grid picture, the manifests and the trainings.
 pub(crate) fn compare_index(c: &CompareConfig, prompts: &[Prompt]) -> String {
-    let runs: Vec<&str> = c.methods.iter().map(|m| m.folder()).collect();
+    let runs: Vec<&str> = c.methods.iter().map(|m| m.name()).collect();
     let seeds: Vec<String> = c.seeds.iter().map(|s| s.to_string()).collect();
     let page = html! {
         (DOCTYPE)
@@ -194,17 +195,17 @@ pub(crate) fn compare_index(c: &CompareConfig, prompts: &[Prompt]) -> String {
                             @for s in &c.seeds { th { "seed " (s) } }
                         }
                         @for &m in &c.methods {
-                            @let dir = format!("{}/{}", m.folder(), p.folder);
+                            @let dir = format!("{}/{}", m.name(), p.folder);
                             tr {
                                 th {
                                     (m.label()) " ("
-                                    a href={ (dir) "/manifest.json" } { (m.manifest_name()) } ")"
-                                    @if m == Method::Ours {
+                                    a href={ (dir) "/manifest.json" } { (m.name()) } ")"
+                                    @if m == MethodKind::Ours {
                                         br;
                                         a href={ "encoders/" (p.folder) "/report.json" } { "fine-tuning" } ", "
                                         a href={ "encoders/" (p.folder) "/losses.png" } { "losses" }
                                     }
-                                    @if m == Method::Disendiff {
+                                    @if m == MethodKind::Disendiff {
                                         br;
                                         a href={ "disendiff-train/" (p.folder) "/report.json" } { "training" } ", "
                                         a href={ "disendiff-train/" (p.folder) "/losses.png" } { "losses" }

@@ -24,7 +24,7 @@ use decorr_unet::{AttentionOptions, Capture, UNet2DConditionModel};
 use serde::{Deserialize, Serialize};
 
 use super::cfg::cfg_prediction;
-use super::{Embeddings, StepContext, StepPrediction, Strategy};
+use super::{Conditioning, Embeddings, StepContext, StepPrediction, Strategy};
 use crate::PipelineError;
 
 /// Attend-and-Excite's settings; the defaults are the official `config.py`'s and diffusers'.
@@ -109,7 +109,7 @@ pub struct AttendExcite {
     /// The conditional embedding `[1, 77, d]` of the gradient passes.
     cond: Tensor<3>,
     /// `[uncond x b; cond x b]` or `cond x b` for the CFG pass.
-    context: Tensor<3>,
+    context: Conditioning,
     /// The cross-attention modules at `attn_res`, in forward order.
     sites: Vec<String>,
     images: usize,
@@ -239,8 +239,15 @@ pub fn check(
     latent_hw: [usize; 2],
     keys: usize,
 ) -> Result<Vec<String>, PipelineError> {
-    check_indices(&params.token_indices, keys)?;
     let bad = |m: String| Err(PipelineError::Input(m));
+    if unet.add_embedding.is_some() {
+        return bad(
+            "Attend-and-Excite runs on SD 1.x and 2.x UNets; this is an SDXL UNet (text_time \
+             conditions), which it does not support: use --guidance cfg, decorrelated or pag"
+                .into(),
+        );
+    }
+    check_indices(&params.token_indices, keys)?;
     if !(params.scale_factor.is_finite() && params.scale_factor >= 0.0) {
         return bad(format!(
             "--excite-scale-factor {}: must be a finite number >= 0 (20 is the default)",
@@ -379,14 +386,14 @@ impl Strategy for AttendExcite {
             }
             *latents = Tensor::cat(updated, 0);
         }
-        Ok(cfg_prediction(
+        cfg_prediction(
             ctx,
             latents,
             &self.context,
             self.images,
             self.scale,
             self.guided,
-        ))
+        )
     }
 
     fn excite_log(&mut self) -> Vec<ExciteStep> {

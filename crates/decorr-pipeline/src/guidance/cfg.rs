@@ -4,12 +4,12 @@
 
 use burn::tensor::Tensor;
 
-use super::{Embeddings, StepContext, StepPrediction, Strategy, repeat, rows_of};
+use super::{Conditioning, Embeddings, StepContext, StepPrediction, Strategy, repeat, rows_of};
 use crate::PipelineError;
 
 pub struct Cfg {
     /// `[uncond x b; cond x b]` (or `cond x b` without guidance), built once.
-    context: Tensor<3>,
+    context: Conditioning,
     images: usize,
     scale: f64,
     guided: bool,
@@ -36,18 +36,16 @@ pub(crate) fn combine(uncond: Tensor<4>, cond: Tensor<4>, scale: f64) -> Tensor<
 pub(crate) fn cfg_prediction(
     ctx: &StepContext,
     latents: &Tensor<4>,
-    context: &Tensor<3>,
+    context: &Conditioning,
     images: usize,
     scale: f64,
     guided: bool,
-) -> StepPrediction {
+) -> Result<StepPrediction, PipelineError> {
     let k = if guided { 2 } else { 1 };
     let input = ctx
         .scheduler
         .scale_model_input(repeat(latents, k), ctx.index);
-    let out = ctx
-        .unet
-        .forward_with(input, &vec![ctx.timestep; k * images], context, ctx.opts);
+    let out = context.predict(ctx.unet, input, ctx.timestep, ctx.opts)?;
     let start = if guided { images } else { 0 };
     let cross_attention = rows_of(out.cross_attention, start, images);
     let eps = if guided {
@@ -57,10 +55,10 @@ pub(crate) fn cfg_prediction(
     } else {
         out.sample
     };
-    StepPrediction {
+    Ok(StepPrediction {
         eps,
         cross_attention,
-    }
+    })
 }
 
 impl Strategy for Cfg {
@@ -69,13 +67,13 @@ impl Strategy for Cfg {
         ctx: &StepContext,
         latents: &mut Tensor<4>,
     ) -> Result<StepPrediction, PipelineError> {
-        Ok(cfg_prediction(
+        cfg_prediction(
             ctx,
             latents,
             &self.context,
             self.images,
             self.scale,
             self.guided,
-        ))
+        )
     }
 }

@@ -14,39 +14,55 @@ pub mod pag;
 
 use burn::tensor::Tensor;
 use decorr_scheduler::Scheduler;
-use decorr_unet::{AttentionMap, AttentionOptions, UNet2DConditionModel};
-use serde::{Deserialize, Serialize};
+use decorr_unet::{
+    AddedConditions, AttentionMap, AttentionOptions, UNet2DConditionModel, UNetOutput,
+};
+use serde::Serialize;
 
 use crate::PipelineError;
 
 pub use attend_excite::{ExciteParams, ExciteStep};
 pub use pag::PagParams;
 
-/// The sampling-side method. The text side is separate: with a fine-tuned encoder loaded, the
-/// conditional embedding of `pag` and `attend-and-excite` comes from it (the Eq. 6 pairing), so
-/// the methods compose.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
+/// The sampling-side method, with its settings. The text side (which encoder gives which
+/// branch's embedding: [`crate::TextSide`]) is separate, so a fine-tuned encoder composes with
+/// PAG and Attend-and-Excite.
+#[derive(Debug, Clone, PartialEq, Serialize, Default)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Guidance {
-    /// Standard classifier-free guidance: both embeddings from the pre-trained encoder.
+    /// Classifier-free guidance (the decorrelated guidance of METHOD.md Eq. 6 is this with
+    /// [`crate::TextSide::Decorrelated`]).
     #[default]
     Cfg,
-    /// Eq. 6: conditional from the fine-tuned encoder, unconditional from the pre-trained one.
-    Decorrelated,
     /// Perturbed-attention guidance: a third UNet call with identity self-attention.
-    Pag,
+    Pag(PagParams),
     /// Attend-and-Excite: gradient steps on the latent before CFG.
-    AttendAndExcite,
+    AttendAndExcite(ExciteParams),
 }
 
 impl Guidance {
     /// The name used on the command line and in manifests.
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
             Guidance::Cfg => "cfg",
-            Guidance::Decorrelated => "decorrelated",
-            Guidance::Pag => "pag",
-            Guidance::AttendAndExcite => "attend-and-excite",
+            Guidance::Pag(_) => "pag",
+            Guidance::AttendAndExcite(_) => "attend-and-excite",
+        }
+    }
+
+    /// PAG's settings, when this is PAG.
+    pub fn pag(&self) -> Option<&PagParams> {
+        match self {
+            Guidance::Pag(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Attend-and-Excite's settings, when this is Attend-and-Excite.
+    pub fn excite(&self) -> Option<&ExciteParams> {
+        match self {
+            Guidance::AttendAndExcite(e) => Some(e),
+            _ => None,
         }
     }
 }
@@ -54,21 +70,6 @@ impl Guidance {
 impl std::fmt::Display for Guidance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Guidance {
-    type Err = PipelineError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "cfg" => Ok(Guidance::Cfg),
-            "decorrelated" => Ok(Guidance::Decorrelated),
-            "pag" => Ok(Guidance::Pag),
-            "attend-and-excite" | "aae" => Ok(Guidance::AttendAndExcite),
-            other => Err(PipelineError::Input(format!(
-                "unknown guidance `{other}`; expected cfg, decorrelated, pag or attend-and-excite"
-            ))),
-        }
     }
 }
 
@@ -112,19 +113,95 @@ pub trait Strategy {
     }
 }
 
-/// The embeddings a strategy works with: `cond` `[1, 77, d]`; `uncond` when guidance is on.
+/// The embeddings a strategy works with: `cond` `[1, 77, d]`; `uncond` when guidance is on;
+/// and for SDXL the pooled embeddings and micro-conditions.
 pub struct Embeddings {
     pub cond: Tensor<3>,
     pub uncond: Option<Tensor<3>>,
+    pub added: Option<AddedEmbeddings>,
+}
+
+/// SDXL's added conditions of one image: each branch's pooled embedding `[1, P]` and the time
+/// ids `[1, 6]` (the same for both branches).
+pub struct AddedEmbeddings {
+    pub cond_pooled: Tensor<2>,
+    pub uncond_pooled: Option<Tensor<2>>,
+    pub time_ids: Tensor<2>,
+}
+
+/// What the UNet sees of the text for a batch: the context `[rows, 77, d]` and, for SDXL, the
+/// added conditions of each row.
+#[derive(Clone)]
+pub struct Conditioning {
+    pub context: Tensor<3>,
+    pub added: Option<AddedConditions>,
+}
+
+impl Conditioning {
+    /// `self`'s rows followed by `other`'s.
+    pub fn cat(self, other: Conditioning) -> Conditioning {
+        let added = match (self.added, other.added) {
+            (Some(a), Some(b)) => Some(AddedConditions {
+                text_embeds: Tensor::cat(vec![a.text_embeds, b.text_embeds], 0),
+                time_ids: Tensor::cat(vec![a.time_ids, b.time_ids], 0),
+            }),
+            _ => None,
+        };
+        Conditioning {
+            context: Tensor::cat(vec![self.context, other.context], 0),
+            added,
+        }
+    }
+
+    /// The UNet's prediction for `input` at `timestep` (every row) with this conditioning.
+    pub fn predict(
+        &self,
+        unet: &UNet2DConditionModel,
+        input: Tensor<4>,
+        timestep: f64,
+        opts: &AttentionOptions,
+    ) -> Result<UNetOutput, PipelineError> {
+        let n = input.dims()[0];
+        Ok(unet.forward_added(
+            input,
+            &vec![timestep; n],
+            &self.context,
+            self.added.as_ref(),
+            opts,
+        )?)
+    }
 }
 
 impl Embeddings {
-    /// The UNet's context for a CFG batch of `images`: `[uncond x images; cond x images]`, or
-    /// `cond x images` without guidance; and whether guidance is on.
-    pub fn context(&self, images: usize) -> (Tensor<3>, bool) {
-        let cond = rows(&self.cond, images);
+    /// The conditional branch for `images` rows.
+    pub fn cond_rows(&self, images: usize) -> Conditioning {
+        Conditioning {
+            context: rows(&self.cond, images),
+            added: self.added.as_ref().map(|a| AddedConditions {
+                text_embeds: rows2(&a.cond_pooled, images),
+                time_ids: rows2(&a.time_ids, images),
+            }),
+        }
+    }
+
+    /// The UNet's conditioning for a CFG batch of `images`: `[uncond x images; cond x images]`,
+    /// or `cond x images` without guidance; and whether guidance is on.
+    pub fn context(&self, images: usize) -> (Conditioning, bool) {
+        let cond = self.cond_rows(images);
         match &self.uncond {
-            Some(u) => (Tensor::cat(vec![rows(u, images), cond], 0), true),
+            Some(u) => {
+                let uncond = Conditioning {
+                    context: rows(u, images),
+                    added: self.added.as_ref().map(|a| AddedConditions {
+                        text_embeds: rows2(
+                            a.uncond_pooled.as_ref().unwrap_or(&a.cond_pooled),
+                            images,
+                        ),
+                        time_ids: rows2(&a.time_ids, images),
+                    }),
+                };
+                (uncond.cat(cond), true)
+            }
             None => (cond, false),
         }
     }
@@ -147,6 +224,12 @@ pub(crate) fn repeat(latents: &Tensor<4>, k: usize) -> Tensor<4> {
     } else {
         Tensor::cat(vec![latents.clone(); k], 0)
     }
+}
+
+/// `v` `[1, d]` expanded to `rows` rows.
+pub(crate) fn rows2(v: &Tensor<2>, rows: usize) -> Tensor<2> {
+    let [_, d] = v.dims();
+    v.clone().expand([rows, d])
 }
 
 /// `emb` `[1, n, d]` expanded to `rows` rows.

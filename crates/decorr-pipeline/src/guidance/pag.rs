@@ -11,7 +11,7 @@ use decorr_unet::{AttentionOptions, Capture, UNet2DConditionModel};
 use serde::{Deserialize, Serialize};
 
 use super::cfg::{cfg_prediction, combine};
-use super::{Embeddings, StepContext, StepPrediction, Strategy, rows};
+use super::{Conditioning, Embeddings, StepContext, StepPrediction, Strategy};
 use crate::PipelineError;
 
 /// PAG's settings (diffusers' defaults: `pag_scale` 3, `pag_adaptive_scale` 0, layers `mid`).
@@ -100,9 +100,9 @@ impl PagParams {
 pub struct Pag {
     params: PagParams,
     /// `[uncond x b; cond x b]` or `cond x b`: plain CFG (PAG scale 0).
-    cfg_context: Tensor<3>,
+    cfg_context: Conditioning,
     /// `cfg_context` and `cond x b` for the perturbed rows.
-    context: Tensor<3>,
+    context: Conditioning,
     perturbed: Vec<String>,
     images: usize,
     scale: f64,
@@ -119,7 +119,7 @@ impl Pag {
     ) -> Result<Self, PipelineError> {
         let perturbed = params.modules(unet)?;
         let (cfg_context, guided) = emb.context(images);
-        let context = Tensor::cat(vec![cfg_context.clone(), rows(&emb.cond, images)], 0);
+        let context = cfg_context.clone().cat(emb.cond_rows(images));
         Ok(Pag {
             params: params.clone(),
             cfg_context,
@@ -141,14 +141,14 @@ impl Strategy for Pag {
         let s = self.params.scale_at(ctx.timestep);
         if self.params.scale == 0.0 {
             // diffusers' `do_perturbed_attention_guidance` is off: plain CFG.
-            return Ok(cfg_prediction(
+            return cfg_prediction(
                 ctx,
                 latents,
                 &self.cfg_context,
                 self.images,
                 self.scale,
                 self.guided,
-            ));
+            );
         }
         // One call: [uncond, cond, perturbed] as diffusers batches it (or [cond, perturbed]),
         // the chosen self-attention perturbed in the last `b` rows only.
@@ -162,9 +162,7 @@ impl Strategy for Pag {
             perturb_from: (k - 1) * b,
             ..ctx.opts.clone()
         };
-        let out = ctx
-            .unet
-            .forward_with(input, &vec![ctx.timestep; k * b], &self.context, &opts);
+        let out = self.context.predict(ctx.unet, input, ctx.timestep, &opts)?;
         let start = if self.guided { b } else { 0 };
         let cross_attention = super::rows_of(out.cross_attention, start, b);
         let eps_p = out.sample.clone().narrow(0, (k - 1) * b, b);

@@ -61,7 +61,6 @@ pub fn quick_params(sd: &StableDiffusion) -> GenerateParams {
         eta: 0.0,
         attention_slice: None,
         capture_tokens: vec![],
-        pag: Default::default(),
-        excite: Default::default(),
+        text: Default::default(),
     }
 }
