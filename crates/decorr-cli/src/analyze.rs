@@ -1,5 +1,7 @@
 //! `decorr analyze`: the token table, attention rows against the diagonal (paper's tables 1
-//! and 2) and ranked suspects for one prompt; optional JSON and heatmap PNG.
+//! and 2) and ranked suspects for one prompt; optional JSON and heatmap PNG. On SDXL, each of
+//! its two text encoders is analysed at the last layer whose output reaches the UNet, and the
+//! one whose target row leans more on an earlier token is named as carrying the correlation.
 
 use std::path::PathBuf;
 
@@ -26,9 +28,14 @@ pub struct AnalyzeArgs {
     /// The target as a raw token index (BOS is 0).
     #[arg(long)]
     target_index: Option<usize>,
-    /// Encoder layer (0-based) whose self-attention is read.
-    #[arg(long, default_value_t = 11)]
-    layer: usize,
+    /// Encoder layer (0-based) whose self-attention is read; default the last layer whose
+    /// output reaches the UNet (SD 1.x/2.x: the last; SDXL: the second-to-last, as the UNet
+    /// reads hidden_states[-2]). On SDXL it applies to the first encoder.
+    #[arg(long)]
+    layer: Option<usize>,
+    /// SDXL: the second text encoder's layer (default its second-to-last).
+    #[arg(long)]
+    layer_2: Option<usize>,
     #[command(flatten)]
     model: ModelArgs,
     /// Write the analysis as JSON here.
@@ -85,12 +92,81 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
             })
         })
         .transpose()?;
+    let precision = args.model.precision(&device)?;
     let encoder = decorr_clip::load_text_encoder(source, &device)
         .with_context(|| format!("loading the text encoder of {}", source.describe()))?;
-    // The attention probabilities are computed in f32 whatever the encoder's precision.
-    let model = decorr_core::cast_module(encoder.model, args.model.precision(&device)?);
-    let analysis = analyze(&model, &tok, args.layer, &device)?;
+    let xl = source
+        .find_file_opt("text_encoder_2", &["config.json"])?
+        .is_some();
+    // The last layer whose output the UNet reads: SDXL reads hidden_states[-2].
+    let default_layer = |n: usize| if xl { n.saturating_sub(2) } else { n - 1 };
+    let layer = args
+        .layer
+        .unwrap_or_else(|| default_layer(encoder.config.num_hidden_layers));
+    let first = analyze_one(&args, &encoder.model, precision, &tok, layer, target, "")?;
+    if !xl {
+        return write_outputs(&args, &first, None, source, &tok, target);
+    }
+    println!();
+    let tokenizer_2 = decorr_clip::load_tokenizer_component(source, "tokenizer_2")?;
+    let tok_2 = tokenizer_2.encode(&args.prompt)?;
+    let encoder_2 = decorr_clip::load_text_encoder_component(source, "text_encoder_2", &device)
+        .with_context(|| format!("loading text_encoder_2 of {}", source.describe()))?;
+    let layer_2 = args
+        .layer_2
+        .unwrap_or_else(|| default_layer(encoder_2.config.num_hidden_layers));
+    let second = analyze_one(
+        &args,
+        &encoder_2.model,
+        precision,
+        &tok_2,
+        layer_2,
+        target,
+        "2",
+    )?;
+    if let Some(t) = target {
+        let ratio =
+            |a: &AttentionAnalysis| a.corr(t).map(|c| a.attention[t][c] / a.attention[t][t]);
+        let (r1, r2) = (ratio(&first), ratio(&second));
+        println!();
+        match (r1, r2) {
+            (Some(r1), Some(r2)) => println!(
+                "A[t,c]/A[t,t]: text_encoder {r1:.3}, text_encoder_2 {r2:.3}; the correlation is \
+                 carried most by {}",
+                if r2 > r1 {
+                    "text_encoder_2"
+                } else {
+                    "text_encoder"
+                }
+            ),
+            _ => println!("the target has no earlier token in one of the encoders' prompts"),
+        }
+    }
+    write_outputs(&args, &first, Some(&second), source, &tok, target)
+}
 
+/// Analyses one encoder at `layer` and prints its tables (`which`: "" or "2", for headings).
+fn analyze_one(
+    args: &AnalyzeArgs,
+    model: &decorr_clip::ClipTextModel,
+    precision: decorr_core::Precision,
+    tok: &decorr_clip::Tokenized,
+    layer: usize,
+    target: Option<usize>,
+    which: &str,
+) -> Result<AttentionAnalysis> {
+    let device = args.model.device()?;
+    // The attention probabilities are computed in f32 whatever the encoder's precision.
+    let model = decorr_core::cast_module(model.clone(), precision);
+    let analysis = analyze(&model, tok, layer, &device).with_context(|| {
+        format!(
+            "--layer{} {layer}",
+            if which.is_empty() { "" } else { "-2" }
+        )
+    })?;
+    if !which.is_empty() {
+        println!("text_encoder_{which}:");
+    }
     print_tokens(&analysis);
     let rows: Vec<usize> = match target {
         Some(t) => vec![t],
@@ -100,10 +176,27 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
         print_row(&analysis, t);
     }
     print_suspects(&analysis);
+    Ok(analysis)
+}
 
-    if let Some(path) = &args.json {
-        let report = Report {
-            analysis: &analysis,
+/// The JSON report and heatmaps asked for (SDXL: the second encoder's beside the first's,
+/// `NAME-2.EXT` for its heatmap).
+fn write_outputs(
+    args: &AnalyzeArgs,
+    first: &AttentionAnalysis,
+    second: Option<&AttentionAnalysis>,
+    source: &decorr_core::ModelSource,
+    tok: &decorr_clip::Tokenized,
+    target: Option<usize>,
+) -> Result<()> {
+    fn report<'a>(
+        analysis: &'a AttentionAnalysis,
+        target: Option<usize>,
+        model: String,
+        truncated_tokens: usize,
+    ) -> Report<'a> {
+        Report {
+            analysis,
             target: target.map(|t| {
                 let corr = analysis.corr(t).expect("resolved targets have t >= 2");
                 TargetReport {
@@ -114,25 +207,45 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
                     row: analysis.row(t),
                 }
             }),
-            model: source.describe(),
-            truncated_tokens: tok.truncated,
+            model,
+            truncated_tokens,
+        }
+    }
+    let report = |a| report(a, target, source.describe(), tok.truncated);
+    if let Some(path) = &args.json {
+        let text = match second {
+            None => serde_json::to_string_pretty(&report(first))?,
+            Some(second) => serde_json::to_string_pretty(&serde_json::json!({
+                "text_encoder": report(first),
+                "text_encoder_2": report(second),
+            }))?,
         };
-        write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        write_atomic(path, text.as_bytes())?;
         println!("wrote {}", path.display());
     }
     if let Some(path) = &args.heatmap {
-        let labels: Vec<String> = analysis
-            .tokens
-            .iter()
-            .map(|t| format!("{} {}", t.index, t.text))
-            .collect();
-        let title = format!(
-            "layer {} self-attention (head mean); colour scale excludes BOS column",
-            analysis.layer
-        );
-        let img = heatmap::render(&analysis.attention, &labels, &title);
-        write_atomic(path, &heatmap::png_bytes(&img))?;
-        println!("wrote {}", path.display());
+        let mut maps = vec![(first, path.clone())];
+        if let Some(second) = second {
+            let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+            let ext = path
+                .extension()
+                .map_or(String::new(), |e| format!(".{}", e.to_string_lossy()));
+            maps.push((second, path.with_file_name(format!("{stem}-2{ext}"))));
+        }
+        for (analysis, path) in maps {
+            let labels: Vec<String> = analysis
+                .tokens
+                .iter()
+                .map(|t| format!("{} {}", t.index, t.text))
+                .collect();
+            let title = format!(
+                "layer {} self-attention (head mean); colour scale excludes BOS column",
+                analysis.layer
+            );
+            let img = heatmap::render(&analysis.attention, &labels, &title);
+            write_atomic(&path, &heatmap::png_bytes(&img))?;
+            println!("wrote {}", path.display());
+        }
     }
     Ok(())
 }

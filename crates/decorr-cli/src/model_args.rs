@@ -19,8 +19,8 @@ pub struct ModelArgs {
     /// converted in memory as `cargo xtask convert-weights` would convert it to a folder.
     #[arg(long, conflicts_with = "model")]
     pub weights: Option<PathBuf>,
-    /// For a single-file --weights: which configs describe it (auto, sd15, sd2, or a diffusers
-    /// folder whose unet/, vae/, text_encoder/ hold them).
+    /// For a single-file --weights: which configs describe it (auto, sd15, sd2, sdxl, or a
+    /// diffusers folder whose unet/, vae/, text_encoder/ (and SDXL's text_encoder_2/) hold them).
     #[arg(long, default_value = "auto")]
     pub checkpoint_config: String,
     /// For a single-file --weights: the scheduler's prediction_type (epsilon or v_prediction).

@@ -276,6 +276,21 @@ pub fn run(
     if c.seeds.is_empty() {
         bail!("--seeds names no seed");
     }
+    if sd.xl.is_some()
+        && let Some(m) = c.methods.iter().find(|m| {
+            matches!(
+                m,
+                MethodKind::Ours | MethodKind::Aae | MethodKind::Disendiff
+            )
+        })
+    {
+        bail!(
+            "--methods {m}: {} is an SDXL checkpoint, on which decorr runs sd and pag so far \
+             (Attend-and-Excite and DisenDiff are SD 1.x methods here, and the encoders' \
+             fine-tuning for ours is not there yet); pass --methods sd,pag",
+            source.describe()
+        );
+    }
     let wanted = settings(c, &source.describe());
     check_settings(&c.out, &wanted)?;
     let _locks = crate::output::lock_output(&c.out, c.shard, c.merge)?;

@@ -171,6 +171,14 @@ fn prepare_and_run(job: &FixJob, progress: &mut dyn Progress) -> Result<Summary>
     let out = &job.out;
     // Load everything first: a checkpoint that does not load stops here.
     let sd = load_pipeline(job.source, job.device, Some(job.precision))?;
+    if sd.xl.is_some() {
+        bail!(
+            "{} is an SDXL checkpoint: decorr generates with SDXL (generate --guidance cfg or \
+             pag) and analyses both its encoders (analyze), but does not fine-tune them yet, so \
+             fix and compare's ours run on SD 1.x/2.x checkpoints",
+            job.source.describe()
+        );
+    }
     let tokenized = sd.tokenizer.encode(&job.prompt)?;
     let target = resolve_target(&tokenized, &job.target)
         .with_context(|| format!("--target {} (of the prompt {:?})", job.target, job.prompt))?;
