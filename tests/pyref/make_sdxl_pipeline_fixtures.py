@@ -8,6 +8,8 @@
 Deterministic and re-runnable.
 
 Writes under tests/fixtures/sdxl_pipeline/:
+  tuned/encoder-2/text_encoder   a "fine-tuned" second encoder (see write_tuned), laid out as
+                          `decorr finetune` writes SDXL's.
   cases.json              per case: settings, timesteps, and the time ids the UNet saw.
   reference.safetensors   per case `{case}.prompt_embeds` [1, 77, 40] and `{case}.pooled`
                           [1, 20] (the conditional branch), `{case}.negative_prompt_embeds` /
@@ -52,7 +54,28 @@ CASES = [
     dict(name="pag_mid", method="pag", prompt="rusty tracks with an old train", negative="",
          steps=3, guidance_scale=7.5, width=16, height=16, seeds=[0], pag_scale=3.0,
          pag_applied_layers=["mid"]),
+    # Eq. 6 with the fine-tuned second encoder (tuned/encoder-2/text_encoder): the conditional
+    # branch from it, the unconditional one zeros (empty negative) or the pre-trained encoders'.
+    dict(name="decorrelated", method="decorrelated", prompt="rusty tracks with an old train",
+         negative="", steps=3, guidance_scale=7.5, width=16, height=16, seeds=[0, 1]),
+    dict(name="decorrelated_negative", method="decorrelated", prompt="rusty tracks with an old train",
+         negative="blurry", steps=3, guidance_scale=7.5, width=16, height=16, seeds=[2]),
 ]
+
+TUNED = os.path.join(OUT, "tuned", "encoder-2", "text_encoder")
+
+
+def write_tuned():
+    """A "fine-tuned" second encoder: sdxl_tiny's + 0.02 randn (seed 7, over named_parameters()
+    in order), saved in fp16 (small); the references use it reloaded as f32."""
+    from transformers import CLIPTextModelWithProjection
+    enc = CLIPTextModelWithProjection.from_pretrained(os.path.join(MODEL, "text_encoder_2"))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _, p in enc.named_parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    enc.half().save_pretrained(TUNED)
+    return CLIPTextModelWithProjection.from_pretrained(TUNED, torch_dtype=torch.float32).eval()
 
 
 def straight(pipe, text):
@@ -68,10 +91,21 @@ def straight(pipe, text):
     return torch.cat(hs, dim=-1), pooled
 
 
-def run(case):
+def run(case, tuned):
+    negative_embeds = {}
+    if case["method"] == "decorrelated" and case["negative"]:
+        # The unconditional branch from the pre-trained encoders.
+        base = StableDiffusionXLPipeline.from_pretrained(MODEL)
+        _, neg, _, neg_pooled = base.encode_prompt(
+            case["prompt"], negative_prompt=case["negative"], do_classifier_free_guidance=True)
+        n = len(case["seeds"])
+        negative_embeds = dict(negative_prompt_embeds=neg.repeat(n, 1, 1),
+                               negative_pooled_prompt_embeds=neg_pooled.repeat(n, 1))
     if case["method"] == "pag":
         pipe = StableDiffusionXLPAGPipeline.from_pretrained(
             MODEL, pag_applied_layers=case["pag_applied_layers"])
+    elif case["method"] == "decorrelated":
+        pipe = StableDiffusionXLPipeline.from_pretrained(MODEL, text_encoder_2=tuned)
     else:
         pipe = StableDiffusionXLPipeline.from_pretrained(MODEL)
     pipe.set_progress_bar_config(disable=True)
@@ -83,8 +117,10 @@ def run(case):
         seen.setdefault("context", kwargs["encoder_hidden_states"].clone())
     h = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
     gens = lambda: [torch.Generator("cpu").manual_seed(s) for s in case["seeds"]]
+    with_negative = case["negative"] and not negative_embeds
     kw = dict(prompt=[case["prompt"]] * len(case["seeds"]),
-              negative_prompt=[case["negative"]] * len(case["seeds"]) if case["negative"] else None,
+              negative_prompt=[case["negative"]] * len(case["seeds"]) if with_negative else None,
+              **negative_embeds,
               num_inference_steps=case["steps"], guidance_scale=case["guidance_scale"],
               width=case["width"], height=case["height"])
     if case["method"] == "pag":
@@ -121,8 +157,9 @@ def main():
     os.makedirs(OUT, exist_ok=True)
     metas, tensors = [], {}
     with torch.no_grad():
+        tuned = write_tuned()
         for case in CASES:
-            m, t = run(case)
+            m, t = run(case, tuned)
             metas.append(m)
             tensors.update(t)
     meta = dict(diffusers=diffusers.__version__, transformers=transformers.__version__,

@@ -37,12 +37,18 @@ use crate::guidance::{AddedEmbeddings, Embeddings, ExciteStep, Guidance, StepCon
 use crate::rng::{TorchGenerator, randn_tensor_batch};
 
 /// A fine-tuned text encoder (what `decorr finetune` writes to `OUT/text_encoder`), loaded by
-/// [`StableDiffusion::load_tuned_encoder`].
+/// [`StableDiffusion::load_tuned_encoder`]. On SDXL, the fine-tuned encoders of `OUT/encoder-1/`
+/// and `OUT/encoder-2/`: an encoder that was not fine-tuned is the checkpoint's own.
 #[derive(Clone)]
 pub struct TunedEncoder {
+    /// The (first) text encoder.
     pub model: ClipTextModel,
+    /// SDXL's second text encoder (`None` for SD 1.x/2.x).
+    pub model_2: Option<ClipTextModel>,
+    /// The weights file read (SDXL: the first of the fine-tuned ones).
     pub path: PathBuf,
-    /// SHA-256 of its weights file, recorded with every image so results can be traced.
+    /// SHA-256 of its weights file, recorded with every image so results can be traced (SDXL
+    /// with both encoders fine-tuned: the two, joined by `+`).
     pub sha256: String,
 }
 
@@ -258,12 +264,8 @@ impl StableDiffusion {
     /// Loads the fine-tuned encoder at `dir` (`OUT/text_encoder` of `decorr finetune`, or
     /// `OUT`), in this pipeline's precision, checked against the checkpoint.
     pub fn load_tuned_encoder(&self, dir: &Path) -> Result<TunedEncoder, PipelineError> {
-        if self.xl.is_some() {
-            return Err(PipelineError::Input(
-                "a fine-tuned encoder with an SDXL checkpoint: decorr fine-tunes and samples \
-                 SD 1.x/2.x encoders so far; SDXL generates with --guidance cfg or pag"
-                    .into(),
-            ));
+        if let Some(xl) = &self.xl {
+            return self.load_tuned_xl(xl, dir);
         }
         let folder = if dir.join("config.json").is_file() {
             dir.to_path_buf()
@@ -276,24 +278,90 @@ impl StableDiffusion {
                 dir.display()
             )));
         };
-        let enc = load_text_encoder_dir(&folder, &self.device)?;
-        check_fit(&enc.config, &enc.config_path, &self.unet_config)?;
-        if enc.config.vocab_size != self.text_config.vocab_size {
+        let (model, path, sha256) = self.load_tuned_one(&folder, &self.text_config)?;
+        check_fit(&model.1, &model.2, &self.unet_config)?;
+        Ok(TunedEncoder {
+            model: model.0,
+            model_2: None,
+            path,
+            sha256,
+        })
+    }
+
+    /// SDXL's fine-tuned encoders in `dir` (`decorr finetune`'s `OUT`: `encoder-1/text_encoder`
+    /// and/or `encoder-2/text_encoder`); the one not there is the checkpoint's own.
+    fn load_tuned_xl(&self, xl: &XlText, dir: &Path) -> Result<TunedEncoder, PipelineError> {
+        let found = |n: usize| {
+            let f = dir.join(format!("encoder-{n}")).join("text_encoder");
+            f.join("config.json").is_file().then_some(f)
+        };
+        let (first, second) = (found(1), found(2));
+        if first.is_none() && second.is_none() {
+            return Err(PipelineError::Input(format!(
+                "--encoder {}: no fine-tuned SDXL text encoder there (expected \
+                 encoder-1/text_encoder or encoder-2/text_encoder, as `decorr finetune --out OUT` \
+                 writes them for an SDXL checkpoint)",
+                dir.display()
+            )));
+        }
+        let mut shas = Vec::new();
+        let mut path = None;
+        let mut load = |folder: Option<PathBuf>, config: &ClipTextConfig| {
+            folder
+                .map(|f| {
+                    let (m, p, sha) = self.load_tuned_one(&f, config)?;
+                    if m.1.hidden_size != config.hidden_size {
+                        return Err(PipelineError::Input(format!(
+                            "the fine-tuned encoder at {} is {}-wide, the checkpoint's {}: it \
+                             was not fine-tuned from this model",
+                            m.2, m.1.hidden_size, config.hidden_size
+                        )));
+                    }
+                    path.get_or_insert(p);
+                    shas.push(sha);
+                    Ok(m.0)
+                })
+                .transpose()
+        };
+        let model = load(first, &self.text_config)?.unwrap_or_else(|| self.text_encoder.clone());
+        let model_2 = load(second, &xl.text_config)?.unwrap_or_else(|| xl.text_encoder.clone());
+        Ok(TunedEncoder {
+            model,
+            model_2: Some(model_2),
+            path: path.expect("one was loaded"),
+            sha256: shas.join("+"),
+        })
+    }
+
+    /// One fine-tuned encoder folder, in this pipeline's precision: the model, its config and
+    /// config file, the weights file and their SHA-256.
+    #[allow(clippy::type_complexity)]
+    fn load_tuned_one(
+        &self,
+        folder: &Path,
+        base: &ClipTextConfig,
+    ) -> Result<((ClipTextModel, ClipTextConfig, ModelFile), PathBuf, String), PipelineError> {
+        let enc = load_text_encoder_dir(folder, &self.device)?;
+        if enc.config.vocab_size != base.vocab_size {
             return Err(PipelineError::Input(format!(
                 "the fine-tuned encoder at {} has a vocabulary of {} tokens, the checkpoint's {}: it \
                  was not fine-tuned from this model",
                 enc.config_path.display(),
                 enc.config.vocab_size,
-                self.text_config.vocab_size
+                base.vocab_size
             )));
         }
         let bytes = enc.weights_path.read_bytes()?;
         let sha256 = format!("{:x}", Sha256::digest(&bytes));
-        Ok(TunedEncoder {
-            model: cast_module(enc.model, self.precision),
-            path: enc.weights_path.error_path(),
+        Ok((
+            (
+                cast_module(enc.model, self.precision),
+                enc.config,
+                enc.config_path,
+            ),
+            enc.weights_path.error_path(),
             sha256,
-        })
+        ))
     }
 
     /// Pixels per latent pixel (8 for SD; `2^(blocks-1)` of the VAE).
@@ -468,18 +536,19 @@ impl StableDiffusion {
     }
 
     /// SDXL's context `[1, 77, d1 + d2]` (each encoder's `hidden_states[-2]`) and pooled
-    /// embedding `[1, P]` of `text`, with `encoder` as the first encoder. Refused when not
-    /// finite.
+    /// embedding `[1, P]` of `text`, with `encoder` and `encoder_2` as the two encoders (the
+    /// checkpoint's, or fine-tuned ones). Refused when not finite.
     pub fn encode_xl(
         &self,
         encoder: &ClipTextModel,
+        encoder_2: &ClipTextModel,
         xl: &XlText,
         text: &str,
     ) -> Result<(Tensor<3>, Tensor<2>), PipelineError> {
         let ids1 = self.tokenizer.encode(text)?.ids;
         let ids2 = xl.tokenizer.encode(text)?.ids;
         let first = encoder.sdxl_conditioning(&[ids1], 0)?;
-        let second = xl.text_encoder.sdxl_conditioning(&[ids2], 0)?;
+        let second = encoder_2.sdxl_conditioning(&[ids2], 0)?;
         let pooled = second.text_embeds.ok_or_else(|| {
             PipelineError::Input(
                 "text_encoder_2 has no text_projection: SDXL's second encoder is a \
@@ -532,30 +601,50 @@ impl StableDiffusion {
         let b = seeds.len();
         // The text side: which encoder gives each branch (Eq. 6 pairs the fine-tuned
         // conditional with the pre-trained unconditional).
+        // (first encoder, SDXL's second)
+        let pretrained = (
+            &self.text_encoder,
+            self.xl.as_ref().map(|xl| &xl.text_encoder),
+        );
         let (cond_encoder, uncond_encoder) = match &p.text {
-            TextSide::Pretrained => (&self.text_encoder, &self.text_encoder),
-            TextSide::Decorrelated(t) => (&t.model, &self.text_encoder),
-            TextSide::Tuned(t) => (&t.model, &t.model),
+            TextSide::Pretrained => (pretrained, pretrained),
+            TextSide::Decorrelated(t) => {
+                ((&t.model, t.model_2.as_ref().or(pretrained.1)), pretrained)
+            }
+            TextSide::Tuned(t) => {
+                let tuned = (&t.model, t.model_2.as_ref().or(pretrained.1));
+                (tuned, tuned)
+            }
         };
         let cfg = p.guidance_scale > 1.0; // diffusers skips the unconditional branch otherwise
         let emb = match &self.xl {
             None => Embeddings {
-                cond: self.encode(cond_encoder, &p.prompt)?,
+                cond: self.encode(cond_encoder.0, &p.prompt)?,
                 uncond: if cfg {
-                    Some(self.encode(uncond_encoder, &p.negative_prompt)?)
+                    Some(self.encode(uncond_encoder.0, &p.negative_prompt)?)
                 } else {
                     None
                 },
                 added: None,
             },
             Some(xl) => {
-                let (cond, cond_pooled) = self.encode_xl(cond_encoder, xl, &p.prompt)?;
+                let (cond, cond_pooled) = self.encode_xl(
+                    cond_encoder.0,
+                    cond_encoder.1.unwrap_or(&xl.text_encoder),
+                    xl,
+                    &p.prompt,
+                )?;
                 let uncond = if !cfg {
                     None
                 } else if p.negative_prompt.is_empty() && xl.force_zeros_for_empty_prompt {
                     Some((cond.zeros_like(), cond_pooled.zeros_like()))
                 } else {
-                    Some(self.encode_xl(uncond_encoder, xl, &p.negative_prompt)?)
+                    Some(self.encode_xl(
+                        uncond_encoder.0,
+                        uncond_encoder.1.unwrap_or(&xl.text_encoder),
+                        xl,
+                        &p.negative_prompt,
+                    )?)
                 };
                 let (uncond, uncond_pooled) = uncond.unzip();
                 Embeddings {

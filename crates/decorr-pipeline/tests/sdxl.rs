@@ -4,7 +4,9 @@
 //! same initial latents (<= 1e-6), prompt embeddings and pooled embeddings (<= 1e-5), zeros for
 //! an empty negative prompt (`force_zeros_for_empty_prompt`), the same image within 2/255 per
 //! pixel, with its Euler scheduler (`timestep_spacing: leading`), a negative prompt, a non-square
-//! image (its time ids), guidance 1 and PAG on the mid block.
+//! image (its time ids), guidance 1, PAG on the mid block, and the decorrelated guidance with a
+//! fine-tuned second encoder (laid out as `decorr finetune` writes SDXL's), with an empty
+//! negative prompt (zeros) and with one (the pre-trained encoders').
 
 // Tests read results back freely; clippy.toml keeps the library to decorr_core::readback.
 #![allow(clippy::disallowed_methods)]
@@ -12,7 +14,7 @@
 use burn::tensor::Tensor;
 use decorr_core::ModelSource;
 use decorr_core::weights::{HostTensors, read_tensors_f32};
-use decorr_pipeline::{GenerateParams, Guidance, PagParams, StableDiffusion};
+use decorr_pipeline::{GenerateParams, Guidance, PagParams, StableDiffusion, TextSide};
 
 mod common;
 use common::fixtures;
@@ -50,11 +52,16 @@ fn sdxl_matches_diffusers() {
     )
     .unwrap();
     let cases = cases["cases"].as_array().unwrap();
-    assert!(cases.len() >= 4);
+    assert!(cases.len() >= 6);
+    let tuned = sd
+        .load_tuned_encoder(&fixtures().join("sdxl_pipeline/tuned"))
+        .unwrap();
+    assert!(tuned.model_2.is_some());
     for case in cases {
         let c = case["name"].as_str().unwrap();
+        let decorrelated = case["method"] == "decorrelated";
         let guidance = match case["method"].as_str().unwrap() {
-            "cfg" => Guidance::Cfg,
+            "cfg" | "decorrelated" => Guidance::Cfg,
             "pag" => Guidance::Pag(PagParams {
                 scale: case["pag_scale"].as_f64().unwrap(),
                 adaptive_scale: 0.0,
@@ -75,7 +82,11 @@ fn sdxl_matches_diffusers() {
             eta: 0.0,
             attention_slice: None,
             capture_tokens: vec![],
-            text: Default::default(),
+            text: if decorrelated {
+                TextSide::Decorrelated(tuned.clone())
+            } else {
+                TextSide::Pretrained
+            },
         };
         let seeds: Vec<u64> = serde_json::from_value(case["seeds"].clone()).unwrap();
         let out = sd.generate(&p, &seeds, &mut |_, _| true).unwrap();
@@ -84,7 +95,12 @@ fn sdxl_matches_diffusers() {
         let d_init = max_diff(out.init_latents, &refs, &format!("{c}.init_latents"));
         assert!(d_init <= 1e-6, "{c}: initial latents differ by {d_init}");
 
-        let (emb, pooled) = sd.encode_xl(&sd.text_encoder, xl, &p.prompt).unwrap();
+        let second = if decorrelated {
+            tuned.model_2.as_ref().unwrap()
+        } else {
+            &xl.text_encoder
+        };
+        let (emb, pooled) = sd.encode_xl(&tuned.model, second, xl, &p.prompt).unwrap();
         let d_emb = max_diff(emb, &refs, &format!("{c}.prompt_embeds"));
         let d_pool = max_diff(pooled, &refs, &format!("{c}.pooled"));
         assert!(d_emb <= 1e-5, "{c}: prompt embeddings differ by {d_emb}");
@@ -95,7 +111,7 @@ fn sdxl_matches_diffusers() {
                 assert!(refs[&key].1.iter().all(|&v| v == 0.0), "{c}: zeros");
             } else {
                 let (neg, neg_pooled) = sd
-                    .encode_xl(&sd.text_encoder, xl, &p.negative_prompt)
+                    .encode_xl(&sd.text_encoder, &xl.text_encoder, xl, &p.negative_prompt)
                     .unwrap();
                 let d = max_diff(neg, &refs, &key);
                 let d2 = max_diff(neg_pooled, &refs, &format!("{c}.negative_pooled"));
