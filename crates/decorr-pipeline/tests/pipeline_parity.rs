@@ -10,27 +10,12 @@
 
 use std::path::Path;
 
-use burn::tensor::Tensor;
-use decorr_core::weights::{HostTensors, read_tensors_f32};
+use decorr_core::weights::read_tensors_f32;
 use decorr_core::{ModelSource, Precision};
 use decorr_pipeline::{GenerateParams, Guidance, StableDiffusion, TextSide};
 
 mod common;
-use common::{assemble, fixtures};
-
-fn max_diff<const D: usize>(ours: Tensor<D>, refs: &HostTensors, key: &str) -> f32 {
-    let (shape, theirs) = &refs[key];
-    assert_eq!(&ours.dims().to_vec(), shape, "{key}: shape");
-    let ours = ours
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .unwrap();
-    ours.iter()
-        .zip(theirs)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max)
-}
+use common::{assemble, fixtures, max_diff};
 
 #[test]
 fn pipeline_matches_diffusers() {

@@ -11,27 +11,12 @@
 // Tests read results back freely; clippy.toml keeps the library to decorr_core::readback.
 #![allow(clippy::disallowed_methods)]
 
-use burn::tensor::Tensor;
 use decorr_core::ModelSource;
-use decorr_core::weights::{HostTensors, read_tensors_f32};
+use decorr_core::weights::read_tensors_f32;
 use decorr_pipeline::{GenerateParams, Guidance, PagParams, StableDiffusion, TextSide};
 
 mod common;
-use common::fixtures;
-
-fn max_diff<const D: usize>(ours: Tensor<D>, refs: &HostTensors, key: &str) -> f32 {
-    let (shape, theirs) = &refs[key];
-    assert_eq!(&ours.dims().to_vec(), shape, "{key}: shape");
-    let ours = ours
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .unwrap();
-    ours.iter()
-        .zip(theirs)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max)
-}
+use common::{fixtures, max_diff};
 
 fn load() -> StableDiffusion {
     let device = decorr_core::device_from_env();

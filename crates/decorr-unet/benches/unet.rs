@@ -7,11 +7,19 @@
 //! `attn HW N [C]` one self- and one cross-attention, `convgrad HW N [C [CI]]` one 3x3
 //! convolution and its input gradient (`decorr_unet::host_autodiff`'s backward).
 //! `DECORR_HOST_KERNELS=0` runs burn's own flex kernels instead of decorr's host fast paths.
+//! `sdxl HW N` times one call of the SDXL base UNet (random weights, 3x3 convolution weights
+//! stored split per tap as loading stores them) at batch 2 (CFG's batch), then at batch 1, with
+//! `forward_added`: context `[B, 77, 2048]`, pooled text embeds `[B, 1280]`, the six time ids of a
+//! `8 HW` px image; compare with `python tests/pyref/bench_sdxl.py unet HW N`.
+//! `DECORR_SDXL_CONFIGS=DIR` takes the UNet config from `DIR/unet/config.json` (a diffusers
+//! folder, e.g. `tests/fixtures/sdxl_tiny` for a quick check) instead of SDXL base's.
 
 use std::time::Instant;
 
-use burn::tensor::{Distribution, Tensor};
-use decorr_unet::{AutoencoderKL, UNet2DConditionModel, UNetConfig, VaeConfig};
+use burn::tensor::{Distribution, Tensor, TensorData};
+use decorr_unet::{
+    AddedConditions, AttentionOptions, AutoencoderKL, UNet2DConditionModel, UNetConfig, VaeConfig,
+};
 
 fn median(mut runs: Vec<f64>) -> f64 {
     runs.sort_by(f64::total_cmp);
@@ -60,6 +68,19 @@ fn time(n: usize, mut f: impl FnMut()) -> f64 {
     t
 }
 
+/// SDXL base's UNet config, or `unet/config.json` of the diffusers folder `DECORR_SDXL_CONFIGS`
+/// names.
+fn sdxl_config() -> UNetConfig {
+    let Some(dir) = std::env::var_os("DECORR_SDXL_CONFIGS") else {
+        return UNetConfig::sdxl();
+    };
+    let path = std::path::Path::new(&dir).join("unet").join("config.json");
+    let config: UNetConfig =
+        decorr_core::weights::read_json(&path, "a diffusers UNet config").unwrap();
+    config.validate().unwrap();
+    config
+}
+
 fn main() {
     // The CLI's heap settings, so timings are the CLI's.
     decorr_core::memory::retain_freed_memory();
@@ -83,6 +104,49 @@ fn main() {
                 let y = unet.forward(x.clone(), &[981.0, 981.0], &ctx);
                 let _ = y.into_data();
             })
+        }
+        // SDXL's UNet at batch 2 (CFG's batch) and at batch 1: the batch-2 time is the one
+        // returned (the last line), each batch's on a line of its own.
+        "sdxl" => {
+            let config = sdxl_config();
+            let mut unet = UNet2DConditionModel::new(&config, &device);
+            // One copy of the convolution weights, split per tap as `load_unet` leaves them (at
+            // the config's sample size, as it does): no second, cached copy (flex only).
+            unet.store_conv_taps([config.sample_size; 2]);
+            let dims = unet
+                .text_time_dims()
+                .expect("an SDXL (text_time) UNet config");
+            let pooled = dims.input_dim - 6 * dims.time_embed_dim;
+            let width = config.cross_attention_dim.get(0);
+            let px = (hw * 8) as f32;
+            let run = |b: usize| {
+                let x = Tensor::<4>::random([b, config.in_channels, hw, hw], normal, &device);
+                let ctx = Tensor::<3>::random([b, 77, width], normal, &device);
+                let added = AddedConditions {
+                    text_embeds: Tensor::random([b, pooled], normal, &device),
+                    time_ids: Tensor::from_data(
+                        TensorData::new([px, px, 0.0, 0.0, px, px].repeat(b), [b, 6]),
+                        &device,
+                    ),
+                };
+                let timesteps = vec![981.0; b];
+                let opts = AttentionOptions::default();
+                let t = time(n, || {
+                    let y = unet
+                        .forward_added(x.clone(), &timesteps, &ctx, Some(&added), &opts)
+                        .unwrap()
+                        .sample;
+                    let _ = y.into_data();
+                });
+                println!(
+                    "sdxl unet call, batch {b}, {hw}x{hw} ({}, median of {n}): {t:.3} s",
+                    decorr_core::describe(&device)
+                );
+                t
+            };
+            let t = run(2);
+            run(1);
+            t
         }
         "vae" => {
             let vae = AutoencoderKL::new(&VaeConfig::sd15(), &device);
@@ -220,7 +284,7 @@ fn main() {
             );
             t
         }
-        other => panic!("unknown mode {other}: unet, vae, conv, attn, linear or grad"),
+        other => panic!("unknown mode {other}: unet, sdxl, vae, conv, attn, linear or grad"),
     };
     println!(
         "{mode} {hw}x{hw} ({}, median of {n}): {t:.3} s, peak RSS {:.2} GB",

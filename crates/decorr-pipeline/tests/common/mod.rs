@@ -64,3 +64,24 @@ pub fn quick_params(sd: &StableDiffusion) -> GenerateParams {
         text: Default::default(),
     }
 }
+
+/// The largest absolute difference between `ours` and the reference tensor `key` (whose shape
+/// it must have).
+#[allow(clippy::disallowed_methods)] // tests read back freely
+pub fn max_diff<const D: usize>(
+    ours: burn::tensor::Tensor<D>,
+    refs: &decorr_core::weights::HostTensors,
+    key: &str,
+) -> f32 {
+    let (shape, theirs) = &refs[key];
+    assert_eq!(&ours.dims().to_vec(), shape, "{key}: shape");
+    let ours = ours
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap();
+    ours.iter()
+        .zip(theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+}
