@@ -30,13 +30,8 @@ pub struct CompareArgs {
     /// Seeds, as a range `A..B` (B excluded) or a list `1,5,9`; the same for every method.
     #[arg(long, default_value = "0..4")]
     seeds: String,
-    /// Ours: encoder layer whose self-attention is decorrelated.
-    #[arg(
-        long,
-        default_value_t = 11,
-        help_heading = "Ours' fine-tuning (as decorr finetune)"
-    )]
-    layer: usize,
+    #[command(flatten, next_help_heading = "Ours' fine-tuning (as decorr finetune)")]
+    layers: crate::finetune::EncoderLayers,
     /// Epochs; each ends with a validation that may select it.
     #[arg(long, default_value_t = 20,
           value_parser = crate::flags::usize_in(1, crate::flags::MAX_EPOCHS),
@@ -97,7 +92,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         }
     }
     let finetune = crate::finetune::FinetuneArgs::settings_of(
-        args.layer,
+        0,
         args.epochs,
         args.steps_per_epoch,
         args.lr,
@@ -105,7 +100,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         args.tau,
         &args.params,
     )?;
-    let config = CompareConfig {
+    let mut config = CompareConfig {
         pairs,
         methods,
         seeds,
@@ -118,11 +113,13 @@ pub fn run(args: CompareArgs) -> Result<()> {
         merge: args.merge,
     };
     // A run that failed before writing anything leaves no folder behind.
-    crate::output::removed_if_failed_fresh(&args.out, || run_config(&args, &config))
+    crate::output::removed_if_failed_fresh(&args.out, || run_config(&args, &mut config))
 }
 
-fn run_config(args: &CompareArgs, config: &CompareConfig) -> Result<()> {
+fn run_config(args: &CompareArgs, config: &mut CompareConfig) -> Result<()> {
     let source = args.model.open()?;
+    args.layers.apply(&source, &mut config.finetune)?;
+    let config = &*config;
     // Decided before the checkpoint is loaded: a re-run continues exactly what OUT holds or
     // stops here, naming what differs.
     decorr_runs::compare::check_out(config, &source.describe())?;

@@ -68,7 +68,7 @@ pub struct DisenDiffArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Output folder: pytorch_custom_diffusion_weights.safetensors, <new1>.safetensors,
-    /// <new2>.safetensors, report.json, losses.png. Running again resumes an unfinished run.
+    /// <new2>.safetensors, report.json, losses.png/.svg. Running again resumes an unfinished run.
     #[arg(long, value_parser = crate::flags::out_folder)]
     out: PathBuf,
     /// No progress bar.
@@ -129,7 +129,7 @@ fn run_locked(args: DisenDiffArgs) -> Result<()> {
             };
             println!(
                 "{steps} steps{resumed}; wrote {out}: the Custom Diffusion weights, <new1>/<new2>, \
-                 report.json, losses.png. Sample with: decorr generate --disendiff {out} --prompt {:?}",
+                 report.json, losses.png/.svg. Sample with: decorr generate --disendiff {out} --prompt {:?}",
                 args.prompt
             );
         }

@@ -22,9 +22,8 @@ pub struct FinetuneArgs {
     /// occurrence (`cat#2`) or a raw token index (`@6`).
     #[arg(long = "target", required = true)]
     pub(crate) targets: Vec<TargetSpec>,
-    /// Encoder layer (0-based) whose self-attention is decorrelated.
-    #[arg(long, default_value_t = 11)]
-    pub(crate) layer: usize,
+    #[command(flatten)]
+    pub(crate) layers: EncoderLayers,
     /// Epochs; each ends with a validation that may select it (the paper: 20).
     #[arg(long, default_value_t = 20,
           value_parser = crate::flags::usize_in(1, crate::flags::MAX_EPOCHS))]
@@ -51,7 +50,7 @@ pub struct FinetuneArgs {
     pub(crate) seed: u64,
     #[command(flatten)]
     pub(crate) model: ModelArgs,
-    /// Output folder (text_encoder/, report.json, losses.png).
+    /// Output folder (text_encoder/, report.json, losses.png/.svg).
     #[arg(long, value_parser = crate::flags::out_folder)]
     pub(crate) out: PathBuf,
     /// Replace an existing OUT.
@@ -62,11 +61,61 @@ pub struct FinetuneArgs {
     pub(crate) quiet: bool,
 }
 
+/// Which encoder layer (and, on SDXL, which encoders) the fine-tuning decorrelates.
+#[derive(Args, Debug, Clone)]
+pub struct EncoderLayers {
+    /// Encoder layer (0-based) whose self-attention is decorrelated; default the last layer
+    /// whose output the UNet reads (11 for SD 1.5; on SDXL the second-to-last of the first
+    /// encoder, as its UNet reads hidden_states[-2]).
+    #[arg(long)]
+    pub layer: Option<usize>,
+    /// SDXL: the second text encoder's layer (default its second-to-last).
+    #[arg(long)]
+    pub layer_2: Option<usize>,
+    /// SDXL: which text encoders to fine-tune: 1, 2 or both (default: those whose target row
+    /// leans on an earlier token, as analyze shows; where neither does, the one that leans more).
+    #[arg(long)]
+    pub encoder: Option<decorr_runs::finetune::EncoderChoice>,
+}
+
+impl EncoderLayers {
+    /// The layers and encoder choice for `source`, defaults resolved from its configs; the
+    /// SDXL flags are refused on a checkpoint with one text encoder.
+    pub fn resolve(
+        &self,
+        source: &decorr_core::ModelSource,
+    ) -> Result<(
+        usize,
+        Option<usize>,
+        Option<decorr_runs::finetune::EncoderChoice>,
+    )> {
+        let (first, second) = decorr_runs::finetune::default_layers(source)?;
+        if second.is_none() && (self.layer_2.is_some() || self.encoder.is_some()) {
+            anyhow::bail!(
+                "--layer-2 and --encoder choose among SDXL's two text encoders; {} has one",
+                source.describe()
+            );
+        }
+        Ok((
+            self.layer.unwrap_or(first),
+            second.map(|d| self.layer_2.unwrap_or(d)),
+            self.encoder,
+        ))
+    }
+
+    /// Sets `s`'s layers and encoder choice for `source`.
+    pub fn apply(&self, source: &decorr_core::ModelSource, s: &mut FinetuneSettings) -> Result<()> {
+        (s.layer, s.layer_2, s.encoder) = self.resolve(source)?;
+        Ok(())
+    }
+}
+
 impl FinetuneArgs {
-    /// The library's form of the training flags.
+    /// The library's form of the training flags (the layer is set from the checkpoint by
+    /// [`EncoderLayers::apply`]).
     pub fn settings(&self) -> Result<FinetuneSettings> {
         let mut s = Self::settings_of(
-            self.layer,
+            0,
             self.epochs,
             self.steps_per_epoch,
             self.lr,
@@ -98,19 +147,23 @@ impl FinetuneArgs {
             tau,
             params,
             seed: 0,
+            layer_2: None,
+            encoder: None,
         })
     }
 }
 
 pub fn run(args: FinetuneArgs) -> Result<()> {
-    let settings = args.settings()?;
+    let mut settings = args.settings()?;
     args.model.training_precision()?;
     let source = args.model.open()?;
+    args.layers.apply(&source, &mut settings)?;
     let device = args.model.device()?;
     let job = FinetuneJob {
         source: &source,
         device: &device,
         pretrained: None,
+        pretrained_2: None,
         prompts: args.prompts.clone(),
         targets: args.targets.clone(),
         settings,
@@ -118,15 +171,36 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         overwrite: args.overwrite,
     };
     let out = args.out.display();
-    match decorr_runs::finetune::run(job, &mut Bar::new(args.quiet))? {
+    let outcome = decorr_runs::finetune::run(job, &mut Bar::new(args.quiet))?;
+    let each = match outcome {
+        FinetuneOutcome::Encoders(each) => each
+            .into_iter()
+            .map(|(n, o)| (format!("{out}/encoder-{n}"), o))
+            .collect(),
+        one => vec![(out.to_string(), one)],
+    };
+    for (out, outcome) in each {
+        print_outcome(&out, outcome);
+    }
+    Ok(())
+}
+
+/// The line (and per-prompt ratios) of one fine-tuning folder.
+fn print_outcome(out: &str, outcome: FinetuneOutcome) {
+    match outcome {
         FinetuneOutcome::Done {
             selected, ratios, ..
         } => {
             println!(
-                "selected epoch {selected}; wrote {out}/text_encoder, report.json, losses.png"
+                "selected epoch {selected}; wrote {out}/text_encoder, report.json, losses.png/.svg"
             );
             for (prompt, before, after) in &ratios {
                 println!("  {prompt:?}: A[t,c]/A[t,t] {before:.3} -> {after:.3}");
+            }
+        }
+        FinetuneOutcome::Encoders(each) => {
+            for (n, o) in each {
+                print_outcome(&format!("{out}/encoder-{n}"), o);
             }
         }
         FinetuneOutcome::NothingSelected => {
@@ -136,5 +210,4 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
             println!("interrupted: the new run was discarded; the previous {out} is unchanged");
         }
     }
-    Ok(())
 }

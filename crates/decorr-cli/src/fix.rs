@@ -41,9 +41,8 @@ pub struct FixArgs {
     /// unidirectional correlation, so the method has nothing to lower); without it fix stops.
     #[arg(long)]
     anyway: bool,
-    /// Encoder layer whose self-attention is decorrelated.
-    #[arg(long, default_value_t = 11, help_heading = FT)]
-    layer: usize,
+    #[command(flatten, next_help_heading = FT)]
+    layers: crate::finetune::EncoderLayers,
     /// Fine-tuning epochs; each ends with a validation that may select it.
     #[arg(long, default_value_t = 20,
           value_parser = crate::flags::usize_in(1, crate::flags::MAX_EPOCHS), help_heading = FT)]
@@ -131,14 +130,24 @@ pub fn parse_seeds(s: &str) -> Result<Vec<u64>> {
     Ok(seeds)
 }
 
-/// The settings of these flags that decide a fix folder's results (`OUT/fix.json`).
-fn settings(args: &FixArgs) -> FixSettings {
+/// The settings of these flags that decide a fix folder's results (`OUT/fix.json`), with the
+/// fine-tuning's resolved layers.
+fn settings(args: &FixArgs, ft: &decorr_runs::finetune::FinetuneSettings) -> FixSettings {
     let s = &args.sample;
     let m = &args.model;
     FixSettings {
         prompt: args.prompt.clone(),
         target: args.target.to_string(),
-        layer: args.layer,
+        layer: ft.layer,
+        layer_2: ft.layer_2,
+        encoder: args.layers.encoder.map(|e| {
+            match e {
+                decorr_runs::finetune::EncoderChoice::First => "1",
+                decorr_runs::finetune::EncoderChoice::Second => "2",
+                decorr_runs::finetune::EncoderChoice::Both => "both",
+            }
+            .to_string()
+        }),
         epochs: args.epochs,
         steps_per_epoch: args.steps_per_epoch,
         lr: args.lr,
@@ -163,8 +172,8 @@ fn settings(args: &FixArgs) -> FixSettings {
 pub fn run(args: FixArgs) -> Result<()> {
     let seeds = parse_seeds(&args.seeds)?;
     // The fine-tuning's own flags, checked before OUT is touched.
-    let finetune = FinetuneArgs::settings_of(
-        args.layer,
+    let mut finetune = FinetuneArgs::settings_of(
+        0,
         args.epochs,
         args.steps_per_epoch,
         args.lr,
@@ -174,7 +183,9 @@ pub fn run(args: FixArgs) -> Result<()> {
     )?;
     args.model.training_precision()?;
     let source = args.model.open()?;
+    args.layers.apply(&source, &mut finetune)?;
     let device = args.model.device()?;
+    let settings = settings(&args, &finetune);
     let job = FixJob {
         source: &source,
         device: &device,
@@ -190,7 +201,7 @@ pub fn run(args: FixArgs) -> Result<()> {
         excite_words: args.methods.excite.clone(),
         baselines: args.compare.iter().map(|c| c.method()).collect(),
         anyway: args.anyway,
-        settings: settings(&args),
+        settings,
     };
     let summary = decorr_runs::fix::run(job, &mut Bar::new(args.sample.quiet))?;
     if args.json {

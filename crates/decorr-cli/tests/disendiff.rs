@@ -85,7 +85,7 @@ fn trains_resumes_and_samples() {
     let times = report["step_seconds"].as_array().unwrap();
     assert_eq!(times.len(), 4);
     assert!(times.iter().all(|t| t.as_f64().unwrap() > 0.0), "{times:?}");
-    assert!(a.join("losses.png").is_file());
+    assert!(a.join("losses.png").is_file() && a.join("losses.svg").is_file());
 
     // Two steps, then the same command with four: the same stream, the same delta.
     let o = train(model.path(), &b, "2", &[]);

@@ -140,7 +140,13 @@ fn eval_run_reports_table_3_resumes_and_merges_shards() {
     assert!(o.status.success(), "{}", text(&o));
     // 6 captions + 6 x 2 questions.
     assert_eq!(vlm.requests.load(Ordering::SeqCst), 18);
-    for f in ["report.md", "report.csv", "report.json", "report.png"] {
+    for f in [
+        "report.md",
+        "report.csv",
+        "report.json",
+        "report.svg",
+        "report.png",
+    ] {
         assert!(out.join(f).is_file(), "{f}");
     }
     let rows = csv_rows(&out.join("report.csv"));

@@ -61,6 +61,7 @@ fn finetune_writes_every_promised_file_and_reloads() {
         [
             ".decorr.lock",
             "losses.png",
+            "losses.svg",
             "report.json",
             "text_encoder/config.json",
             "text_encoder/model.safetensors"
@@ -103,6 +104,13 @@ fn finetune_writes_every_promised_file_and_reloads() {
     );
     let img = image::open(out.join("losses.png")).unwrap();
     assert!(img.width() >= 800);
+    // The same chart as SVG: its text, and the selected epoch in the marker's red.
+    let svg = std::fs::read_to_string(out.join("losses.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("L_val (Eq. 5)"),
+        "{svg}"
+    );
+    assert!(svg.contains(&format!("selected epoch {sel}")) && svg.contains("#D62728"));
 
     // transformers loaded an encoder saved by this same run (fixture script, --check-saved):
     // our loader must give the hidden states transformers gave.
@@ -329,6 +337,8 @@ fn bad_input_gives_clear_errors_and_writes_nothing() {
             PROMPT,
             "--target",
             "train",
+            "--layer",
+            "11",
         ],
         &["layer 11", "0..=2"],
     );

@@ -248,6 +248,7 @@ fn fix_runs_end_to_end_and_writes_every_promised_file() {
         "finetune/text_encoder/model.safetensors",
         "finetune/report.json",
         "finetune/losses.png",
+        "finetune/losses.svg",
         "sd/seed-000000.png",
         "sd/seed-000001.png",
         "sd/manifest.json",
@@ -275,6 +276,12 @@ fn fix_runs_end_to_end_and_writes_every_promised_file() {
         html.contains("comparison.png")
             && html.contains("finetune/losses.png")
             && html.contains("<b>old</b>")
+    );
+    // The loss curves are shown as SVG, the PNG linked.
+    assert!(
+        html.contains("<img src=\"finetune/losses.svg\"")
+            && html.contains("<a href=\"finetune/losses.png\">"),
+        "{html}"
     );
     // Figure 3's maps are shown inline, and the attention table marks the two columns.
     assert!(
@@ -356,7 +363,10 @@ fn fix_mistakes_leave_nothing_behind() {
             &["--target", "boat", "--layer", "1"][..],
             &["--target boat", "boat"][..],
         ),
-        (&["--target", "train"][..], &["--layer 11", "layer"][..]),
+        (
+            &["--target", "train", "--layer", "11"][..],
+            &["--layer 11", "layer"][..],
+        ),
     ] {
         let args: Vec<&str> = base.iter().chain(extra).copied().collect();
         assert_fails(&args, needles);

@@ -1,7 +1,7 @@
-//! README's set-up commands on the tiny models (assets/sd-tiny), run as written: the commands
-//! are read from README.md itself (the `cargo run --release -p decorr-cli -- ...` lines of its
-//! first `sh` block that use assets/sd-tiny), only `--out` is pointed at a temp folder, so the
-//! quick start a new user copies cannot drift from what works.
+//! README's set-up commands on the tiny models (assets/sd-tiny, assets/sdxl-tiny), run as
+//! written: the commands are read from README.md itself (the `cargo run --release -p
+//! decorr-cli -- ...` lines of its first `sh` block that use them), only `--out` is pointed at
+//! a temp folder, so the quick start a new user copies cannot drift from what works.
 
 mod common;
 
@@ -28,7 +28,10 @@ fn readme_commands() -> Vec<Vec<String>> {
     let prefix = "cargo run --release -p decorr-cli --";
     joined
         .lines()
-        .filter(|l| l.starts_with(prefix) && l.contains("assets/sd-tiny"))
+        .filter(|l| {
+            l.starts_with(prefix)
+                && (l.contains("assets/sd-tiny") || l.contains("assets/sdxl-tiny"))
+        })
         .map(|l| words(&l[prefix.len()..]))
         .collect()
 }
@@ -60,7 +63,7 @@ fn readme_quick_start_commands_run_as_written() {
     let names: Vec<&str> = commands.iter().map(|c| c[0].as_str()).collect();
     assert_eq!(
         names,
-        ["fix", "compare"],
+        ["fix", "fix", "compare"],
         "README's sd-tiny commands changed"
     );
     let tmp = tempfile::tempdir().unwrap();

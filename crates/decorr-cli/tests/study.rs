@@ -557,7 +557,7 @@ fn serve_warns_off_loopback_and_report_matches_the_answers() {
         .as_f64()
         .unwrap();
     assert!((0.0..=1.0).contains(&exact));
-    for f in ["report.md", "report.csv", "report.png"] {
+    for f in ["report.md", "report.csv", "report.svg", "report.png"] {
         assert!(study.join(f).is_file(), "{f}");
     }
 }

@@ -278,8 +278,9 @@ impl StableDiffusion {
                 dir.display()
             )));
         };
-        let (model, path, sha256) = self.load_tuned_one(&folder, &self.text_config)?;
-        check_fit(&model.1, &model.2, &self.unet_config)?;
+        let (model, path, sha256) = self.load_tuned_one(&folder, &self.text_config, |c, f| {
+            check_fit(c, f, &self.unet_config)
+        })?;
         Ok(TunedEncoder {
             model: model.0,
             model_2: None,
@@ -309,17 +310,19 @@ impl StableDiffusion {
         let mut load = |folder: Option<PathBuf>, config: &ClipTextConfig| {
             folder
                 .map(|f| {
-                    let (m, p, sha) = self.load_tuned_one(&f, config)?;
-                    if m.1.hidden_size != config.hidden_size {
-                        return Err(PipelineError::Input(format!(
-                            "the fine-tuned encoder at {} is {}-wide, the checkpoint's {}: it \
-                             was not fine-tuned from this model",
-                            m.2, m.1.hidden_size, config.hidden_size
-                        )));
-                    }
+                    let (m, p, sha) = self.load_tuned_one(&f, config, |c, file| {
+                        if c.hidden_size != config.hidden_size {
+                            return Err(PipelineError::Input(format!(
+                                "the fine-tuned encoder at {file} is {}-wide, the checkpoint's \
+                                 {}: it was not fine-tuned from this model",
+                                c.hidden_size, config.hidden_size
+                            )));
+                        }
+                        Ok(())
+                    })?;
                     path.get_or_insert(p);
                     shas.push(sha);
-                    Ok(m.0)
+                    Ok::<_, PipelineError>(m.0)
                 })
                 .transpose()
         };
@@ -334,18 +337,21 @@ impl StableDiffusion {
     }
 
     /// One fine-tuned encoder folder, in this pipeline's precision: the model, its config and
-    /// config file, the weights file and their SHA-256.
+    /// config file, the weights file and their SHA-256. `fits` checks its config (and names
+    /// its file) before the vocabulary is compared with `base`'s.
     #[allow(clippy::type_complexity)]
     fn load_tuned_one(
         &self,
         folder: &Path,
         base: &ClipTextConfig,
+        fits: impl FnOnce(&ClipTextConfig, &ModelFile) -> Result<(), PipelineError>,
     ) -> Result<((ClipTextModel, ClipTextConfig, ModelFile), PathBuf, String), PipelineError> {
         let enc = load_text_encoder_dir(folder, &self.device)?;
+        fits(&enc.config, &enc.config_path)?;
         if enc.config.vocab_size != base.vocab_size {
             return Err(PipelineError::Input(format!(
-                "the fine-tuned encoder at {} has a vocabulary of {} tokens, the checkpoint's {}: it \
-                 was not fine-tuned from this model",
+                "the fine-tuned encoder at {} has a vocabulary of {} tokens, the checkpoint's \
+                 {}: it was not fine-tuned from this model",
                 enc.config_path.display(),
                 enc.config.vocab_size,
                 base.vocab_size

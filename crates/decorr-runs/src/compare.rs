@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bail;
 use crate::error::{Context, Result, RunsError};
-use crate::finetune::{self, FinetuneJob, FinetuneOutcome, FinetuneSettings};
+use crate::finetune::{self, FinetuneJob, FinetuneSettings};
 use crate::generate::{
     GenerateJob, MANIFEST, Sampling, check_folder, excite_indices, generate_into, image_file,
     merge, prompt_folder_name, run_record,
@@ -277,17 +277,14 @@ pub fn run(
         bail!("--seeds names no seed");
     }
     if sd.xl.is_some()
-        && let Some(m) = c.methods.iter().find(|m| {
-            matches!(
-                m,
-                MethodKind::Ours | MethodKind::Aae | MethodKind::Disendiff
-            )
-        })
+        && let Some(m) = c
+            .methods
+            .iter()
+            .find(|m| matches!(m, MethodKind::Aae | MethodKind::Disendiff))
     {
         bail!(
-            "--methods {m}: {} is an SDXL checkpoint, on which decorr runs sd and pag so far \
-             (Attend-and-Excite and DisenDiff are SD 1.x methods here, and the encoders' \
-             fine-tuning for ours is not there yet); pass --methods sd,pag",
+            "--methods {m}: {} is an SDXL checkpoint, on which Attend-and-Excite and DisenDiff \
+             do not run (they are SD 1.x methods here); pass --methods sd,pag,ours",
             source.describe()
         );
     }
@@ -496,7 +493,10 @@ fn encoder_for(
     progress: &mut dyn Progress,
 ) -> Result<PathBuf> {
     let dir = c.encoder_dir(p);
-    if let Some(report) = finetune::finished(&dir) {
+    let finished = finetune::finished(&dir).or_else(|| {
+        finetune::finished_xl(&dir).and_then(|each| each.into_iter().next().map(|(_, r)| r))
+    });
+    if let Some(report) = finished {
         let theirs = report.prompts.first();
         if let Some(theirs) = theirs
             && theirs.prompt == p.pair.prompt
@@ -506,7 +506,7 @@ fn encoder_for(
                 "{}: fine-tuning already finished, reusing it",
                 dir.display()
             ));
-            return Ok(dir.join("text_encoder"));
+            return Ok(dir);
         }
         bail!(
             "{} holds the fine-tuning of another prompt or target ({} / {}); the pairs file \
@@ -520,25 +520,22 @@ fn encoder_for(
         source,
         device: &sd.device,
         pretrained: finetune::Pretrained::of(sd),
+        pretrained_2: finetune::Pretrained::of_second(sd),
         prompts: vec![p.pair.prompt.clone()],
         targets: vec![p.pair.objects[1].parse().expect("infallible")],
         settings: c.finetune.clone(),
         out: dir.clone(),
         overwrite: true,
     };
-    match finetune::run(job, progress)? {
-        FinetuneOutcome::Done {
-            interrupted: false, ..
-        } => Ok(dir.join("text_encoder")),
-        FinetuneOutcome::Done { .. }
-        | FinetuneOutcome::NothingSelected
-        | FinetuneOutcome::Discarded => Err(RunsError::Interrupted(format!(
-            "interrupted during the fine-tuning of {:?}; {} keeps what was done, and the same \
-             command resumes",
-            p.pair.prompt,
-            c.out.display()
-        ))),
+    if finetune::run(job, progress)?.complete() {
+        return Ok(dir);
     }
+    Err(RunsError::Interrupted(format!(
+        "interrupted during the fine-tuning of {:?}; {} keeps what was done, and the same \
+         command resumes",
+        p.pair.prompt,
+        c.out.display()
+    )))
 }
 
 /// The folders `decorr eval run --runs` takes, one report row each.

@@ -475,7 +475,7 @@ pub fn run(job: DisenDiffJob, progress: &mut dyn Progress) -> Result<DisenDiffOu
     })
 }
 
-/// Writes OUT (delta, report, loss curve) and the optimiser state.
+/// Writes OUT (delta, report, loss curve as SVG and PNG) and the optimiser state.
 fn save(out: &Path, trainer: &Trainer, report: &Report) -> Result<()> {
     let (_, moments) = trainer.optimizer_state();
     let state = out.join(STATE_DIR);
@@ -483,21 +483,17 @@ fn save(out: &Path, trainer: &Trainer, report: &Report) -> Result<()> {
     write_moments(&state.join(MOMENTS_FILE), &moments)?;
     write_out(out, &trainer.trained(), report).map_err(|e| msg(e.to_string()))?;
     if !report.step_losses.is_empty() {
-        let img = crate::charts::panels(
+        crate::charts::panels(
             &format!("DisenDiff: {}", report.prompt),
             "optimiser step",
             &[crate::charts::Series {
                 name: "loss (L_rec + w L_attn, mean over the step's micro-batches)",
+                y_label: "loss",
                 values: report.step_losses.clone(),
             }],
             None,
-        );
-        let mut bytes = Vec::new();
-        img.write_to(
-            &mut std::io::Cursor::new(&mut bytes),
-            image::ImageFormat::Png,
-        )?;
-        decorr_core::io::write_atomic(&out.join("losses.png"), &bytes)?;
+        )?
+        .write(out, "losses")?;
     }
     Ok(())
 }

@@ -2,8 +2,8 @@
 //! and yes/no answers per image from the VLM (cached, so an interrupted evaluation resumes),
 //! BERTScore of caption against prompt, Inception features; then, at the merge (or at once when
 //! not sharded), FID per method and the table-3 report (`report.md`, `report.csv`,
-//! `report.json`, `report.png`). `shard: Some(K/N)` does one share of the images (partial results
-//! under `OUT/partial/`); `merge` joins them.
+//! `report.json`, and the bars as `report.svg` and `report.png`). `shard: Some(K/N)` does one
+//! share of the images (partial results under `OUT/partial/`); `merge` joins them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -22,7 +22,6 @@ use crate::bail;
 use crate::charts;
 use crate::error::{Context, Result};
 use crate::generate::{ImageRecord, MANIFEST, read_manifest};
-use crate::heatmap::png_bytes;
 use crate::progress::Progress;
 use crate::shard::Shard;
 
@@ -619,6 +618,7 @@ fn merge(a: &EvalRunConfig, items: &[Item]) -> Result<EvalOutcome> {
     let panels = [
         charts::Bars {
             name: "BERTScore recall (mean)",
+            y_label: "recall",
             labels: labels.clone(),
             values: overall
                 .iter()
@@ -628,15 +628,19 @@ fn merge(a: &EvalRunConfig, items: &[Item]) -> Result<EvalOutcome> {
                 .iter()
                 .map(|r| r.bertscore_recall.map(|(m, s)| (m - s, m + s)))
                 .collect(),
+            interval_label: "± 1 std",
         },
         charts::Bars {
             name: "FID (lower is better)",
+            y_label: "FID",
             labels: labels.clone(),
             values: overall.iter().map(|r| r.fid.unwrap_or(f64::NAN)).collect(),
             intervals: vec![None; overall.len()],
+            interval_label: "",
         },
         charts::Bars {
             name: "omission rate (95% CI)",
+            y_label: "share of images",
             labels,
             values: overall
                 .iter()
@@ -646,10 +650,11 @@ fn merge(a: &EvalRunConfig, items: &[Item]) -> Result<EvalOutcome> {
                 .iter()
                 .map(|r| r.omission.filter(|o| o.total > 0).map(|o| (o.low, o.high)))
                 .collect(),
+            interval_label: "95% Wilson interval",
         },
     ];
-    let chart = charts::bars(&format!("decorr eval: {} images", ordered.len()), &panels);
-    write_atomic(&a.out.join("report.png"), &png_bytes(&chart))?;
+    charts::bars(&format!("decorr eval: {} images", ordered.len()), &panels)?
+        .write(&a.out, "report")?;
     Ok(EvalOutcome::Report {
         report,
         images: ordered.len(),

@@ -1,9 +1,9 @@
 //! Fine-tuning runs on disk (`decorr finetune`, `fix`'s and `compare`'s encoders): METHOD.md's
 //! fine-tuning with checkpoint selection into OUT, which always holds a consistent result: the
-//! selected epoch's `text_encoder/` (transformers naming), `report.json` and `losses.png`, each
-//! replaced atomically whenever it changes. A stop request ends the run after the current step
-//! and keeps what was selected so far; a replaced OUT is built beside the old one and swapped in
-//! only when the run succeeds.
+//! selected epoch's `text_encoder/` (transformers naming), `report.json` and the loss curves
+//! (`losses.svg`, `losses.png`), each replaced atomically whenever it changes. A stop request
+//! ends the run after the current step and keeps what was selected so far; a replaced OUT is
+//! built beside the old one and swapped in only when the run succeeds.
 
 use std::path::{Path, PathBuf};
 
@@ -19,8 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bail;
 use crate::charts::{Series, panels};
-use crate::error::{Context, Result};
-use crate::heatmap::png_bytes;
+use crate::error::{Context, Result, RunsError};
 use crate::progress::Progress;
 
 /// The fine-tuning's settings (`decorr finetune`'s flags but the prompts and OUT).
@@ -35,6 +34,73 @@ pub struct FinetuneSettings {
     pub tau: f64,
     pub params: ParamPreset,
     pub seed: u64,
+    /// SDXL: the second encoder's layer (`layer` is the first's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_2: Option<usize>,
+    /// SDXL: which encoders are fine-tuned; `None`: those whose target row leans on an earlier
+    /// token (or, where neither does, the one that leans more).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder: Option<EncoderChoice>,
+}
+
+/// Which of SDXL's two text encoders to fine-tune (`--encoder 1|2|both`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncoderChoice {
+    #[serde(rename = "1")]
+    First,
+    #[serde(rename = "2")]
+    Second,
+    Both,
+}
+
+impl EncoderChoice {
+    /// The encoders (1, 2) it names.
+    pub fn encoders(self) -> Vec<usize> {
+        match self {
+            EncoderChoice::First => vec![1],
+            EncoderChoice::Second => vec![2],
+            EncoderChoice::Both => vec![1, 2],
+        }
+    }
+}
+
+impl std::str::FromStr for EncoderChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "1" => Ok(EncoderChoice::First),
+            "2" => Ok(EncoderChoice::Second),
+            "both" => Ok(EncoderChoice::Both),
+            other => Err(format!("`{other}`: expected 1, 2 or both")),
+        }
+    }
+}
+
+/// The default layer of each text encoder of `source`: the last one whose output the UNet
+/// reads (SD 1.x/2.x: the last layer; SDXL, whose UNet reads `hidden_states[-2]`: the
+/// second-to-last of each encoder). The second is `Some` for SDXL only. Reads the configs only.
+pub fn default_layers(source: &ModelSource) -> Result<(usize, Option<usize>)> {
+    let layers = |component: &str| -> Result<Option<usize>> {
+        let Some(f) = source.find_file_opt(component, &["config.json"])? else {
+            return Ok(None);
+        };
+        let config: ClipTextConfig = serde_json::from_str(&f.read_to_string()?)
+            .map_err(|e| RunsError::Msg(format!("{f}: not a text encoder config: {e}")))?;
+        Ok(Some(config.num_hidden_layers))
+    };
+    let first = layers("text_encoder")?.unwrap_or(ClipTextConfig::sd15().num_hidden_layers);
+    Ok(match layers("text_encoder_2")? {
+        Some(second) => (first.saturating_sub(2), Some(second.saturating_sub(2))),
+        None => (first.saturating_sub(1), None),
+    })
+}
+
+/// Whether `source` is an SDXL checkpoint (it has a second text encoder).
+pub fn is_xl(source: &ModelSource) -> Result<bool> {
+    Ok(source
+        .find_file_opt("text_encoder_2", &["config.json"])?
+        .is_some())
 }
 
 impl Default for FinetuneSettings {
@@ -48,6 +114,8 @@ impl Default for FinetuneSettings {
             tau: 5.0,
             params: ParamPreset::All,
             seed: 0,
+            layer_2: None,
+            encoder: None,
         }
     }
 }
@@ -59,6 +127,8 @@ pub struct FinetuneJob<'a> {
     /// The pre-trained tokenizer and encoder when the caller has them loaded in f32 (`fix`,
     /// `compare`); else they are loaded from `source`.
     pub pretrained: Option<Pretrained>,
+    /// SDXL: the same for the second encoder.
+    pub pretrained_2: Option<Pretrained>,
     pub prompts: Vec<String>,
     /// One per prompt.
     pub targets: Vec<TargetSpec>,
@@ -87,6 +157,16 @@ impl Pretrained {
             config: sd.text_config.clone(),
         })
     }
+
+    /// SDXL's second tokenizer and encoder of the pipeline, as [`Self::of`].
+    pub fn of_second(sd: &decorr_pipeline::StableDiffusion) -> Option<Pretrained> {
+        let xl = sd.xl.as_ref()?;
+        (sd.precision == decorr_core::Precision::F32).then(|| Pretrained {
+            tokenizer: xl.tokenizer.clone(),
+            encoder: xl.text_encoder.clone(),
+            config: xl.text_config.clone(),
+        })
+    }
 }
 
 /// How a fine-tuning ended (errors aside).
@@ -98,14 +178,28 @@ pub enum FinetuneOutcome {
         /// Per prompt: (prompt, A[t,c]/A[t,t] before, after).
         ratios: Vec<(String, f32, f32)>,
     },
+    /// SDXL: each fine-tuned encoder's outcome (1 or 2), in `OUT/encoder-N/`.
+    Encoders(Vec<(usize, FinetuneOutcome)>),
     /// Stopped before the first epoch ended; a fresh OUT was removed.
     NothingSelected,
     /// A replacing run was stopped: it was discarded and the previous OUT is unchanged.
     Discarded,
 }
 
+impl FinetuneOutcome {
+    /// Whether every fine-tuning ran to its end (not stopped, something selected).
+    pub fn complete(&self) -> bool {
+        match self {
+            FinetuneOutcome::Done { interrupted, .. } => !interrupted,
+            FinetuneOutcome::Encoders(each) => each.iter().all(|(_, o)| o.complete()),
+            FinetuneOutcome::NothingSelected | FinetuneOutcome::Discarded => false,
+        }
+    }
+}
+
 /// The finished fine-tuning in `out`, if there is one: its report says so and every file the
-/// pages link is there (the encoder, the loss curves).
+/// pages link is there (the encoder, the loss curves). `losses.svg` is not required: folders
+/// written before it existed stay reusable, and the pages fall back to `losses.png`.
 pub fn finished(out: &Path) -> Option<FinetuneReport> {
     let report = FinetuneReport::read(out).ok()?;
     let complete = [
@@ -213,18 +307,22 @@ impl OutWriter<'_> {
         let series = [
             Series {
                 name: "L_train (Eq. 2)",
+                y_label: "L_train",
                 values: self.epochs.iter().map(|m| m.l_train).collect(),
             },
             Series {
                 name: "L_corr (Eq. 3)",
+                y_label: "L_corr",
                 values: self.epochs.iter().map(|m| m.l_corr).collect(),
             },
             Series {
                 name: "L_align (Eq. 4)",
+                y_label: "L_align",
                 values: self.epochs.iter().map(|m| m.l_align).collect(),
             },
             Series {
                 name: "L_val (Eq. 5)",
+                y_label: "L_val",
                 values: self.epochs.iter().map(|m| m.l_val).collect(),
             },
         ];
@@ -232,8 +330,8 @@ impl OutWriter<'_> {
             Some(e) => format!("decorrelation fine-tuning; selected epoch {e} (red)"),
             None => "decorrelation fine-tuning".to_string(),
         };
-        let img = panels(&title, "epoch", &series, self.selected);
-        write_atomic(&self.out.join("losses.png"), &png_bytes(&img))
+        panels(&title, "epoch", &series, self.selected)
+            .and_then(|chart| chart.write(self.out, "losses"))
             .map_err(|e| MethodError::Output(e.to_string()))
     }
 }
@@ -282,8 +380,179 @@ fn token_ref(tok: &Tokenized, index: usize) -> TokenRef {
     }
 }
 
-/// Fine-tunes into `job.out` (see the module's documentation for what OUT holds when).
+/// Fine-tunes into `job.out` (see the module's documentation for what OUT holds when). On
+/// SDXL, each fine-tuned encoder is one such folder: `OUT/encoder-1/`, `OUT/encoder-2/`.
 pub fn run(job: FinetuneJob, progress: &mut dyn Progress) -> Result<FinetuneOutcome> {
+    if is_xl(job.source)? {
+        return run_xl(job, progress);
+    }
+    if job.settings.layer_2.is_some() || job.settings.encoder.is_some() {
+        bail!(
+            "--layer-2 and --encoder choose among SDXL's two text encoders; {} has one",
+            job.source.describe()
+        );
+    }
+    run_one(job, progress)
+}
+
+/// The encoders of SDXL whose target rows (at their layers) lean on an earlier token:
+/// `A[t,c] > A[t,t]` for some prompt; where neither does, the one whose ratio is larger.
+pub fn xl_encoders_to_tune(ratios: [f32; 2]) -> Vec<usize> {
+    let leaning: Vec<usize> = (1..=2).filter(|&n| ratios[n - 1] > 1.0).collect();
+    if !leaning.is_empty() {
+        return leaning;
+    }
+    vec![if ratios[1] > ratios[0] { 2 } else { 1 }]
+}
+
+/// SDXL: the pre-trained tokenizer and encoder `n` (1 or 2), from the caller or loaded.
+fn xl_pretrained(job: &FinetuneJob, n: usize) -> Result<Pretrained> {
+    let given = if n == 1 {
+        &job.pretrained
+    } else {
+        &job.pretrained_2
+    };
+    if let Some(p) = given {
+        return Ok(p.clone());
+    }
+    let (enc, tok) = if n == 1 {
+        ("text_encoder", "tokenizer")
+    } else {
+        ("text_encoder_2", "tokenizer_2")
+    };
+    let encoder = decorr_clip::load_text_encoder_component(job.source, enc, job.device)
+        .with_context(|| format!("loading {enc} of {}", job.source.describe()))?;
+    Ok(Pretrained {
+        tokenizer: decorr_clip::load_tokenizer_component(job.source, tok)?,
+        encoder: encoder.model,
+        config: encoder.config,
+    })
+}
+
+/// SDXL: fine-tunes the chosen encoders, each into `OUT/encoder-N/` as [`run_one`] does.
+fn run_xl(job: FinetuneJob, progress: &mut dyn Progress) -> Result<FinetuneOutcome> {
+    let (d1, d2) = default_layers(job.source)?;
+    let layers = [
+        job.settings.layer,
+        job.settings.layer_2.or(d2).unwrap_or(d1),
+    ];
+    let pretrained = [xl_pretrained(&job, 1)?, xl_pretrained(&job, 2)?];
+    let encoders = match job.settings.encoder {
+        Some(choice) => choice.encoders(),
+        None => {
+            // The largest A[t,c]/A[t,t] over the prompts, per encoder.
+            let mut ratios = [0f32; 2];
+            for n in 0..2 {
+                let p = &pretrained[n];
+                for (prompt, target) in job.prompts.iter().zip(&job.targets) {
+                    let tokenized = p.tokenizer.encode(prompt)?;
+                    let t = resolve_target(&tokenized, target)
+                        .with_context(|| format!("--target {target} (of the prompt {prompt:?})"))?;
+                    let states = prepare(
+                        &p.encoder,
+                        &[TrainPrompt {
+                            tokenized,
+                            target: t,
+                        }],
+                        layers[n],
+                        job.device,
+                    )
+                    .with_context(|| {
+                        format!("--layer{} {}", if n == 0 { "" } else { "-2" }, layers[n])
+                    })?;
+                    let f = &states[0].focus;
+                    let row = &states[0].a_pre[f.target];
+                    ratios[n] = ratios[n].max(row[f.corr] / row[f.target]);
+                }
+            }
+            let chosen = xl_encoders_to_tune(ratios);
+            progress.note(&format!(
+                "A[t,c]/A[t,t]: text_encoder {:.3}, text_encoder_2 {:.3}; fine-tuning {}",
+                ratios[0],
+                ratios[1],
+                chosen
+                    .iter()
+                    .map(|n| if *n == 1 {
+                        "text_encoder"
+                    } else {
+                        "text_encoder_2"
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ));
+            chosen
+        }
+    };
+    if let Some(names) = crate::output::contents(&job.out)?
+        && let Some(foreign) = names
+            .iter()
+            .find(|n| !n.starts_with("encoder-") && !decorr_core::io::is_scratch(n))
+    {
+        bail!(
+            "{} holds {foreign}, which decorr finetune does not write for an SDXL checkpoint \
+             (it writes encoder-1/ and encoder-2/); choose another --out",
+            job.out.display()
+        );
+    }
+    std::fs::create_dir_all(&job.out).with_context(|| format!("creating {}", job.out.display()))?;
+    let mut outcomes = Vec::new();
+    for n in encoders {
+        progress.note(&format!(
+            "fine-tuning {} (layer {})",
+            if n == 1 {
+                "text_encoder"
+            } else {
+                "text_encoder_2"
+            },
+            layers[n - 1]
+        ));
+        let one = FinetuneJob {
+            source: job.source,
+            device: job.device,
+            pretrained: Some(pretrained[n - 1].clone()),
+            pretrained_2: None,
+            prompts: job.prompts.clone(),
+            targets: job.targets.clone(),
+            settings: FinetuneSettings {
+                layer: layers[n - 1],
+                layer_2: None,
+                encoder: None,
+                ..job.settings.clone()
+            },
+            out: job.out.join(format!("encoder-{n}")),
+            overwrite: job.overwrite,
+        };
+        let outcome = run_one(one, progress)?;
+        let stop = !matches!(
+            outcome,
+            FinetuneOutcome::Done {
+                interrupted: false,
+                ..
+            }
+        );
+        outcomes.push((n, outcome));
+        if stop {
+            break;
+        }
+    }
+    Ok(FinetuneOutcome::Encoders(outcomes))
+}
+
+/// SDXL: the finished fine-tunings of `out` (`encoder-1/`, `encoder-2/`), when there is at
+/// least one and each there is finished.
+pub fn finished_xl(out: &Path) -> Option<Vec<(usize, FinetuneReport)>> {
+    let mut done = Vec::new();
+    for n in 1..=2 {
+        let dir = out.join(format!("encoder-{n}"));
+        if dir.exists() {
+            done.push((n, finished(&dir)?));
+        }
+    }
+    (!done.is_empty()).then_some(done)
+}
+
+/// The one fine-tuning of an SD 1.x/2.x encoder (or of one SDXL encoder) into `job.out`.
+fn run_one(job: FinetuneJob, progress: &mut dyn Progress) -> Result<FinetuneOutcome> {
     if job.prompts.len() != job.targets.len() {
         bail!(
             "{} --prompt but {} --target: give one --target per --prompt, in the same order",
@@ -394,6 +663,7 @@ fn check_finetune_folder(out: &Path) -> Result<()> {
                 | "text_encoder/model.safetensors"
                 | "report.json"
                 | "losses.png"
+                | "losses.svg"
         ) || rel.rsplit('/').next().is_some_and(|name| {
             decorr_core::io::is_scratch(name)
                 || (rel.starts_with("text_encoder/") && decorr_core::io::is_burn_scratch(name))

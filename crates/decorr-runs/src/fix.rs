@@ -6,9 +6,9 @@
 //! that blocks the corrected one.
 //!
 //! OUT/fix.json (the settings that decide the results), OUT/finetune/ (text_encoder/,
-//! report.json, losses.png), OUT/sd/, OUT/pag/, OUT/aae/, OUT/ours/ (images + manifest.json;
-//! folders an older decorr named `pretrained/` and `fixed/` are continued under those names),
-//! OUT/comparison.png, OUT/report.html, OUT/summary.json.
+//! report.json, losses.png/.svg; SDXL: encoder-N/ each), OUT/sd/, OUT/pag/, OUT/aae/, OUT/ours/
+//! (images + manifest.json; folders an older decorr named `pretrained/` and `fixed/` are
+//! continued under those names), OUT/comparison.png, OUT/report.html, OUT/summary.json.
 
 use std::path::{Path, PathBuf};
 
@@ -65,6 +65,12 @@ pub struct FixSettings {
     pub revision: String,
     pub checkpoint_config: String,
     pub checkpoint_prediction: Option<String>,
+    /// SDXL: the second encoder's layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_2: Option<usize>,
+    /// SDXL: `--encoder` (1, 2 or both), when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder: Option<String>,
 }
 
 /// What `decorr fix` was asked to do.
@@ -143,7 +149,10 @@ pub fn run(job: FixJob, progress: &mut dyn Progress) -> Result<Summary> {
 
 /// Whether a fix folder holds something a re-run would reuse: a fine-tuned encoder or images.
 fn holds_usable(out: &Path) -> bool {
-    if out.join("finetune/text_encoder/config.json").is_file() {
+    if ["finetune", "finetune/encoder-1", "finetune/encoder-2"]
+        .iter()
+        .any(|d| out.join(d).join("text_encoder/config.json").is_file())
+    {
         return true;
     }
     let has_image = |dir: &Path| {
@@ -171,41 +180,67 @@ fn prepare_and_run(job: &FixJob, progress: &mut dyn Progress) -> Result<Summary>
     let out = &job.out;
     // Load everything first: a checkpoint that does not load stops here.
     let sd = load_pipeline(job.source, job.device, Some(job.precision))?;
-    if sd.xl.is_some() {
-        bail!(
-            "{} is an SDXL checkpoint: decorr generates with SDXL (generate --guidance cfg or \
-             pag) and analyses both its encoders (analyze), but does not fine-tune them yet, so \
-             fix and compare's ours run on SD 1.x/2.x checkpoints",
-            job.source.describe()
-        );
-    }
     let tokenized = sd.tokenizer.encode(&job.prompt)?;
     let target = resolve_target(&tokenized, &job.target)
         .with_context(|| format!("--target {} (of the prompt {:?})", job.target, job.prompt))?;
-    let layer = job.finetune.layer;
-    let states = prepare(
-        &sd.text_encoder,
-        &[TrainPrompt {
-            tokenized: tokenized.clone(),
-            target,
-        }],
-        layer,
-        &sd.device,
-    )
-    .with_context(|| format!("--layer {layer}"))?;
-    let focus = states[0].focus.clone();
-    let row = &states[0].a_pre[focus.target];
-    let (to_corr, to_self) = (row[focus.corr], row[focus.target]);
-    if to_corr <= to_self {
+    // Each text encoder's target row at its layer (SDXL has two; the fine-tuning picks among
+    // them the same way).
+    let mut encoders = vec![("", &sd.text_encoder, tokenized.clone(), job.finetune.layer)];
+    if let Some(xl) = &sd.xl {
+        let (_, d2) = crate::finetune::default_layers(job.source)?;
+        let layer_2 = job.finetune.layer_2.or(d2).unwrap_or(job.finetune.layer);
+        encoders.push((
+            "-2",
+            &xl.text_encoder,
+            xl.tokenizer.encode(&job.prompt)?,
+            layer_2,
+        ));
+    }
+    let mut focus = None;
+    let mut leaning = Vec::new();
+    for (suffix, encoder, tok, layer) in &encoders {
+        let states = prepare(
+            encoder,
+            &[TrainPrompt {
+                tokenized: tok.clone(),
+                target,
+            }],
+            *layer,
+            &sd.device,
+        )
+        .with_context(|| format!("--layer{suffix} {layer}"))?;
+        let f = states[0].focus.clone();
+        let row = &states[0].a_pre[f.target];
+        let (to_corr, to_self) = (row[f.corr], row[f.target]);
+        leaning.push((*suffix, *layer, tok.token_text(f.corr), to_corr, to_self));
+        focus.get_or_insert(f);
+    }
+    let focus = focus.expect("one encoder at least");
+    if leaning
+        .iter()
+        .all(|(_, _, _, to_corr, to_self)| to_corr <= to_self)
+    {
+        let rows: Vec<String> = leaning
+            .iter()
+            .map(|(suffix, layer, corr, to_corr, to_self)| {
+                format!(
+                    "{}layer {layer}: itself {to_self:.3}, most to {corr:?} {to_corr:.3}",
+                    if suffix.is_empty() {
+                        ""
+                    } else {
+                        "text_encoder_2 "
+                    }
+                )
+            })
+            .collect();
         let msg = format!(
-            "nothing to fix: in {:?}, {:?} attends to itself ({to_self:.3}) more than to any \
-             earlier token (most to {:?}, {to_corr:.3}) at layer {layer}, so there is no \
-             unidirectional correlation for the fine-tuning to lower (`decorr analyze` shows \
-             the whole table). If {:?} still goes missing, the cause is elsewhere; pass \
-             --anyway to fine-tune regardless",
+            "nothing to fix: in {:?}, {:?} attends to itself more than to any earlier token \
+             ({}), so there is no unidirectional correlation for the fine-tuning to lower \
+             (`decorr analyze` shows the whole table). If {:?} still goes missing, the cause \
+             is elsewhere; pass --anyway to fine-tune regardless",
             job.prompt,
             tokenized.token_text(focus.target),
-            tokenized.token_text(focus.corr),
+            rows.join("; "),
             tokenized.token_text(focus.target),
         );
         if !job.anyway {
@@ -285,7 +320,9 @@ fn run_checked(
     let out = &job.out;
     let seeds = &job.seeds;
     let ft_dir = out.join("finetune");
-    if crate::finetune::finished(&ft_dir).is_some() {
+    if crate::finetune::finished(&ft_dir).is_some()
+        || crate::finetune::finished_xl(&ft_dir).is_some()
+    {
         progress.note(&format!(
             "{}: fine-tuning already finished, reusing it",
             ft_dir.display()
@@ -295,19 +332,29 @@ fn run_checked(
             source: job.source,
             device: job.device,
             pretrained: crate::finetune::Pretrained::of(&sd),
+            pretrained_2: crate::finetune::Pretrained::of_second(&sd),
             prompts: vec![job.prompt.clone()],
             targets: vec![job.target.clone()],
             settings: job.finetune.clone(),
             out: ft_dir.clone(),
             overwrite: true,
         };
-        match crate::finetune::run(finetune, progress)? {
-            FinetuneOutcome::Done {
+        let outcome = crate::finetune::run(finetune, progress)?;
+        let outcomes = match outcome {
+            FinetuneOutcome::Encoders(each) => each
+                .into_iter()
+                .map(|(n, o)| (ft_dir.join(format!("encoder-{n}")), o))
+                .collect(),
+            one => vec![(ft_dir.clone(), one)],
+        };
+        for (dir, outcome) in outcomes {
+            if let FinetuneOutcome::Done {
                 selected, ratios, ..
-            } => {
+            } = outcome
+            {
                 progress.line(&format!(
-                    "selected epoch {selected}; wrote {}/text_encoder, report.json, losses.png",
-                    ft_dir.display()
+                    "selected epoch {selected}; wrote {}/text_encoder, report.json, losses.png/.svg",
+                    dir.display()
                 ));
                 for (prompt, before, after) in &ratios {
                     progress.line(&format!(
@@ -315,7 +362,6 @@ fn run_checked(
                     ));
                 }
             }
-            FinetuneOutcome::NothingSelected | FinetuneOutcome::Discarded => {}
         }
     }
     if progress.should_stop() {
@@ -324,7 +370,24 @@ fn run_checked(
             out.display()
         )));
     }
-    let report = FinetuneReport::read(&ft_dir)?;
+    // The report the page shows: SDXL's encoder whose target row leaned most on the
+    // correlated token before the fine-tuning.
+    let (report, ft_rel) = match crate::finetune::finished_xl(&ft_dir) {
+        Some(each) => {
+            let ratio = |r: &FinetuneReport| {
+                r.prompts
+                    .first()
+                    .and_then(|p| p.ratio(&p.row_before))
+                    .unwrap_or(f64::NEG_INFINITY)
+            };
+            let (n, r) = each
+                .into_iter()
+                .max_by(|a, b| ratio(&a.1).total_cmp(&ratio(&b.1)))
+                .expect("at least one");
+            (r, format!("finetune/encoder-{n}"))
+        }
+        None => (FinetuneReport::read(&ft_dir)?, "finetune".to_string()),
+    };
     if report.selected_epoch.is_none() {
         bail!("fine-tuning selected no epoch; nothing to generate with");
     }
@@ -344,7 +407,7 @@ fn run_checked(
     let mut methods = vec![Method::Sd];
     methods.extend(baselines.into_iter().map(|(m, _)| m));
     methods.push(Method::Decorrelated {
-        encoder: sd.load_tuned_encoder(&ft_dir.join("text_encoder"))?,
+        encoder: sd.load_tuned_encoder(&ft_dir)?,
         guidance: Guidance::Cfg,
     });
     let mut rows = Vec::new();
@@ -389,7 +452,7 @@ fn run_checked(
     let comparison = out.join("comparison.png");
     write_atomic(&comparison, &png_bytes(&grid_img))?;
 
-    let html = crate::pages::fix_report(&job.prompt, &report, seeds, out, &rows);
+    let html = crate::pages::fix_report(&job.prompt, &report, &ft_rel, seeds, out, &rows);
     let report_html = out.join("report.html");
     write_atomic(&report_html, html.as_bytes())?;
     let summary = Summary {

@@ -6,8 +6,8 @@
 //!   settings ([`Method`]) as a request's guidance, text side and pipeline variant.
 //! - [`generate`]: generation folders (PNG + `decorr` record per image, `manifest.json`,
 //!   resume, shards and their merge); the manifests `decorr eval run` reads.
-//! - [`finetune`]: the fine-tuning folder (`text_encoder/`, `report.json`, `losses.png`), kept
-//!   consistent at every moment.
+//! - [`finetune`]: the fine-tuning folder (`text_encoder/`, `report.json`, `losses.png` and
+//!   `.svg`), kept consistent at every moment; SDXL's one folder per fine-tuned encoder.
 //! - [`eval`]: `decorr eval run` (captions, BERTScore, FID, omission rate, the table-3 report).
 //! - [`compare`]: `decorr compare`, the paper's comparison of methods on the same seeds.
 //! - [`fix`]: `decorr fix`, the main job: diagnosis, fine-tuning, the methods side by side.

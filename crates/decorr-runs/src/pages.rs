@@ -1,7 +1,7 @@
 //! The HTML pages decorr writes into its output folders (`fix`'s report.html, `compare`'s
 //! index.html), as maud templates: every interpolated text is escaped unless marked otherwise,
 //! so a prompt or a token can never inject markup. Links are relative: a folder can be moved or
-//! served as it is.
+//! served as it is. Charts are shown as their SVG where one was written.
 
 use std::path::{Path, PathBuf};
 
@@ -39,10 +39,12 @@ minmax(380px,1fr));gap:1em}figure{margin:0}figcaption{font-size:90%}.wide{overfl
 
 /// `fix`'s report page: the target's attention row before and after (the target's and the
 /// correlated token's columns marked), the comparison grid (each image once), every method's
-/// figure-3 maps per seed (linking the images), the loss curves.
+/// figure-3 maps per seed (linking the images), the loss curves. `finetune` is the
+/// fine-tuning's folder under `out` (`finetune`; on SDXL `finetune/encoder-N`).
 pub fn fix_report(
     prompt: &str,
     report: &FinetuneReport,
+    finetune: &str,
     seeds: &[u64],
     out: &Path,
     rows: &[MethodRow],
@@ -139,9 +141,10 @@ pub fn fix_report(
                     }
                 }
                 h2 { "Fine-tuning" }
-                img src="finetune/losses.png" alt="loss curves";
+                (chart(out, &format!("{finetune}/losses"), "loss curves"))
                 p {
-                    "Numbers: " a href="finetune/report.json" { "finetune/report.json" } "; images: "
+                    @let numbers = format!("{finetune}/report.json");
+                    "Numbers: " a href=(numbers) { (numbers) } "; images: "
                     @for (k, r) in rows.iter().enumerate() {
                         @let m = format!("{}/manifest.json", rel(out, &r.dir));
                         @if k > 0 { ", " }
@@ -153,6 +156,23 @@ pub fn fix_report(
         }
     };
     page.into_string() + "\n"
+}
+
+/// A chart written as `STEM.svg` and `STEM.png` (paths relative to `root`): the SVG, sharp at
+/// any zoom, with the PNG linked; or the PNG alone where there is no SVG (a folder written
+/// before decorr wrote one, reused as it is).
+fn chart(root: &Path, stem: &str, alt: &str) -> Markup {
+    let (svg, png) = (format!("{stem}.svg"), format!("{stem}.png"));
+    html! {
+        @if root.join(&svg).is_file() {
+            figure {
+                img src=(svg) alt=(alt);
+                figcaption { "Also as " a href=(png) { "PNG" } "." }
+            }
+        } @else {
+            img src=(png) alt=(alt);
+        }
+    }
 }
 
 const COMPARE_STYLE: &str = "body{font-family:sans-serif;margin:2em}td,th{padding:2px 6px;\
@@ -236,6 +256,21 @@ mod tests {
         assert_eq!(
             page,
             "<p>&lt;script&gt;alert(1)&lt;/script&gt; &amp; &quot;x&quot;</p>"
+        );
+    }
+
+    /// The SVG where there is one, else the PNG (an older folder).
+    #[test]
+    fn charts_show_the_svg_and_fall_back_to_the_png() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("losses.png"), b"png").unwrap();
+        let page = chart(dir.path(), "losses", "curves").into_string();
+        assert_eq!(page, "<img src=\"losses.png\" alt=\"curves\">");
+        std::fs::write(dir.path().join("losses.svg"), b"<svg/>").unwrap();
+        let page = chart(dir.path(), "losses", "curves").into_string();
+        assert!(
+            page.contains("<img src=\"losses.svg\"") && page.contains("<a href=\"losses.png\">"),
+            "{page}"
         );
     }
 }

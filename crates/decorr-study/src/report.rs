@@ -438,37 +438,40 @@ pub fn csv(r: &Report) -> String {
 }
 
 /// The bar chart: mean per method on each scale, with the bootstrap intervals.
-pub fn chart(r: &Report) -> image::RgbImage {
+pub fn chart(r: &Report) -> Result<decorr_runs::charts::Chart, StudyError> {
     let panel = |scale: &'static str| {
         let stats: Vec<&Stat> = r.order.iter().map(|m| r.methods[m].scale(scale)).collect();
         decorr_runs::charts::Bars {
             name: scale,
+            y_label: "mean rating (1-5)",
             labels: r.order.clone(),
             values: stats.iter().map(|s| s.mean).collect(),
             intervals: stats
                 .iter()
                 .map(|s| s.ci95.map(|[lo, hi]| (lo, hi)))
                 .collect(),
+            interval_label: "bootstrap 95% interval",
         }
     };
-    decorr_runs::charts::bars(
+    Ok(decorr_runs::charts::bars(
         "User study: mean rating (1-5), bootstrap 95% intervals",
         &[panel("alignment"), panel("fidelity")],
-    )
+    )?)
 }
 
-/// Writes `report.md`, `report.csv`, `report.json` and `report.png` into the study folder (and
-/// the JSON to `json` too), each atomically. Returns the paths written.
+/// Writes `report.md`, `report.csv`, `report.json` and the chart (`report.svg`, `report.png`)
+/// into the study folder (and the JSON to `json` too), each atomically. Returns the paths
+/// written.
 pub fn write(dir: &Path, r: &Report, json: Option<&Path>) -> Result<Vec<PathBuf>, StudyError> {
     let text = serde_json::to_string_pretty(r)?;
-    let mut png = Vec::new();
-    chart(r).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    let chart = chart(r)?;
     let mut written = Vec::new();
     for (name, bytes) in [
         ("report.md", markdown(r).into_bytes()),
         ("report.csv", csv(r).into_bytes()),
         ("report.json", text.clone().into_bytes()),
-        ("report.png", png),
+        ("report.svg", chart.svg.into_bytes()),
+        ("report.png", chart.png),
     ] {
         let path = dir.join(name);
         decorr_core::io::write_atomic(&path, &bytes).map_err(|e| StudyError::Msg(e.to_string()))?;
