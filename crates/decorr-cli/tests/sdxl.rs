@@ -286,5 +286,9 @@ fn sdxl_fix_writes_its_page_with_the_fine_tuned_encoder() {
     assert!(!tuned.is_empty(), "{t}");
     let page = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(tuned.iter().any(|f| page.contains(f.as_str())), "{page}");
+    assert!(
+        page.contains("Self-attention of the target (text_encoder"),
+        "{page}"
+    );
     assert!(out.join("ours/seed-000001.png").is_file());
 }

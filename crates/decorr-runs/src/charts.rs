@@ -147,7 +147,13 @@ fn panel(area: &Area<'_>, s: &Series<'_>, x_label: &str, selected: Option<usize>
     let runs = finite_runs(&s.values);
     // A gap (a non-finite value) breaks the line rather than bridging it.
     for (k, run) in runs.iter().enumerate() {
-        let drawn = c.draw_series(LineSeries::new(run.clone(), LINE.stroke_width(2)))?;
+        // One point is no line (a one-point polyline is an invalid SVG shape): its dot stands
+        // for it, in the legend too.
+        let drawn = if run.len() >= 2 {
+            c.draw_series(LineSeries::new(run.clone(), LINE.stroke_width(2)))?
+        } else {
+            c.draw_series(run.iter().map(|&p| Circle::new(p, 3, LINE.filled())))?
+        };
         if k == 0 {
             drawn
                 .label(s.y_label)
@@ -646,6 +652,24 @@ mod tests {
         assert!(!chart.svg.contains("NaN"));
         assert_eq!(finite_runs(&s[0].values).len(), 2);
         assert!(bars("empty", &[]).is_ok());
+        // One epoch (or an isolated value) is a dot, never a one-point polyline, which SVG
+        // readers reject (and resvg warns about on stderr).
+        let one = [Series {
+            name: "one",
+            y_label: "one",
+            values: vec![0.5],
+        }];
+        let svg = panels("t", "epoch", &one, Some(1)).unwrap().svg;
+        let lone = svg
+            .split("<polyline")
+            .skip(1)
+            .filter(|p| {
+                let pts = p.split("points=\"").nth(1).unwrap_or("");
+                let pts = &pts[..pts.find('"').unwrap_or(0)];
+                pts.split_whitespace().count() < 2
+            })
+            .count();
+        assert_eq!(lone, 0, "{svg}");
     }
 
     #[test]

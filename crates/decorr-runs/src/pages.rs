@@ -89,7 +89,13 @@ pub fn fix_report(
                     " (token " (ci) "); selected epoch "
                     (report.selected_epoch.map_or("none".to_string(), |e| e.to_string())) "."
                 }
-                h2 { "Self-attention of the target (layer " (report.config.layer) ", head average)" }
+                h2 {
+                    "Self-attention of the target ("
+                    // SDXL: which of its two encoders this fine-tuning is of.
+                    @if finetune.ends_with("encoder-1") { "text_encoder, " }
+                    @if finetune.ends_with("encoder-2") { "text_encoder_2, " }
+                    "layer " (report.config.layer) ", head average)"
+                }
                 div.wide { table {
                     tr {
                         th {}
