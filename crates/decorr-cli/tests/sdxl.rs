@@ -245,8 +245,8 @@ fn sdxl_single_file_gives_the_folders_images() {
     assert_eq!(from_file, from_folder);
 }
 
-/// `fix` on SDXL: both encoders' rows checked, the leaning one fine-tuned into
-/// `finetune/encoder-N/`, the page showing that fine-tuning's curves and numbers.
+/// `fix` on SDXL with `--encoder both`: both encoders fine-tuned into `finetune/encoder-N/`,
+/// the page showing each one's target row, curves and numbers.
 #[test]
 fn sdxl_fix_writes_its_page_with_the_fine_tuned_encoder() {
     let tmp = tempfile::tempdir().unwrap();
@@ -270,6 +270,8 @@ fn sdxl_fix_writes_its_page_with_the_fine_tuned_encoder() {
         "--seeds",
         "0..2",
         "--anyway",
+        "--encoder",
+        "both",
         "--quiet",
         "--out",
         out.to_str().unwrap(),

@@ -32,8 +32,8 @@ use crate::bail;
 use crate::error::{Context, Result, RunsError};
 use crate::finetune::{self, FinetuneJob, FinetuneSettings};
 use crate::generate::{
-    GenerateJob, MANIFEST, Sampling, check_folder, excite_indices, generate_into, image_file,
-    merge, prompt_folder_name, run_record,
+    GenerateJob, MANIFEST, Sampling, SamplingRecord, check_folder, excite_indices, generate_into,
+    image_file, merge, prompt_folder_name, run_record,
 };
 use crate::grid;
 use crate::heatmap::png_bytes;
@@ -124,14 +124,8 @@ pub struct CompareOutcome {
 pub struct CompareSettings {
     /// The weights, as `ModelSource::describe` names them.
     pub model: String,
-    pub negative_prompt: String,
-    pub steps: usize,
-    pub guidance_scale: f64,
-    pub width: Option<usize>,
-    pub height: Option<usize>,
-    pub scheduler: Option<String>,
-    pub karras: bool,
-    pub eta: f64,
+    #[serde(flatten)]
+    pub sampling: SamplingRecord,
     pub pag: PagParams,
     /// Attend-and-Excite's settings without its objects (each pair's own).
     #[serde(with = "without_objects")]
@@ -162,17 +156,9 @@ mod without_objects {
 }
 
 fn settings(c: &CompareConfig, model: &str) -> CompareSettings {
-    let s = &c.sampling;
     CompareSettings {
         model: model.to_string(),
-        negative_prompt: s.negative_prompt.clone(),
-        steps: s.steps,
-        guidance_scale: s.guidance_scale,
-        width: s.width,
-        height: s.height,
-        scheduler: s.scheduler.map(|k| k.name().to_string()),
-        karras: s.karras,
-        eta: s.eta,
+        sampling: (&c.sampling).into(),
         pag: c.pag.clone(),
         excite: ExciteParams {
             token_indices: Vec::new(),

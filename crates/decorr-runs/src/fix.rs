@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Context, Result, RunsError};
 use crate::finetune::{FinetuneJob, FinetuneOutcome, FinetuneReport, FinetuneSettings};
 use crate::generate::{
-    GenerateJob, MANIFEST, Sampling, check_folder, excite_indices, generate_into, image_file,
-    load_pipeline, run_record,
+    GenerateJob, MANIFEST, Sampling, SamplingRecord, check_folder, excite_indices, generate_into,
+    image_file, load_pipeline, run_record,
 };
 use crate::heatmap::png_bytes;
 use crate::method::{Method, MethodKind};
@@ -52,14 +52,8 @@ pub struct FixSettings {
     pub lr: f64,
     pub tau: f64,
     pub params: String,
-    pub negative_prompt: String,
-    pub steps: usize,
-    pub guidance_scale: f64,
-    pub width: Option<usize>,
-    pub height: Option<usize>,
-    pub scheduler: Option<String>,
-    pub karras: bool,
-    pub eta: f64,
+    #[serde(flatten)]
+    pub sampling: SamplingRecord,
     pub weights: Option<PathBuf>,
     pub model: String,
     pub revision: String,
@@ -372,22 +366,31 @@ fn run_checked(
     }
     // The report the page shows: SDXL's encoder whose target row leaned most on the
     // correlated token before the fine-tuning.
-    let (report, ft_rel) = match crate::finetune::finished_xl(&ft_dir) {
-        Some(each) => {
-            let ratio = |r: &FinetuneReport| {
-                r.prompts
-                    .first()
-                    .and_then(|p| p.ratio(&p.row_before))
-                    .unwrap_or(f64::NEG_INFINITY)
-            };
-            let (n, r) = each
+    // (SDXL encoder, report, folder), the one that leaned most first: it names the target
+    // and the correlated token.
+    let mut fine_tuned: Vec<(Option<&str>, FinetuneReport, String)> =
+        match crate::finetune::finished_xl(&ft_dir) {
+            Some(each) => each
                 .into_iter()
-                .max_by(|a, b| ratio(&a.1).total_cmp(&ratio(&b.1)))
-                .expect("at least one");
-            (r, format!("finetune/encoder-{n}"))
-        }
-        None => (FinetuneReport::read(&ft_dir)?, "finetune".to_string()),
+                .map(|(n, r)| {
+                    let name = if n == 1 {
+                        "text_encoder"
+                    } else {
+                        "text_encoder_2"
+                    };
+                    (Some(name), r, format!("finetune/encoder-{n}"))
+                })
+                .collect(),
+            None => vec![(None, FinetuneReport::read(&ft_dir)?, "finetune".to_string())],
+        };
+    let ratio = |r: &FinetuneReport| {
+        r.prompts
+            .first()
+            .and_then(|p| p.ratio(&p.row_before))
+            .unwrap_or(f64::NEG_INFINITY)
     };
+    fine_tuned.sort_by(|a, b| ratio(&b.1).total_cmp(&ratio(&a.1)));
+    let report = &fine_tuned[0].1;
     if report.selected_epoch.is_none() {
         bail!("fine-tuning selected no epoch; nothing to generate with");
     }
@@ -452,7 +455,15 @@ fn run_checked(
     let comparison = out.join("comparison.png");
     write_atomic(&comparison, &png_bytes(&grid_img))?;
 
-    let html = crate::pages::fix_report(&job.prompt, &report, &ft_rel, seeds, out, &rows);
+    let pages: Vec<crate::pages::FineTuned> = fine_tuned
+        .iter()
+        .map(|(encoder, report, dir)| crate::pages::FineTuned {
+            encoder: *encoder,
+            report,
+            dir: dir.clone(),
+        })
+        .collect();
+    let html = crate::pages::fix_report(&job.prompt, &pages, seeds, out, &rows);
     let report_html = out.join("report.html");
     write_atomic(&report_html, html.as_bytes())?;
     let summary = Summary {

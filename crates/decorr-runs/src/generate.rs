@@ -80,6 +80,35 @@ pub struct Sampling {
     pub attention_slice: Option<usize>,
 }
 
+/// The sampling settings that decide the images, as `fix.json` and `compare.json` record them
+/// (the flags' names; the scheduler by name, `None` for the checkpoint's own).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingRecord {
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub scheduler: Option<String>,
+    pub karras: bool,
+    pub eta: f64,
+}
+
+impl From<&Sampling> for SamplingRecord {
+    fn from(s: &Sampling) -> Self {
+        SamplingRecord {
+            negative_prompt: s.negative_prompt.clone(),
+            steps: s.steps,
+            guidance_scale: s.guidance_scale,
+            width: s.width,
+            height: s.height,
+            scheduler: s.scheduler.map(|k| k.name().to_string()),
+            karras: s.karras,
+            eta: s.eta,
+        }
+    }
+}
+
 /// Stable Diffusion's usual guidance scale (diffusers' default), the default of every command.
 pub const DEFAULT_GUIDANCE_SCALE: f64 = 7.5;
 

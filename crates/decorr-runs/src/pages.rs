@@ -37,20 +37,20 @@ text-align:right}img{max-width:100%;image-rendering:pixelated}.t{background:#fde
 .c{background:#e0eafc}.maps{display:grid;grid-template-columns:repeat(auto-fill,\
 minmax(380px,1fr));gap:1em}figure{margin:0}figcaption{font-size:90%}.wide{overflow-x:auto}";
 
-/// `fix`'s report page: the target's attention row before and after (the target's and the
-/// correlated token's columns marked), the comparison grid (each image once), every method's
-/// figure-3 maps per seed (linking the images), the loss curves. `finetune` is the
-/// fine-tuning's folder under `out` (`finetune`; on SDXL `finetune/encoder-N`).
-pub fn fix_report(
-    prompt: &str,
-    report: &FinetuneReport,
-    finetune: &str,
-    seeds: &[u64],
-    out: &Path,
-    rows: &[MethodRow],
-) -> String {
-    let Some(p0) = report.prompts.first() else {
-        return String::new();
+/// One fine-tuning shown on `fix`'s page.
+pub struct FineTuned<'a> {
+    /// SDXL: `text_encoder` or `text_encoder_2`; `None` for a checkpoint with one encoder.
+    pub encoder: Option<&'a str>,
+    pub report: &'a FinetuneReport,
+    /// Its folder under the fix folder (`finetune`, `finetune/encoder-N`).
+    pub dir: String,
+}
+
+/// The target's attention row before and after one fine-tuning, the target's and the
+/// correlated token's columns marked.
+fn attention_table(f: &FineTuned<'_>) -> Markup {
+    let Some(p0) = f.report.prompts.first() else {
+        return html! {};
     };
     let (ti, ci) = (p0.target.index, p0.corr.index);
     let after = p0.row_after.as_deref().unwrap_or_default();
@@ -73,6 +73,48 @@ pub fn fix_report(
             }
         }
     };
+    html! {
+        h2 {
+            "Self-attention of the target ("
+            @if let Some(encoder) = f.encoder { (encoder) ", " }
+            "layer " (f.report.config.layer) ", head average)"
+        }
+        div.wide { table {
+            tr {
+                th {}
+                @for i in 0..p0.row_before.len() {
+                    th class=[class(i)] {
+                        (p0.tokens.get(i).cloned().unwrap_or_else(|| i.to_string()))
+                        @if i == ti { br; small { "target" } }
+                        @if i == ci { br; small { "correlated" } }
+                    }
+                }
+            }
+            (row("pre-trained", &p0.row_before))
+            (row("fine-tuned", after))
+        } }
+    }
+}
+
+/// `fix`'s report page: the target's attention row before and after (the target's and the
+/// correlated token's columns marked), the comparison grid (each image once), every method's
+/// figure-3 maps per seed (linking the images), the loss curves. `finetune` is the
+/// fine-tunings are shown in the order given (SDXL: one per fine-tuned encoder); the first
+/// names the target, the correlated token and the selected epoch in the page's first line.
+pub fn fix_report(
+    prompt: &str,
+    fine_tuned: &[FineTuned<'_>],
+    seeds: &[u64],
+    out: &Path,
+    rows: &[MethodRow],
+) -> String {
+    let Some(report) = fine_tuned.first().map(|f| f.report) else {
+        return String::new();
+    };
+    let Some(p0) = report.prompts.first() else {
+        return String::new();
+    };
+    let (ti, ci) = (p0.target.index, p0.corr.index);
     let page = html! {
         (DOCTYPE)
         html {
@@ -89,27 +131,9 @@ pub fn fix_report(
                     " (token " (ci) "); selected epoch "
                     (report.selected_epoch.map_or("none".to_string(), |e| e.to_string())) "."
                 }
-                h2 {
-                    "Self-attention of the target ("
-                    // SDXL: which of its two encoders this fine-tuning is of.
-                    @if finetune.ends_with("encoder-1") { "text_encoder, " }
-                    @if finetune.ends_with("encoder-2") { "text_encoder_2, " }
-                    "layer " (report.config.layer) ", head average)"
+                @for f in fine_tuned {
+                    (attention_table(f))
                 }
-                div.wide { table {
-                    tr {
-                        th {}
-                        @for i in 0..p0.row_before.len() {
-                            th class=[class(i)] {
-                                (p0.tokens.get(i).cloned().unwrap_or_else(|| i.to_string()))
-                                @if i == ti { br; small { "target" } }
-                                @if i == ci { br; small { "correlated" } }
-                            }
-                        }
-                    }
-                    (row("pre-trained", &p0.row_before))
-                    (row("fine-tuned", after))
-                } }
                 h2 { "Images (same seeds)" }
                 img src="comparison.png" alt="comparison grid";
                 h2 { "Cross-attention over the denoising (figure 3): correlated token and target" }
@@ -147,10 +171,17 @@ pub fn fix_report(
                     }
                 }
                 h2 { "Fine-tuning" }
-                (chart(out, &format!("{finetune}/losses"), "loss curves"))
+                @for f in fine_tuned {
+                    @if let Some(encoder) = f.encoder { h3 { (encoder) } }
+                    (chart(out, &format!("{}/losses", f.dir), "loss curves"))
+                }
                 p {
-                    @let numbers = format!("{finetune}/report.json");
-                    "Numbers: " a href=(numbers) { (numbers) } "; images: "
+                    "Numbers: "
+                    @for f in fine_tuned {
+                        @let numbers = format!("{}/report.json", f.dir);
+                        a href=(numbers) { (numbers) } "; "
+                    }
+                    "images: "
                     @for (k, r) in rows.iter().enumerate() {
                         @let m = format!("{}/manifest.json", rel(out, &r.dir));
                         @if k > 0 { ", " }
