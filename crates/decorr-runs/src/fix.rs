@@ -210,6 +210,19 @@ fn prepare_and_run(job: &FixJob, progress: &mut dyn Progress) -> Result<Summary>
         focus.get_or_insert(f);
     }
     let focus = focus.expect("one encoder at least");
+    if let [(_, l1, _, c1, t1), (_, l2, _, c2, t2)] = leaning.as_slice() {
+        let (r1, r2) = (c1 / t1, c2 / t2);
+        progress.note(&format!(
+            "A[t,c]/A[t,t] of {:?}: text_encoder {r1:.3} (layer {l1}), text_encoder_2 {r2:.3} \
+             (layer {l2}); the correlation is carried most by {}",
+            tokenized.token_text(focus.target),
+            if r2 > r1 {
+                "text_encoder_2"
+            } else {
+                "text_encoder"
+            }
+        ));
+    }
     if leaning
         .iter()
         .all(|(_, _, _, to_corr, to_self)| to_corr <= to_self)
