@@ -95,26 +95,19 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
     let precision = args.model.precision(&device)?;
     let encoder = decorr_clip::load_text_encoder(source, &device)
         .with_context(|| format!("loading the text encoder of {}", source.describe()))?;
-    let xl = source
-        .find_file_opt("text_encoder_2", &["config.json"])?
-        .is_some();
-    // The last layer whose output the UNet reads: SDXL reads hidden_states[-2].
-    let default_layer = |n: usize| if xl { n.saturating_sub(2) } else { n - 1 };
-    let layer = args
-        .layer
-        .unwrap_or_else(|| default_layer(encoder.config.num_hidden_layers));
+    // The last layer whose output the UNet reads (SDXL reads hidden_states[-2]).
+    let (default_1, default_2) = decorr_runs::finetune::default_layers(source)?;
+    let layer = args.layer.unwrap_or(default_1);
     let first = analyze_one(&args, &encoder.model, precision, &tok, layer, target, "")?;
-    if !xl {
+    let Some(default_2) = default_2 else {
         return write_outputs(&args, &first, None, source, &tok, target);
-    }
+    };
     println!();
     let tokenizer_2 = decorr_clip::load_tokenizer_component(source, "tokenizer_2")?;
     let tok_2 = tokenizer_2.encode(&args.prompt)?;
     let encoder_2 = decorr_clip::load_text_encoder_component(source, "text_encoder_2", &device)
         .with_context(|| format!("loading text_encoder_2 of {}", source.describe()))?;
-    let layer_2 = args
-        .layer_2
-        .unwrap_or_else(|| default_layer(encoder_2.config.num_hidden_layers));
+    let layer_2 = args.layer_2.unwrap_or(default_2);
     let second = analyze_one(
         &args,
         &encoder_2.model,

@@ -55,6 +55,16 @@ pub enum EncoderChoice {
 }
 
 impl EncoderChoice {
+    /// The choice that names these encoders (1, 2 or both); `None` for none.
+    pub fn of(encoders: &[usize]) -> Option<Self> {
+        match (encoders.contains(&1), encoders.contains(&2)) {
+            (true, true) => Some(EncoderChoice::Both),
+            (true, false) => Some(EncoderChoice::First),
+            (false, true) => Some(EncoderChoice::Second),
+            (false, false) => None,
+        }
+    }
+
     /// The encoders (1, 2) it names.
     pub fn encoders(self) -> Vec<usize> {
         match self {
@@ -94,6 +104,16 @@ pub fn default_layers(source: &ModelSource) -> Result<(usize, Option<usize>)> {
         Some(second) => (first.saturating_sub(2), Some(second.saturating_sub(2))),
         None => (first.saturating_sub(1), None),
     })
+}
+
+/// SDXL: the layer of each encoder, `[first, second]`: `settings`' own, the second defaulting
+/// to the checkpoint's ([`default_layers`]).
+pub fn xl_layers(settings: &FinetuneSettings, source: &ModelSource) -> Result<[usize; 2]> {
+    let (_, d2) = default_layers(source)?;
+    Ok([
+        settings.layer,
+        settings.layer_2.or(d2).unwrap_or(settings.layer),
+    ])
 }
 
 /// Whether `source` is an SDXL checkpoint (it has a second text encoder).
@@ -431,11 +451,7 @@ fn xl_pretrained(job: &FinetuneJob, n: usize) -> Result<Pretrained> {
 
 /// SDXL: fine-tunes the chosen encoders, each into `OUT/encoder-N/` as [`run_one`] does.
 fn run_xl(job: FinetuneJob, progress: &mut dyn Progress) -> Result<FinetuneOutcome> {
-    let (d1, d2) = default_layers(job.source)?;
-    let layers = [
-        job.settings.layer,
-        job.settings.layer_2.or(d2).unwrap_or(d1),
-    ];
+    let layers = xl_layers(&job.settings, job.source)?;
     let pretrained = [xl_pretrained(&job, 1)?, xl_pretrained(&job, 2)?];
     let encoders = match job.settings.encoder {
         Some(choice) => choice.encoders(),

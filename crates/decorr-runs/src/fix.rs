@@ -21,7 +21,9 @@ use decorr_trainer::{Focus, TargetSpec, TrainPrompt, prepare, resolve_target};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Context, Result, RunsError};
-use crate::finetune::{FinetuneJob, FinetuneOutcome, FinetuneReport, FinetuneSettings};
+use crate::finetune::{
+    EncoderChoice, FinetuneJob, FinetuneOutcome, FinetuneReport, FinetuneSettings,
+};
 use crate::generate::{
     GenerateJob, MANIFEST, Sampling, SamplingRecord, check_folder, excite_indices, generate_into,
     image_file, load_pipeline, run_record,
@@ -181,8 +183,7 @@ fn prepare_and_run(job: &FixJob, progress: &mut dyn Progress) -> Result<Summary>
     // them the same way).
     let mut encoders = vec![("", &sd.text_encoder, tokenized.clone(), job.finetune.layer)];
     if let Some(xl) = &sd.xl {
-        let (_, d2) = crate::finetune::default_layers(job.source)?;
-        let layer_2 = job.finetune.layer_2.or(d2).unwrap_or(job.finetune.layer);
+        let [_, layer_2] = crate::finetune::xl_layers(&job.finetune, job.source)?;
         encoders.push((
             "-2",
             &xl.text_encoder,
@@ -210,17 +211,36 @@ fn prepare_and_run(job: &FixJob, progress: &mut dyn Progress) -> Result<Summary>
         focus.get_or_insert(f);
     }
     let focus = focus.expect("one encoder at least");
+    // SDXL: the encoders to fine-tune, as the fine-tuning would choose them from these same
+    // rows (handed to it, so it does not analyse them again).
+    let mut tune = job.finetune.encoder;
     if let [(_, l1, _, c1, t1), (_, l2, _, c2, t2)] = leaning.as_slice() {
         let (r1, r2) = (c1 / t1, c2 / t2);
+        tune = tune.or(EncoderChoice::of(&crate::finetune::xl_encoders_to_tune([
+            r1, r2,
+        ])));
+        let names: Vec<&str> = tune
+            .map(EncoderChoice::encoders)
+            .unwrap_or_default()
+            .iter()
+            .map(|&n| {
+                if n == 1 {
+                    "text_encoder"
+                } else {
+                    "text_encoder_2"
+                }
+            })
+            .collect();
         progress.note(&format!(
             "A[t,c]/A[t,t] of {:?}: text_encoder {r1:.3} (layer {l1}), text_encoder_2 {r2:.3} \
-             (layer {l2}); the correlation is carried most by {}",
+             (layer {l2}); the correlation is carried most by {}; fine-tuning {}",
             tokenized.token_text(focus.target),
             if r2 > r1 {
                 "text_encoder_2"
             } else {
                 "text_encoder"
-            }
+            },
+            names.join(" and ")
         ));
     }
     if leaning
@@ -274,7 +294,7 @@ fn prepare_and_run(job: &FixJob, progress: &mut dyn Progress) -> Result<Summary>
         &out.join(SETTINGS),
         serde_json::to_string_pretty(&job.settings)?.as_bytes(),
     )?;
-    run_checked(job, sd, &tokenized, baselines, progress)
+    run_checked(job, sd, &tokenized, baselines, tune, progress)
 }
 
 /// A baseline with its settings. Attend-and-Excite excites the pair the fix is about, the
@@ -322,6 +342,7 @@ fn run_checked(
     sd: StableDiffusion,
     tok: &Tokenized,
     baselines: Vec<(Method, GenerateParams)>,
+    tune: Option<EncoderChoice>,
     progress: &mut dyn Progress,
 ) -> Result<Summary> {
     let out = &job.out;
@@ -342,7 +363,10 @@ fn run_checked(
             pretrained_2: crate::finetune::Pretrained::of_second(&sd),
             prompts: vec![job.prompt.clone()],
             targets: vec![job.target.clone()],
-            settings: job.finetune.clone(),
+            settings: FinetuneSettings {
+                encoder: tune,
+                ..job.finetune.clone()
+            },
             out: ft_dir.clone(),
             overwrite: true,
         };
